@@ -10,7 +10,8 @@ from opd.config import ConfigModel
 
 
 class EngineConfig(ConfigModel):
-    max_model_len: int = Field(4096, ge=2, description="longest token sequence accepted (prompt + response)")
+    max_model_len: int | None = Field(None, ge=2, description="longest token sequence accepted (prompt + "
+                                      "response); default: the model's max_position_embeddings")
     max_top_k: int = Field(64, ge=0, le=1024, description="largest top-k a request may ask for")
     allow_full_vocab: bool = Field(False, description="allow requests for full-vocabulary log-probs "
                                    "(hf: cheap; vllm: slow path through Python objects)")

@@ -57,11 +57,12 @@ class HFEngine(TeacherEngine):
         # One worker thread: the model runs one batch at a time; the event loop stays free.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-engine")
         fingerprint, eos = tokenizer_facts(config.tokenizer, path)
-        model_max = getattr(self._model.config, "max_position_embeddings", None) or config.engine.max_model_len
+        model_max = int(getattr(self._model.config, "max_position_embeddings", 0) or 1 << 20)
+        max_len = min(config.engine.max_model_len or model_max, model_max)
         self.info = EngineInfo(
             model_name=config.served_name or str(config.model), backend="hf",
             vocab_size=int(self._lm_head.weight.shape[0]), tokenizer_fingerprint=fingerprint,
-            max_model_len=min(config.engine.max_model_len, int(model_max)), max_top_k=config.engine.max_top_k,
+            max_model_len=max_len, max_top_k=config.engine.max_top_k,
             supports_full_vocab=config.engine.allow_full_vocab, supports_temperature=True,
             dtype=str(dtype).removeprefix("torch."), eos_token_ids=eos)
         log.info("hf engine ready: %s on %s (%s), vocab %d", path, self._device, dtype, self.info.vocab_size)
@@ -140,10 +141,10 @@ class HFEngine(TeacherEngine):
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=work.max_tokens,
             do_sample=not greedy, temperature=None if greedy else work.temperature,
             top_p=None if greedy else work.top_p, top_k=None, eos_token_id=stop or None,
-            pad_token_id=stop[0] if stop else 0, output_scores=True, return_dict_in_generate=True)
+            pad_token_id=stop[0] if stop else 0, output_logits=True, return_dict_in_generate=True)
         new_ids_T = out.sequences[0, input_ids.shape[1]:]
-        # `scores` are the processed logits actually sampled from (after temperature / top-p).
-        logprobs = [torch.log_softmax(s[0].float(), -1)[t] for s, t in zip(out.scores, new_ids_T, strict=False)]
+        # Raw logits: the teacher's temperature-1 log-prob of each sample, as the vllm backend reports it.
+        logprobs = [torch.log_softmax(s[0].float(), -1)[t] for s, t in zip(out.logits, new_ids_T, strict=False)]
         ids = new_ids_T.cpu().numpy().astype(np.int32)
         finished = len(ids) > 0 and int(ids[-1]) in stop
         return GenerateResult(token_ids=ids, logprobs=torch.stack(logprobs).cpu().numpy().astype(np.float32)
