@@ -47,6 +47,7 @@ class FairScheduler:
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(inflight_batches)
         self._inflight: set[asyncio.Task[None]] = set()
+        self._running_requests = 0
         self._accepting = True
         self._loop_task: asyncio.Task[None] | None = None
         self._avg_batch_s = 0.05
@@ -133,6 +134,7 @@ class FairScheduler:
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
         started = time.monotonic()
+        self._running_requests += len(batch)
         self._metrics.inflight_batches.inc()
         self._metrics.batch_requests.observe(len(batch))
         self._metrics.batch_tokens.observe(sum(p.work.num_tokens for p in batch))
@@ -146,6 +148,7 @@ class FairScheduler:
             self._avg_batch_s = 0.8 * self._avg_batch_s + 0.2 * elapsed
             self._metrics.engine_busy.inc(elapsed)
             self._metrics.inflight_batches.dec()
+            self._running_requests -= len(batch)
             self._slots.release()
         for pending, result in zip(batch, results, strict=True):
             if pending.future.done():
@@ -168,6 +171,11 @@ class FairScheduler:
     @property
     def queued_requests(self) -> int:
         return self._queued_requests
+
+    @property
+    def accepted_requests(self) -> int:
+        """Requests queued or running in the engine."""
+        return self._queued_requests + self._running_requests
 
     async def drain(self, grace_s: float) -> None:
         """Stop intake, let queued and running work finish within `grace_s`, then cancel the rest."""
