@@ -177,6 +177,9 @@ class FairScheduler:
         """Requests queued or running in the engine."""
         return self._queued_requests + self._running_requests
 
+    def stop_intake(self) -> None:
+        self._accepting = False
+
     async def drain(self, grace_s: float) -> None:
         """Stop intake, let queued and running work finish within `grace_s`, then cancel the rest."""
         self._accepting = False

@@ -58,6 +58,7 @@ class TeacherServer:
                                        self.config.inflight_batches())
         self.scheduler.start()
         servicer = TeacherServicer(self.engine, self.scheduler, self._auth, self.metrics)
+        self._servicer = servicer
         max_bytes = self.config.grpc.max_message_mb * 1024 * 1024
         self._grpc = grpc.aio.server(options=[("grpc.max_receive_message_length", max_bytes),
                                               ("grpc.max_send_message_length", max_bytes),
@@ -93,6 +94,8 @@ class TeacherServer:
         grace = self.config.grpc.drain_grace_s if grace_s is None else grace_s
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.scheduler is not None:
+            self.scheduler.stop_intake()
+            self._servicer.begin_drain()
             await self.scheduler.drain(grace)
         if self._grpc is not None:
             await self._grpc.stop(grace)

@@ -28,12 +28,15 @@ from teacher_server.scheduler import FairScheduler
 
 log = logging.getLogger(__name__)
 
+_DRAIN = object()  # put on a stream's reply queue: finish what was accepted, then end the stream
+
 
 class TeacherServicer(pb_grpc.TeacherServicer):
     def __init__(self, engine: TeacherEngine, scheduler: FairScheduler, auth: Authenticator,
                  metrics: TeacherMetrics) -> None:
         self._engine, self._scheduler, self._auth, self._metrics = engine, scheduler, auth, metrics
         self.auth = auth
+        self._streams: set[asyncio.Queue] = set()
 
     @property
     def info(self):  # -> EngineInfo
@@ -90,7 +93,7 @@ class TeacherServicer(pb_grpc.TeacherServicer):
     async def ScoreStream(self, request_iterator: AsyncIterator[pb.ScoreRequest],  # noqa: N802
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ScoreReply]:
         client = await self._identify(context, "ScoreStream")
-        replies: asyncio.Queue[pb.ScoreReply | None] = asyncio.Queue()
+        replies: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
 
         async def answer(request: pb.ScoreRequest) -> None:
@@ -113,14 +116,28 @@ class TeacherServicer(pb_grpc.TeacherServicer):
             await replies.put(None)
 
         reader = asyncio.create_task(read())
+        self._streams.add(replies)
         try:
             while (reply := await replies.get()) is not None:
+                if reply is _DRAIN:  # shutting down: stop reading, answer what was accepted, end the stream
+                    reader.cancel()
+                    await asyncio.gather(*list(tasks), return_exceptions=True)
+                    while not replies.empty():
+                        if isinstance(item := replies.get_nowait(), pb.ScoreReply):
+                            yield item
+                    return
                 yield reply
             await reader
         finally:
+            self._streams.discard(replies)
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
+
+    def begin_drain(self) -> None:
+        """End every open ScoreStream once its accepted requests are answered (clients reconnect elsewhere)."""
+        for replies in list(self._streams):
+            replies.put_nowait(_DRAIN)
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoReply:  # noqa: N802
         await self._identify(context, "Info")

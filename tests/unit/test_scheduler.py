@@ -1,0 +1,149 @@
+"""The fair scheduler's ordering, bounds, deadlines and cancellation, against a scripted engine (pure logic)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from teacher_server.config import SchedulerConfig
+from teacher_server.engine import EngineInfo, ScoreResult, ScoreWork, TeacherEngine
+from teacher_server.errors import DeadlineExpired, Draining, QueueFull
+from teacher_server.metrics import TeacherMetrics
+from teacher_server.scheduler import FairScheduler
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class RecordingEngine(TeacherEngine):
+    """Answers instantly (after an optional gate) and records which work ran in which batch."""
+
+    info = EngineInfo("fake", "fake", 100, "f", 1000, 8, False, False, "float32")
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def score_batch(self, works):
+        await self.gate.wait()
+        self.batches.append([int(w.token_ids[0]) for w in works])
+        return [ScoreResult(np.zeros(w.num_positions, np.float32), np.zeros((w.num_positions, 0), np.int32),
+                            np.zeros((w.num_positions, 0), np.float32), np.zeros(w.num_positions, np.float32))
+                for w in works]
+
+    async def generate(self, work):
+        raise NotImplementedError
+
+
+def work(tag: int, length: int = 10) -> ScoreWork:
+    ids = np.full(length, tag, dtype=np.int32)
+    return ScoreWork(ids, 1, 0)
+
+
+def make(engine, **cfg) -> FairScheduler:
+    config = SchedulerConfig(**{"batch_wait_ms": 0, **cfg})
+    scheduler = FairScheduler(engine, config, TeacherMetrics(), inflight_batches=1)
+    scheduler.start()
+    return scheduler
+
+
+def test_clients_alternate_by_tokens_served():
+    async def main():
+        engine = RecordingEngine()
+        engine.gate.clear()
+        s = make(engine, max_batch_requests=1)
+        futures = [s.submit("a", work(1), None) for _ in range(6)]
+        futures += [s.submit("b", work(2), None) for _ in range(3)]
+        engine.gate.set()
+        await asyncio.gather(*futures)
+        return [b[0] for b in engine.batches]
+
+    order = asyncio.run(main())
+    # the first batch started before b arrived; after that a and b share turns until b is done
+    assert order[:7] == [1, 1, 2, 1, 2, 1, 2] or order[:7] == [1, 2, 1, 2, 1, 2, 1], order
+
+
+def test_fair_share_counts_tokens_not_requests():
+    async def main():
+        engine = RecordingEngine()
+        engine.gate.clear()
+        s = make(engine, max_batch_requests=1)
+        futures = [s.submit("long", work(1, 100), None) for _ in range(3)]
+        futures += [s.submit("short", work(2, 10), None) for _ in range(12)]
+        engine.gate.set()
+        await asyncio.gather(*futures)
+        return [b[0] for b in engine.batches]
+
+    order = asyncio.run(main())
+    # one 100-token request is worth ten 10-token requests
+    second_long = [i for i, t in enumerate(order) if t == 1][1]
+    assert order[:second_long].count(2) >= 9, order
+
+
+def test_batches_respect_token_and_request_budgets():
+    async def main():
+        engine = RecordingEngine()
+        engine.gate.clear()
+        s = make(engine, max_batch_tokens=35, max_batch_requests=8)
+        futures = [s.submit("a", work(i), None) for i in range(10)]
+        engine.gate.set()
+        await asyncio.gather(*futures)
+        return engine.batches
+
+    batches = asyncio.run(main())
+    assert sum(len(b) for b in batches) == 10
+    assert all(len(b) <= 3 for b in batches)  # 3 x 10 tokens fit in 35
+
+
+def test_queue_bound_raises_queue_full_with_retry_hint():
+    async def main():
+        engine = RecordingEngine()
+        engine.gate.clear()
+        s = make(engine, max_queued_requests=3)
+        for _ in range(3):
+            s.submit("a", work(1), None)
+        with pytest.raises(QueueFull) as err:
+            s.submit("a", work(1), None)
+        assert err.value.retry_after_s > 0
+        s2 = make(RecordingEngine(), max_queued_tokens=15)
+        s2.submit("a", work(1), None)
+        with pytest.raises(QueueFull):
+            s2.submit("a", work(1), None)
+
+    asyncio.run(main())
+
+
+def test_expired_and_cancelled_work_is_dropped_before_the_engine():
+    async def main():
+        engine = RecordingEngine()
+        engine.gate.clear()
+        s = make(engine, max_batch_requests=1)
+        first = s.submit("a", work(1), None)  # occupies the engine
+        await asyncio.sleep(0.01)
+        expired = s.submit("a", work(2), timeout_s=0.01)
+        cancelled = s.submit("a", work(3), None)
+        kept = s.submit("a", work(4), None)
+        cancelled.cancel()
+        await asyncio.sleep(0.05)
+        engine.gate.set()
+        await asyncio.gather(first, kept)
+        with pytest.raises(DeadlineExpired):
+            await expired
+        return [b[0] for b in engine.batches]
+
+    assert asyncio.run(main()) == [1, 4]
+
+
+def test_drain_refuses_new_work_and_finishes_queued_work():
+    async def main():
+        engine = RecordingEngine()
+        s = make(engine)
+        queued = [s.submit("a", work(i), None) for i in range(4)]
+        await s.drain(grace_s=5)
+        with pytest.raises(Draining):
+            s.submit("a", work(9), None)
+        return [f.done() and f.exception() is None for f in queued]
+
+    assert asyncio.run(main()) == [True] * 4
