@@ -31,7 +31,7 @@ class SchedulerConfig(ConfigModel):
     max_batch_tokens: int = Field(16384, ge=1, description="tokens per batch handed to the engine")
     max_batch_requests: int = Field(64, ge=1, description="requests per batch handed to the engine")
     max_inflight_batches: int = Field(0, ge=0, description="batches running in the engine at once "
-                                      "(0 = backend default: hf 1, vllm 4)")
+                                      "(0 = the backend's choice: hf 1 on CPU, 2 on CUDA; vllm 4)")
     max_queued_requests: int = Field(4096, ge=1, description="queue bound; beyond it requests get "
                                      "RESOURCE_EXHAUSTED with a retry hint")
     max_queued_tokens: int = Field(4_000_000, ge=1, description="queue bound in tokens")
@@ -75,8 +75,3 @@ class TeacherConfig(ConfigModel):
         if self.scheduler.max_batch_tokens < 2:
             raise ValueError("scheduler.max_batch_tokens must hold at least one 2-token sequence")
         return self
-
-    def inflight_batches(self) -> int:
-        if self.scheduler.max_inflight_batches:
-            return self.scheduler.max_inflight_batches
-        return 4 if self.backend == "vllm" else 1

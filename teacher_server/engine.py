@@ -84,6 +84,7 @@ class TeacherEngine(abc.ABC):
     """A loaded teacher model. All methods run on the server's event loop."""
 
     info: EngineInfo
+    preferred_inflight_batches: int = 1  # batches worth running at once (scheduler.max_inflight_batches = 0)
 
     @abc.abstractmethod
     async def score_batch(self, works: list[ScoreWork]) -> list[ScoreResult | Exception]:

@@ -54,8 +54,11 @@ class HFEngine(TeacherEngine):
         self._decoder = self._model.get_decoder()
         self._lm_head = self._model.get_output_embeddings()
         self._chunk_rows = config.engine.hf_chunk_rows
-        # One worker thread: the model runs one batch at a time; the event loop stays free.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-engine")
+        # Off the event loop. On CUDA two batches may be in flight, so one batch's host-side work (padding,
+        # copies, splitting) overlaps the next one's GPU compute; on CPU they would only fight for cores.
+        self.preferred_inflight_batches = 2 if self._device.type == "cuda" else 1
+        self._executor = ThreadPoolExecutor(max_workers=self.preferred_inflight_batches,
+                                            thread_name_prefix="hf-engine")
         fingerprint, eos = tokenizer_facts(config.tokenizer, path)
         model_max = int(getattr(self._model.config, "max_position_embeddings", 0) or 1 << 20)
         max_len = min(config.engine.max_model_len or model_max, model_max)
@@ -88,27 +91,35 @@ class HFEngine(TeacherEngine):
         for i, w in enumerate(works):  # right padding: positions of real tokens are unchanged
             ids_BL[i, : lengths[i]] = torch.from_numpy(w.token_ids.astype(np.int64))
             mask_BL[i, : lengths[i]] = 1
-        hidden_BLH = self._decoder(input_ids=ids_BL.to(self._device),
-                                   attention_mask=mask_BL.to(self._device)).last_hidden_state
-        results: list[ScoreResult | Exception] = []
+        ids_BL, mask_BL = ids_BL.to(self._device), mask_BL.to(self._device)
+        hidden_BLH = self._decoder(input_ids=ids_BL, attention_mask=mask_BL).last_hidden_state
+        # Group the batch by request options; each group's rows go through the lm-head together and
+        # come back to the host in one copy per array (no per-sequence device syncs).
+        groups: dict[tuple, list[int]] = {}
         for i, w in enumerate(works):
+            groups.setdefault((w.top_k, w.full_vocab, w.temperature), []).append(i)
+        results: list[ScoreResult | Exception] = [None] * len(works)  # type: ignore[list-item]
+        for indices in groups.values():
             # Logits at position p-1 give the distribution of token p.
-            hidden_PH = hidden_BLH[i, w.score_from - 1 : w.num_tokens - 1]
-            targets_P = ids_BL[i, w.score_from : w.num_tokens].to(self._device)
-            results.append(self._score_rows(hidden_PH, targets_P, w))
+            hidden_NH = torch.cat([hidden_BLH[i, works[i].score_from - 1: lengths[i] - 1] for i in indices])
+            targets_N = torch.cat([ids_BL[i, works[i].score_from: lengths[i]] for i in indices])
+            arrays = self._score_rows(hidden_NH, targets_N, works[indices[0]])
+            splits = np.cumsum([works[i].num_positions for i in indices])[:-1]
+            per_seq = [np.split(a, splits) if a is not None else [None] * len(indices) for a in arrays]
+            for j, i in enumerate(indices):
+                token_lp, topk_ids, topk_lp, tail_lp, full_lp = (col[j] for col in per_seq)
+                results[i] = ScoreResult(token_logprobs=token_lp, topk_ids=topk_ids, topk_logprobs=topk_lp,
+                                         tail_logprobs=tail_lp, full_logprobs=full_lp)
         return results
 
-    def _score_rows(self, hidden_PH: torch.Tensor, targets_P: torch.Tensor, w: ScoreWork) -> ScoreResult:
-        parts: list[tuple[torch.Tensor, ...]] = []
-        for start in range(0, hidden_PH.shape[0], self._chunk_rows):
-            sl = slice(start, start + self._chunk_rows)
-            parts.append(self._score_chunk(hidden_PH[sl], targets_P[sl], w))
+    def _score_rows(self, hidden_NH: torch.Tensor, targets_N: torch.Tensor, w: ScoreWork) -> list[np.ndarray | None]:
+        """[token_lp N, topk_ids N x k, topk_lp N x k, tail N, full N x V | None] as host arrays."""
+        parts = [self._score_chunk(hidden_NH[s: s + self._chunk_rows], targets_N[s: s + self._chunk_rows], w)
+                 for s in range(0, hidden_NH.shape[0], self._chunk_rows)]
         cols = [torch.cat(col) if col[0] is not None else None for col in zip(*parts, strict=True)]
-        token_lp, topk_ids, topk_lp, tail_lp, full_lp = cols
-        return ScoreResult(
-            token_logprobs=token_lp.numpy(), topk_ids=topk_ids.numpy().astype(np.int32),
-            topk_logprobs=topk_lp.numpy(), tail_logprobs=tail_lp.numpy(),
-            full_logprobs=None if full_lp is None else full_lp.numpy())
+        out = [c.cpu().numpy() if c is not None else None for c in cols]
+        out[1] = out[1].astype(np.int32)
+        return out
 
     def _score_chunk(self, hidden_CH: torch.Tensor, targets_C: torch.Tensor, w: ScoreWork) -> tuple:
         logits_CV = self._lm_head(hidden_CH).float()
@@ -116,17 +127,18 @@ class HFEngine(TeacherEngine):
             logits_CV = logits_CV / w.temperature
         lse_C = torch.logsumexp(logits_CV, dim=-1)
         token_lp_C = logits_CV.gather(1, targets_C[:, None])[:, 0] - lse_C
+        # Full log-probs leave the device chunk by chunk: only requests that asked for them pay [N, V] on the host.
+        full_CV = (logits_CV - lse_C[:, None]).cpu() if w.full_vocab else None
         if w.top_k > 0:
             top_vals_CK, top_ids_CK = torch.topk(logits_CV, w.top_k, dim=-1)
             topk_lp_CK = top_vals_CK - lse_C[:, None]
-            rest_CV = logits_CV.scatter(1, top_ids_CK, float("-inf"))
+            rest_CV = logits_CV.scatter_(1, top_ids_CK, float("-inf"))  # in place: the chunk's logits are done
             tail_C = torch.logsumexp(rest_CV, dim=-1) - lse_C
         else:
             top_ids_CK = torch.zeros((logits_CV.shape[0], 0), dtype=torch.long, device=logits_CV.device)
             topk_lp_CK = torch.zeros((logits_CV.shape[0], 0), device=logits_CV.device)
             tail_C = torch.zeros_like(lse_C)
-        full_CV = (logits_CV - lse_C[:, None]).cpu() if w.full_vocab else None
-        return (token_lp_C.cpu(), top_ids_CK.cpu(), topk_lp_CK.cpu(), tail_C.cpu(), full_CV)
+        return (token_lp_C, top_ids_CK, topk_lp_CK, tail_C, full_CV)
 
     # -- sampling --------------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ def _cpu_defaults(config: TeacherConfig) -> str:
 
 
 class VLLMEngine(TeacherEngine):
+    preferred_inflight_batches = 4  # vLLM batches concurrent requests itself; keep it fed
     def __init__(self, config: TeacherConfig) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM

