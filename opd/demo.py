@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,13 +19,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from opd.processes import free_port, stop_process
+
 PROMPT = "What is 17 + 25? Answer briefly."
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start_teacher(backend: str, grpc_port: int, ops_port: int) -> subprocess.Popen:
@@ -78,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print("preparing the embedded teacher (SmolLM2-135M-Instruct; converted once, then cached) ...")
     tokenizer = load_tokenizer(embedded_model_dir())
-    grpc_port, ops_port = _free_port(), _free_port()
+    grpc_port, ops_port = free_port(), free_port()
     proc = _start_teacher(args.backend, grpc_port, ops_port)
     try:
         _wait_ready(ops_port, proc)
@@ -94,11 +88,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\ninterrupted", file=sys.stderr)
         return 130
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop_process(proc, 60, group=True)
     print("teacher drained and stopped.")
     return 0

@@ -18,13 +18,14 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 
 import numpy as np
+
+from opd.processes import free_port, stop_process
 
 
 def _args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -63,12 +64,6 @@ def _random_qwen2_half_b() -> str:
                                   eos_token="t1")
     tok.save_pretrained(path)
     return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _client_proc(address: str, seqs: list[np.ndarray], top_k: int, repeats: int, start, done) -> None:
@@ -172,7 +167,7 @@ def _grpc_wire(address: str, ids: np.ndarray) -> dict[tuple[int, str], tuple[int
 def _json_wire(model_dir: str, ids: np.ndarray, dtype: str) -> dict[int, tuple[int, int]]:
     import httpx
 
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", "127.0.0.1",
            "--port", str(port), "--max-logprobs", "64", "--max-model-len", str(len(ids) + 8)]
     if dtype != "auto":
@@ -197,11 +192,7 @@ def _json_wire(model_dir: str, ids: np.ndarray, dtype: str) -> dict[int, tuple[i
             out[k] = (len(body), len(r.content))
         return out
     finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(30)
-        if proc.poll() is None:
-            proc.kill()
+        stop_process(proc)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from teacher_server.client import TeacherClientSync
-from tests.fixtures.redis_server import free_port
+from opd.processes import free_port
 
 pytestmark = pytest.mark.timeout(180)
 
