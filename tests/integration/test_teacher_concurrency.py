@@ -88,3 +88,22 @@ def test_full_queue_answers_resource_exhausted_with_a_retry_hint_and_the_client_
         assert len(asyncio.run(client_flood())) == 12  # the client backs off and gets every answer
     finally:
         server.stop()
+
+
+def test_client_balances_round_robin_across_several_servers(tiny_model_dir):
+    import httpx
+
+    servers = [start_teacher(tiny_model_dir, "hf") for _ in range(2)]
+
+    async def main():
+        async with TeacherClient([s.address for s in servers], client_name="rr") as client:
+            return await client.score_many([(np.arange(1, 11), 1)] * 8)
+
+    try:
+        assert len(asyncio.run(main())) == 8
+        scored = [httpx.get(f"{s.ops_url}/metrics").text for s in servers]
+    finally:
+        for s in servers:
+            s.stop()
+    for text in scored:
+        assert 'opd_teacher_scored_tokens_total{client="rr"} 36.0' in text  # 4 requests x 9 positions each
