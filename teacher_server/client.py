@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from typing import Any, Literal
 import grpc
 import numpy as np
 
+from opd.loop_thread import LoopThread
 from opd.retry import Backoff
 from protos import teacher_pb2 as pb
 from protos import teacher_pb2_grpc as pb_grpc
@@ -329,9 +329,7 @@ class TeacherClientSync:
     """Blocking wrapper for scripts: the async client on a private event loop thread."""
 
     def __init__(self, targets: str | Sequence[str], **kwargs: Any) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="teacher-client", daemon=True)
-        self._thread.start()
+        self._io = LoopThread("teacher-client")
         self._client: TeacherClient = self._run(self._make(targets, kwargs))
 
     @staticmethod
@@ -339,7 +337,7 @@ class TeacherClientSync:
         return TeacherClient(targets, **kwargs)
 
     def _run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        return self._io.call(coro)
 
     def score(self, token_ids: Sequence[int] | np.ndarray, score_from: int, **kwargs: Any) -> TeacherScores:
         return self._run(self._client.score(token_ids, score_from, **kwargs))
@@ -356,8 +354,7 @@ class TeacherClientSync:
 
     def close(self) -> None:
         self._run(self._client.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
+        self._io.stop()
 
     def __enter__(self) -> TeacherClientSync:
         return self

@@ -12,13 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import threading
-from concurrent.futures import Future
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from opd.loop_thread import LoopThread
 from opd.ops_app import OpsServer, create_ops_app
 from protos import teacher_pb2 as pb
 from protos import teacher_pb2_grpc as pb_grpc
@@ -120,18 +119,17 @@ class ServerThread:
     """Run a TeacherServer on a private event loop in a daemon thread (tests, benchmarks, the demo)."""
 
     def __init__(self, config: TeacherConfig, engine_factory=None) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="teacher-server", daemon=True)
         self._config, self._engine_factory = config, engine_factory
+        self._loop_thread: LoopThread | None = None
         self.server: TeacherServer | None = None
 
     def call(self, coro, timeout_s: float | None = 600):
         """Run a coroutine on the server's loop and wait for its result."""
-        future: Future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        return future.result(timeout_s)
+        assert self._loop_thread is not None
+        return self._loop_thread.call(coro, timeout_s)
 
     def start(self, timeout_s: float = 600) -> ServerThread:
-        self._thread.start()
+        self._loop_thread = LoopThread("teacher-server")
 
         async def _start() -> TeacherServer:
             engine = self._engine_factory() if self._engine_factory else None
@@ -155,8 +153,8 @@ class ServerThread:
     def stop(self, grace_s: float = 5.0) -> None:
         if self.server is not None:
             self.call(self.server.stop(grace_s), timeout_s=grace_s + 30)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
+        if self._loop_thread is not None:
+            self._loop_thread.stop()
 
     def __enter__(self) -> ServerThread:
         return self.start() if self.server is None else self
