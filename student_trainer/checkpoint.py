@@ -1,0 +1,88 @@
+"""Checkpoints with torch.distributed.checkpoint: sharded model and optimizer, plus the trainer's own state.
+
+A checkpoint is the directory `step-XXXXXXXX` under `checkpoint.dir`; it is
+written as `.step-XXXXXXXX.tmp` and renamed only after every rank's shards and
+rank 0's `trainer_state.pt` (step, scheduler, RNG, data position, rollout ids
+used) are on disk, so the rename is the commit. Rollouts are acknowledged on
+Redis only after it (DESIGN.md, "Keys and delivery").
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+log = logging.getLogger(__name__)
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def latest_checkpoint(directory: str) -> Path | None:
+    root = Path(directory)
+    steps = sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name)) if root.is_dir() else []
+    return steps[-1] if steps else None
+
+
+def _model_and_optim(root: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(root, optimizer)
+    return {"model": model_state, "optim": optim_state}
+
+
+def save_checkpoint(directory: str, step: int, root: nn.Module, optimizer: torch.optim.Optimizer,
+                    trainer_state: dict[str, Any], keep_last: int) -> Path:
+    """Collective. Returns the committed directory."""
+    final = Path(directory) / f"step-{step:08d}"
+    tmp = Path(directory) / f".step-{step:08d}.tmp"
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dcp.save(_model_and_optim(root, optimizer), checkpoint_id=str(tmp))
+    if dist.get_rank() == 0:
+        torch.save({**trainer_state, "rng": rng_state()}, tmp / "trainer_state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)  # the commit
+        for old in sorted(p for p in Path(directory).iterdir() if _STEP_DIR.match(p.name))[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("checkpoint committed: %s", final)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: Path, root: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Collective. Loads model and optimizer in place; returns the trainer state (RNG already restored)."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = _model_and_optim(root, optimizer)
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)
+    set_rng_state(trainer_state["rng"])
+    log.info("resumed from %s (step %d)", path, trainer_state["step"])
+    return trainer_state

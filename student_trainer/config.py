@@ -1,0 +1,128 @@
+"""The student trainer's typed configuration (YAML preset < env `OPD_TRAIN__*` < CLI).
+
+Owns every option of `opd train`: the student model, the teacher service it
+scores against, Redis and the prompt data it feeds, the loss (nested
+`LossConfig` from the losses module), optimisation, batching, staleness,
+publishing, checkpoints, evaluation, distribution (FSDP2) and the ops port.
+Holds data only.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from opd.config import ConfigModel
+from opd.prompts import PromptSourceConfig
+from opd.streams import RedisConfig
+from student_trainer.loss_config import LossConfig
+
+
+class TeacherEndpointConfig(ConfigModel):
+    addresses: list[str] = Field(default_factory=lambda: ["127.0.0.1:50051"],
+                                 description="teacher gRPC addresses (host:port or dns:///name:port), balanced")
+    token: str | None = Field(None, description="bearer token (prefer the env variable OPD_TRAIN__TEACHER__TOKEN)")
+    client_name: str = Field("trainer", description="client name for the teacher's fair share and metrics "
+                             "when its auth is off")
+    timeout_s: float = Field(300.0, gt=0, description="deadline of one scoring request, retries included")
+    top_k: int | None = Field(None, ge=0, description="top-k asked of the teacher (default: 0 for rkl_sampled, "
+                              "else 20)")
+    logprob_dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="wire dtype")
+
+
+class OptimConfig(ConfigModel):
+    lr: float = Field(1e-5, gt=0, description="peak learning rate (AdamW)")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    schedule: Literal["constant", "cosine"] = Field("constant", description="after warm-up")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine: final lr / peak lr")
+    max_grad_norm: float = Field(1.0, gt=0, description="clip the global gradient norm to this")
+
+
+class BatchConfig(ConfigModel):
+    groups_per_step: int = Field(8, ge=1, description="prompt groups (all samples of a prompt) per optimizer step")
+    max_tokens_per_micro_batch: int = Field(8192, ge=16, description="tokens per forward pass (packed)")
+    max_staleness: int = Field(4, ge=0, description="rollouts sampled more than this many policy versions ago "
+                               "are dropped or down-weighted")
+    stale_policy: Literal["drop", "downweight"] = Field("drop", description="what happens to stale rollouts")
+    stale_weight: float = Field(0.5, gt=0, le=1, description="downweight: weight per version beyond the bound")
+    prefetch_depth: int = Field(1, ge=0, description="batches whose teacher scores are fetched while the "
+                                "current one trains (0 = fetch, then train)")
+    read_block_ms: int = Field(1000, ge=1, description="how long one Redis read waits for rollouts")
+
+
+class PublishConfig(ConfigModel):
+    every_steps: int = Field(1, ge=1, description="publish weights every N steps")
+    uri: str = Field("runs/weights", description="directory (shared filesystem) for versioned weights")
+    keep_last: int = Field(3, ge=1, description="weight versions kept on disk")
+
+
+class CheckpointConfig(ConfigModel):
+    dir: str = Field("runs/checkpoints", description="torch.distributed.checkpoint directory")
+    every_steps: int = Field(10, ge=1, description="checkpoint every N steps (rollouts are acked then)")
+    resume: bool = Field(False, description="continue from the latest checkpoint in dir")
+    keep_last: int = Field(2, ge=1, description="checkpoints kept on disk")
+
+
+class DataConfig(ConfigModel):
+    prompts: str | None = Field(None, description="prompt file (JSONL/Parquet) the trainer feeds to the "
+                                "workers; None = someone else feeds {ns}:prompts")
+    eval_prompts: str | None = Field(None, description="held-out prompt file (split eval)")
+    source: PromptSourceConfig = Field(default_factory=PromptSourceConfig)
+    max_inflight_groups: int | None = Field(None, ge=1, description="prompt groups in flight (default: "
+                                            "groups_per_step * (max_staleness + 1))")
+
+
+class EvalConfig(ConfigModel):
+    every_steps: int = Field(0, ge=0, description="feed the eval prompts (data.eval_prompts) every N steps "
+                             "and report pass@1, mean reward and divergence to the teacher (0 = off)")
+
+
+class DistConfig(ConfigModel):
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="process group backend (auto: nccl "
+                                                     "with CUDA, else gloo)")
+    mixed_precision: Literal["auto", "none", "bf16"] = Field("auto", description="FSDP2 parameter/compute "
+                                                             "dtype (auto: bf16 on GPU, none on CPU)")
+    activation_checkpointing: bool = Field(False, description="recompute decoder layers in backward")
+    cpu_offload: bool = Field(False, description="FSDP2 CPU offload of parameters and optimizer state")
+
+
+class OpsConfig(ConfigModel):
+    host: str = Field("0.0.0.0", description="ops HTTP bind address (rank 0)")
+    port: int = Field(9103, ge=0, le=65535, description="ops HTTP port: /metrics /healthz /readyz /status")
+
+
+class TrainerConfig(ConfigModel):
+    model: str = Field(..., description="student: Hugging Face model directory")
+    tokenizer: str | None = Field(None, description="tokenizer directory if not the model's")
+    max_steps: int = Field(100, ge=1, description="optimizer steps to run")
+    seed: int = Field(0, description="seed of everything random in the trainer")
+    log_level: str = Field("INFO", description="logging level")
+    teacher: TeacherEndpointConfig = Field(default_factory=TeacherEndpointConfig)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    dist: DistConfig = Field(default_factory=DistConfig)
+    ops: OpsConfig = Field(default_factory=OpsConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainerConfig:
+        if self.eval.every_steps and not self.data.eval_prompts:
+            raise ValueError("eval.every_steps > 0 needs data.eval_prompts (a held-out prompt file)")
+        if self.loss.support == "full" and self.loss.divergence != "rkl_sampled":
+            raise ValueError("loss.support=full needs full-vocabulary teacher replies; the trainer asks for top-k "
+                             "only: use loss.support=topk")
+        return self
+
+    def teacher_top_k(self) -> int:
+        if self.teacher.top_k is not None:
+            return self.teacher.top_k
+        uses_topk = self.loss.divergence != "rkl_sampled" or self.loss.token_selection.enabled
+        return 20 if uses_topk else 0

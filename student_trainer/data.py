@@ -1,0 +1,127 @@
+"""The trainer's Redis side (rank 0): whole rollout groups in, prompts out, acks after commits.
+
+Owns: reading `{ns}:rollouts` as the trainer's consumer and assembling
+complete groups (`group_size` records of one `group_id`), separating eval
+rollouts from training ones, remembering which stream entries carry which
+rollouts so they are acknowledged only after the checkpoint that used them is
+committed, feeding the prompt file(s) into `{ns}:prompts` with a bound on
+prompts in flight, and announcing published weight versions. Runs on the
+trainer's I/O loop; the training loop never touches Redis directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+from collections import defaultdict
+
+from opd.prompts import load_prompts
+from opd.streams import (PROMPT_GROUP, ROLLOUT_GROUP, RedisRetry, SeenSet, StreamConsumer, StreamKeys,
+                         StreamProducer, announce_policy, connect)
+from protos.records import PolicyAnnouncement, PromptRecord, RolloutRecord
+from student_trainer.config import TrainerConfig
+
+log = logging.getLogger(__name__)
+Group = list[RolloutRecord]
+
+
+class RolloutSource:
+    def __init__(self, config: TrainerConfig, used_ids: list[str]) -> None:
+        self.config = config
+        self.keys = StreamKeys(config.redis.namespace)
+        self.redis = connect(config.redis)
+        self.retry = RedisRetry(config.redis.retry_for_s)
+        self.consumer: StreamConsumer[RolloutRecord] = StreamConsumer(
+            self.redis, self.keys.rollouts, ROLLOUT_GROUP, f"trainer-{socket.gethostname()}",
+            decode=RolloutRecord.decode, dead_stream=self.keys.dead, key_of=lambda r: r.rollout_id,
+            seen=SeenSet(initial=used_ids), retry=self.retry, claim_idle_ms=600_000)
+        self._partial: dict[str, list[RolloutRecord]] = defaultdict(list)
+        self._ready: list[Group] = []
+        self._entry_of: dict[str, str] = {}  # rollout id -> stream entry id, until acked
+        self.eval_records: list[RolloutRecord] = []
+        self.dropped = 0
+
+    async def poll(self) -> None:
+        """One read: complete groups go to the ready list, eval rollouts aside, the rest wait for their group."""
+        for entry in await self.consumer.read(256, block_ms=self.config.batch.read_block_ms):
+            record = entry.value
+            self._entry_of[record.rollout_id] = entry.entry_id
+            if record.split == "eval":
+                self.eval_records.append(record)
+                continue
+            members = self._partial[record.group_id]
+            members.append(record)
+            if len(members) >= record.group_size:
+                self._ready.append(self._partial.pop(record.group_id))
+
+    async def next_groups(self, n_groups: int) -> list[Group]:
+        """Block until `n_groups` complete training groups arrived (in arrival order)."""
+        while len(self._ready) < n_groups:
+            await self.poll()
+        taken, self._ready = self._ready[:n_groups], self._ready[n_groups:]
+        return taken
+
+    def take_eval(self, suffix: str) -> list[RolloutRecord]:
+        """Remove and return the eval rollouts whose prompt id ends with `suffix`."""
+        mine = [r for r in self.eval_records if r.prompt_id.endswith(suffix)]
+        self.eval_records = [r for r in self.eval_records if not r.prompt_id.endswith(suffix)]
+        return mine
+
+    async def ack(self, rollout_ids: list[str]) -> int:
+        """Acknowledge the entries of these rollouts (after the checkpoint that used them is committed)."""
+        entry_ids = [self._entry_of.pop(r) for r in rollout_ids if r in self._entry_of]
+        return await self.consumer.ack(entry_ids)
+
+    async def keepalive(self) -> None:
+        await self.consumer.keepalive()
+
+    async def pending_rollouts(self) -> int:
+        info = await self.redis.xinfo_stream(self.keys.rollouts)
+        return int(info.get("length", 0))
+
+    async def announce(self, version: int, uri: str, step: int, created_at: float) -> bool:
+        return await announce_policy(self.redis, self.keys, PolicyAnnouncement(version, uri, step, created_at),
+                                     self.retry)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+class PromptFeeder:
+    """Feeds the prompt file into `{ns}:prompts`, at most `max_inflight` undelivered, from position `start`."""
+
+    def __init__(self, source: RolloutSource, config: TrainerConfig, start: int) -> None:
+        self.position = start
+        groups = config.data.max_inflight_groups or config.batch.groups_per_step * (config.batch.max_staleness + 1)
+        self._producer = StreamProducer(source.redis, source.keys.prompts, PROMPT_GROUP, max_pending=groups,
+                                        retry=source.retry)
+        self._config = config
+        self._keys = source.keys
+
+    def train_records(self) -> list[PromptRecord]:
+        data = self._config.data
+        return load_prompts(data.prompts, data.source) if data.prompts else []
+
+    def eval_records(self) -> list[PromptRecord]:
+        data = self._config.data
+        if not data.eval_prompts:
+            return []
+        return load_prompts(data.eval_prompts, data.source.model_copy(update={"split": "eval", "epochs": 1,
+                                                                               "shuffle": False}))
+
+    async def feed_train(self, records: list[PromptRecord]) -> None:
+        """Feed from `position` to the end (the records already hold every epoch); resumable by position."""
+        while self.position < len(records):
+            chunk = records[self.position:self.position + 8]
+            await self._producer.send_many([r.encode() for r in chunk])
+            self.position += len(chunk)
+        log.info("prompt feeder: all %d prompts fed", len(records))
+
+    async def feed_eval(self, records: list[PromptRecord], round_id: int) -> int:
+        """Feed one eval round (ids suffixed with the round so each round is sampled afresh)."""
+        tagged = [dataclasses.replace(r, prompt_id=f"{r.prompt_id}@eval{round_id}") for r in records]
+        for i in range(0, len(tagged), 64):
+            await self._producer.send_many([r.encode() for r in tagged[i:i + 64]])
+        return sum(r.group_size for r in tagged)
+

@@ -1,0 +1,73 @@
+"""Weight publishing: consolidated HF safetensors in versioned directories, made visible atomically.
+
+Owns gathering the full (unsharded) state dict from FSDP2 (a collective: every
+rank calls it), writing it on rank 0 as a Hugging Face model directory that
+vLLM and transformers load (config, safetensors, tokenizer), the atomic
+rename that makes version N visible, keeping the last K versions, and the
+`opd export` conversion of a checkpoint. Announcing a version on Redis is the
+trainer's job (`opd.streams.announce_policy`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+_VERSION_DIR = re.compile(r"^v(\d{8})$")
+
+
+def full_state_dict(root: nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded CPU state dict of the wrapped causal LM (collective; rank 0 gets the tensors)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(root, options=options)
+    return {k.removeprefix("lm."): v for k, v in state.items()}
+
+
+def version_dir(uri: str, version: int) -> Path:
+    return Path(uri.removeprefix("file://")) / f"v{version:08d}"
+
+
+def write_hf_model(lm: nn.Module, state: dict[str, torch.Tensor], tokenizer_dir: str, target: Path) -> None:
+    """Save `state` with `lm`'s config as an HF directory at `target`, atomically (write aside, then rename)."""
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                 "vocab.json", "merges.txt", "tokenizer.model", "generation_config.json"):
+        src = Path(tokenizer_dir) / name
+        if src.is_file() and not (tmp / name).exists():
+            shutil.copy2(src, tmp / name)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def prune_versions(uri: str, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` version directories; returns what was deleted."""
+    root = Path(uri.removeprefix("file://"))
+    versions = sorted(p for p in root.iterdir() if _VERSION_DIR.match(p.name)) if root.is_dir() else []
+    doomed = versions[:-keep_last] if keep_last else versions
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def publish_weights(root: nn.Module, tokenizer_dir: str, uri: str, version: int, keep_last: int,
+                    is_main: bool) -> Path:
+    """Collective: gather, and on rank 0 write version `version` under `uri`; returns its directory."""
+    state = full_state_dict(root)
+    target = version_dir(uri, version)
+    if is_main:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_hf_model(root.lm, state, tokenizer_dir, target)
+        prune_versions(uri, keep_last)
+        log.info("published weights v%d at %s", version, target)
+    return target
