@@ -48,6 +48,7 @@ class TrainerRuntime:
             self._feed_task = self.io.submit(feeder.feed_train(feeder.train_records()))
         if self.config.eval.every_steps:
             self._eval_records = PromptFeeder(source, self.config, 0).eval_records()
+            self._start_eval_round()  # the baseline: the policy before this run's first step
         self._ready = True
         log.info("trainer ready: step %d, %d rank(s), ops on port %d", self.trainer.step_no,
                  self.info.world_size, self.ops_port)

@@ -18,25 +18,26 @@ each batch. The step, as `step()` reads:
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import math
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from opd.loop_thread import LoopThread
 from student_trainer import checkpoint as ckpt
-from student_trainer.batching import (Group, MicroBatch, build_micro_batch, pack_groups, placeholder_scores,
-                                      scores_to, split_across_ranks, teacher_scores_for)
+from student_trainer.batching import Group, split_across_ranks
 from student_trainer.config import TrainerConfig
-from student_trainer.loss_inputs import TeacherScores
 from student_trainer.metrics import StepTimes, TrainerMetrics, TrainerStatus
 from student_trainer.model import DistInfo, StudentLoss, load_student, shard_student
 from student_trainer.optim import build_optimizer
 from student_trainer.publish import publish_weights
+from student_trainer.step import StepRunner
 from student_trainer.teacher_prefetch import TeacherPrefetcher
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class Trainer:
                            config.model)
         self.root = shard_student(StudentLoss(lm, config.loss), config.dist, info.device)
         self.optimizer, self.scheduler = build_optimizer(self.root, config.optim, config.max_steps)
+        self.runner = StepRunner(self.root, self.optimizer, self.scheduler, config, info,
+                                 self.teacher.top_k, self.teacher.temperature)
         self.step_no, self.version = 0, 0
         self.used_since_commit: list[str] = []
         self.feeder_position = 0
@@ -128,68 +131,18 @@ class Trainer:
         scores = batch.scores.result() if batch.scores is not None else {}  # 4
         times.teacher_wait_s = time.perf_counter() - t1
         t2 = time.perf_counter()
-        stats = self._forward_backward(batch, scores)  # 5
-        grad_norm = self._optimizer_step()  # 6
+        stats = self.runner.forward_backward(batch.groups, batch.mine, batch.weights, scores, self.step_no)  # 5
+        grad_norm = self.runner.optimizer_step()  # 6
+        if not math.isfinite(grad_norm):
+            self.metrics.skipped_steps.inc()
         times.compute_s = time.perf_counter() - t2
         self.step_no += 1
         self.used_since_commit += [r.rollout_id for g in batch.groups for r in g]
+        self._audit(batch)
         stats.update(grad_norm=grad_norm, **{k: v for k, v in vars(times).items()})
         self._publish_and_checkpoint()  # 7
         self._record(stats, times)
         return stats
-
-    def _micro_batches(self, batch: _Batch) -> list[tuple[MicroBatch, float]]:
-        """(micro-batch, loss scale); every rank runs the same number (FSDP collectives), padding with zero-weight copies."""
-        bins = pack_groups(batch.mine, self.config.batch.max_tokens_per_micro_batch)
-        count = torch.tensor([len(bins)], device=self.info.device)
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        filler = bins[-1] if bins else [batch.groups[0]]
-        zero = {r.rollout_id: 0.0 for g in filler for r in g}
-        micro = [(build_micro_batch(b, batch.weights), 1.0) for b in bins]
-        micro += [(build_micro_batch(filler, zero), 0.0) for _ in range(int(count.item()) - len(bins))]
-        return micro
-
-    def _forward_backward(self, batch: _Batch, scores: dict) -> dict[str, float]:
-        micro = self._micro_batches(batch)
-        valid = torch.tensor([sum(m.num_valid_tokens * s for m, s in micro)], dtype=torch.float64,
-                             device=self.info.device)
-        dist.all_reduce(valid)
-        total_valid = max(1.0, float(valid.item()))
-        sums: dict[str, float] = collections.defaultdict(float)
-        for mb, scale in micro:
-            teacher = self._teacher_for(mb, scores)
-            mb = mb.to(self.info.device)
-            loss, st = self.root(mb, teacher, self.step_no)
-            # token mean over the global batch: FSDP averages gradients over ranks, hence * world_size
-            weight = scale * mb.num_valid_tokens / total_valid
-            (loss * weight * self.info.world_size).backward()
-            for key in ("loss", "mean_divergence", "student_entropy", "top1_agreement", "fraction_kept"):
-                value = getattr(st, key)
-                if not math.isnan(value):
-                    sums[key] += value * weight
-            sums["tokens"] += st.num_tokens * scale
-        reduced = torch.tensor([sums[k] for k in sorted(sums)], dtype=torch.float64, device=self.info.device)
-        dist.all_reduce(reduced)
-        return dict(zip(sorted(sums), reduced.tolist(), strict=True))
-
-    def _teacher_for(self, mb: MicroBatch, scores: dict) -> TeacherScores:
-        if all(r.rollout_id in scores for r in mb.records):
-            teacher = teacher_scores_for(mb.records, scores, self.teacher.temperature)
-        else:  # a zero-weight filler of records another rank scored: placeholders, never weighted
-            teacher = placeholder_scores(len(mb.rows_N), self.teacher.top_k, self.teacher.temperature)
-        return scores_to(teacher, self.info.device)
-
-    def _optimizer_step(self) -> float:
-        norm = torch.nn.utils.clip_grad_norm_(self.root.parameters(), self.config.optim.max_grad_norm)
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        if math.isfinite(norm):
-            self.optimizer.step()
-            self.scheduler.step()
-        else:
-            self.metrics.skipped_steps.inc()
-            log.warning("step %d skipped: gradient norm is %s", self.step_no + 1, norm)
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
 
     # -- 7: publish, checkpoint, ack --------------------------------------------------------------
 
@@ -215,6 +168,21 @@ class Trainer:
             acked = self.io.call(self.source.ack(self.used_since_commit))
             self.metrics.rollouts.labels("trained").inc(acked)
         self.used_since_commit = []
+
+    def _audit(self, batch: _Batch) -> None:
+        """Rank 0 appends which rollouts (and policy versions) went into this step to steps.jsonl."""
+        if not self.info.is_main:
+            return
+        path = Path(self.config.checkpoint.dir) / "steps.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        trained = {r.rollout_id: r.policy_version for g in batch.mine for r in g}
+        line = {"step": self.step_no, "time": time.time(), "version": self.version,
+                "rollouts": [r.rollout_id for g in batch.groups for r in g],
+                "policy_versions": sorted({r.policy_version for g in batch.groups for r in g}),
+                "dropped_stale": sum(len(g) for g in batch.groups) - len(trained) if self.info.world_size == 1
+                else None}
+        with path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
 
     def _record(self, stats: dict[str, float], times: StepTimes) -> None:
         m = self.metrics
