@@ -50,6 +50,8 @@ def run(config: TrainerConfig) -> int:
         if stop["requested"] and trainer.step_no % config.checkpoint.every_steps:
             log.info("SIGTERM: checkpointing step %d before exit", trainer.step_no)
             trainer.checkpoint()
+        else:
+            runtime.finish()
     finally:
         runtime.close()
         io.stop()

@@ -71,8 +71,9 @@ class DataConfig(ConfigModel):
                                 "workers; None = someone else feeds {ns}:prompts")
     eval_prompts: str | None = Field(None, description="held-out prompt file (split eval)")
     source: PromptSourceConfig = Field(default_factory=PromptSourceConfig)
-    max_inflight_groups: int | None = Field(None, ge=1, description="prompt groups in flight (default: "
-                                            "groups_per_step * (max_staleness + 1))")
+    max_inflight_groups: int | None = Field(None, ge=1, description="prompt groups in flight between "
+                                            "the feeder and the trainer (default: groups_per_step * "
+                                            "max(1, max_staleness - prefetch_depth))")
 
 
 class EvalConfig(ConfigModel):

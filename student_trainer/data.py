@@ -11,6 +11,7 @@ trainer's I/O loop; the training loop never touches Redis directly.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import socket
@@ -89,15 +90,28 @@ class RolloutSource:
 
 
 class PromptFeeder:
-    """Feeds the prompt file into `{ns}:prompts`, at most `max_inflight` undelivered, from position `start`."""
+    """Feeds the prompt file into `{ns}:prompts` from position `start`, keeping at most `max_inflight` prompt
+    groups between the feeder and the trainer (queued, being sampled, or sampled but not yet trained), so
+    rollouts are not older than the staleness bound allows."""
 
     def __init__(self, source: RolloutSource, config: TrainerConfig, start: int) -> None:
         self.position = start
-        groups = config.data.max_inflight_groups or config.batch.groups_per_step * (config.batch.max_staleness + 1)
-        self._producer = StreamProducer(source.redis, source.keys.prompts, PROMPT_GROUP, max_pending=groups,
-                                        retry=source.retry)
+        # A group fed now is trained about inflight / groups_per_step steps later, plus the prefetch depth:
+        # keep that under the staleness bound.
+        batch = config.batch
+        self.max_inflight = (config.data.max_inflight_groups
+                             or batch.groups_per_step * max(1, batch.max_staleness - batch.prefetch_depth))
+        self._producer = StreamProducer(source.redis, source.keys.prompts, PROMPT_GROUP, retry=source.retry)
         self._config = config
         self._keys = source.keys
+        self._fed_this_run = 0
+        self._consumed = 0
+        self._room = asyncio.Event()
+
+    def consumed(self, groups: int) -> None:
+        """The trainer took `groups` training groups off the rollout stream (call on the I/O loop)."""
+        self._consumed += groups
+        self._room.set()
 
     def train_records(self) -> list[PromptRecord]:
         data = self._config.data
@@ -113,9 +127,15 @@ class PromptFeeder:
     async def feed_train(self, records: list[PromptRecord]) -> None:
         """Feed from `position` to the end (the records already hold every epoch); resumable by position."""
         while self.position < len(records):
-            chunk = records[self.position:self.position + 8]
+            room = self.max_inflight - (self._fed_this_run - self._consumed)
+            if room <= 0:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            chunk = records[self.position:self.position + min(room, 16)]
             await self._producer.send_many([r.encode() for r in chunk])
             self.position += len(chunk)
+            self._fed_this_run += len(chunk)
         log.info("prompt feeder: all %d prompts fed", len(records))
 
     async def feed_eval(self, records: list[PromptRecord], round_id: int) -> int:

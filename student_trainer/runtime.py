@@ -11,6 +11,7 @@ rollouts from being reclaimed. No training math here.
 from __future__ import annotations
 
 import logging
+import time
 
 from fastapi import APIRouter
 
@@ -96,7 +97,21 @@ class TrainerRuntime:
                 log.info("eval @ step %d: %s", rnd.step, {k: round(v, 4) for k, v in report.items()})
                 self._rounds.remove(rnd)
 
+    def finish(self, timeout_s: float = 300.0) -> None:
+        """After the last step: wait (up to `timeout_s`) for eval rounds still in flight, then report them."""
+        if not self.info.is_main:
+            return
+        deadline = time.monotonic() + timeout_s
+        while self._rounds and time.monotonic() < deadline:
+            self.io.call(self.trainer.source.poll())
+            self._progress_eval()
+        for rnd in self._rounds:
+            log.warning("eval round of step %d incomplete: %d of %d rollouts arrived", rnd.step, len(rnd.records),
+                        rnd.expected)
+
     def close(self) -> None:
+        if self._feed_task is not None:
+            self._feed_task.cancel()
         if self.trainer is not None:
             self.trainer.teacher.close()
         if self._ops is not None:

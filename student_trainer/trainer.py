@@ -95,6 +95,8 @@ class Trainer:
         groups: list[Group] | None = None
         if self.info.is_main:
             groups = self.io.call(self.source.next_groups(self.config.batch.groups_per_step))
+            if self.feeder is not None:
+                self.io.loop.call_soon_threadsafe(self.feeder.consumed, len(groups))
         box = [groups]
         dist.broadcast_object_list(box, src=0)
         kept, weights = self._apply_staleness(box[0])
