@@ -1,0 +1,65 @@
+"""Packing rollouts: whole groups, token budgets, disjoint rank shares, and rows that predict response tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from protos.records import RolloutRecord
+from student_trainer.batching import build_micro_batch, group_tokens, pack_groups, split_across_ranks
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def record(rid: str, group: str, prompt: list[int], response: list[int], mask: list[int] | None = None,
+           version: int = 0) -> RolloutRecord:
+    n = len(response)
+    return RolloutRecord(rollout_id=rid, prompt_id=group, group_id=group, group_size=2, split="train",
+                         prompt_ids=np.array(prompt, np.int32), response_ids=np.array(response, np.int32),
+                         response_mask=np.array(mask or [1] * n, np.uint8),
+                         behaviour_logprobs=np.arange(n, dtype=np.float32) * -0.1, reward=1.0, policy_version=version)
+
+
+def groups_of_sizes(*sizes: int) -> list[list[RolloutRecord]]:
+    return [[record(f"g{i}a", f"g{i}", [1] * (s // 2 - 1), [2]), record(f"g{i}b", f"g{i}", [1] * (s // 2 - 1), [3])]
+            for i, s in enumerate(sizes)]
+
+
+def test_pack_groups_keeps_groups_whole_and_under_the_budget():
+    groups = groups_of_sizes(10, 20, 30, 40, 8)
+    bins = pack_groups(groups, max_tokens=50)
+    assert sorted(g[0].group_id for b in bins for g in b) == sorted(g[0].group_id for g in groups)
+    assert all(sum(group_tokens(g) for g in b) <= 50 for b in bins)
+    assert len(bins) == 3  # 40+10, 30+20, 8
+
+
+def test_a_group_over_the_budget_gets_a_micro_batch_of_its_own():
+    bins = pack_groups(groups_of_sizes(100, 10), max_tokens=50)
+    assert [len(b) for b in bins] == [1, 1]
+
+
+def test_ranks_get_disjoint_balanced_shares():
+    groups = groups_of_sizes(40, 30, 20, 10, 10, 10)
+    shares = split_across_ranks(groups, 2)
+    ids = [[g[0].group_id for g in share] for share in shares]
+    assert not set(ids[0]) & set(ids[1]) and len(ids[0]) + len(ids[1]) == 6
+    loads = [sum(group_tokens(g) for g in share) for share in shares]
+    assert abs(loads[0] - loads[1]) <= 10
+
+
+def test_micro_batch_rows_predict_response_tokens_and_sequences_do_not_see_each_other():
+    a = record("a", "g", [5, 6, 7], [8, 9], mask=[1, 0])
+    b = record("b", "g", [10], [11, 12, 13], version=3)
+    mb = build_micro_batch([[a, b]], {"b": 0.5})
+    assert mb.input_ids_1T.tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13]]
+    assert mb.position_ids_1T.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3]]
+    assert mb.rows_N.tolist() == [2, 3, 5, 6, 7]  # hidden state p-1 predicts token p
+    assert mb.inputs.target_ids.tolist() == [8, 9, 11, 12, 13]
+    assert mb.inputs.loss_weights.tolist() == [1.0, 0.0, 0.5, 0.5, 0.5]  # tool token 0, stale record halved
+    assert mb.inputs.cu_seqlens.tolist() == [0, 2, 5]
+    mask = mb.attention_mask_11TT[0, 0]
+    assert mask[6, 5] and mask[6, 6] and not mask[6, 4]  # b attends to itself, never to a
+    assert not mask[2, 3] and mask[3, 0]  # causal inside a
+    assert mb.num_valid_tokens == 4
+    assert torch.equal(mb.inputs.behaviour_logprobs, torch.tensor([0.0, -0.1, 0.0, -0.1, -0.2]))
