@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rollout": ("rollout_workers.__main__", "sample from the student and push rollouts to Redis"),
     "train": ("student_trainer.__main__", "train the student on rollouts and teacher scores"),
     "demo": ("opd.demo", "run the whole pipeline on one machine"),
-    "eval": ("student_trainer.eval", "evaluate a student against the teacher"),
+    "export": ("student_trainer.export", "write a consolidated Hugging Face model from a trainer checkpoint"),
     "bench": ("opd.cli", "benchmarks; see `opd bench --help`"),
 }
 
@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "teacher": ("teacher_server.bench", "teacher service vs in-process backend; wire bytes vs vLLM's JSON API"),
     "losses": ("student_trainer.bench_losses", "chunked losses vs full-logits baselines (memory, time)"),
     "queue": ("opd.bench_queue", "rollout records through Redis Streams vs raw XADD/XREADGROUP"),
+    "trainer": ("student_trainer.bench_trainer", "teacher wait share of the step at prefetch depth 0, 1, 2"),
 }
 
 

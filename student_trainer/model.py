@@ -43,9 +43,7 @@ class DistInfo:
 
 def init_distributed(config: DistConfig) -> DistInfo:
     """Join the torchrun process group, or make a one-process group when run directly."""
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+    launched = "RANK" in os.environ  # by torchrun; else a one-process group of our own
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and config.backend != "gloo"
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
@@ -53,7 +51,11 @@ def init_distributed(config: DistConfig) -> DistInfo:
         torch.cuda.set_device(device)
     backend = config.backend if config.backend != "auto" else ("nccl" if use_cuda else "gloo")
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        if launched:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                                    world_size=1)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
