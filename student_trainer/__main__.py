@@ -26,7 +26,7 @@ def _progress(trainer, stats: dict[str, float]) -> None:
     print(f"step {s.step}/{s.max_steps}  loss {stats.get('loss', float('nan')):+.4f}  "
           f"kl {stats.get('mean_divergence', float('nan')):.4f}  tok/s {s.tokens_per_s:,.0f}  "
           f"teacher wait {stats['teacher_wait_s']:.2f}s  data wait {stats['data_wait_s']:.2f}s  "
-          f"v{s.policy_version}", flush=True)
+          f"compute {stats['compute_s']:.2f}s  tokens {stats.get('tokens', 0):.0f}  v{s.policy_version}", flush=True)
 
 
 def run(config: TrainerConfig) -> int:

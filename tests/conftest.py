@@ -36,7 +36,7 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     """URL of a private Redis server started for this test session."""
-    from tests.fixtures.redis_server import redis_server
+    from opd.redis_server import redis_server
 
     with redis_server() as url:
         yield url
