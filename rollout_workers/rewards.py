@@ -1,0 +1,124 @@
+"""Reward functions: `fn(response_text, prompt_record) -> float | None`, pluggable by `module:function`.
+
+Built in: `math` (extract the final answer — the last `\\boxed{...}`, else an
+`Answer:` line — and compare it with the reference using the `math-verify`
+package, which knows that 1/2, 0.5 and \\frac{1}{2} are equal; without the
+package, a normalised string / number comparison) and `exact` (normalised
+exact match of the extracted answer). A prompt with no reference answer gets
+reward None. Rewards run in a worker thread with a time limit (worker.py);
+math-verify's own signal-based timeout is used only on the main thread,
+where signals work.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import threading
+from collections.abc import Callable
+
+from protos.records import PromptRecord
+
+RewardFn = Callable[[str, PromptRecord], float | None]
+
+_ANSWER_LINE = re.compile(r"(?:final answer|answer)\s*(?:is|:)\s*(.+)", re.IGNORECASE)
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+
+
+class RewardError(ValueError):
+    """The reward spec cannot be loaded; the message says how to name one."""
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` (nested braces allowed), or None."""
+    matches = list(_BOXED.finditer(text))
+    for match in reversed(matches):
+        depth, start = 1, match.end()
+        for i in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                return text[start:i].strip()
+    return None
+
+
+def extract_final_answer(text: str) -> str | None:
+    """The boxed answer, else the text after the last `Answer:` / `final answer is`, else None."""
+    boxed = extract_boxed(text)
+    if boxed is not None:
+        return boxed
+    lines = [m.group(1).strip() for m in _ANSWER_LINE.finditer(text)]
+    return lines[-1].rstrip(".").strip() if lines else None
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop `$`, `\\text{}`, spaces, thousands separators and a trailing period."""
+    text = re.sub(r"\\text\{([^}]*)\}", r"\1", text.strip().strip("$"))
+    text = re.sub(r"\s+", "", text.lower()).rstrip(".")
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", text):
+        text = text.replace(",", "")
+    return text
+
+
+def _numbers_equal(a: str, b: str) -> bool:
+    try:
+        return abs(float(a) - float(b)) <= 1e-6 * max(1.0, abs(float(b)))
+    except ValueError:
+        return False
+
+
+def exact_match_reward(response: str, prompt: PromptRecord) -> float | None:
+    """1.0 when the extracted (or whole) answer equals the reference after normalisation, else 0.0."""
+    if prompt.answer is None:
+        return None
+    predicted = extract_final_answer(response)
+    predicted = response if predicted is None else predicted
+    return float(normalize_answer(predicted) == normalize_answer(prompt.answer))
+
+
+def _math_verify(gold: str, predicted: str) -> bool | None:
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        return None
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    gold_parsed = parse(f"${gold}$", parsing_timeout=timeout) or parse(gold, parsing_timeout=timeout)
+    predicted_parsed = parse(f"\\boxed{{{predicted}}}", parsing_timeout=timeout)
+    if not gold_parsed or not predicted_parsed:
+        return False
+    return bool(verify(gold_parsed, predicted_parsed, timeout_seconds=timeout))
+
+
+def math_reward(response: str, prompt: PromptRecord) -> float | None:
+    """1.0 when the final answer is mathematically equal to the reference, 0.0 otherwise (None: no reference)."""
+    if prompt.answer is None:
+        return None
+    predicted = extract_final_answer(response)
+    if predicted is None:
+        return 0.0
+    gold = prompt.answer.strip()
+    if normalize_answer(predicted) == normalize_answer(gold) or _numbers_equal(normalize_answer(predicted),
+                                                                                normalize_answer(gold)):
+        return 1.0
+    verdict = _math_verify(gold, predicted)
+    return float(bool(verdict))
+
+
+BUILTIN_REWARDS: dict[str, RewardFn] = {"math": math_reward, "exact": exact_match_reward}
+
+
+def load_reward(spec: str | None) -> RewardFn | None:
+    """None / `none`, a built-in name (`math`, `exact`) or `module:function`."""
+    if spec is None or spec == "none":
+        return None
+    if spec in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[spec]
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise RewardError(f"reward {spec!r}: use one of {', '.join(BUILTIN_REWARDS)} or module:function")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise RewardError(f"reward {spec!r} cannot be loaded ({exc}); check --reward-function") from exc
+    if not callable(fn):
+        raise RewardError(f"reward {spec!r} is not callable")
+    return fn
