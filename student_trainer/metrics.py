@@ -33,6 +33,7 @@ class TrainerStatus:
     step_time: dict[str, float] = field(default_factory=dict)
     tokens_per_s: float = 0.0
     eval: dict[str, float] = field(default_factory=dict)
+    evals: list[dict[str, float]] = field(default_factory=list)
     history: list[dict[str, float]] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
 

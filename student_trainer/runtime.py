@@ -10,10 +10,13 @@ rollouts from being reclaimed. No training math here.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from pathlib import Path
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
+from fastapi.responses import HTMLResponse
 
 from opd.loop_thread import LoopThread
 from opd.ops_app import OpsServer, create_ops_app
@@ -24,6 +27,7 @@ from student_trainer.model import DistInfo
 from student_trainer.trainer import Trainer
 
 log = logging.getLogger(__name__)
+STATIC = Path(__file__).with_name("static")
 
 
 class TrainerRuntime:
@@ -61,6 +65,14 @@ class TrainerRuntime:
         def status() -> dict:
             return self.trainer.status.snapshot()
 
+        @router.get("/", response_class=HTMLResponse)
+        def live_page() -> str:
+            return (STATIC / "live.html").read_text()
+
+        @router.get("/static/chart.js")
+        def chart_script() -> Response:
+            return Response((STATIC / "chart.js").read_text(), media_type="text/javascript")
+
         return create_ops_app("trainer", self.trainer.metrics.registry, ready=lambda: self._ready, routers=[router])
 
     def after_step(self) -> None:
@@ -89,13 +101,24 @@ class TrainerRuntime:
                 rnd.scores = trainer.teacher.submit(rnd.records)
                 trainer.used_since_commit += [r.rollout_id for r in rnd.records]  # acked with the next checkpoint
             if rnd.scores is not None and rnd.scores.done():
-                report = eval_report(rnd.records, rnd.scores.result())
-                trainer.status.eval = {"step": rnd.step, **report}
+                report = {"step": rnd.step, **eval_report(rnd.records, rnd.scores.result())}
+                trainer.status.eval = report
+                trainer.status.evals.append(report)
+                self._write_eval(report, rnd.records)
                 trainer.metrics.eval_reward.set(report["mean_reward"])
                 trainer.metrics.eval_pass_at_1.set(report["pass_at_1"])
                 trainer.metrics.eval_divergence.set(report["divergence"])
                 log.info("eval @ step %d: %s", rnd.step, {k: round(v, 4) for k, v in report.items()})
                 self._rounds.remove(rnd)
+
+    def _write_eval(self, report: dict, records: list) -> None:
+        """Append the round's report (and its samples' ids, rewards) to evals.jsonl beside the checkpoints."""
+        path = Path(self.config.checkpoint.dir) / "evals.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        finite = {k: (v if v == v else None) for k, v in report.items()}  # NaN -> null
+        with path.open("a") as f:
+            f.write(json.dumps({**finite, "time": time.time(), "policy_versions":
+                                sorted({r.policy_version for r in records})}) + "\n")
 
     def finish(self, timeout_s: float = 300.0) -> None:
         """After the last step: wait (up to `timeout_s`) for eval rounds still in flight, then report them."""

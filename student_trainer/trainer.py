@@ -140,10 +140,10 @@ class Trainer:
         times.compute_s = time.perf_counter() - t2
         self.step_no += 1
         self.used_since_commit += [r.rollout_id for g in batch.groups for r in g]
-        self._audit(batch)
         stats.update(grad_norm=grad_norm, **{k: v for k, v in vars(times).items()})
         self._publish_and_checkpoint()  # 7
         self._record(stats, times)
+        self._audit(batch, stats)
         return stats
 
     # -- 7: publish, checkpoint, ack --------------------------------------------------------------
@@ -171,14 +171,16 @@ class Trainer:
             self.metrics.rollouts.labels("trained").inc(acked)
         self.used_since_commit = []
 
-    def _audit(self, batch: _Batch) -> None:
-        """Rank 0 appends which rollouts (and policy versions) went into this step to steps.jsonl."""
+    def _audit(self, batch: _Batch, stats: dict[str, float]) -> None:
+        """Rank 0 appends the step's statistics and which rollouts (and policy versions) it used to steps.jsonl."""
         if not self.info.is_main:
             return
         path = Path(self.config.checkpoint.dir) / "steps.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         trained = {r.rollout_id: r.policy_version for g in batch.mine for r in g}
         line = {"step": self.step_no, "time": time.time(), "version": self.version,
+                "stats": {k: (v if math.isfinite(v) else None) for k, v in stats.items()},
+                "tokens_per_s": self.status.tokens_per_s,
                 "rollouts": [r.rollout_id for g in batch.groups for r in g],
                 "policy_versions": sorted({r.policy_version for g in batch.groups for r in g}),
                 "dropped_stale": sum(len(g) for g in batch.groups) - len(trained) if self.info.world_size == 1
