@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import APIRouter, Response
@@ -28,6 +29,25 @@ from student_trainer.trainer import Trainer
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
+
+
+def trainer_ops_app(status: Callable[[], dict], registry, ready: Callable[[], bool]):
+    """The trainer's ops app: the shared routes plus `/status` (JSON) and the live page at `/`."""
+    router = APIRouter()
+
+    @router.get("/status")
+    def status_route() -> dict:
+        return status()
+
+    @router.get("/", response_class=HTMLResponse)
+    def live_page() -> str:
+        return (STATIC / "live.html").read_text()
+
+    @router.get("/static/chart.js")
+    def chart_script() -> Response:
+        return Response((STATIC / "chart.js").read_text(), media_type="text/javascript")
+
+    return create_ops_app("trainer", registry, ready=ready, routers=[router])
 
 
 class TrainerRuntime:
@@ -59,21 +79,7 @@ class TrainerRuntime:
                  self.info.world_size, self.ops_port)
 
     def _ops_app(self):
-        router = APIRouter()
-
-        @router.get("/status")
-        def status() -> dict:
-            return self.trainer.status.snapshot()
-
-        @router.get("/", response_class=HTMLResponse)
-        def live_page() -> str:
-            return (STATIC / "live.html").read_text()
-
-        @router.get("/static/chart.js")
-        def chart_script() -> Response:
-            return Response((STATIC / "chart.js").read_text(), media_type="text/javascript")
-
-        return create_ops_app("trainer", self.trainer.metrics.registry, ready=lambda: self._ready, routers=[router])
+        return trainer_ops_app(self.trainer.status.snapshot, self.trainer.metrics.registry, lambda: self._ready)
 
     def after_step(self) -> None:
         if not self.info.is_main:
