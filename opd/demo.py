@@ -13,6 +13,7 @@ steps (the end-to-end test).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -92,12 +93,17 @@ def _start_all(sup, plan: DemoPlan, args: argparse.Namespace, redis_url: str, ru
     return ports
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _args(argv)
     from opd.demo_report import write_report
     from opd.redis_server import redis_server
     from opd.supervisor import ChildFailed, Supervisor
 
+    signal.signal(signal.SIGTERM, _terminate)  # a kill stops the children too, like Ctrl-C
     plan = _plan(args)
     run_dir = Path(args.run_dir or time.strftime("runs/demo-%Y%m%d-%H%M%S")).resolve()
     print(f"teacher: {plan.teacher}\nstudent: {plan.student}\nrun directory: {run_dir}", flush=True)

@@ -90,9 +90,12 @@ def load_student(path: str, device: torch.device, dtype: torch.dtype = torch.flo
 
 def shard_student(root: StudentLoss, config: DistConfig, device: torch.device) -> StudentLoss:
     """fully_shard each decoder layer, then the root (embeddings, final norm, lm-head)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    kwargs: dict = {}
+    # An explicit mesh on the chosen device: FSDP's default mesh is CUDA whenever CUDA exists, which would
+    # move a gloo/CPU run onto the GPU.
+    kwargs: dict = {"mesh": init_device_mesh(device.type, (dist.get_world_size(),))}
     bf16 = config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and device.type == "cuda")
     if bf16:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

@@ -14,8 +14,11 @@ def test_nccl_step_matches_the_cpu_step(tiny_model_dir, tmp_path):
     cpu = _run(1, tiny_model_dir, tmp_path / "cpu.pt", "backend=gloo")
     gpu = _run(1, tiny_model_dir, tmp_path / "gpu.pt", "backend=nccl", "mixed_precision=none")
     assert gpu["stats"]["loss"] == pytest.approx(cpu["stats"]["loss"], rel=1e-4)
+    assert gpu["grad_norm"] == pytest.approx(cpu["grad_norm"], rel=1e-4)
+    # AdamW moves every coordinate by ~lr * g / (|g| + eps): where |g| ~ 1e-9 (rarely seen embedding rows) float
+    # rounding between CUDA and CPU kernels shows up as a fraction of one lr step (lr = 1e-2), hence 1e-3.
     for name, value in cpu["state"].items():
-        torch.testing.assert_close(gpu["state"][name].float(), value.float(), rtol=0, atol=1e-4, msg=name)
+        torch.testing.assert_close(gpu["state"][name].float(), value.float(), rtol=0, atol=1e-3, msg=name)
 
 
 def test_bf16_mixed_precision_with_activation_checkpointing(tiny_model_dir, tmp_path):
