@@ -26,10 +26,10 @@ class TeacherMetrics:
                                      ["client"], registry=r)
         self.generated_tokens = Counter("opd_teacher_generated_tokens_total", "tokens sampled by Generate",
                                         ["client"], registry=r)
-        self.request_latency = Histogram("opd_teacher_request_latency_seconds", "request latency, by rpc",
-                                         ["rpc"], buckets=_LATENCY_BUCKETS_S, registry=r)
-        self.queue_wait = Histogram("opd_teacher_queue_wait_seconds", "time a request waited before its batch ran",
-                                    buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.request_latency = Histogram("opd_teacher_request_latency_seconds", "request latency, by client and rpc",
+                                         ["client", "rpc"], buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.queue_wait = Histogram("opd_teacher_queue_wait_seconds", "time a request waited before its batch ran, "
+                                    "by client", ["client"], buckets=_LATENCY_BUCKETS_S, registry=r)
         self.batch_requests = Histogram("opd_teacher_batch_size_requests", "requests per engine batch",
                                         buckets=_BATCH_BUCKETS, registry=r)
         self.batch_tokens = Histogram("opd_teacher_batch_size_tokens", "tokens per engine batch",

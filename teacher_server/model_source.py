@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from opd.config import ConfigError
@@ -46,7 +47,8 @@ def embedded_model_dir() -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))  # unique even across containers
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     if target.exists():  # another process converted it meanwhile

@@ -120,7 +120,7 @@ class FairScheduler:
                 head.future.set_exception(DeadlineExpired("deadline passed while queued; the work was dropped"))
                 continue
             self._vtime[client] += head.work.num_tokens
-            self._metrics.queue_wait.observe(now - head.enqueued_at)
+            self._metrics.queue_wait.labels(client).observe(now - head.enqueued_at)
             batch.append(head)
             tokens += head.work.num_tokens
         self._metrics.queue_depth.set(self._queued_requests)

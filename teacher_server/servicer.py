@@ -58,7 +58,7 @@ class TeacherServicer(pb_grpc.TeacherServicer):
             raise
         finally:
             self._metrics.requests.labels(client, rpc, code.name).inc()
-            self._metrics.request_latency.labels(rpc).observe(time.perf_counter() - started)
+            self._metrics.request_latency.labels(client, rpc).observe(time.perf_counter() - started)
 
     async def score_result(self, client: str, request: pb.ScoreRequest, timeout_s: float | None,
                            rpc: str) -> tuple[ScoreWork, ScoreResult]:

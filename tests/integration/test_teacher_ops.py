@@ -40,8 +40,8 @@ def test_metrics_scrape_parses_and_counts_the_requests_just_made(fresh_teacher):
     assert samples[("opd_teacher_requests_total", ok)] == 3
     assert samples[("opd_teacher_requests_total", bad)] == 1
     assert samples[("opd_teacher_scored_tokens_total", (("client", "alice"),))] == 18
-    assert samples[("opd_teacher_request_latency_seconds_count", (("rpc", "ScoreStream"),))] == 4
-    assert samples[("opd_teacher_queue_wait_seconds_count", ())] == 3
+    assert samples[("opd_teacher_request_latency_seconds_count", (("client", "alice"), ("rpc", "ScoreStream")))] == 4
+    assert samples[("opd_teacher_queue_wait_seconds_count", (("client", "alice"),))] == 3
     assert samples[("opd_teacher_batch_size_requests_count", ())] >= 1
     assert samples[("opd_teacher_engine_busy_seconds_total", ())] > 0
     assert samples[("opd_teacher_queue_depth_requests", ())] == 0

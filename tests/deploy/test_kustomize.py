@@ -1,0 +1,484 @@
+"""Kubernetes manifests: every kustomize tree renders, validates against the Kubernetes 1.32 API, and is wired right.
+
+Offline: `kubectl kustomize` renders (skipped, with the reason, where kubectl is absent), kubernetes-validate
+checks every core object against its bundled 1.32 schemas (strict: unknown fields fail), and the custom resources
+(prometheus-operator PodMonitor, KubeRay RayCluster) are checked against their CRDs' fields
+(schemas/crd-fields.yaml). Every opd container's command line is parsed by the component's own config loader,
+and the tests follow what the processes would do with it: which Service and port they connect to, which port
+they listen on, which volume holds the paths they read and write.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import re
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from teacher_server.auth import load_tokens
+from tests.deploy import kube
+from tests.deploy.commands import REPO, parse_container, redis_endpoint, split_host_port
+
+pytestmark = [pytest.mark.timeout(300),
+              pytest.mark.skipif(kube.kubectl() is None, reason="kubectl (with kustomize) is not on PATH: "
+                                 "the kustomize trees cannot be rendered here")]
+
+TREE_IDS = [tree_id for tree_id, _ in kube.TREES]
+CRD_FIELDS = yaml.safe_load((REPO / "tests" / "deploy" / "schemas" / "crd-fields.yaml").read_text())
+CUSTOM_KINDS = set(CRD_FIELDS)
+
+
+def objects(tree_id: str):
+    return kube.render(dict(kube.TREES)[tree_id])
+
+
+@functools.cache
+def opd_processes(tree_id: str) -> list[tuple[kube.PodTemplate, dict, dict, object]]:
+    """(pod template, container, env, parsed command) of every container that runs an opd component."""
+    out = []
+    for template in kube.pod_templates(objects(tree_id)):
+        if template.owner["kind"] == "RayCluster":
+            continue  # KubeRay supplies the command (`ray start`); the actors' config comes from the driver
+        for container in template.containers():
+            if not container["image"].split(":")[0].endswith("opd"):
+                continue
+            env = kube.container_env(container)
+            command, args = kube.command_line(container, env)
+            out.append((template, container, env, parse_container(command or ["opd"], args, env)))
+    return out
+
+
+def processes(tree_id: str, component: str):
+    return [p for p in opd_processes(tree_id) if p[3].component == component]
+
+
+# ---------------------------------------------------------------------------------------------- render + schemas
+
+@pytest.mark.parametrize("tree_id", TREE_IDS)
+def test_tree_renders_with_unique_namespaced_objects(tree_id):
+    rendered = objects(tree_id)
+    keys = [(o["kind"], o["metadata"]["name"]) for o in rendered]
+    assert len(keys) == len(set(keys)), f"duplicate objects: {sorted(k for k in keys if keys.count(k) > 1)}"
+    if tree_id != "base":
+        (namespace,) = kube.find(rendered, "Namespace")
+        for obj in rendered:
+            if obj["kind"] != "Namespace":
+                assert obj["metadata"].get("namespace") == namespace["metadata"]["name"], obj["metadata"]["name"]
+
+
+@pytest.mark.parametrize("tree_id", TREE_IDS)
+def test_core_objects_validate_against_the_kubernetes_api(tree_id):
+    failures = []
+    for obj in objects(tree_id):
+        if obj["kind"] in CUSTOM_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(copy.deepcopy(obj), kube.KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            failures.append(f"{obj['kind']}/{obj['metadata']['name']}: {'.'.join(map(str, exc.path))}: {exc.message}")
+    assert failures == []
+
+
+def test_the_api_validation_rejects_unknown_fields_and_wrong_types():
+    deployment = copy.deepcopy(kube.one(objects("cpu-demo"), "Deployment", "opd-teacher"))
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    container["livenessProbe"]["grpc"]["port"] = "grpc"  # grpc probes take a number, not a port name
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, kube.KUBERNETES_VERSION, strict=True)
+    del container["livenessProbe"]
+    container["imagePullPolicyy"] = "Always"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, kube.KUBERNETES_VERSION, strict=True)
+
+
+def _check_fields(node, spec, where: str, problems: list[str]) -> None:
+    if isinstance(spec, list):
+        assert isinstance(node, list), f"{where}: expected a list"
+        for i, item in enumerate(node):
+            _check_fields(item, spec[0], f"{where}[{i}]", problems)
+        return
+    if isinstance(spec, dict):
+        if not isinstance(node, dict):
+            problems.append(f"{where}: expected an object")
+            return
+        fields = spec.get("fields", {})
+        problems += [f"{where}.{key}: not a field of the CRD" for key in node if key not in fields]
+        problems += [f"{where}.{key}: required" for key in spec.get("required", []) if key not in node]
+        for key, value in node.items():
+            if key in fields:
+                _check_fields(value, fields[key], f"{where}.{key}", problems)
+        return
+    ok = {"string": lambda v: isinstance(v, str), "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+          "boolean": lambda v: isinstance(v, bool), "any": lambda v: True,
+          "map-of-string": lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+          "labelSelector": lambda v: isinstance(v, dict) and set(v) <= {"matchLabels", "matchExpressions"},
+          "podTemplate": lambda v: isinstance(v, dict) and set(v) <= {"metadata", "spec"}}[spec]
+    if not ok(node):
+        problems.append(f"{where}: not a {spec}: {node!r}")
+    elif spec == "podTemplate":  # the core schema covers pod templates inside custom resources
+        try:
+            kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
+                                          "template": copy.deepcopy(node)}, kube.KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            problems.append(f"{where}.{'.'.join(map(str, exc.path))}: {exc.message}")
+
+
+@pytest.mark.parametrize("tree_id", TREE_IDS)
+def test_custom_resources_match_their_crd_fields(tree_id):
+    problems: list[str] = []
+    for obj in objects(tree_id):
+        if obj["kind"] not in CUSTOM_KINDS:
+            continue
+        crd = CRD_FIELDS[obj["kind"]]
+        assert obj["apiVersion"] == crd["apiVersion"], f"{obj['kind']}: apiVersion {obj['apiVersion']}"
+        assert set(obj) <= {"apiVersion", "kind", "metadata", "spec"}
+        _check_fields(obj["spec"], crd["spec"], f"{obj['kind']}/{obj['metadata']['name']}.spec", problems)
+    assert problems == []
+
+
+def test_the_crd_check_rejects_unknown_fields():
+    podmonitor = copy.deepcopy(kube.one(objects("gpu-overlay"), "PodMonitor", "opd-teacher"))
+    podmonitor["spec"]["podMetricsEndpoints"][0]["targetPortName"] = "ops"
+    ray = copy.deepcopy(kube.one(objects("ray-overlay"), "RayCluster", "opd-rollout-ray"))
+    ray["spec"]["workerGroupSpecs"][0]["rayStartParams"]["num-gpus"] = 1  # rayStartParams values are strings
+    ray["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resource"] = {}
+    problems: list[str] = []
+    _check_fields(podmonitor["spec"], CRD_FIELDS["PodMonitor"]["spec"], "pm", problems)
+    _check_fields(ray["spec"], CRD_FIELDS["RayCluster"]["spec"], "ray", problems)
+    assert len(problems) == 3, problems
+
+
+# ---------------------------------------------------------------------------------------------- references
+
+def _documented_secret_keys() -> set[str]:
+    text = (kube.K8S / "base" / "kustomization.yaml").read_text()
+    return set(re.findall(r"--from-literal=([a-z0-9-]+)=", text))
+
+
+@pytest.mark.parametrize("tree_id", TREE_IDS)
+def test_references_resolve_to_rendered_objects_or_the_documented_secret(tree_id):
+    rendered = objects(tree_id)
+    names = {(o["kind"], o["metadata"]["name"]) for o in rendered}
+    for template in kube.pod_templates(rendered):
+        spec = template.spec
+        if "serviceAccountName" in spec:
+            assert ("ServiceAccount", spec["serviceAccountName"]) in names, template.where
+        claim_templates = {c["metadata"]["name"] for c in template.owner["spec"].get("volumeClaimTemplates", [])}
+        for volume in spec.get("volumes", []):
+            if "configMap" in volume:
+                assert ("ConfigMap", volume["configMap"]["name"]) in names, f"{template.where}: {volume}"
+            if "persistentVolumeClaim" in volume:
+                assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in names, template.where
+        for container in template.containers(init=True):
+            for item in container.get("env", []):
+                ref = item.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    assert ref["name"] == kube.EXTERNAL_SECRET, f"{template.where}: secret {ref['name']}"
+                    assert ref["key"] in _documented_secret_keys(), (
+                        f"{template.where}: key {ref['key']} is missing from the documented `kubectl create secret`")
+            mounts = {m["name"] for m in container.get("volumeMounts", [])}
+            declared = {v["name"] for v in spec.get("volumes", [])} | claim_templates
+            assert mounts <= declared, f"{template.where}/{container['name']}: undeclared volumes"
+    for binding in kube.find(rendered, "RoleBinding"):
+        assert ("Role", binding["roleRef"]["name"]) in names
+        for subject in binding["subjects"]:
+            assert ("ServiceAccount", subject["name"]) in names
+
+
+@pytest.mark.parametrize("tree_id", TREE_IDS)
+def test_services_select_pods_that_expose_their_target_ports(tree_id):
+    rendered = objects(tree_id)
+    templates = list(kube.pod_templates(rendered))
+    for service in kube.find(rendered, "Service"):
+        selected = [t for t in templates if kube.selects(service["spec"]["selector"], t.labels)]
+        assert selected, f"Service {service['metadata']['name']} selects no pod"
+        for port in service["spec"]["ports"]:
+            target = port.get("targetPort", port["port"])
+            for template in selected:
+                numbers = {kube.container_port(c, target) if isinstance(target, str) else target
+                           for c in template.containers()}
+                assert numbers - {None}, f"{service['metadata']['name']}: {template.where} has no port {target}"
+
+
+@pytest.mark.parametrize("tree_id", TREE_IDS)
+def test_presets_configmap_holds_the_repository_presets(tree_id):
+    (configmap,) = [c for c in kube.find(objects(tree_id), "ConfigMap")
+                    if c["metadata"]["name"].startswith("opd-presets")]
+    expected = {p.name: p.read_text() for p in (REPO / "deploy" / "presets").glob("*.yaml")}
+    assert configmap["data"] == expected, "deploy/k8s/base/presets or its configMapGenerator differ from deploy/presets"
+
+
+# ---------------------------------------------------------------------------------------------- opd containers
+
+@pytest.mark.parametrize("tree_id", TREE_IDS)
+def test_every_opd_container_runs_a_real_command(tree_id):
+    found = {parsed.component for _, _, _, parsed in opd_processes(tree_id)}
+    assert found == {"teacher", "rollout", "train"}, found
+
+
+@pytest.mark.parametrize("tree_id", TREE_IDS)
+def test_opd_images_are_pinned_and_one_per_tree(tree_id):
+    images = {c["image"] for t in kube.pod_templates(objects(tree_id)) for c in t.containers(init=True)
+              if c["image"].split(":")[0].endswith("opd")}
+    if tree_id == "base":
+        assert images == {"opd"}, "the base leaves the tag to the overlays"
+        return
+    assert len(images) == 1, images
+    tag = images.pop().rsplit(":", 1)[1]
+    assert tag.endswith("-cpu" if tree_id == "cpu-demo" else "-cuda"), tag
+
+
+@pytest.mark.parametrize("tree_id", TREE_IDS)
+def test_pods_run_as_non_root(tree_id):
+    for template in kube.pod_templates(objects(tree_id)):
+        pod = template.spec.get("securityContext", {})
+        for container in template.containers(init=True):
+            ctx = container.get("securityContext", {})
+            assert ctx.get("runAsNonRoot", pod.get("runAsNonRoot")) is True, f"{template.where}/{container['name']}"
+            assert ctx.get("privileged") is not True
+
+
+@pytest.mark.parametrize("tree_id", TREE_IDS)
+def test_ops_ports_probes_and_scrape_annotations_match_the_parsed_config(tree_id):
+    for template, container, _, parsed in opd_processes(tree_id):
+        config, where = parsed.config, template.where
+        if parsed.component == "rollout" and config.ray:
+            assert "prometheus.io/scrape" not in template.annotations, "the Ray driver serves no ops port"
+            continue  # the actors serve theirs on the Ray worker pods (test_ray_overlay_runs_the_fleet_...)
+        ops = config.ops_port() if parsed.component == "rollout" else config.ops.port
+        assert kube.container_port(container, "ops") == ops, f"{where}: containerPort ops != {ops}"
+        assert template.annotations["prometheus.io/scrape"] == "true"
+        assert int(template.annotations["prometheus.io/port"]) == ops, where
+        assert template.annotations.get("prometheus.io/path", "/metrics") == "/metrics"
+        if parsed.component == "teacher":
+            assert kube.container_port(container, "grpc") == config.grpc.port
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert container[probe]["grpc"]["port"] == config.grpc.port, f"{where}: {probe}"
+            assert template.spec["terminationGracePeriodSeconds"] > config.grpc.drain_grace_s
+        if parsed.component == "rollout":
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert container[probe]["httpGet"]["port"] in ("ops", ops), f"{where}: {probe}"
+            assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+            assert template.spec["terminationGracePeriodSeconds"] > config.drain_grace_s
+
+
+@pytest.mark.parametrize("tree_id", TREE_IDS)
+def test_trainer_job_launches_one_torchrun_node_per_index(tree_id):
+    rendered = objects(tree_id)
+    (trainer,) = processes(tree_id, "train")
+    template, container, _, parsed = trainer
+    job = template.owner
+    run = parsed.torchrun
+    assert job["kind"] == "Job" and job["spec"]["completionMode"] == "Indexed"
+    assert int(run.nnodes) == job["spec"]["completions"] == job["spec"]["parallelism"], (
+        "keep completions, parallelism and OPD_NNODES equal")
+    rank_env = [e for e in container["env"] if e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+                == kube.JOB_INDEX_FIELD]
+    assert rank_env and f"--node-rank=$({rank_env[0]['name']})" in container["args"], "node rank = completion index"
+    master_pod, _, subdomain = run.master_addr.partition(".")
+    assert master_pod == f"{job['metadata']['name']}-0" and subdomain == template.spec["subdomain"]
+    service = kube.one(rendered, "Service", subdomain)
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert kube.selects(service["spec"]["selector"], template.labels)
+    assert int(run.master_port) in {p["port"] for p in service["spec"]["ports"]}
+    assert kube.container_port(container, "rendezvous") == int(run.master_port)
+    gpus = int(container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+    assert gpus in (0, int(run.nproc_per_node)), "one process per GPU of the pod"
+    assert parsed.config.checkpoint.resume, "a restarted pod must resume from the checkpoint"
+
+
+@pytest.mark.parametrize("tree_id", TREE_IDS)
+def test_trainers_reach_the_teacher_service_with_a_token_it_knows(tree_id, monkeypatch):
+    rendered = objects(tree_id)
+    (teacher,) = processes(tree_id, "teacher")
+    t_template, _, t_env, t_parsed = teacher
+    for _, _, _, trainer in processes(tree_id, "train"):
+        for address in trainer.config.teacher.addresses:
+            assert address.startswith("dns:///"), f"{address}: use dns:/// so clients balance across replicas"
+            host, port = split_host_port(address)
+            service = kube.one(rendered, "Service", host)
+            assert service["spec"]["clusterIP"] == "None", f"{host} must be headless (one address per replica)"
+            assert kube.selects(service["spec"]["selector"], t_template.labels)
+            assert port == t_parsed.config.grpc.port and port in {p["port"] for p in service["spec"]["ports"]}
+        for key, value in t_env.items():
+            monkeypatch.setenv(key, value)
+        tokens = load_tokens(t_parsed.config.auth)
+        assert tokens.get(trainer.config.teacher.token or "") == trainer.config.redis.namespace, (
+            "the trainer's token must be one the teacher maps to the student's name")
+
+
+@pytest.mark.parametrize("tree_id", TREE_IDS)
+def test_redis_clients_use_the_redis_service_password_and_one_namespace(tree_id):
+    rendered = objects(tree_id)
+    statefulset = kube.one(rendered, "StatefulSet", "opd-redis")
+    redis = statefulset["spec"]["template"]["spec"]["containers"][0]
+    redis_env = kube.container_env(redis)
+    _, args = kube.command_line(redis, redis_env)
+    password = args[args.index("--requirepass") + 1]
+    assert password.startswith("SECRET."), "the Redis password comes from the Secret"
+    namespaces = set()
+    for _, _, _, parsed in processes(tree_id, "rollout") + processes(tree_id, "train"):
+        host, port, url_password = redis_endpoint(parsed.config.redis.url)
+        service = kube.one(rendered, "Service", host)
+        assert kube.selects(service["spec"]["selector"], statefulset["spec"]["template"]["metadata"]["labels"])
+        assert port == kube.container_port(redis, "redis") and url_password == password
+        namespaces.add(parsed.config.redis.namespace)
+    assert len(namespaces) == 1, f"trainer and rollout workers must share one Redis namespace: {namespaces}"
+
+
+def _rollout_pods(tree_id: str) -> list[tuple[kube.PodTemplate, dict]]:
+    """Pods that run rollout workers: the rollout Deployment's, or the RayCluster's worker groups."""
+    pods = [(t, c) for t, c, _, p in processes(tree_id, "rollout") if not p.config.ray]
+    for template in kube.pod_templates(objects(tree_id)):
+        if template.owner["kind"] == "RayCluster" and not template.where.endswith("/head"):
+            pods += [(template, c) for c in template.containers()]
+    return pods
+
+
+@pytest.mark.parametrize("tree_id", TREE_IDS)
+def test_paths_the_components_use_are_on_the_right_volumes(tree_id):
+    (trainer,) = processes(tree_id, "train")
+    t_template, t_container, _, t_parsed = trainer
+    config = t_parsed.config
+    publish = kube.mount_for(t_template, t_container, config.publish.uri)
+    checkpoint = kube.mount_for(t_template, t_container, config.checkpoint.dir)
+    for found, what in ((publish, "publish.uri"), (checkpoint, "checkpoint.dir")):
+        assert found and "persistentVolumeClaim" in found[0] and not found[1].get("readOnly"), (
+            f"trainer {what} must be on a writable PVC")
+    weights = kube.volume_source(*publish)
+    for template, container in _rollout_pods(tree_id):
+        seen = kube.mount_for(template, container, config.publish.uri)
+        assert seen and kube.volume_source(*seen) == weights, f"{template.where} cannot read the published weights"
+        assert seen[1]["mountPath"] == publish[1]["mountPath"], "weights must appear at the announced path"
+    data_paths = [p for p in (config.data.prompts, config.data.eval_prompts) if p]
+    for path in data_paths + [config.model]:
+        assert path.startswith("/opt/opd/data/") or kube.mount_for(t_template, t_container, path), (
+            f"trainer path {path} is neither in the image nor on a volume")
+    for template, container, _, parsed in opd_processes(tree_id):
+        model = parsed.config.model
+        if parsed.component == "rollout" and parsed.config.ray:  # the actors load the model on the Ray workers
+            for worker, worker_container in _rollout_pods(tree_id):
+                assert kube.mount_for(worker, worker_container, model), f"{worker.where}: {model} not mounted"
+            continue
+        assert model == "embedded" or kube.mount_for(template, container, model), f"{template.where}: {model}"
+
+
+@pytest.mark.parametrize("tree_id", TREE_IDS)
+def test_network_policies_let_only_trainers_reach_the_teacher_and_only_opd_pods_reach_redis(tree_id):
+    rendered = objects(tree_id)
+    templates = list(kube.pod_templates(rendered))
+    policies = kube.find(rendered, "NetworkPolicy")
+
+    def allowed(source_labels, dest_labels, port) -> bool:
+        """Ingress from a pod with `source_labels` (this namespace) to `dest_labels`:`port` under the policies."""
+        applying = [p for p in policies if kube.selects(p["spec"]["podSelector"], dest_labels)]
+        assert applying, f"no NetworkPolicy isolates {dest_labels}"
+        for policy in applying:
+            for rule in policy["spec"].get("ingress", []):
+                if not any(p["port"] == port for p in rule.get("ports", [])):
+                    continue
+                for peer in rule.get("from", []):
+                    namespaces_ok = peer.get("namespaceSelector", {}) == {}  # absent: this one; {}: every one
+                    if "podSelector" in peer and namespaces_ok and kube.selects(peer["podSelector"], source_labels):
+                        return True
+        return False
+
+    (teacher,) = processes(tree_id, "teacher")
+    grpc_port, ops_port = teacher[3].config.grpc.port, teacher[3].config.ops.port
+    trainer_labels = processes(tree_id, "train")[0][0].labels
+    assert allowed(trainer_labels, teacher[0].labels, grpc_port)
+    for template in templates:
+        if template.labels.get("app.kubernetes.io/component") != "trainer":
+            assert not allowed(template.labels, teacher[0].labels, grpc_port), f"{template.where} reaches the teacher"
+    assert allowed({"app.kubernetes.io/name": "prometheus"}, teacher[0].labels, ops_port), "Prometheus scrapes it"
+    for template in templates:
+        if template.labels.get("app.kubernetes.io/name") == "prometheus":
+            assert allowed(template.labels, teacher[0].labels, ops_port), f"{template.where} cannot scrape the teacher"
+    redis_labels = kube.one(rendered, "StatefulSet", "opd-redis")["spec"]["template"]["metadata"]["labels"]
+    redis_clients = [t for t, _, _, p in opd_processes(tree_id) if p.component in ("rollout", "train")]
+    redis_clients += [t for t, _ in _rollout_pods(tree_id)]
+    for template in redis_clients:
+        assert allowed(template.labels, redis_labels, 6379), f"{template.where} cannot reach Redis"
+    for template in templates:
+        if template.labels.get("app.kubernetes.io/part-of") != "opd":
+            assert not allowed(template.labels, redis_labels, 6379), f"{template.where} reaches Redis"
+    assert not allowed({"app.kubernetes.io/name": "something-else"}, redis_labels, 6379)
+
+
+@pytest.mark.parametrize("tree_id", TREE_IDS)
+def test_podmonitors_scrape_the_ops_ports_of_the_pods_they_select(tree_id):
+    rendered = objects(tree_id)
+    templates = list(kube.pod_templates(rendered))
+    monitored = set()
+    for monitor in kube.find(rendered, "PodMonitor"):
+        selected = [t for t in templates if kube.selects(monitor["spec"]["selector"], t.pod_labels())]
+        assert selected, f"PodMonitor {monitor['metadata']['name']} selects no pod"
+        for template in selected:  # other trainer ranks serve no ops port: never scraped
+            assert template.owner["kind"] != "Job" or not kube.selects(monitor["spec"]["selector"],
+                                                                        template.pod_labels(index=1))
+        assert monitor["spec"]["podMetricsEndpoints"], monitor["metadata"]["name"]
+        for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+            assert endpoint.get("path", "/metrics") == "/metrics"
+            for template in selected:
+                assert any(kube.container_port(c, endpoint["port"]) for c in template.containers()), (
+                    f"{monitor['metadata']['name']}: {template.where} has no port {endpoint['port']}")
+                monitored.add(template.where)
+    if kube.find(rendered, "PodMonitor"):
+        for template, _, _, parsed in opd_processes(tree_id):
+            if not (parsed.component == "rollout" and parsed.config.ray):
+                assert template.where in monitored, f"{template.where} has no PodMonitor"
+        (trainer_monitor,) = [m for m in kube.find(rendered, "PodMonitor") if m["metadata"]["name"] == "opd-trainer"]
+        assert trainer_monitor["spec"]["selector"]["matchLabels"]["batch.kubernetes.io/job-completion-index"] == "0"
+
+
+def test_ray_overlay_runs_the_fleet_on_the_raycluster():
+    rendered = objects("ray-overlay")
+    assert not kube.find(rendered, "Deployment", "opd-rollout"), "the ray overlay replaces the rollout Deployment"
+    (driver,) = processes("ray-overlay", "rollout")
+    config = driver[3].config
+    cluster = kube.one(rendered, "RayCluster", "opd-rollout-ray")
+    dockerfile = (REPO / "deploy" / "docker" / "Dockerfile").read_text()
+    assert cluster["spec"]["rayVersion"] == re.search(r"ARG RAY_VERSION=(\S+)", dockerfile)[1]
+    assert config.ray == f"ray://{cluster['metadata']['name']}-head-svc:10001"
+    head = cluster["spec"]["headGroupSpec"]
+    assert kube.container_port(head["template"]["spec"]["containers"][0], "client") == 10001
+    assert head["rayStartParams"].get("num-cpus") == "0", "no actor on the head"
+    gpus = sum(g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+               for g in cluster["spec"]["workerGroupSpecs"])
+    assert gpus >= config.workers * config.ray_num_gpus, f"{config.workers} actors need more GPUs than {gpus}"
+    wanted = {config.ops.port + i for i in range(config.workers)}
+    (monitor,) = [m for m in kube.find(rendered, "PodMonitor") if m["metadata"]["name"] == "opd-rollout-ray"]
+    for group in cluster["spec"]["workerGroupSpecs"]:
+        container = group["template"]["spec"]["containers"][0]
+        ports = {p["containerPort"]: p["name"] for p in container["ports"]}
+        assert wanted <= set(ports), f"actor ops ports {sorted(wanted)} not all declared"
+        assert {ports[p] for p in wanted} <= {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]}
+
+
+# ---------------------------------------------------------------------------------------------- copies
+
+COPIES = [
+    (kube.K8S / "base" / "presets" / p.name, p) for p in sorted((REPO / "deploy" / "presets").glob("*.yaml"))
+] + [
+    (kube.K8S / "components" / "dashboard" / "opd.json", REPO / "deploy" / "grafana" / "dashboards" / "opd.json"),
+    (kube.K8S / "components" / "prometheus-grafana" / "prometheus.yml",
+     REPO / "deploy" / "prometheus" / "prometheus-kubernetes.yml"),
+    (kube.K8S / "components" / "prometheus-grafana" / "datasource.yml",
+     REPO / "deploy" / "grafana" / "provisioning" / "datasources" / "opd.yml"),
+    (kube.K8S / "components" / "prometheus-grafana" / "dashboard-provider.yml",
+     REPO / "deploy" / "grafana" / "provisioning" / "dashboards" / "opd.yml"),
+]
+
+
+@pytest.mark.parametrize(("copy_path", "original"), COPIES, ids=[c.name for c, _ in COPIES])
+def test_kustomize_copies_equal_their_originals(copy_path, original):
+    assert copy_path.is_file(), f"missing {copy_path}: copy {original} there (kustomize reads files under its root)"
+    assert copy_path.read_bytes() == original.read_bytes(), f"{copy_path} differs from {original}: copy it again"
+
+
+def test_every_kustomize_copy_is_checked():
+    under_k8s = {p for p in (kube.K8S / "base" / "presets").glob("*")}
+    assert under_k8s == {c for c, _ in COPIES if c.parent.name == "presets"}, "a preset copy has no original"
