@@ -35,17 +35,19 @@ class DemoPlan:
     eval_every: int
     lr: float
     top_k: int
+    rollout_backend: str = "vllm"
 
 
 def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="opd demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny random models, a few steps (for tests)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: 60, quick: 3)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: 20, quick: 3)")
     p.add_argument("--keep-layers", type=int, default=6, help="decoder layers of the 30 the student keeps")
     p.add_argument("--workers", type=int, default=1, help="rollout worker processes")
-    p.add_argument("--rollout-backend", choices=["hf", "vllm"], default="hf",
-                   help="student sampling engine (hf starts in seconds on CPU; vllm pays off on GPUs)")
+    p.add_argument("--rollout-backend", choices=["hf", "vllm"], default="vllm",
+                   help="student sampling engine (vllm batches the samples; hf samples one at a time; "
+                        "--quick always uses hf)")
     p.add_argument("--run-dir", default=None, help="where weights, checkpoints, logs and the report go "
                    "(default: runs/demo-YYYYmmdd-HHMMSS)")
     return p.parse_args(argv)
@@ -57,12 +59,12 @@ def _plan(args: argparse.Namespace) -> DemoPlan:
 
     if args.quick:
         teacher, student = tiny_pair(cache_dir() / "demo")
-        return DemoPlan(teacher, student, args.steps or 3, 2, 2, 12, 2, 5e-3, 20)
+        return DemoPlan(teacher, student, args.steps or 3, 2, 2, 12, 2, 5e-3, 20, rollout_backend="hf")
     print("preparing models (converted once, then cached under ~/.cache/opd) ...", flush=True)
     teacher = embedded_model_dir()
     student = truncated_student(teacher, cache_dir() / "models" / f"SmolLM2-135M-Instruct-L{args.keep_layers}",
                                 args.keep_layers)
-    return DemoPlan(teacher, student, args.steps or 60, 4, 4, 48, 20, 1e-4, 20)
+    return DemoPlan(teacher, student, args.steps or 20, 4, 4, 32, 10, 1e-4, 20, args.rollout_backend)
 
 
 def _start_all(sup, plan: DemoPlan, args: argparse.Namespace, redis_url: str, run_dir: Path) -> dict[str, int]:
@@ -73,7 +75,7 @@ def _start_all(sup, plan: DemoPlan, args: argparse.Namespace, redis_url: str, ru
                           "--engine-max-top-k", str(plan.top_k), "--grpc-host", "127.0.0.1", "--grpc-port",
                           str(ports["grpc"]), "--ops-host", "127.0.0.1", "--ops-port", str(ports["teacher_ops"])],
               env={"OMP_NUM_THREADS": "1"})
-    sup.start("rollout", ["rollout", "--model", str(plan.student), "--backend", args.rollout_backend, *common,
+    sup.start("rollout", ["rollout", "--model", str(plan.student), "--backend", plan.rollout_backend, *common,
                           "--workers", str(args.workers), "--ops-host", "127.0.0.1", "--ops-port",
                           str(ports["worker_ops"]), "--sampling-max-tokens", str(plan.max_tokens),
                           "--engine-max-model-len", "512", "--reward-function", "math"],

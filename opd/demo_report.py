@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +35,22 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def _greedy(model_dir: Path, prompt_ids: list[int], max_tokens: int) -> list[int]:
+SAMPLE_TEMPERATURE, SAMPLE_SEED = 0.7, 0
+
+
+def _sample(model_dir: Path, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    """One sample at SAMPLE_TEMPERATURE with a fixed seed (greedy decoding of a small student mostly repeats one
+    token, which says little about what it learned)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    torch.manual_seed(SAMPLE_SEED)
+    config = GenerationConfig(do_sample=True, temperature=SAMPLE_TEMPERATURE, top_k=0, top_p=1.0,
+                              max_new_tokens=max_tokens)
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                             max_new_tokens=max_tokens, do_sample=False)
+                             generation_config=config)
     return out[0, len(prompt_ids):].tolist()
 
 
@@ -59,9 +68,9 @@ def _samples(plan, ports: dict[str, int], final_weights: Path | None, n: int = 3
         for row in rows:
             ids = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}],
                                                 add_generation_prompt=True, tokenize=True, return_dict=False)
-            gen = teacher.generate(ids, max_tokens=plan.max_tokens, temperature=0.0)
-            before = _greedy(plan.student, ids, plan.max_tokens)
-            after = _greedy(final_weights, ids, plan.max_tokens) if final_weights else []
+            gen = teacher.generate(ids, max_tokens=plan.max_tokens, temperature=SAMPLE_TEMPERATURE, seed=SAMPLE_SEED)
+            before = _sample(plan.student, ids, plan.max_tokens)
+            after = _sample(final_weights, ids, plan.max_tokens) if final_weights else []
             out.append({"prompt": row["prompt"], **{k: tokenizer.decode(v, skip_special_tokens=True).strip()
                         for k, v in (("teacher", gen.token_ids.tolist()), ("student before", before),
                                      ("student after", after))}})
@@ -110,13 +119,15 @@ def write_report(run_dir: Path, plan, ports: dict[str, int], wall_s: float) -> P
                  + (s["stats"].get("compute_s") or 0) for s in steps)
     trained = sum(s["stats"].get("tokens") or 0 for s in steps)
     lines = ["# opd demo report", "",
-             f"{len(steps)} steps in {wall_s:.0f} s (wall, start-up included); run directory `{run_dir}`.", "",
+             f"{len(steps)} steps in {wall_s:.0f} s (wall, start-up included) on {os.cpu_count()} CPU cores "
+             f"(load average {os.getloadavg()[0]:.1f} at the end); run directory `{run_dir}`.", "",
              "## Held-out prompts, before and after", "",
              "| | step | divergence to teacher (nats/token) | pass@1 | mean reward |", "| --- | ---: | ---: | ---: | ---: |"]
     for label, e in (("before", first), ("after", last)):
         lines.append(f"| {label} | {e.get('step', 'n/a')} | {_fmt(e.get('divergence'))} | {_fmt(e.get('pass_at_1'), 2)} "
                      f"| {_fmt(e.get('mean_reward'), 2)} |")
-    lines += ["", f"Divergence change: {_fmt(-100 * drop, 1)}% (goal: at least -30%).", "", "## Samples (greedy)", ""]
+    lines += ["", f"Divergence change: {_fmt(-100 * drop, 1)}% (goal: at least -30%).", "", f"## Samples (temperature {SAMPLE_TEMPERATURE}, seed {SAMPLE_SEED}; "
+              "the teacher's through its `Generate` RPC)", ""]
     for sample in _samples(plan, ports, weights[-1] if weights else None):
         lines += [f"**{sample['prompt']}**", ""] + [f"- {k}: {sample[k]!r}" for k in
                                                      ("teacher", "student before", "student after")] + [""]
