@@ -22,7 +22,7 @@ def test_quick_demo_runs_every_component_and_writes_the_report(tmp_path):
     assert "step 3/3" in out.stdout
     report = (run_dir / "report.md").read_text()
     assert "| before | 0 |" in report and "Divergence change" in report
-    assert report.count("- teacher: ") == 3 and "positions scored / s" in report
+    assert report.count("- student after: ") == 3 and "positions scored / s" in report
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {p.name for p in (run_dir / "logs").iterdir()} == {"teacher.log", "rollout.log", "trainer.log"}
     assert sorted(p.name for p in (run_dir / "weights").iterdir())[-1] == "v00000003"
