@@ -10,12 +10,14 @@ full and top-k forms, the schedule's blend and the RL term all share one set
 of formulas and one chain rule.
 
 Notation (rows C of a chunk, vocabulary V, buckets B): student logits
-`z = logits / T_s`, raw student log-probs `s = log_softmax(z)`, `p = exp(s)`;
+`z = logits / T_s`, student log-probs `s = log_softmax(z)`, `p = exp(s)`;
 teacher log-probs `t` (taken as given: the teacher applied its own
 temperature). Both sides are floored, `s^ = max(s, f)`, `t^ = max(t, f)` with
-`f = LossConfig.logprob_floor`, so that -inf teacher log-probs (probability 0)
-and an empty student tail keep every KL finite; `p^ = exp(s^)`, `q^ = exp(t^)`.
-Gradients are taken through the floor (zero where `s < f`).
+`f = LossConfig.logprob_floor` (default -100), so that -inf teacher log-probs
+(probability 0) and an empty student tail keep every KL finite;
+`q^ = exp(t^)`, and `p^ = exp(s^)`, for which the unfloored `p` stands in on the
+full vocabulary (they differ by less than e^f). Gradients are taken through
+the floor (zero where `s^ <= f`).
 
 This module does not run the lm-head, loop over chunks, weight or reduce rows:
 see `student_trainer.fused_linear` and `student_trainer.losses`.
@@ -34,26 +36,29 @@ from torch import Tensor
 class StudentChunk:
     """Student distribution of one chunk (float32 or float64)."""
 
-    logprobs_CV: Tensor  # s = log_softmax(logits / T_s)
-    probs_CV: Tensor  # p = exp(s)
+    logprobs_CV: Tensor  # s^ = max(log_softmax(logits / T_s), f)
+    probs_CV: Tensor  # p = exp(log_softmax(logits / T_s)), before the floor
 
 
 @dataclass
 class Buckets:
     """Student and teacher log-probs over the buckets of one chunk."""
 
-    student_CB: Tensor  # raw student bucket log-probs (may be -inf for an empty tail)
-    teacher_CB: Tensor  # teacher bucket log-probs, floored
+    student_CB: Tensor  # student bucket log-probs s^, floored
+    student_probs_CB: Tensor  # exp of the student bucket log-probs (p^, up to e^f)
+    teacher_CB: Tensor  # teacher bucket log-probs t, not yet floored (may be -inf)
     ids_CK: Tensor | None = None  # top-k ids (None for the full support)
     tail_probs_CV: Tensor | None = None  # p_j for j outside the top-k, 0 inside
+    tail_mass_C: Tensor | None = None  # sum_j tail_probs_CV (unfloored)
 
 
-def student_chunk(logits_CV: Tensor, temperature: float) -> StudentChunk:
-    """log_softmax of `logits_CV / temperature`, computed in place on `logits_CV`."""
+def student_chunk(logits_CV: Tensor, temperature: float, floor: float) -> StudentChunk:
+    """Floored log_softmax of `logits_CV / temperature`, computed in place on `logits_CV`."""
     if temperature != 1.0:
         logits_CV.div_(temperature)
     logits_CV.sub_(torch.logsumexp(logits_CV, dim=-1, keepdim=True))
-    return StudentChunk(logprobs_CV=logits_CV, probs_CV=logits_CV.exp())
+    probs_CV = logits_CV.exp()
+    return StudentChunk(logprobs_CV=logits_CV.clamp_(min=floor), probs_CV=probs_CV)
 
 
 def entropy_rows(student: StudentChunk) -> Tensor:
@@ -61,10 +66,9 @@ def entropy_rows(student: StudentChunk) -> Tensor:
     return -torch.einsum("cv,cv->c", student.probs_CV, student.logprobs_CV)
 
 
-def full_buckets(student: StudentChunk, teacher_CV: Tensor, floor: float) -> Buckets:
+def full_buckets(student: StudentChunk, teacher_CV: Tensor) -> Buckets:
     """Buckets = the V vocabulary entries; `teacher_CV` holds full teacher log-probs."""
-    teacher_CV = teacher_CV.to(student.logprobs_CV.dtype).clamp(min=floor)
-    return Buckets(student_CB=student.logprobs_CV, teacher_CB=teacher_CV)
+    return Buckets(student_CB=student.logprobs_CV, student_probs_CB=student.probs_CV, teacher_CB=teacher_CV)
 
 
 def topk_buckets(
@@ -73,52 +77,51 @@ def topk_buckets(
     """Buckets = the teacher's k ids plus a tail bucket (everything else).
 
     Student tail log-mass is log sum_{j not in top-k} p_j, summed directly (no
-    1 - sum cancellation); it is -inf when the top-k covers the vocabulary.
+    1 - sum cancellation); it is -inf (floored to f) when the top-k covers the
+    vocabulary.
     """
-    dtype = student.logprobs_CV.dtype
     ids_CK = ids_CK.long()
     tail_probs_CV = student.probs_CV.scatter(1, ids_CK, 0.0)
-    student_CB = torch.cat(
-        [student.logprobs_CV.gather(1, ids_CK), tail_probs_CV.sum(-1, keepdim=True).log()], dim=1
-    )
-    teacher_CB = torch.cat([teacher_CK.to(dtype), teacher_tail_C.to(dtype)[:, None]], dim=1).clamp(min=floor)
-    return Buckets(student_CB=student_CB, teacher_CB=teacher_CB, ids_CK=ids_CK, tail_probs_CV=tail_probs_CV)
+    tail_mass_C = tail_probs_CV.sum(-1)
+    student_CB = torch.cat([student.logprobs_CV.gather(1, ids_CK), tail_mass_C.log().clamp(min=floor)[:, None]], 1)
+    teacher_CB = torch.cat([teacher_CK, teacher_tail_C[:, None]], dim=1).to(student_CB.dtype)
+    return Buckets(student_CB=student_CB, student_probs_CB=student_CB.exp(), teacher_CB=teacher_CB,
+                   ids_CK=ids_CK, tail_probs_CV=tail_probs_CV, tail_mass_C=tail_mass_C)
 
 
 def renormalised_topk(student: StudentChunk, ids_CK: Tensor, teacher_CK: Tensor, floor: float) -> Buckets:
     """Both distributions restricted to the teacher's top-k ids and renormalised (TIP's d)."""
     student_CK = student.logprobs_CV.gather(1, ids_CK.long())
+    student_CK = student_CK - torch.logsumexp(student_CK, -1, keepdim=True)
     teacher_CK = teacher_CK.to(student_CK.dtype).clamp(min=floor)
-    return Buckets(
-        student_CB=student_CK - torch.logsumexp(student_CK, -1, keepdim=True),
-        teacher_CB=teacher_CK - torch.logsumexp(teacher_CK, -1, keepdim=True),
-    )
+    return Buckets(student_CB=student_CK, student_probs_CB=student_CK.exp(),
+                   teacher_CB=teacher_CK - torch.logsumexp(teacher_CK, -1, keepdim=True))
 
 
-def forward_kl(s_hat: Tensor, t_hat: Tensor) -> tuple[Tensor, Tensor]:
+def forward_kl(s_hat: Tensor, p_hat: Tensor, t: Tensor, floor: float) -> tuple[Tensor, Tensor]:
     """Forward KL(p_T || p_S) = sum_b q^_b (t^_b - s^_b); d/ds^ = -q^.
 
     The supervised-KD objective (Hinton et al. 2015); the "forward" stage of
     PACED's forward-then-reverse schedule (arXiv 2603.11178).
     """
+    t_hat = t.to(s_hat.dtype).clamp(min=floor)
     q_hat = t_hat.exp()
-    loss_C = torch.einsum("cb,cb->c", q_hat, t_hat - s_hat)
+    loss_C = torch.einsum("cb,cb->c", q_hat, t_hat.sub_(s_hat))
     return loss_C, q_hat.neg_()
 
 
-def reverse_kl(s_hat: Tensor, t_hat: Tensor) -> tuple[Tensor, Tensor]:
+def reverse_kl(s_hat: Tensor, p_hat: Tensor, t: Tensor, floor: float) -> tuple[Tensor, Tensor]:
     """Reverse KL(p_S || p_T) = sum_b p^_b (s^_b - t^_b); d/ds^ = p^ (s^ - t^ + 1).
 
     Mode-seeking distillation objective of MiniLLM (Gu et al. 2024, "MiniLLM:
     Knowledge Distillation of Large Language Models", ICLR 2024).
     """
-    p_hat = s_hat.exp()
-    diff = s_hat - t_hat
+    diff = t.to(s_hat.dtype).clamp(min=floor).neg_().add_(s_hat)
     loss_C = torch.einsum("cb,cb->c", p_hat, diff)
     return loss_C, diff.add_(1.0).mul_(p_hat)
 
 
-def jsd(s_hat: Tensor, t_hat: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+def jsd(s_hat: Tensor, p_hat: Tensor, t: Tensor, floor: float, beta: float) -> tuple[Tensor, Tensor]:
     """Generalised JSD(beta) of GKD (Agarwal et al. 2024, "On-Policy Distillation
     of Language Models: Learning from Self-Generated Mistakes", ICLR 2024):
 
@@ -128,11 +131,12 @@ def jsd(s_hat: Tensor, t_hat: Tensor, beta: float) -> tuple[Tensor, Tensor]:
 
     (the terms through M cancel because sum_b dM_b / ds^_b weights sum to M).
     """
-    log_m = torch.logaddexp(t_hat + math.log(beta), s_hat + math.log1p(-beta))
-    q_hat = t_hat.exp()
-    p_hat = s_hat.exp()
-    student_term = s_hat - log_m
-    loss_C = beta * torch.einsum("cb,cb->c", q_hat, t_hat - log_m)
+    shifted_t = t.to(s_hat.dtype).clamp(min=floor).add_(math.log(beta))  # t^ + log beta
+    log_m = torch.logaddexp(shifted_t, s_hat + math.log1p(-beta))
+    q_hat = shifted_t.exp().div_(beta)
+    loss_C = beta * torch.einsum("cb,cb->c", q_hat, shifted_t.sub_(log_m).sub_(math.log(beta)))
+    del q_hat, shifted_t
+    student_term = log_m.neg_().add_(s_hat)  # s^ - log M
     loss_C += (1.0 - beta) * torch.einsum("cb,cb->c", p_hat, student_term)
     return loss_C, student_term.mul_(p_hat).mul_(1.0 - beta)
 
@@ -140,28 +144,26 @@ def jsd(s_hat: Tensor, t_hat: Tensor, beta: float) -> tuple[Tensor, Tensor]:
 def bucket_divergence(
     buckets: Buckets, kind: str, floor: float, jsd_beta: float = 0.5, reverse_weight: float = 1.0
 ) -> tuple[Tensor, Tensor]:
-    """Per-row divergence [C] and its gradient d/ds_raw [C, B] on `buckets`.
+    """Per-row divergence [C] and its gradient d/ds [C, B] on `buckets`.
 
     kind: "fkl", "rkl", "jsd", or "fkl_to_rkl" = (1 - w) fkl + w rkl with
     w = `reverse_weight` (PACED's blend). The floor's gradient mask is applied.
     """
-    s_raw = buckets.student_CB
-    s_hat = s_raw.clamp(min=floor)
-    t_hat = buckets.teacher_CB
+    args = (buckets.student_CB, buckets.student_probs_CB, buckets.teacher_CB, floor)
     if kind == "fkl":
-        loss_C, grad_CB = forward_kl(s_hat, t_hat)
+        loss_C, grad_CB = forward_kl(*args)
     elif kind == "rkl":
-        loss_C, grad_CB = reverse_kl(s_hat, t_hat)
+        loss_C, grad_CB = reverse_kl(*args)
     elif kind == "jsd":
-        loss_C, grad_CB = jsd(s_hat, t_hat, jsd_beta)
+        loss_C, grad_CB = jsd(*args, jsd_beta)
     elif kind == "fkl_to_rkl":
-        loss_f, grad_f = forward_kl(s_hat, t_hat)
-        loss_r, grad_r = reverse_kl(s_hat, t_hat)
+        loss_f, grad_f = forward_kl(*args)
+        loss_r, grad_r = reverse_kl(*args)
         loss_C = torch.lerp(loss_f, loss_r, reverse_weight)
         grad_CB = torch.lerp(grad_f, grad_r, reverse_weight)
     else:
         raise AssertionError(f"unknown bucket divergence {kind!r}")
-    return loss_C, grad_CB.masked_fill_(s_raw < floor, 0.0)
+    return loss_C, grad_CB.masked_fill_(buckets.student_CB <= floor, 0.0)
 
 
 def policy_gradient_rows(
@@ -219,7 +221,7 @@ def logits_grad(
         dz_CV = bucket_grad_CB
     else:
         total_C += bucket_grad_CB.sum(-1)
-        tail_mass_C = buckets.student_CB[:, -1].exp()
+        tail_mass_C = buckets.tail_mass_C
         tail_scale_C = torch.where(tail_mass_C > 0, bucket_grad_CB[:, -1] / tail_mass_C, 0.0)
         dz_CV = buckets.tail_probs_CV.mul_(tail_scale_C[:, None])
         dz_CV.scatter_add_(1, buckets.ids_CK, bucket_grad_CB[:, :-1])

@@ -10,6 +10,8 @@ then only scales the stored gradients by the incoming gradient. No `[N, V]`
 tensor exists at any time: peak extra memory is O(chunk_size x V) plus the
 weight gradient that any backward produces.
 
+Softmax math runs in float32 (float64 stays float64); gradients accumulate in
+the parameters' own dtype, as Liger does (bf16 weights: bf16 accumulation).
 It knows nothing about divergences, teachers or weighting: the chunk function
 (`student_trainer.losses`) does. Backward may run once per forward.
 """

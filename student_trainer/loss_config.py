@@ -39,7 +39,8 @@ class TokenSelectionConfig(_Strict):
     )
     jsd_support: Support = Field(
         "topk",
-        description="Distribution for d: 'topk' = teacher's top-k ids, both sides renormalised; 'full' = whole vocabulary.",
+        description="Distribution for d: 'topk' = teacher's top-k ids, both sides renormalised; "
+        "'full' = whole vocabulary.",
     )
     seed: int = Field(0, ge=0, description="Seed of the draw; the step is added, so runs are reproducible.")
 
@@ -129,9 +130,12 @@ class LossConfig(_Strict):
         "token_mean", description="Reduce per-token losses by kept-token mean, per-sequence mean, or sum."
     )
     chunk_size: int | None = Field(
-        None, ge=1, description="Rows per lm-head chunk; None picks rows so one [rows, V] fp32 tensor ~ chunk_budget_mib."
+        None, ge=1, description="Rows per lm-head chunk; None: rows such that one [rows, V] fp32 tensor "
+        "is chunk_budget_mib (peak extra memory is a few such tensors).",
     )
-    chunk_budget_mib: float = Field(64.0, gt=0.0, description="Size of one [rows, V] fp32 chunk when chunk_size is None.")
+    chunk_budget_mib: float = Field(
+        128.0, gt=0.0, description="Size of one [rows, V] fp32 chunk tensor when chunk_size is None."
+    )
     policy_gradient: PolicyGradientConfig = Field(default_factory=PolicyGradientConfig)
     rl: RlConfig = Field(default_factory=RlConfig)
     token_selection: TokenSelectionConfig = Field(default_factory=TokenSelectionConfig)

@@ -19,74 +19,17 @@ Formulas live in `divergences` and `weighting`; this module wires them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from student_trainer import divergences as dv
-from student_trainer import weighting as wt
-from student_trainer.fused_linear import chunk_rows, chunk_slices, compute_dtype, fused_linear_loss, run_chunks
+from student_trainer.fused_linear import chunk_rows, chunk_slices, compute_dtype, fused_linear_loss
 from student_trainer.loss_config import LossConfig
+from student_trainer.loss_inputs import LossInputs, LossStats, TeacherScores, check_inputs
+from student_trainer.loss_planning import RowPlan, plan_rows
 
-_BUCKET_DIVERGENCES = ("fkl", "rkl", "jsd", "fkl_to_rkl")
-
-
-@dataclass(frozen=True)
-class TeacherScores:
-    """Teacher log-probs for the N trained positions (float32/16; taken as given)."""
-
-    token_logprobs: Tensor  # [N] log p_T(actual token)
-    topk_ids: Tensor | None = None  # [N, k] int
-    topk_logprobs: Tensor | None = None  # [N, k]
-    tail_logprobs: Tensor | None = None  # [N] log of the mass outside the top-k
-    full_logprobs: Tensor | None = None  # [N, V], only when the teacher sent them
-    temperature: float = 1.0  # the temperature the teacher applied
-
-    @property
-    def top_k(self) -> int:
-        return 0 if self.topk_ids is None else int(self.topk_ids.shape[1])
-
-
-@dataclass(frozen=True)
-class LossInputs:
-    """Per-token and per-sequence inputs; rows of one sequence are contiguous."""
-
-    target_ids: Tensor  # [N] int, the sampled (actual) tokens
-    loss_weights: Tensor  # [N] float, 0 = no loss (prompt / tool tokens), else a per-token weight
-    cu_seqlens: Tensor  # [S + 1] int, 0 = cu[0] <= ... <= cu[S] = N
-    group_ids: Tensor | None = None  # [S] int, samples of one prompt share an id
-    rewards: Tensor | None = None  # [S] float
-    behaviour_logprobs: Tensor | None = None  # [N] sampler log-probs after temperature
-
-
-@dataclass
-class LossStats:
-    """Per-step statistics (means over kept tokens; nan when undefined)."""
-
-    loss: float
-    distill_loss: float
-    rl_loss: float
-    mean_divergence: float
-    student_entropy: float
-    top1_agreement: float
-    fraction_kept: float
-    num_tokens: int
-    num_kept_tokens: int
-    reverse_kl_weight: float
-
-
-@dataclass
-class _RowPlan:
-    """Per-row tensors [N] the chunk function reads (compute dtype)."""
-
-    valid_N: Tensor
-    kept_N: Tensor
-    distill_coef_N: Tensor  # includes distill_weight a
-    rl_coef_N: Tensor  # includes rl_weight b
-    distill_advantage_N: Tensor | None  # precomputed (discounted) sampled-token advantage
-    rl_advantage_N: Tensor | None
-    reverse_weight: float
+__all__ = ["LossConfig", "LossInputs", "LossStats", "TeacherScores", "compute_distillation_loss"]
 
 
 def compute_distillation_loss(
@@ -104,9 +47,9 @@ def compute_distillation_loss(
     `inputs.target_ids`; lm_head_weight_VH [V, H] (unsharded). Gradients flow to
     hidden, weight and bias through a chunked pass that never builds [N, V].
     """
-    _check_inputs(hidden_NH, lm_head_weight_VH, inputs, teacher, config)
+    check_inputs(hidden_NH, lm_head_weight_VH, inputs, teacher, config)
     rows_per_chunk = chunk_rows(lm_head_weight_VH.shape[0], config.chunk_size, config.chunk_budget_mib)
-    plan = _plan_rows(hidden_NH, lm_head_weight_VH, lm_head_bias_V, inputs, teacher, config, step, rows_per_chunk)
+    plan = plan_rows(hidden_NH, lm_head_weight_VH, lm_head_bias_V, inputs, teacher, config, step, rows_per_chunk)
     chunk_loss = _ChunkLoss(plan, inputs, teacher, config, hidden_NH.shape[0], compute_dtype(hidden_NH.dtype))
     active_N = plan.kept_N | (plan.rl_coef_N != 0)
     loss = fused_linear_loss(
@@ -118,7 +61,7 @@ def compute_distillation_loss(
 class _ChunkLoss:
     """Chunk function: a * distill + b * rl on one chunk, plus per-row statistics."""
 
-    def __init__(self, plan: _RowPlan, inputs: LossInputs, teacher: TeacherScores, config: LossConfig, n: int, dtype):
+    def __init__(self, plan: RowPlan, inputs: LossInputs, teacher: TeacherScores, config: LossConfig, n: int, dtype):
         self.plan, self.inputs, self.teacher, self.config = plan, inputs, teacher, config
         device = plan.valid_N.device
         self.divergence_N = torch.zeros(n, dtype=dtype, device=device)
@@ -130,27 +73,28 @@ class _ChunkLoss:
     def __call__(self, logits_CV: Tensor, rows: slice, need_grad: bool) -> tuple[Tensor, Tensor | None]:
         cfg, plan = self.config, self.plan
         target_C = self.inputs.target_ids[rows]
-        student = dv.student_chunk(logits_CV, cfg.student_temperature)
+        student = dv.student_chunk(logits_CV, cfg.student_temperature, cfg.logprob_floor)
         self.entropy_N[rows] = dv.entropy_rows(student)
         self.agree_N[rows] = _top1_agreement(student, self.teacher, rows)
         logp_C = student.logprobs_CV.gather(1, target_C.long()[:, None]).squeeze(1)
         distill_C, bucket_grad_CB, sampled_grad_C, buckets = self._distill(student, logp_C, rows)
         rl_C, rl_grad_C = self._rl(logp_C, rows)
+        distill_scale_C = cfg.distill_weight * plan.distill_coef_N[rows]
+        rl_scale_C = cfg.rl_weight * plan.rl_coef_N[rows]
         self.distill_sum += (plan.distill_coef_N[rows] * distill_C).sum()
         self.rl_sum += (plan.rl_coef_N[rows] * rl_C).sum()
-        loss = (plan.distill_coef_N[rows] * distill_C).sum() + (plan.rl_coef_N[rows] * rl_C).sum()
+        loss = (distill_scale_C * distill_C).sum() + (rl_scale_C * rl_C).sum()
         if not need_grad:
             return loss, None
+        # Every term's gradient is linear in its row scale: scale first, chain once.
         if bucket_grad_CB is not None:
-            bucket_grad_CB.mul_(plan.distill_coef_N[rows][:, None])
+            bucket_grad_CB.mul_(distill_scale_C[:, None])
         if sampled_grad_C is not None:
-            sampled_grad_C = sampled_grad_C * plan.distill_coef_N[rows]
+            sampled_grad_C = sampled_grad_C * distill_scale_C
         if rl_grad_C is not None:
-            rl_grad_C = rl_grad_C * plan.rl_coef_N[rows]
+            rl_grad_C = rl_grad_C * rl_scale_C
             sampled_grad_C = rl_grad_C if sampled_grad_C is None else sampled_grad_C + rl_grad_C
-        dlogits_CV = dv.logits_grad(
-            student, buckets, bucket_grad_CB, target_C, sampled_grad_C, cfg.student_temperature
-        )
+        dlogits_CV = dv.logits_grad(student, buckets, bucket_grad_CB, target_C, sampled_grad_C, cfg.student_temperature)
         return loss, dlogits_CV
 
     def _distill(self, student: dv.StudentChunk, logp_C: Tensor, rows: slice):
@@ -182,15 +126,15 @@ class _ChunkLoss:
             return None, pg.clip_low, pg.clip_high
         return behaviour[rows], pg.clip_low, pg.clip_high
 
-    def stats(self, plan: _RowPlan, config: LossConfig) -> LossStats:
+    def stats(self, plan: RowPlan, config: LossConfig) -> LossStats:
         kept_N = plan.kept_N
         num_kept = int(kept_N.sum().item())
         num_valid = int(plan.valid_N.sum().item())
         distill, rl = float(self.distill_sum.item()), float(self.rl_sum.item())
         return LossStats(
             loss=config.distill_weight * distill + config.rl_weight * rl,
-            distill_loss=distill / config.distill_weight if config.distill_weight else 0.0,
-            rl_loss=rl / config.rl_weight if config.rl_weight else 0.0,
+            distill_loss=distill,
+            rl_loss=rl,
             mean_divergence=_masked_mean(self.divergence_N, kept_N),
             student_entropy=_masked_mean(self.entropy_N, kept_N),
             top1_agreement=_masked_mean(self.agree_N, kept_N),
@@ -222,10 +166,8 @@ def _top1_agreement(student: dv.StudentChunk, teacher: TeacherScores, rows: slic
 
 def _distill_buckets(student: dv.StudentChunk, teacher: TeacherScores, rows: slice, cfg: LossConfig) -> dv.Buckets:
     if cfg.support == "full":
-        return dv.full_buckets(student, teacher.full_logprobs[rows], cfg.logprob_floor)
+        return dv.full_buckets(student, teacher.full_logprobs[rows])
     return dv.topk_buckets(
         student, teacher.topk_ids[rows], teacher.topk_logprobs[rows], teacher.tail_logprobs[rows], cfg.logprob_floor
     )
 
-
-from student_trainer.loss_planning import _check_inputs, _plan_rows  # noqa: E402  (split for size)

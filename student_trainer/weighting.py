@@ -135,7 +135,7 @@ def tip_weights(
 
 
 def select_tokens(weight_N: Tensor, valid_N: Tensor, keep_fraction: float, generator: torch.Generator) -> Tensor:
-    """Keep round(rho * n_valid) (at least 1) valid tokens, drawn without replacement
+    """Keep floor(rho * n_valid + 1/2) (at least 1) valid tokens, drawn without replacement
     with probability proportional to `weight_N`; returns a bool mask [N].
 
     Tokens of weight 0 are drawn only once every positive-weight token is kept.
