@@ -90,6 +90,16 @@ class DistConfig(ConfigModel):
     cpu_offload: bool = Field(False, description="FSDP2 CPU offload of parameters and optimizer state")
 
 
+class LoggingConfig(ConfigModel):
+    tensorboard_dir: str | None = Field(None, description="write per-step statistics as TensorBoard scalars "
+                                        "here (needs the tensorboard package)")
+    wandb_project: str | None = Field(None, description="log per-step statistics to this Weights & Biases "
+                                      "project (needs the wandb package)")
+    wandb_run_name: str | None = Field(None, description="W&B run name")
+    wandb_mode: Literal["online", "offline", "disabled"] = Field("online", description="W&B mode (offline: "
+                                                                 "sync later with `wandb sync`)")
+
+
 class OpsConfig(ConfigModel):
     host: str = Field("0.0.0.0", description="ops HTTP bind address (rank 0)")
     port: int = Field(9103, ge=0, le=65535, description="ops HTTP port: /metrics /healthz /readyz /status")
@@ -111,6 +121,7 @@ class TrainerConfig(ConfigModel):
     data: DataConfig = Field(default_factory=DataConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     dist: DistConfig = Field(default_factory=DistConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
     ops: OpsConfig = Field(default_factory=OpsConfig)
 
     @model_validator(mode="after")

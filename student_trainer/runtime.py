@@ -114,6 +114,7 @@ class TrainerRuntime:
                 trainer.metrics.eval_reward.set(report["mean_reward"])
                 trainer.metrics.eval_pass_at_1.set(report["pass_at_1"])
                 trainer.metrics.eval_divergence.set(report["divergence"])
+                trainer.step_logger.log(rnd.step, report, prefix="eval")
                 log.info("eval @ step %d: %s", rnd.step, {k: round(v, 4) for k, v in report.items()})
                 self._rounds.remove(rnd)
 
@@ -139,6 +140,8 @@ class TrainerRuntime:
                         rnd.expected)
 
     def close(self) -> None:
+        if self.trainer is not None:
+            self.trainer.step_logger.close()
         if self._feed_task is not None:
             self._feed_task.cancel()
         if self.trainer is not None:

@@ -33,6 +33,7 @@ from opd.loop_thread import LoopThread
 from student_trainer import checkpoint as ckpt
 from student_trainer.batching import Group, split_across_ranks
 from student_trainer.config import TrainerConfig
+from student_trainer.loggers import StepLogger
 from student_trainer.metrics import StepTimes, TrainerMetrics, TrainerStatus
 from student_trainer.model import DistInfo, StudentLoss, load_student, shard_student
 from student_trainer.optim import build_optimizer
@@ -72,6 +73,7 @@ class Trainer:
         self.used_since_commit: list[str] = []
         self.feeder_position = 0
         self._pending: collections.deque[_Batch] = collections.deque()
+        self.step_logger = StepLogger(config.logging, config, info.is_main)
         self.source = None  # rank 0: data.RolloutSource, set by the runner
         self.feeder = None  # rank 0: data.PromptFeeder when the trainer feeds prompts
 
@@ -144,6 +146,7 @@ class Trainer:
         self._publish_and_checkpoint()  # 7
         self._record(stats, times)
         self._audit(batch, stats)
+        self.step_logger.log(self.step_no, {**stats, "tokens_per_s": self.status.tokens_per_s})
         return stats
 
     # -- 7: publish, checkpoint, ack --------------------------------------------------------------
