@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 
+import numpy as np
+
 from opd.loop_thread import LoopThread
 from protos.records import RolloutRecord
 from student_trainer.config import TrainerConfig
 from teacher_server.client import TeacherClient, TeacherInfo, TeacherScores
-
-import numpy as np
 
 
 class TeacherMismatch(RuntimeError):
