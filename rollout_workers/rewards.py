@@ -12,12 +12,12 @@ where signals work.
 
 from __future__ import annotations
 
-import importlib
 import re
 import threading
 from collections.abc import Callable
 
 from protos.records import PromptRecord
+from rollout_workers.plugins import import_attribute
 
 RewardFn = Callable[[str, PromptRecord], float | None]
 
@@ -112,13 +112,8 @@ def load_reward(spec: str | None) -> RewardFn | None:
         return None
     if spec in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[spec]
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise RewardError(f"reward {spec!r}: use one of {', '.join(BUILTIN_REWARDS)} or module:function")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise RewardError(f"reward {spec!r} cannot be loaded ({exc}); check --reward-function") from exc
+    fn = import_attribute(spec, kind="reward", builtins=", ".join(BUILTIN_REWARDS), flag="--reward-function",
+                          error=RewardError, form="module:function")
     if not callable(fn):
         raise RewardError(f"reward {spec!r} is not callable")
     return fn

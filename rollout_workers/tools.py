@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import importlib
 import json
 import math
 import operator
@@ -21,6 +20,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from rollout_workers.plugins import import_attribute
 
 _TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
@@ -151,13 +152,9 @@ def load_tool(spec: str) -> Tool:
     """`calculator`, or `module:attribute` naming a Tool or a function `fn(arguments: dict) -> str`."""
     if spec in BUILTIN_TOOLS:
         return BUILTIN_TOOLS[spec]
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ToolError(f"tool {spec!r}: use a built-in name ({', '.join(BUILTIN_TOOLS)}) or module:attribute")
-    try:
-        obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ToolError(f"tool {spec!r} cannot be loaded ({exc}); check --tools-enabled") from exc
+    obj = import_attribute(spec, kind="tool", builtins=", ".join(BUILTIN_TOOLS), flag="--tools-enabled",
+                           error=ToolError)
+    attr = spec.partition(":")[2]
     if isinstance(obj, Tool):
         return obj
     if callable(obj):
