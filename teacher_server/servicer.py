@@ -92,13 +92,22 @@ class TeacherServicer(pb_grpc.TeacherServicer):
 
     async def ScoreStream(self, request_iterator: AsyncIterator[pb.ScoreRequest],  # noqa: N802
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ScoreReply]:
-        client = await self._identify(context, "ScoreStream")
+        # A failed authentication is answered per request, like any other per-request error: aborting the
+        # stream while the client is still writing can surface at the client as INTERNAL instead.
+        client, auth_error = "unauthenticated", None
+        try:
+            client = self._auth.identify(context.invocation_metadata() or ())
+        except TeacherError as exc:
+            auth_error = exc
         replies: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
 
         async def answer(request: pb.ScoreRequest) -> None:
             timeout_s = request.timeout_ms / 1000 if request.timeout_ms else context.time_remaining()
             try:
+                if auth_error is not None:
+                    self._metrics.requests.labels(client, "ScoreStream", auth_error.code.name).inc()
+                    raise auth_error
                 work, result = await self.score_result(client, request, timeout_s, "ScoreStream")
                 reply = wire.score_reply(request, work, result)
             except TeacherError as exc:
