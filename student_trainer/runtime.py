@@ -57,6 +57,7 @@ class TrainerRuntime:
         self._ops: OpsServer | None = None
         self._feed_task = None
         self._eval_records: list = []
+        self._eval_feeder: PromptFeeder | None = None
         self._rounds: list[EvalRound] = []
         self._ready = False
 
@@ -72,7 +73,8 @@ class TrainerRuntime:
             feeder = self.trainer.feeder = PromptFeeder(source, self.config, self.trainer.feeder_position)
             self._feed_task = self.io.submit(feeder.feed_train(feeder.train_records()))
         if self.config.eval.every_steps:
-            self._eval_records = PromptFeeder(source, self.config, 0).eval_records()
+            self._eval_feeder = PromptFeeder(source, self.config, 0)
+            self._eval_records = self._eval_feeder.eval_records()
             self._start_eval_round()  # the baseline: the policy before this run's first step
         self._ready = True
         log.info("trainer ready: step %d, %d rank(s), ops on port %d", self.trainer.step_no,
@@ -94,9 +96,8 @@ class TrainerRuntime:
         self.io.call(trainer.source.keepalive())
 
     def _start_eval_round(self) -> None:
-        feeder = PromptFeeder(self.trainer.source, self.config, 0)
         round_id = self.trainer.step_no
-        expected = self.io.call(feeder.feed_eval(self._eval_records, round_id))
+        expected = self.io.call(self._eval_feeder.feed_eval(self._eval_records, round_id))
         self._rounds.append(EvalRound(round_id, self.trainer.step_no, expected))
 
     def _progress_eval(self) -> None:

@@ -49,6 +49,7 @@ class _Batch:
     mine: list[Group]
     weights: dict[str, float]  # rollout id -> staleness weight
     scores: Future | None
+    dropped_stale: int = 0  # rollouts of the step dropped for staleness (the same on every rank)
 
 
 class Trainer:
@@ -103,7 +104,8 @@ class Trainer:
         kept, weights = self._apply_staleness(box[0])
         mine = split_across_ranks(kept, self.info.world_size)[self.info.rank]
         records = [r for g in mine for r in g]
-        return _Batch(box[0], mine, weights, self.teacher.submit(records) if records else None)
+        dropped = sum(len(g) for g in box[0]) - sum(len(g) for g in kept)
+        return _Batch(box[0], mine, weights, self.teacher.submit(records) if records else None, dropped)
 
     def _apply_staleness(self, groups: list[Group]) -> tuple[list[Group], dict[str, float]]:
         cfg = self.config.batch
@@ -179,14 +181,12 @@ class Trainer:
             return
         path = Path(self.config.checkpoint.dir) / "steps.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        trained = {r.rollout_id: r.policy_version for g in batch.mine for r in g}
         line = {"step": self.step_no, "time": time.time(), "version": self.version,
                 "stats": {k: (v if math.isfinite(v) else None) for k, v in stats.items()},
                 "tokens_per_s": self.status.tokens_per_s,
                 "rollouts": [r.rollout_id for g in batch.groups for r in g],
                 "policy_versions": sorted({r.policy_version for g in batch.groups for r in g}),
-                "dropped_stale": sum(len(g) for g in batch.groups) - len(trained) if self.info.world_size == 1
-                else None}
+                "dropped_stale": batch.dropped_stale}
         with path.open("a") as f:
             f.write(json.dumps(line) + "\n")
 
