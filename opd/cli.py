@@ -2,7 +2,9 @@
 
 Owns only dispatch. Each component's entry point is `main(argv) -> int`, so
 `opd teacher ...` and `python -m teacher_server ...` are the same program and
-`opd --help` never imports torch or vllm.
+`opd --help` never imports torch or vllm. The demo and the benchmarks live in
+the application layer `opd_apps`, above the components; they are named here as
+strings and imported by importlib, so `opd` itself imports no layer above it.
 """
 
 from __future__ import annotations
@@ -16,23 +18,28 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "teacher": ("teacher_server.__main__", "serve a teacher model's log-probs over gRPC"),
     "rollout": ("rollout_workers.__main__", "sample from the student and push rollouts to Redis"),
     "train": ("student_trainer.__main__", "train the student on rollouts and teacher scores"),
-    "demo": ("opd.demo", "run the whole pipeline on one machine"),
+    "demo": ("opd_apps.demo", "run the whole pipeline on one machine"),
     "export": ("student_trainer.export", "write a consolidated Hugging Face model from a trainer checkpoint"),
     "bench": ("opd.cli", "benchmarks; see `opd bench --help`"),
 }
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
-    "teacher": ("teacher_server.bench", "teacher service vs in-process backend; wire bytes vs vLLM's JSON API"),
-    "losses": ("student_trainer.bench_losses", "chunked losses vs full-logits baselines (memory, time)"),
-    "queue": ("opd.bench_queue", "rollout records through Redis Streams vs raw XADD/XREADGROUP"),
-    "trainer": ("student_trainer.bench_trainer", "teacher wait share of the step at prefetch depth 0, 1, 2"),
+    "teacher": ("opd_apps.bench_teacher", "teacher service vs in-process backend; wire bytes vs vLLM's JSON API"),
+    "losses": ("opd_apps.bench_losses", "chunked losses vs full-logits baselines (memory, time)"),
+    "queue": ("opd_apps.bench_queue", "rollout records through Redis Streams vs raw XADD/XREADGROUP"),
+    "trainer": ("opd_apps.bench_trainer", "teacher wait share of the step at prefetch depth 0, 1, 2"),
+    "tenants": ("opd_apps.bench_tenants", "four students on one pinned teacher: a flood, then saturation shares"),
+    "fuzz": ("opd_apps.bench_fuzz", "property-based fuzzing of the teacher's RPCs, /v1/score and the record decoder"),
 }
 
 
 def _usage(table: dict[str, tuple[str, str]], prog: str) -> str:
     width = max(len(name) for name in table)
     rows = "\n".join(f"  {name.ljust(width)}  {text}" for name, (_, text) in table.items())
-    return f"usage: {prog} <command> [options]\n\ncommands:\n{rows}\n\n`{prog} <command> --help` lists a command's options."
+    return (
+        f"usage: {prog} <command> [options]\n\ncommands:\n{rows}\n\n"
+        f"`{prog} <command> --help` lists a command's options."
+    )
 
 
 def _run(module_name: str, argv: Sequence[str], what: str) -> int:
@@ -42,8 +49,10 @@ def _run(module_name: str, argv: Sequence[str], what: str) -> int:
         if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
             print(f"opd: `{what}` is not available in this installation ({module_name} is missing)", file=sys.stderr)
             return 2
-        print(f"opd: `{what}` needs the package {exc.name!r}; install opd with the `cpu` or `gpu` extra "
-              f"(see the README)", file=sys.stderr)
+        print(
+            f"opd: `{what}` needs the package {exc.name!r}; install opd with the `cpu` or `gpu` extra (see the README)",
+            file=sys.stderr,
+        )
         return 2
     return int(module.main(list(argv)) or 0)
 

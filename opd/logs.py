@@ -1,9 +1,11 @@
-"""Process-wide logging set-up shared by every component (one format, level from config)."""
+"""Process-wide logging set-up shared by every component (one format, level from config, secrets redacted)."""
 
 from __future__ import annotations
 
 import logging
 import sys
+
+from opd.redaction import RedactingFilter
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -14,6 +16,7 @@ def setup_logging(level: str = "INFO") -> None:
     if not any(getattr(h, "_opd", False) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(_FORMAT))
+        handler.addFilter(RedactingFilter())  # URL passwords and bearer tokens never reach the log
         handler._opd = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level.upper())

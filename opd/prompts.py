@@ -38,22 +38,24 @@ class PromptSourceError(ValueError):
 
 
 class PromptSourceConfig(ConfigModel):
-    format: Literal["auto", "jsonl", "parquet"] = Field("auto", description="file format; auto = by extension "
-                                                        "(.jsonl/.json lines, .parquet)")
+    format: Literal["auto", "jsonl", "parquet"] = Field(
+        "auto", description="file format; auto = by extension (.jsonl/.json lines, .parquet)"
+    )
     id_field: str = Field("id", description="row field with a stable prompt id (else FILE_STEM:ROW)")
-    prompt_field: str = Field("prompt", description="row field with the user prompt text (used when the "
-                              "messages field is absent)")
+    prompt_field: str = Field(
+        "prompt", description="row field with the user prompt text (used when the messages field is absent)"
+    )
     messages_field: str = Field("messages", description="row field with chat turns [{role, content}]")
-    answer_field: str = Field("answer", description="row field with the reference answer for the reward "
-                              "(optional)")
-    tools_field: str = Field("tools", description="row field listing the tool names allowed for this prompt "
-                             "(optional)")
+    answer_field: str = Field("answer", description="row field with the reference answer for the reward (optional)")
+    tools_field: str = Field("tools", description="row field listing the tool names allowed for this prompt (optional)")
     split_field: str = Field("split", description="row field overriding the split per row (train/eval)")
     split: Literal["train", "eval"] = Field("train", description="split of rows that do not say")
     system_prompt: str | None = Field(None, description="system message prepended when the row has none")
     instruction: Literal["none", "boxed", "answer-line", "concise"] = Field(
-        "none", description="instruction variant appended to the last user turn (boxed = math: put the final "
-        "answer in \\boxed{})")
+        "none",
+        description="instruction variant appended to the last user turn (boxed = math: put the final "
+        "answer in \\boxed{})",
+    )
     instruction_text: str | None = Field(None, description="custom instruction text (overrides --instruction)")
     n_samples: int = Field(1, ge=1, le=4096, description="samples per prompt (one group)")
     limit: int | None = Field(None, ge=1, description="use only the first N rows")
@@ -69,8 +71,9 @@ def _detect_format(path: Path, fmt: str) -> str:
         return "parquet"
     if path.suffix in (".jsonl", ".json", ".ndjson"):
         return "jsonl"
-    raise PromptSourceError(f"{path}: cannot tell the format from the extension {path.suffix!r}; "
-                            f"pass --dataset-format jsonl or parquet")
+    raise PromptSourceError(
+        f"{path}: cannot tell the format from the extension {path.suffix!r}; pass --dataset-format jsonl or parquet"
+    )
 
 
 def read_rows(path: str | Path, fmt: str = "auto") -> Iterator[dict[str, Any]]:
@@ -112,15 +115,23 @@ def _messages_of(row: dict[str, Any], where: str, config: PromptSourceConfig) ->
     if messages is None:
         text = row.get(config.prompt_field)
         if not isinstance(text, str) or not text:
-            raise PromptSourceError(f"{where}: needs a non-empty string field {config.prompt_field!r} or a "
-                                    f"{config.messages_field!r} list (set --dataset-prompt-field / "
-                                    f"--dataset-messages-field to the file's names); fields: {sorted(row)}")
+            raise PromptSourceError(
+                f"{where}: needs a non-empty string field {config.prompt_field!r} or a "
+                f"{config.messages_field!r} list (set --dataset-prompt-field / "
+                f"--dataset-messages-field to the file's names); fields: {sorted(row)}"
+            )
         messages = [{"role": "user", "content": text}]
-    if not isinstance(messages, list) or not messages or not all(
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages):
-        raise PromptSourceError(f"{where}: field {config.messages_field!r} must be a non-empty list of "
-                                f"{{role, content}} string maps")
+            for m in messages
+        )
+    ):
+        raise PromptSourceError(
+            f"{where}: field {config.messages_field!r} must be a non-empty list of {{role, content}} string maps"
+        )
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     if config.system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": config.system_prompt})
@@ -149,9 +160,15 @@ def row_to_record(row: dict[str, Any], index: int, config: PromptSourceConfig, s
     tools = row.get(config.tools_field)
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, str) for t in tools)):
         raise PromptSourceError(f"{where}: field {config.tools_field!r} must be a list of tool names")
-    return PromptRecord(prompt_id=prompt_id, group_size=config.n_samples, split=split,
-                        messages=_messages_of(row, where, config), answer=None if answer is None else str(answer),
-                        tools=tools, meta={"source": source, "row": index})
+    return PromptRecord(
+        prompt_id=prompt_id,
+        group_size=config.n_samples,
+        split=split,
+        messages=_messages_of(row, where, config),
+        answer=None if answer is None else str(answer),
+        tools=tools,
+        meta={"source": source, "row": index},
+    )
 
 
 def load_prompts(path: str | Path, config: PromptSourceConfig) -> list[PromptRecord]:
@@ -172,14 +189,27 @@ def load_prompts(path: str | Path, config: PromptSourceConfig) -> list[PromptRec
             rng.shuffle(batch)
         for record in batch:
             suffix = f"#e{epoch}" if config.epochs > 1 else ""
-            out.append(PromptRecord(**{**record.__dict__, "prompt_id": record.prompt_id + suffix,
-                                       "messages": [dict(m) for m in record.messages or []],
-                                       "meta": {**record.meta, "epoch": epoch}}))
+            out.append(
+                PromptRecord(
+                    **{
+                        **record.__dict__,
+                        "prompt_id": record.prompt_id + suffix,
+                        "messages": [dict(m) for m in record.messages or []],
+                        "meta": {**record.meta, "epoch": epoch},
+                    }
+                )
+            )
     return out
 
 
-async def feed_prompts(producer: Any, records: Sequence[PromptRecord], *, batch_size: int = 64,
-                       feeder_key: str | None = None, feeder_ttl_s: int = 30) -> int:
+async def feed_prompts(
+    producer: Any,
+    records: Sequence[PromptRecord],
+    *,
+    batch_size: int = 64,
+    feeder_key: str | None = None,
+    feeder_ttl_s: int = 30,
+) -> int:
     """Append records to the prompt stream through `producer` (an `opd.streams.StreamProducer`, which applies
     backpressure); returns how many were sent. While feeding, `feeder_key` (StreamKeys.feeder) is kept set
     (refreshed within its TTL), so workers that exit when the stream drains wait for the whole file."""
@@ -189,7 +219,7 @@ async def feed_prompts(producer: Any, records: Sequence[PromptRecord], *, batch_
         keepalive = asyncio.create_task(_hold_key(producer.redis, feeder_key, feeder_ttl_s, done))
     try:
         for start in range(0, len(records), batch_size):
-            await producer.send_many([r.encode() for r in records[start:start + batch_size]])
+            await producer.send_many([r.encode() for r in records[start : start + batch_size]])
     finally:
         done.set()
         if keepalive is not None:
@@ -207,16 +237,23 @@ async def _hold_key(redis: Any, key: str, ttl_s: int, done: asyncio.Event) -> No
             await asyncio.wait_for(done.wait(), ttl_s / 3)
 
 
-def render_prompt_ids(tokenizer: Any, record: PromptRecord, *, enable_thinking: bool | None = None,
-                      tools: list[dict[str, Any]] | None = None) -> list[int]:
+def render_prompt_ids(
+    tokenizer: Any,
+    record: PromptRecord,
+    *,
+    enable_thinking: bool | None = None,
+    tools: list[dict[str, Any]] | None = None,
+) -> list[int]:
     """Token ids of the prompt: `prompt_ids` as given, or `messages` through the tokenizer's chat template
     with the generation prompt. `enable_thinking` (Qwen3-style templates) is passed only when set;
     `tools` are JSON-schema tool specs for templates that render them."""
     if record.prompt_ids is not None:
         return [int(t) for t in record.prompt_ids]
     if not getattr(tokenizer, "chat_template", None):
-        raise PromptSourceError(f"prompt {record.prompt_id!r} has chat messages but the tokenizer has no chat "
-                                f"template; use a chat model's tokenizer or give prompts as prompt_ids")
+        raise PromptSourceError(
+            f"prompt {record.prompt_id!r} has chat messages but the tokenizer has no chat "
+            f"template; use a chat model's tokenizer or give prompts as prompt_ids"
+        )
     kwargs: dict[str, Any] = {"add_generation_prompt": True, "tokenize": False}
     if enable_thinking is not None:
         kwargs["enable_thinking"] = enable_thinking

@@ -62,8 +62,9 @@ def unpack(packed: pb.PackedArray, *, field: str = "array") -> np.ndarray:
     count = int(np.prod(shape, dtype=np.int64)) if shape else 1
     expected = count * _ITEMSIZE[packed.dtype]
     if len(packed.data) != expected:
-        raise ArrayError(f"{field}: shape {shape} of {dtype_name(packed.dtype)} needs {expected} bytes, "
-                         f"got {len(packed.data)}")
+        raise ArrayError(
+            f"{field}: shape {shape} of {dtype_name(packed.dtype)} needs {expected} bytes, got {len(packed.data)}"
+        )
     if packed.dtype == pb.BFLOAT16:
         bits = np.frombuffer(packed.data, dtype="<u2").astype("<u4") << 16
         return bits.view("<f4").reshape(shape)

@@ -1,6 +1,6 @@
 """The msgpack records that cross Redis: prompt record, rollout record, policy announcement.
 
-Owns their field lists, schema versions and codecs (DESIGN.md, "Contracts").
+Owns their field lists, schema versions and codecs; this module is their specification.
 Every record is a msgpack map with an integer `schema`; token arrays travel as
 raw little-endian bytes (int32 ids, uint8 mask, float32 log-probs), never as
 lists. Decoding is the validation boundary: a wrong schema version, a missing
@@ -36,6 +36,7 @@ class RecordError(ValueError):
 
 # ---------------------------------------------------------------------------------------------- field checks
 
+
 def _unpack_map(data: bytes, kind: str) -> dict[str, Any]:
     try:
         obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
@@ -49,8 +50,10 @@ def _unpack_map(data: bytes, kind: str) -> dict[str, Any]:
 def _check_schema(obj: Mapping[str, Any], kind: str, expected: int) -> None:
     schema = obj.get("schema")
     if schema != expected or isinstance(schema, bool):
-        raise RecordError(f"{kind}.schema: this build reads schema {expected}, got {schema!r}; "
-                          f"run producer and consumer from the same opd version")
+        raise RecordError(
+            f"{kind}.schema: this build reads schema {expected}, got {schema!r}; "
+            f"run producer and consumer from the same opd version"
+        )
 
 
 def _check_keys(obj: Mapping[str, Any], kind: str, required: set[str], optional: set[str]) -> None:
@@ -77,8 +80,9 @@ def _array(obj: Mapping[str, Any], kind: str, name: str, dtype: np.dtype) -> np.
     if not isinstance(raw, bytes | bytearray):
         raise RecordError(f"{kind}.{name}: expected raw bytes of {dtype.name}, got {type(raw).__name__}")
     if len(raw) % dtype.itemsize:
-        raise RecordError(f"{kind}.{name}: {len(raw)} bytes is not a whole number of {dtype.name} "
-                          f"({dtype.itemsize} bytes each)")
+        raise RecordError(
+            f"{kind}.{name}: {len(raw)} bytes is not a whole number of {dtype.name} ({dtype.itemsize} bytes each)"
+        )
     return np.frombuffer(raw, dtype=dtype)
 
 
@@ -112,6 +116,7 @@ def _messages(obj: Mapping[str, Any], kind: str) -> list[dict[str, Any]] | None:
 
 # ---------------------------------------------------------------------------------------------- prompt record
 
+
 @dataclass
 class PromptRecord:
     """One prompt to sample `group_size` answers for; either chat `messages` or raw `prompt_ids` (int32)."""
@@ -128,8 +133,15 @@ class PromptRecord:
     def encode(self) -> bytes:
         if (self.messages is None) == (self.prompt_ids is None):
             raise RecordError(f"prompt {self.prompt_id!r}: set exactly one of messages and prompt_ids")
-        obj: dict[str, Any] = {"schema": PROMPT_SCHEMA, "prompt_id": self.prompt_id, "group_size": self.group_size,
-                               "split": self.split, "answer": self.answer, "tools": self.tools, "meta": self.meta}
+        obj: dict[str, Any] = {
+            "schema": PROMPT_SCHEMA,
+            "prompt_id": self.prompt_id,
+            "group_size": self.group_size,
+            "split": self.split,
+            "answer": self.answer,
+            "tools": self.tools,
+            "meta": self.meta,
+        }
         if self.messages is not None:
             obj["messages"] = self.messages
         else:
@@ -141,21 +153,27 @@ class PromptRecord:
         kind = "prompt record"
         obj = _unpack_map(data, kind)
         _check_schema(obj, kind, PROMPT_SCHEMA)
-        _check_keys(obj, kind, {"prompt_id", "group_size", "split"},
-                    {"messages", "prompt_ids", "answer", "tools", "meta"})
+        _check_keys(
+            obj, kind, {"prompt_id", "group_size", "split"}, {"messages", "prompt_ids", "answer", "tools", "meta"}
+        )
         messages = _messages(obj, kind)
         prompt_ids = _array(obj, kind, "prompt_ids", _INT32) if obj.get("prompt_ids") is not None else None
         if (messages is None) == (prompt_ids is None):
             raise RecordError(f"{kind}: exactly one of messages and prompt_ids must be set")
-        return cls(prompt_id=_typed(obj, kind, "prompt_id", (str,)),
-                   group_size=_positive_int(obj, kind, "group_size", 1), split=_split(obj, kind),
-                   messages=messages, prompt_ids=prompt_ids,
-                   answer=_typed(obj, kind, "answer", (str,), nullable=True),
-                   tools=_typed(obj, kind, "tools", (list,), nullable=True),
-                   meta=_typed(obj, kind, "meta", (dict,), nullable=True) or {})
+        return cls(
+            prompt_id=_typed(obj, kind, "prompt_id", (str,)),
+            group_size=_positive_int(obj, kind, "group_size", 1),
+            split=_split(obj, kind),
+            messages=messages,
+            prompt_ids=prompt_ids,
+            answer=_typed(obj, kind, "answer", (str,), nullable=True),
+            tools=_typed(obj, kind, "tools", (list,), nullable=True),
+            meta=_typed(obj, kind, "meta", (dict,), nullable=True) or {},
+        )
 
 
 # ---------------------------------------------------------------------------------------------- rollout record
+
 
 @dataclass
 class RolloutRecord:
@@ -187,44 +205,80 @@ class RolloutRecord:
     def encode(self) -> bytes:
         n = len(self.response_ids)
         if len(self.response_mask) != n or len(self.behaviour_logprobs) != n:
-            raise RecordError(f"rollout {self.rollout_id!r}: response_ids ({n}), response_mask "
-                              f"({len(self.response_mask)}) and behaviour_logprobs "
-                              f"({len(self.behaviour_logprobs)}) must have equal length")
-        return msgpack.packb({
-            "schema": ROLLOUT_SCHEMA, "rollout_id": self.rollout_id, "prompt_id": self.prompt_id,
-            "group_id": self.group_id, "group_size": self.group_size, "split": self.split,
-            "prompt_ids": _to_bytes(self.prompt_ids, _INT32), "response_ids": _to_bytes(self.response_ids, _INT32),
-            "response_mask": _to_bytes(self.response_mask, _UINT8),
-            "behaviour_logprobs": _to_bytes(self.behaviour_logprobs, _FLOAT32),
-            "reward": None if self.reward is None else float(self.reward),
-            "policy_version": int(self.policy_version), "meta": self.meta,
-        }, use_bin_type=True)
+            raise RecordError(
+                f"rollout {self.rollout_id!r}: response_ids ({n}), response_mask "
+                f"({len(self.response_mask)}) and behaviour_logprobs "
+                f"({len(self.behaviour_logprobs)}) must have equal length"
+            )
+        return msgpack.packb(
+            {
+                "schema": ROLLOUT_SCHEMA,
+                "rollout_id": self.rollout_id,
+                "prompt_id": self.prompt_id,
+                "group_id": self.group_id,
+                "group_size": self.group_size,
+                "split": self.split,
+                "prompt_ids": _to_bytes(self.prompt_ids, _INT32),
+                "response_ids": _to_bytes(self.response_ids, _INT32),
+                "response_mask": _to_bytes(self.response_mask, _UINT8),
+                "behaviour_logprobs": _to_bytes(self.behaviour_logprobs, _FLOAT32),
+                "reward": None if self.reward is None else float(self.reward),
+                "policy_version": int(self.policy_version),
+                "meta": self.meta,
+            },
+            use_bin_type=True,
+        )
 
     @classmethod
     def decode(cls, data: bytes) -> RolloutRecord:
         kind = "rollout record"
         obj = _unpack_map(data, kind)
         _check_schema(obj, kind, ROLLOUT_SCHEMA)
-        _check_keys(obj, kind, {"rollout_id", "prompt_id", "group_id", "group_size", "split", "prompt_ids",
-                                "response_ids", "response_mask", "behaviour_logprobs", "policy_version"},
-                    {"reward", "meta"})
-        arrays = {name: _array(obj, kind, name, dtype) for name, dtype in (
-            ("prompt_ids", _INT32), ("response_ids", _INT32), ("response_mask", _UINT8),
-            ("behaviour_logprobs", _FLOAT32))}
+        _check_keys(
+            obj,
+            kind,
+            {
+                "rollout_id",
+                "prompt_id",
+                "group_id",
+                "group_size",
+                "split",
+                "prompt_ids",
+                "response_ids",
+                "response_mask",
+                "behaviour_logprobs",
+                "policy_version",
+            },
+            {"reward", "meta"},
+        )
+        arrays = {
+            name: _array(obj, kind, name, dtype)
+            for name, dtype in (
+                ("prompt_ids", _INT32),
+                ("response_ids", _INT32),
+                ("response_mask", _UINT8),
+                ("behaviour_logprobs", _FLOAT32),
+            )
+        }
         lengths = {name: len(arrays[name]) for name in ("response_ids", "response_mask", "behaviour_logprobs")}
         if len(set(lengths.values())) != 1:
             raise RecordError(f"{kind}: response arrays must have equal length, got {lengths}")
         reward = _typed(obj, kind, "reward", (float, int), nullable=True)
-        return cls(rollout_id=_typed(obj, kind, "rollout_id", (str,)),
-                   prompt_id=_typed(obj, kind, "prompt_id", (str,)),
-                   group_id=_typed(obj, kind, "group_id", (str,)),
-                   group_size=_positive_int(obj, kind, "group_size", 1), split=_split(obj, kind),
-                   reward=None if reward is None else float(reward),
-                   policy_version=_positive_int(obj, kind, "policy_version", 0),
-                   meta=_typed(obj, kind, "meta", (dict,), nullable=True) or {}, **arrays)
+        return cls(
+            rollout_id=_typed(obj, kind, "rollout_id", (str,)),
+            prompt_id=_typed(obj, kind, "prompt_id", (str,)),
+            group_id=_typed(obj, kind, "group_id", (str,)),
+            group_size=_positive_int(obj, kind, "group_size", 1),
+            split=_split(obj, kind),
+            reward=None if reward is None else float(reward),
+            policy_version=_positive_int(obj, kind, "policy_version", 0),
+            meta=_typed(obj, kind, "meta", (dict,), nullable=True) or {},
+            **arrays,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- policy announcement
+
 
 @dataclass(frozen=True)
 class PolicyAnnouncement:
@@ -237,8 +291,16 @@ class PolicyAnnouncement:
     created_at: float = 0.0
 
     def encode(self) -> bytes:
-        return msgpack.packb({"schema": POLICY_SCHEMA, "version": int(self.version), "uri": self.uri,
-                              "step": int(self.step), "created_at": float(self.created_at)}, use_bin_type=True)
+        return msgpack.packb(
+            {
+                "schema": POLICY_SCHEMA,
+                "version": int(self.version),
+                "uri": self.uri,
+                "step": int(self.step),
+                "created_at": float(self.created_at),
+            },
+            use_bin_type=True,
+        )
 
     @classmethod
     def decode(cls, data: bytes) -> PolicyAnnouncement:
@@ -246,11 +308,17 @@ class PolicyAnnouncement:
         obj = _unpack_map(data, kind)
         _check_schema(obj, kind, POLICY_SCHEMA)
         _check_keys(obj, kind, {"version", "uri"}, {"step", "created_at"})
-        return cls(version=_positive_int(obj, kind, "version", 0), uri=_typed(obj, kind, "uri", (str,)),
-                   step=_typed(obj, kind, "step", (int,), nullable=True) or 0,
-                   created_at=float(_typed(obj, kind, "created_at", (float, int), nullable=True) or 0.0))
+        return cls(
+            version=_positive_int(obj, kind, "version", 0),
+            uri=_typed(obj, kind, "uri", (str,)),
+            step=_typed(obj, kind, "step", (int,), nullable=True) or 0,
+            created_at=float(_typed(obj, kind, "created_at", (float, int), nullable=True) or 0.0),
+        )
 
 
 Decoder = Callable[[bytes], Any]
-DECODERS: dict[str, Decoder] = {"prompt": PromptRecord.decode, "rollout": RolloutRecord.decode,
-                                "policy": PolicyAnnouncement.decode}
+DECODERS: dict[str, Decoder] = {
+    "prompt": PromptRecord.decode,
+    "rollout": RolloutRecord.decode,
+    "policy": PolicyAnnouncement.decode,
+}

@@ -28,10 +28,12 @@ def compute_fingerprint(vocab: Mapping[str, int], special_tokens: Mapping[str, A
     ordered: list[str | None] = [None] * size
     for token, idx in vocab.items():
         ordered[idx] = token
-    specials = {str(k): ([str(t) for t in v] if isinstance(v, (list, tuple)) else str(v))
-                for k, v in special_tokens.items()}
-    canonical = json.dumps({"vocab": ordered, "special_tokens": specials}, sort_keys=True,
-                           separators=(",", ":"), ensure_ascii=False)
+    specials = {
+        str(k): ([str(t) for t in v] if isinstance(v, (list, tuple)) else str(v)) for k, v in special_tokens.items()
+    }
+    canonical = json.dumps(
+        {"vocab": ordered, "special_tokens": specials}, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 

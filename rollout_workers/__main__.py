@@ -16,11 +16,13 @@ from rollout_workers.engine import BackendError
 from rollout_workers.rewards import RewardError, load_reward
 from rollout_workers.tools import ToolBox, ToolError
 
-DESCRIPTION = ("Sample responses from the student model for prompts read from the Redis stream {ns}:prompts and "
-               "push rollout records (token ids, mask, behaviour log-probs, reward, policy version) to "
-               "{ns}:rollouts; load newer student weights when the trainer announces them. --prompts FILE feeds a "
-               "JSONL/Parquet prompt file to the stream first; --workers N runs N worker processes, --ray "
-               "[ADDRESS] runs them as Ray actors. Options come from --config YAML < OPD_ROLLOUT__* env < flags.")
+DESCRIPTION = (
+    "Sample responses from the student model for prompts read from the Redis stream {ns}:prompts and "
+    "push rollout records (token ids, mask, behaviour log-probs, reward, policy version) to "
+    "{ns}:rollouts; load newer student weights when the trainer announces them. --prompts FILE feeds a "
+    "JSONL/Parquet prompt file to the stream first; --workers N runs N worker processes, --ray "
+    "[ADDRESS] runs them as Ray actors. Options come from --config YAML < OPD_ROLLOUT__* env < flags."
+)
 
 
 def normalize_argv(argv: Sequence[str]) -> list[str]:
@@ -61,8 +63,13 @@ def _check(config: RolloutConfig) -> list[PromptRecord] | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        config = load_config(RolloutConfig, normalize_argv(sys.argv[1:] if argv is None else argv),
-                             prog="opd rollout", description=DESCRIPTION, env_prefix="OPD_ROLLOUT__")
+        config = load_config(
+            RolloutConfig,
+            normalize_argv(sys.argv[1:] if argv is None else argv),
+            prog="opd rollout",
+            description=DESCRIPTION,
+            env_prefix="OPD_ROLLOUT__",
+        )
         setup_logging(config.log_level)
         records = _check(config)
         if config.feed_only:

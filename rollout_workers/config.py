@@ -3,73 +3,98 @@
 Owns every option of `opd rollout`: the student model and backend, sampling,
 engine sizing, the Redis transport and queue limits, the prompt file format,
 rewards, tools, weight reload, the fleet (local processes or Ray actors) and
-the ops port. Holds data only.
+the ops port. The vLLM knobs (`engine.vllm.*`) and the ops port are the
+shared sub-configs of `opd/`; this module sets the workers' defaults and
+renamed keys. Holds data only.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from opd.config import ConfigModel
+from opd.config import ConfigModel, Port
+from opd.ops_app import OpsConfig
 from opd.prompts import PromptSourceConfig
 from opd.streams import RedisConfig
+from opd.vllm_config import VllmConfig
 
 
 class SamplingConfig(ConfigModel):
-    temperature: float = Field(1.0, gt=0, le=10, description="sampling temperature (behaviour log-probs are "
-                               "taken after it)")
+    temperature: float = Field(
+        1.0, gt=0, le=10, description="sampling temperature (behaviour log-probs are taken after it)"
+    )
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass (1 = off)")
     top_k: int = Field(-1, ge=-1, description="top-k sampling (-1 = off)")
     max_tokens: int = Field(1024, ge=1, description="tokens generated per model turn")
-    max_response_tokens: int = Field(4096, ge=1, description="response budget across all turns (generated + "
-                                     "tool tokens)")
-    seed: int | None = Field(None, description="base seed; each sample gets a seed derived from it, the "
-                             "prompt id and the sample index (None = random)")
+    max_response_tokens: int = Field(
+        4096, ge=1, description="response budget across all turns (generated + tool tokens)"
+    )
+    seed: int | None = Field(
+        None,
+        description="base seed; each sample gets a seed derived from it, the "
+        "prompt id and the sample index (None = random)",
+    )
+
+
+class RolloutVllmConfig(VllmConfig):
+    max_num_seqs: int = Field(64, ge=1, description="vllm: sequences batched at once")
 
 
 class EngineConfig(ConfigModel):
+    renamed_keys = {
+        name: f"vllm.{name}"
+        for name in ("max_num_seqs", "kv_cache_gib", "gpu_memory_utilization", "enforce_eager", "tensor_parallel_size")
+    }
+
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="compute dtype; auto = bfloat16 on GPU, float32 on CPU")
+        "auto", description="compute dtype; auto = bfloat16 on GPU, float32 on CPU"
+    )
     device: str = Field("auto", description="hf backend device: auto, cpu, cuda, cuda:N")
     max_model_len: int = Field(4096, ge=16, description="longest prompt + response in tokens")
-    max_num_seqs: int = Field(64, ge=1, description="vllm: sequences batched at once")
-    kv_cache_gib: int = Field(1, ge=1, description="vllm CPU build: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vllm on GPU: share of GPU memory")
-    enforce_eager: bool = Field(False, description="vllm: disable CUDA graphs / compilation")
-    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per worker")
+    vllm: RolloutVllmConfig = Field(default_factory=RolloutVllmConfig)
 
 
 class QueueConfig(ConfigModel):
-    max_pending_rollouts: int = Field(4096, ge=1, description="stop producing while more rollouts than this "
-                                      "are undelivered to the trainer")
-    max_pending_prompts: int = Field(1024, ge=1, description="the prompt feeder waits while more prompts than "
-                                     "this are undelivered to the workers")
+    max_pending_rollouts: int = Field(
+        4096, ge=1, description="stop producing while more rollouts than this are undelivered to the trainer"
+    )
+    max_pending_prompts: int = Field(
+        1024, ge=1, description="the prompt feeder waits while more prompts than this are undelivered to the workers"
+    )
     max_inflight_prompts: int = Field(8, ge=1, description="prompt groups one worker samples at once")
-    claim_idle_s: float = Field(300.0, gt=0, description="a prompt pending this long with a silent worker is "
-                                "taken over by another worker")
+    claim_idle_s: float = Field(
+        300.0, gt=0, description="a prompt pending this long with a silent worker is taken over by another worker"
+    )
     max_deliveries: int = Field(3, ge=1, description="a prompt delivered more often than this is dead-lettered")
     block_ms: int = Field(1000, ge=1, description="how long one read waits for new prompts")
 
 
 class ToolsConfig(ConfigModel):
-    enabled: list[str] = Field(default_factory=list, description="tools the model may call: built-in "
-                               "`calculator` or `module:attribute` plug-ins; empty = single-turn")
+    enabled: list[str] = Field(
+        default_factory=list,
+        description="tools the model may call: built-in "
+        "`calculator` or `module:attribute` plug-ins; empty = single-turn",
+    )
     max_turns: int = Field(4, ge=1, description="model turns per episode (tool answers in between)")
     max_tool_response_tokens: int = Field(256, ge=1, description="tokens of tool output appended per turn")
     timeout_s: float = Field(5.0, gt=0, description="time limit of one tool call")
-    turn_prefix: str = Field("\n<|im_start|>user\n", description="text before the tool answers (ChatML / "
-                             "Qwen / Hermes format)")
-    turn_suffix: str = Field("<|im_end|>\n<|im_start|>assistant\n", description="text after the tool answers, "
-                             "opening the next model turn")
+    turn_prefix: str = Field(
+        "\n<|im_start|>user\n", description="text before the tool answers (ChatML / Qwen / Hermes format)"
+    )
+    turn_suffix: str = Field(
+        "<|im_end|>\n<|im_start|>assistant\n", description="text after the tool answers, opening the next model turn"
+    )
 
 
 class RewardConfig(ConfigModel):
-    function: str | None = Field(None, description="reward: `math` (final/boxed answer, math-verify), "
-                                 "`exact` (exact match) or `module:function`; unset = no reward")
+    function: str | None = Field(
+        None,
+        description="reward: `math` (final/boxed answer, math-verify), "
+        "`exact` (exact match) or `module:function`; unset = no reward",
+    )
     timeout_s: float = Field(10.0, gt=0, description="time limit of one reward call (reward is null past it)")
 
 
@@ -77,34 +102,50 @@ class ReloadConfig(ConfigModel):
     poll_s: float = Field(5.0, gt=0, description="re-read the policy hash this often (pub/sub is the fast path)")
 
 
-class OpsConfig(ConfigModel):
-    host: str = Field("0.0.0.0", description="ops HTTP bind address")
-    port: int = Field(9102, ge=0, le=65535, description="ops HTTP port of worker 0; worker i uses port + i "
-                      "(0 = pick free ports)")
+class RolloutOpsConfig(OpsConfig):
+    port: Port = Field(
+        9102,
+        description="ops HTTP port of worker 0 (/metrics /healthz /readyz); worker i uses "
+        "port + i (0 = pick free ports)",
+    )
 
 
 class RolloutConfig(ConfigModel):
     model: str = Field(..., description="student model: a Hugging Face directory (config.json + safetensors)")
     tokenizer: str | None = Field(None, description="tokenizer directory if not the model's")
     backend: Literal["vllm", "hf"] = Field("vllm", description="generation engine (hf = transformers generate)")
-    prompts: str | None = Field(None, description="JSONL/Parquet file fed to the {ns}:prompts stream before and "
-                                "while the workers run (unset: the trainer feeds prompts)")
+    prompts: str | None = Field(
+        None,
+        description="JSONL/Parquet file fed to the {ns}:prompts stream before and "
+        "while the workers run (unset: the trainer feeds prompts)",
+    )
     feed_only: bool = Field(False, description="only feed --prompts to the stream, start no worker")
-    exit_when_drained: bool = Field(False, description="exit once the prompt stream has nothing undelivered "
-                                    "or pending (a standalone run over one prompt file)")
+    exit_when_drained: bool = Field(
+        False,
+        description="exit once the prompt stream has nothing undelivered "
+        "or pending (a standalone run over one prompt file)",
+    )
     workers: int = Field(1, ge=1, description="worker processes on this machine")
-    ray: str | None = Field(None, description="run the workers as Ray actors: `local` starts a local Ray, "
-                            "else a cluster address (auto, ray://HOST:PORT); `--ray` alone means local")
+    ray: str | None = Field(
+        None,
+        description="run the workers as Ray actors: `local` starts a local Ray, "
+        "else a cluster address (auto, ray://HOST:PORT); `--ray` alone means local",
+    )
     ray_num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves per worker actor")
     ray_num_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves per worker actor")
     max_restarts: int = Field(3, ge=0, description="restarts of a crashed worker (process or Ray actor)")
     worker_index: int = Field(0, ge=0, description="this worker's index in its fleet (set by the fleet)")
-    worker_id: str | None = Field(None, description="name prefix in Redis (default: the host name); worker i is "
-                                  "`ID-i`, and a restarted worker resumes its own pending prompts first")
-    enable_thinking: bool | None = Field(None, description="chat template thinking switch (Qwen3-style "
-                                         "templates); unset = the template's default")
-    policy_version: int = Field(0, ge=0, description="version of the weights in --model (announced newer "
-                                "versions are loaded live)")
+    worker_id: str | None = Field(
+        None,
+        description="name prefix in Redis (default: the host name); worker i is "
+        "`ID-i`, and a restarted worker resumes its own pending prompts first",
+    )
+    enable_thinking: bool | None = Field(
+        None, description="chat template thinking switch (Qwen3-style templates); unset = the template's default"
+    )
+    policy_version: int = Field(
+        0, ge=0, description="version of the weights in --model (announced newer versions are loaded live)"
+    )
     drain_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, time given to in-flight prompts")
     log_level: str = Field("INFO", description="logging level")
     redis: RedisConfig = Field(default_factory=RedisConfig)
@@ -115,15 +156,17 @@ class RolloutConfig(ConfigModel):
     tools: ToolsConfig = Field(default_factory=ToolsConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     reload: ReloadConfig = Field(default_factory=ReloadConfig)
-    ops: OpsConfig = Field(default_factory=OpsConfig)
+    ops: RolloutOpsConfig = Field(default_factory=RolloutOpsConfig)
 
     @model_validator(mode="after")
     def _check(self) -> RolloutConfig:
         if self.redis.socket_timeout_s * 1000 <= self.queue.block_ms:
             raise ValueError("redis.socket_timeout_s must exceed queue.block_ms (a blocked read would time out)")
         if self.sampling.max_tokens > self.engine.max_model_len:
-            raise ValueError(f"sampling.max_tokens ({self.sampling.max_tokens}) exceeds engine.max_model_len "
-                             f"({self.engine.max_model_len}); lower --sampling-max-tokens")
+            raise ValueError(
+                f"sampling.max_tokens ({self.sampling.max_tokens}) exceeds engine.max_model_len "
+                f"({self.engine.max_model_len}); lower --sampling-max-tokens"
+            )
         if self.feed_only and not self.prompts:
             raise ValueError("--feed-only needs --prompts FILE")
         return self
@@ -136,7 +179,3 @@ class RolloutConfig(ConfigModel):
 
     def tokenizer_dir(self) -> str:
         return self.tokenizer or self.model
-
-    def apply_engine_env(self) -> None:
-        """vLLM's CPU build reads its KV cache size from the environment (config code owns os.environ)."""
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.engine.kv_cache_gib))

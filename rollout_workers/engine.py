@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from opd.model_source import check_model_dir
+
 if TYPE_CHECKING:
     from rollout_workers.config import RolloutConfig
 
@@ -88,21 +90,15 @@ def resolve_weights_dir(uri: str) -> Path:
     """A policy URI (a directory path or `file://` URI on a shared filesystem) -> a directory of safetensors."""
     parsed = urlparse(uri)
     if parsed.scheme not in ("", "file"):
-        raise BackendError(f"policy uri {uri!r}: only local or shared-filesystem directories (path or file://) "
-                           f"can be loaded; publish the weights to a path every worker can read")
+        raise BackendError(
+            f"policy uri {uri!r}: only local or shared-filesystem directories (path or file://) "
+            f"can be loaded; publish the weights to a path every worker can read"
+        )
     path = Path(parsed.path if parsed.scheme == "file" else uri).expanduser()
     if not path.is_dir():
         raise BackendError(f"policy uri {uri!r}: {str(path)!r} is not a directory on this worker")
     if not any(path.glob("*.safetensors")):
         raise BackendError(f"policy uri {uri!r}: no *.safetensors files in {str(path)!r}")
-    return path
-
-
-def check_model_dir(model: str) -> Path:
-    path = Path(model).expanduser()
-    if not (path / "config.json").is_file():
-        raise BackendError(f"--model {model!r} is not a Hugging Face model directory (no config.json); pass the "
-                           f"directory written by save_pretrained")
     return path
 
 
@@ -113,7 +109,7 @@ async def create_backend(config: RolloutConfig) -> GenerationBackend:
         from rollout_workers.engine_hf import HFBackend
 
         return await asyncio.to_thread(HFBackend.from_config, config)
-    config.apply_engine_env()
+    config.engine.vllm.apply_cpu_env()
     from rollout_workers.engine_vllm import VLLMBackend
 
     return VLLMBackend.from_config(config)

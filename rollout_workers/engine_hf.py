@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 def _device_and_dtype(device: str, dtype: str) -> tuple[Any, Any]:
     import torch
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       "cpu" if device == "auto" else device)
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
+    )
     if dtype == "auto":
         return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
     return dev, getattr(torch, dtype)
@@ -56,10 +57,17 @@ class HFBackend(GenerationBackend):
         from transformers import GenerationConfig
 
         eos = list(params.stop_token_ids) or list(self.eos_token_ids)
-        return GenerationConfig(do_sample=True, temperature=params.temperature, top_p=params.top_p,
-                                top_k=params.top_k if params.top_k > 0 else 0, max_new_tokens=params.max_tokens,
-                                eos_token_id=eos or None, pad_token_id=self.tokenizer.pad_token_id or (eos or [0])[0],
-                                output_scores=True, return_dict_in_generate=True)
+        return GenerationConfig(
+            do_sample=True,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k if params.top_k > 0 else 0,
+            max_new_tokens=params.max_tokens,
+            eos_token_id=eos or None,
+            pad_token_id=self.tokenizer.pad_token_id or (eos or [0])[0],
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
 
     def _generate_sync(self, prompt_ids: list[int], params: SampleParams) -> tuple[list[int], list[float]]:
         import torch
@@ -71,20 +79,27 @@ class HFBackend(GenerationBackend):
             torch.manual_seed(params.seed)
         try:
             with torch.inference_mode():
-                out = self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
-                                          generation_config=self._generation_config(params))
+                out = self.model.generate(
+                    input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    generation_config=self._generation_config(params),
+                )
         finally:
             if params.seed is not None:
                 torch.random.set_rng_state(generator_state)
-        new_ids = out.sequences[0, len(prompt_ids):].tolist()
-        logprobs = [float(torch.log_softmax(step[0].float(), dim=-1)[tok]) for step, tok in zip(out.scores, new_ids,
-                                                                                                 strict=True)]
+        new_ids = out.sequences[0, len(prompt_ids) :].tolist()
+        logprobs = [
+            float(torch.log_softmax(step[0].float(), dim=-1)[tok])
+            for step, tok in zip(out.scores, new_ids, strict=True)
+        ]
         return new_ids, logprobs
 
     async def generate(self, prompt_ids: list[int], params: SampleParams, request_id: str) -> Generation:
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise BackendError(f"request {request_id}: prompt ({len(prompt_ids)}) + max_tokens "
-                               f"({params.max_tokens}) exceeds max_model_len {self.max_model_len}")
+            raise BackendError(
+                f"request {request_id}: prompt ({len(prompt_ids)}) + max_tokens "
+                f"({params.max_tokens}) exceeds max_model_len {self.max_model_len}"
+            )
         async with self._lock:
             version = self.policy_version
             ids, logprobs = await asyncio.to_thread(self._generate_sync, list(prompt_ids), params)
@@ -103,8 +118,10 @@ class HFBackend(GenerationBackend):
         tied = {"lm_head.weight"} if getattr(self.model.config, "tie_word_embeddings", False) else set()
         missing = sorted(expected - state.keys() - tied)
         if unexpected or missing:  # checked before loading, so a bad checkpoint leaves the old weights intact
-            raise BackendError(f"weights in {str(weights_dir)!r} do not fit the model: unexpected "
-                               f"{unexpected[:5]}, missing {missing[:5]}")
+            raise BackendError(
+                f"weights in {str(weights_dir)!r} do not fit the model: unexpected "
+                f"{unexpected[:5]}, missing {missing[:5]}"
+            )
         self.model.load_state_dict(state, strict=False)
 
     async def load_policy(self, weights_dir: Path, version: int) -> None:

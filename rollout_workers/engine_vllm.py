@@ -51,16 +51,22 @@ class VLLMBackend(GenerationBackend):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         e = config.engine
-        args = AsyncEngineArgs(model=config.model, tokenizer=config.tokenizer_dir(), dtype=_dtype(e.dtype),
-                               max_model_len=e.max_model_len, max_num_seqs=e.max_num_seqs,
-                               gpu_memory_utilization=e.gpu_memory_utilization, enforce_eager=e.enforce_eager,
-                               tensor_parallel_size=e.tensor_parallel_size, logprobs_mode="processed_logprobs",
-                               enable_prefix_caching=True)
+        args = AsyncEngineArgs(
+            model=config.model,
+            tokenizer=config.tokenizer_dir(),
+            dtype=_dtype(e.dtype),
+            max_model_len=e.max_model_len,
+            logprobs_mode="processed_logprobs",
+            enable_prefix_caching=True,
+            **e.vllm.engine_args(),
+        )
         try:
             engine = AsyncLLM.from_engine_args(args)
         except Exception as exc:
-            raise BackendError(f"vLLM could not start on {config.model!r} ({type(exc).__name__}: {exc}); on CPU "
-                               f"check VLLM_CPU_KVCACHE_SPACE and --engine-max-model-len") from exc
+            raise BackendError(
+                f"vLLM could not start on {config.model!r} ({type(exc).__name__}: {exc}); on CPU "
+                f"check VLLM_CPU_KVCACHE_SPACE and --engine-max-model-len"
+            ) from exc
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_dir())
@@ -69,23 +75,34 @@ class VLLMBackend(GenerationBackend):
     def _sampling_params(self, params: SampleParams) -> Any:
         from vllm import SamplingParams
 
-        return SamplingParams(n=1, temperature=params.temperature, top_p=params.top_p,
-                              top_k=params.top_k if params.top_k > 0 else 0, max_tokens=params.max_tokens,
-                              seed=params.seed, logprobs=0, stop_token_ids=list(params.stop_token_ids) or None,
-                              detokenize=False)
+        return SamplingParams(
+            n=1,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k if params.top_k > 0 else 0,
+            max_tokens=params.max_tokens,
+            seed=params.seed,
+            logprobs=0,
+            stop_token_ids=list(params.stop_token_ids) or None,
+            detokenize=False,
+        )
 
     async def generate(self, prompt_ids: list[int], params: SampleParams, request_id: str) -> Generation:
         from vllm.inputs import TokensPrompt
 
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise BackendError(f"request {request_id}: prompt ({len(prompt_ids)}) + max_tokens "
-                               f"({params.max_tokens}) exceeds max_model_len {self.max_model_len}")
+            raise BackendError(
+                f"request {request_id}: prompt ({len(prompt_ids)}) + max_tokens "
+                f"({params.max_tokens}) exceeds max_model_len {self.max_model_len}"
+            )
         await self._ready.wait()
         version = self.policy_version
         final = None
-        async for output in self.engine.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)),
-                                                 self._sampling_params(params),
-                                                 f"{request_id}-{uuid.uuid4().hex[:8]}"):
+        async for output in self.engine.generate(
+            TokensPrompt(prompt_token_ids=list(prompt_ids)),
+            self._sampling_params(params),
+            f"{request_id}-{uuid.uuid4().hex[:8]}",
+        ):
             final = output
         if final is None or not final.outputs:
             raise BackendError(f"request {request_id}: the engine returned no output")
@@ -106,8 +123,9 @@ class VLLMBackend(GenerationBackend):
                 finally:
                     await self.engine.resume_generation()
             except Exception as exc:
-                raise BackendError(f"vLLM weight reload from {str(weights_dir)!r} failed "
-                                   f"({type(exc).__name__}: {exc})") from exc
+                raise BackendError(
+                    f"vLLM weight reload from {str(weights_dir)!r} failed ({type(exc).__name__}: {exc})"
+                ) from exc
             finally:
                 self._ready.set()
         log.info("vllm: loaded policy v%d from %s", version, weights_dir)

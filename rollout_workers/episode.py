@@ -63,10 +63,16 @@ class Episode:
         self.logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
 
     def meta(self) -> dict[str, Any]:
-        return {"turns": self.turns, "tool_calls": self.tool_calls, "tool_errors": self.tool_errors,
-                "generated_tokens": self.generated_tokens, "tool_tokens": self.tool_tokens,
-                "tool_token_ratio": round(self.tool_tokens / max(1, self.generated_tokens), 4),
-                "finish_reason": self.finish_reason, "policy_version_last": max(self.policy_versions, default=0)}
+        return {
+            "turns": self.turns,
+            "tool_calls": self.tool_calls,
+            "tool_errors": self.tool_errors,
+            "generated_tokens": self.generated_tokens,
+            "tool_tokens": self.tool_tokens,
+            "tool_token_ratio": round(self.tool_tokens / max(1, self.generated_tokens), 4),
+            "finish_reason": self.finish_reason,
+            "policy_version_last": max(self.policy_versions, default=0),
+        }
 
 
 def _truncate(tokenizer: Any, text: str, max_tokens: int) -> str:
@@ -86,20 +92,30 @@ def render_tool_turn(tokenizer: Any, answers: list[str], limits: EpisodeLimits, 
     return ids
 
 
-async def run_episode(backend: GenerationBackend, prompt_ids: list[int], params: SampleParams, *,
-                      request_id: str, toolbox: ToolBox | None = None,
-                      limits: EpisodeLimits = EpisodeLimits()) -> Episode:
+async def run_episode(
+    backend: GenerationBackend,
+    prompt_ids: list[int],
+    params: SampleParams,
+    *,
+    request_id: str,
+    toolbox: ToolBox | None = None,
+    limits: EpisodeLimits = EpisodeLimits(),
+) -> Episode:
     """Sample one response to `prompt_ids`, running tool calls between turns when `toolbox` is given."""
     episode = Episode()
     tokenizer = backend.tokenizer
     for turn in range(limits.max_turns):
-        budget = min(params.max_tokens, limits.max_response_tokens - len(episode.response_ids),
-                     backend.max_model_len - len(prompt_ids) - len(episode.response_ids))
+        budget = min(
+            params.max_tokens,
+            limits.max_response_tokens - len(episode.response_ids),
+            backend.max_model_len - len(prompt_ids) - len(episode.response_ids),
+        )
         if budget <= 0:
             episode.finish_reason = "length"
             break
-        gen = await backend.generate(prompt_ids + episode.response_ids, replace(params, max_tokens=budget),
-                                     f"{request_id}-t{turn}")
+        gen = await backend.generate(
+            prompt_ids + episode.response_ids, replace(params, max_tokens=budget), f"{request_id}-t{turn}"
+        )
         episode.extend(gen.token_ids, gen.logprobs)
         episode.turns, episode.finish_reason = turn + 1, gen.finish_reason
         episode.policy_versions.append(gen.policy_version)

@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 
 def worker_config(config: RolloutConfig, index: int) -> RolloutConfig:
     """The config of worker `index` of a fleet: one worker, no feeding (its name and ops port follow the index)."""
-    return config.model_copy(update={"workers": 1, "ray": None, "prompts": None, "feed_only": False,
-                                     "worker_index": index})
+    return config.model_copy(
+        update={"workers": 1, "ray": None, "prompts": None, "feed_only": False, "worker_index": index}
+    )
 
 
 class _Feeder(threading.Thread):
@@ -58,6 +59,7 @@ class _Feeder(threading.Thread):
                 await feed_from_config(self.config, redis, self.records)
             finally:
                 await redis.aclose()
+
         try:
             asyncio.run(feed())
         except BaseException as exc:  # noqa: BLE001 - reported by the supervisor
@@ -67,9 +69,11 @@ class _Feeder(threading.Thread):
 
 # ---------------------------------------------------------------------------------------------- local processes
 
+
 def _spawn(config_path: str, index: int) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "rollout_workers", "--config", config_path,
-                             "--worker-index", str(index)])
+    return subprocess.Popen(
+        [sys.executable, "-m", "rollout_workers", "--config", config_path, "--worker-index", str(index)]
+    )
 
 
 def run_local_fleet(config: RolloutConfig, records: list[PromptRecord] | None = None) -> int:
@@ -119,6 +123,7 @@ def _terminate(procs: dict[int, subprocess.Popen[bytes]], grace_s: float) -> Non
 
 # ---------------------------------------------------------------------------------------------- Ray actors
 
+
 class RolloutActor:
     """A worker inside a Ray actor: the worker loop runs in a thread with its own event loop from __init__,
     so an actor Ray restarts resumes work without a call from the driver. A worker that fails exits the
@@ -142,6 +147,7 @@ class RolloutActor:
             self.state = "running"
             worker = await run_worker(self.config, stop=self._stop)
             self.groups_done = worker.groups_done
+
         try:
             asyncio.run(go())
             self.state = "done"
@@ -150,8 +156,12 @@ class RolloutActor:
             os._exit(1)
 
     def status(self) -> dict[str, Any]:
-        return {"state": self.state, "pid": os.getpid(), "groups_done": self.groups_done,
-                "worker": self.config.consumer_name()}
+        return {
+            "state": self.state,
+            "pid": os.getpid(),
+            "groups_done": self.groups_done,
+            "worker": self.config.consumer_name(),
+        }
 
     def stop(self) -> None:
         if self._loop is not None and self._stop is not None:
@@ -170,11 +180,16 @@ class RayFleet:
 
         if not ray.is_initialized():
             address = None if self.config.ray == "local" else self.config.ray
-            ray.init(address=address, include_dashboard=False, ignore_reinit_error=True,
-                     log_to_driver=True, logging_level=logging.WARNING)
-        actor_cls = ray.remote(RolloutActor).options(num_cpus=self.config.ray_num_cpus,
-                                                     num_gpus=self.config.ray_num_gpus,
-                                                     max_restarts=self.config.max_restarts)
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                ignore_reinit_error=True,
+                log_to_driver=True,
+                logging_level=logging.WARNING,
+            )
+        actor_cls = ray.remote(RolloutActor).options(
+            num_cpus=self.config.ray_num_cpus, num_gpus=self.config.ray_num_gpus, max_restarts=self.config.max_restarts
+        )
         config_json = self.config.model_dump(mode="json")
         self.actors = [actor_cls.remote(config_json, i) for i in range(self.config.workers)]
         log.info("started %d rollout actors on Ray (%s)", len(self.actors), self.config.ray)
@@ -218,8 +233,9 @@ class RayFleet:
             with contextlib.suppress(ray.exceptions.RayError, TimeoutError):
                 ray.get(actor.stop.remote(), timeout=10)
         deadline = time.monotonic() + self.config.drain_grace_s
-        while time.monotonic() < deadline and any(s is not None and s["state"] == "running"
-                                                  for s in self.statuses(timeout_s=5)):
+        while time.monotonic() < deadline and any(
+            s is not None and s["state"] == "running" for s in self.statuses(timeout_s=5)
+        ):
             time.sleep(0.2)
         for actor in self.actors:
             ray.kill(actor, no_restart=True)

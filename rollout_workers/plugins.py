@@ -6,8 +6,9 @@ import importlib
 from typing import Any
 
 
-def import_attribute(spec: str, *, kind: str, builtins: str, flag: str, error: type[Exception],
-                     form: str = "module:attribute") -> Any:
+def import_attribute(
+    spec: str, *, kind: str, builtins: str, flag: str, error: type[Exception], form: str = "module:attribute"
+) -> Any:
     """The object `spec` = `module:attribute` names; `error(...)` says what is wrong and which flag to fix."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:

@@ -17,8 +17,9 @@ import time
 
 import redis.asyncio as aioredis
 
+from opd.policy import read_policy
 from opd.retry import Backoff
-from opd.streams import RedisRetry, StreamKeys, is_retryable, read_policy
+from opd.streams import RedisRetry, StreamKeys, is_retryable
 from rollout_workers.engine import BackendError, GenerationBackend, resolve_weights_dir
 from rollout_workers.metrics import RolloutMetrics
 
@@ -26,9 +27,16 @@ log = logging.getLogger(__name__)
 
 
 class PolicyWatcher:
-    def __init__(self, redis: aioredis.Redis, keys: StreamKeys, backend: GenerationBackend, *,
-                 metrics: RolloutMetrics | None = None, retry: RedisRetry | None = None,
-                 poll_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: StreamKeys,
+        backend: GenerationBackend,
+        *,
+        metrics: RolloutMetrics | None = None,
+        retry: RedisRetry | None = None,
+        poll_s: float = 5.0,
+    ) -> None:
         self.redis, self.keys, self.backend, self.poll_s = redis, keys, backend, poll_s
         self.metrics = metrics or RolloutMetrics()
         self.retry = retry or RedisRetry()
@@ -46,15 +54,20 @@ class PolicyWatcher:
         except BackendError as exc:
             self.metrics.weight_reloads.labels("failed").inc()
             level = logging.DEBUG if self._failed_version == announcement.version else logging.ERROR
-            log.log(level, "policy v%d not loaded (retrying every %.0f s), still sampling v%d: %s",
-                    announcement.version, self.poll_s, self.backend.policy_version, exc)
+            log.log(
+                level,
+                "policy v%d not loaded (retrying every %.0f s), still sampling v%d: %s",
+                announcement.version,
+                self.poll_s,
+                self.backend.policy_version,
+                exc,
+            )
             self._failed_version = announcement.version
             return False
         self.metrics.weight_reloads.labels("ok").inc()
         self.metrics.weight_reload_latency.observe(time.monotonic() - start)
         self.metrics.policy_version.set(announcement.version)
-        log.info("now sampling policy v%d (step %d) from %s", announcement.version, announcement.step,
-                 announcement.uri)
+        log.info("now sampling policy v%d (step %d) from %s", announcement.version, announcement.step, announcement.uri)
         return True
 
     async def _listen(self, stop: asyncio.Event) -> None:
@@ -78,8 +91,13 @@ class PolicyWatcher:
             except Exception as exc:  # noqa: BLE001 - the watcher must outlive Redis hiccups
                 attempt += 1
                 delay = backoff.delay_s(attempt)
-                log.warning("policy watcher: %s: %s; resubscribing in %.1f s", type(exc).__name__, exc, delay,
-                            exc_info=not is_retryable(exc) and not is_retryable(exc.__cause__ or exc))
+                log.warning(
+                    "policy watcher: %s: %s; resubscribing in %.1f s",
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                    exc_info=not is_retryable(exc) and not is_retryable(exc.__cause__ or exc),
+                )
                 await asyncio.sleep(delay)
             else:
                 attempt = 0

@@ -96,8 +96,9 @@ def math_reward(response: str, prompt: PromptRecord) -> float | None:
     if predicted is None:
         return 0.0
     gold = prompt.answer.strip()
-    if normalize_answer(predicted) == normalize_answer(gold) or _numbers_equal(normalize_answer(predicted),
-                                                                                normalize_answer(gold)):
+    if normalize_answer(predicted) == normalize_answer(gold) or _numbers_equal(
+        normalize_answer(predicted), normalize_answer(gold)
+    ):
         return 1.0
     verdict = _math_verify(gold, predicted)
     return float(bool(verdict))
@@ -112,8 +113,14 @@ def load_reward(spec: str | None) -> RewardFn | None:
         return None
     if spec in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[spec]
-    fn = import_attribute(spec, kind="reward", builtins=", ".join(BUILTIN_REWARDS), flag="--reward-function",
-                          error=RewardError, form="module:function")
+    fn = import_attribute(
+        spec,
+        kind="reward",
+        builtins=", ".join(BUILTIN_REWARDS),
+        flag="--reward-function",
+        error=RewardError,
+        form="module:function",
+    )
     if not callable(fn):
         raise RewardError(f"reward {spec!r} is not callable")
     return fn

@@ -41,8 +41,10 @@ class Tool:
 
     def spec(self) -> dict[str, Any]:
         """The OpenAI-style function spec chat templates render."""
-        return {"type": "function", "function": {"name": self.name, "description": self.description,
-                                                 "parameters": self.parameters}}
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
+        }
 
 
 @dataclass(frozen=True)
@@ -77,17 +79,35 @@ def parse_tool_calls(text: str) -> list[ToolCall]:
 # ---------------------------------------------------------------------------------------------- calculator
 
 _BINARY: dict[type, Callable[[Any, Any], Any]] = {
-    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
 _UNARY: dict[type, Callable[[Any], Any]] = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 _FUNCTIONS: dict[str, Callable[..., Any]] = {
-    "sqrt": math.sqrt, "abs": abs, "round": round, "min": min, "max": max, "floor": math.floor, "ceil": math.ceil,
-    "log": math.log, "log10": math.log10, "exp": math.exp, "sin": math.sin, "cos": math.cos, "tan": math.tan,
-    "factorial": math.factorial}
+    "sqrt": math.sqrt,
+    "abs": abs,
+    "round": round,
+    "min": min,
+    "max": max,
+    "floor": math.floor,
+    "ceil": math.ceil,
+    "log": math.log,
+    "log10": math.log10,
+    "exp": math.exp,
+    "sin": math.sin,
+    "cos": math.cos,
+    "tan": math.tan,
+    "factorial": math.factorial,
+}
 _CONSTANTS = {"pi": math.pi, "e": math.e}
 _MAX_EXPRESSION_CHARS = 256
 _MAX_EXPONENT = 512
-_MAX_MAGNITUDE = 10 ** 100
+_MAX_MAGNITUDE = 10**100
 
 
 def _check_magnitude(value: Any) -> Any:
@@ -108,14 +128,20 @@ def _eval_node(node: ast.AST) -> Any:
         if isinstance(node.op, ast.Pow) and abs(right) > _MAX_EXPONENT:
             raise ToolError(f"exponent {right} too large (limit {_MAX_EXPONENT})")
         return _check_magnitude(_BINARY[type(node.op)](left, right))
-    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS
-            and not node.keywords):
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in _FUNCTIONS
+        and not node.keywords
+    ):
         args = [_eval_node(a) for a in node.args]
         if node.func.id == "factorial" and (not args or args[0] > 170):
             raise ToolError("factorial argument too large (limit 170)")
         return _check_magnitude(_FUNCTIONS[node.func.id](*args))
-    raise ToolError(f"unsupported expression element {ast.dump(node)[:60]}; use numbers, + - * / // % **, "
-                    f"parentheses and {', '.join(sorted(_FUNCTIONS))}")
+    raise ToolError(
+        f"unsupported expression element {ast.dump(node)[:60]}; use numbers, + - * / // % **, "
+        f"parentheses and {', '.join(sorted(_FUNCTIONS))}"
+    )
 
 
 def safe_eval(expression: str) -> int | float:
@@ -142,9 +168,13 @@ def _calculator(arguments: dict[str, Any]) -> str:
     return str(value)
 
 
-CALCULATOR = Tool("calculator", "Evaluate an arithmetic expression exactly (numbers, + - * / // % **, "
-                  "parentheses, sqrt, log, exp, sin, cos, tan, floor, ceil, factorial, pi, e).", _calculator,
-                  {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]})
+CALCULATOR = Tool(
+    "calculator",
+    "Evaluate an arithmetic expression exactly (numbers, + - * / // % **, "
+    "parentheses, sqrt, log, exp, sin, cos, tan, floor, ceil, factorial, pi, e).",
+    _calculator,
+    {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
+)
 BUILTIN_TOOLS = {"calculator": CALCULATOR}
 
 
@@ -152,8 +182,9 @@ def load_tool(spec: str) -> Tool:
     """`calculator`, or `module:attribute` naming a Tool or a function `fn(arguments: dict) -> str`."""
     if spec in BUILTIN_TOOLS:
         return BUILTIN_TOOLS[spec]
-    obj = import_attribute(spec, kind="tool", builtins=", ".join(BUILTIN_TOOLS), flag="--tools-enabled",
-                           error=ToolError)
+    obj = import_attribute(
+        spec, kind="tool", builtins=", ".join(BUILTIN_TOOLS), flag="--tools-enabled", error=ToolError
+    )
     attr = spec.partition(":")[2]
     if isinstance(obj, Tool):
         return obj

@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import redis.asyncio as aioredis
 
-from opd.ops_app import OpsServer, create_ops_app
+from opd.ops_app import OpsServer, create_ops_app, ops_auth
 from opd.prompts import PromptSourceError, feed_prompts, load_prompts, render_prompt_ids
-from opd.streams import (PROMPT_GROUP, ROLLOUT_GROUP, Entry, RedisRetry, StreamConsumer, StreamKeys, StreamProducer,
-                         connect, undelivered)
+from opd.stream_consumer import Entry, StreamConsumer
+from opd.streams import PROMPT_GROUP, ROLLOUT_GROUP, RedisRetry, StreamKeys, StreamProducer, connect, undelivered
 from protos.records import PromptRecord, RolloutRecord
 from rollout_workers.config import RolloutConfig
 from rollout_workers.engine import GenerationBackend, SampleParams, create_backend, sample_seed
@@ -42,9 +42,16 @@ log = logging.getLogger(__name__)
 
 
 class RolloutWorker:
-    def __init__(self, config: RolloutConfig, backend: GenerationBackend, redis: aioredis.Redis, *,
-                 metrics: RolloutMetrics | None = None, reward_fn: RewardFn | None = None,
-                 toolbox: ToolBox | None = None) -> None:
+    def __init__(
+        self,
+        config: RolloutConfig,
+        backend: GenerationBackend,
+        redis: aioredis.Redis,
+        *,
+        metrics: RolloutMetrics | None = None,
+        reward_fn: RewardFn | None = None,
+        toolbox: ToolBox | None = None,
+    ) -> None:
         self.config, self.backend, self.redis = config, backend, redis
         self.metrics = metrics or RolloutMetrics()
         self.reward_fn, self.toolbox = reward_fn, toolbox
@@ -52,14 +59,26 @@ class RolloutWorker:
         self.retry = RedisRetry(config.redis.retry_for_s, stats=self.metrics.stats)
         q = config.queue
         self.prompts: StreamConsumer[PromptRecord] = StreamConsumer(
-            redis, self.keys.prompts, PROMPT_GROUP, config.consumer_name(), decode=PromptRecord.decode,
-            dead_stream=self.keys.dead, claim_idle_ms=int(q.claim_idle_s * 1000), max_deliveries=q.max_deliveries,
-            retry=self.retry)
-        self.rollouts = StreamProducer(redis, self.keys.rollouts, ROLLOUT_GROUP, max_pending=q.max_pending_rollouts,
-                                       retry=self.retry)
-        self.limits = EpisodeLimits(config.tools.max_turns if toolbox else 1, config.sampling.max_response_tokens,
-                                    config.tools.max_tool_response_tokens, config.tools.turn_prefix,
-                                    config.tools.turn_suffix)
+            redis,
+            self.keys.prompts,
+            PROMPT_GROUP,
+            config.consumer_name(),
+            decode=PromptRecord.decode,
+            dead_stream=self.keys.dead,
+            claim_idle_ms=int(q.claim_idle_s * 1000),
+            max_deliveries=q.max_deliveries,
+            retry=self.retry,
+        )
+        self.rollouts = StreamProducer(
+            redis, self.keys.rollouts, ROLLOUT_GROUP, max_pending=q.max_pending_rollouts, retry=self.retry
+        )
+        self.limits = EpisodeLimits(
+            config.tools.max_turns if toolbox else 1,
+            config.sampling.max_response_tokens,
+            config.tools.max_tool_response_tokens,
+            config.tools.turn_prefix,
+            config.tools.turn_suffix,
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._next_tick = 0.0
         self.groups_done = 0
@@ -90,8 +109,10 @@ class RolloutWorker:
             return
         self._next_tick = now + min(10.0, self.config.queue.claim_idle_s / 3)
         await self.prompts.keepalive()
-        for name, stream, group in (("prompts", self.keys.prompts, PROMPT_GROUP),
-                                    ("rollouts", self.keys.rollouts, ROLLOUT_GROUP)):
+        for name, stream, group in (
+            ("prompts", self.keys.prompts, PROMPT_GROUP),
+            ("rollouts", self.keys.rollouts, ROLLOUT_GROUP),
+        ):
             with contextlib.suppress(Exception):  # the group may not exist yet; depth is informational
                 self.metrics.queue_depth.labels(name).set(await undelivered(self.redis, self.retry, stream, group))
 
@@ -106,6 +127,7 @@ class RolloutWorker:
                 pipe.exists(self.keys.feeder)
                 summary, feeding = await pipe.execute()
             return int(summary["pending"]), int(feeding)
+
         pending, feeding = await self.retry.run(pending_and_feeder, f"XPENDING {self.keys.prompts}")
         return left == 0 and pending == 0 and not feeding
 
@@ -126,8 +148,9 @@ class RolloutWorker:
             await self.prompts.dead_letter([(entry.entry_id, record.encode(), str(exc))])
             return
         try:
-            episodes = await asyncio.gather(*(self._episode(record, prompt_ids, entry.entry_id, i)
-                                              for i in range(record.group_size)))
+            episodes = await asyncio.gather(
+                *(self._episode(record, prompt_ids, entry.entry_id, i) for i in range(record.group_size))
+            )
             records = await self._records(entry, prompt_ids, episodes, time.monotonic() - start)
             await self.rollouts.send_many([r.encode() for r in records], then_ack=(self.prompts, [entry.entry_id]))
         except asyncio.CancelledError:
@@ -141,11 +164,17 @@ class RolloutWorker:
 
     def _render(self, record: PromptRecord) -> list[int]:
         tools = self._toolbox_for(record)
-        prompt_ids = render_prompt_ids(self.backend.tokenizer, record, enable_thinking=self.config.enable_thinking,
-                                       tools=tools.specs() if tools else None)
+        prompt_ids = render_prompt_ids(
+            self.backend.tokenizer,
+            record,
+            enable_thinking=self.config.enable_thinking,
+            tools=tools.specs() if tools else None,
+        )
         if len(prompt_ids) >= self.backend.max_model_len:
-            raise PromptSourceError(f"prompt {record.prompt_id!r} has {len(prompt_ids)} tokens, not below "
-                                    f"max_model_len {self.backend.max_model_len}; raise --engine-max-model-len")
+            raise PromptSourceError(
+                f"prompt {record.prompt_id!r} has {len(prompt_ids)} tokens, not below "
+                f"max_model_len {self.backend.max_model_len}; raise --engine-max-model-len"
+            )
         return prompt_ids
 
     def _toolbox_for(self, record: PromptRecord) -> ToolBox | None:
@@ -156,45 +185,69 @@ class RolloutWorker:
 
     async def _episode(self, record: PromptRecord, prompt_ids: list[int], entry_id: str, index: int) -> Episode:
         s = self.config.sampling
-        params = SampleParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                              seed=sample_seed(s.seed, record.prompt_id, index))
+        params = SampleParams(
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            seed=sample_seed(s.seed, record.prompt_id, index),
+        )
         toolbox = self._toolbox_for(record)
         limits = self.limits if toolbox else EpisodeLimits(1, s.max_response_tokens)
-        return await run_episode(self.backend, prompt_ids, params, request_id=f"{entry_id}/{index}",
-                                 toolbox=toolbox, limits=limits)
+        return await run_episode(
+            self.backend, prompt_ids, params, request_id=f"{entry_id}/{index}", toolbox=toolbox, limits=limits
+        )
 
     async def _reward(self, text: str, record: PromptRecord) -> float | None:
         if self.reward_fn is None:
             return None
         try:
-            reward = await asyncio.wait_for(asyncio.to_thread(self.reward_fn, text, record),
-                                            self.config.reward.timeout_s)
+            reward = await asyncio.wait_for(
+                asyncio.to_thread(self.reward_fn, text, record), self.config.reward.timeout_s
+            )
             return None if reward is None else float(reward)
         except Exception as exc:  # noqa: BLE001 - a reward failure costs the reward, not the rollout
             self.metrics.reward_failures.inc()
             log.warning("reward failed for %s: %s: %s", record.prompt_id, type(exc).__name__, exc)
             return None
 
-    async def _records(self, entry: Entry[PromptRecord], prompt_ids: list[int], episodes: list[Episode],
-                       latency_s: float) -> list[RolloutRecord]:
+    async def _records(
+        self, entry: Entry[PromptRecord], prompt_ids: list[int], episodes: list[Episode], latency_s: float
+    ) -> list[RolloutRecord]:
         record, s = entry.value, self.config.sampling
         group_id = f"{record.prompt_id}@{entry.entry_id}"
         out = []
         for i, ep in enumerate(episodes):
             text = self.backend.tokenizer.decode(ep.response_ids, skip_special_tokens=True)
-            meta: dict[str, Any] = {**ep.meta(), "worker": self.config.consumer_name(), "backend": self.backend.name,
-                                    "sample_index": i, "temperature": s.temperature, "top_p": s.top_p,
-                                    "top_k": s.top_k, "seed": sample_seed(s.seed, record.prompt_id, i),
-                                    "latency_s": round(latency_s, 4)}
+            meta: dict[str, Any] = {
+                **ep.meta(),
+                "worker": self.config.consumer_name(),
+                "backend": self.backend.name,
+                "sample_index": i,
+                "temperature": s.temperature,
+                "top_p": s.top_p,
+                "top_k": s.top_k,
+                "seed": sample_seed(s.seed, record.prompt_id, i),
+                "latency_s": round(latency_s, 4),
+            }
             if ep.tool_log:
                 meta["tools"] = [name for name, _ in ep.tool_log]
-            out.append(RolloutRecord(
-                rollout_id=f"{group_id}/{i}", prompt_id=record.prompt_id, group_id=group_id,
-                group_size=record.group_size, split=record.split, prompt_ids=np.asarray(prompt_ids, np.int32),
-                response_ids=np.asarray(ep.response_ids, np.int32),
-                response_mask=np.asarray(ep.response_mask, np.uint8),
-                behaviour_logprobs=np.asarray(ep.logprobs, np.float32), reward=await self._reward(text, record),
-                policy_version=ep.policy_version, meta=meta))
+            out.append(
+                RolloutRecord(
+                    rollout_id=f"{group_id}/{i}",
+                    prompt_id=record.prompt_id,
+                    group_id=group_id,
+                    group_size=record.group_size,
+                    split=record.split,
+                    prompt_ids=np.asarray(prompt_ids, np.int32),
+                    response_ids=np.asarray(ep.response_ids, np.int32),
+                    response_mask=np.asarray(ep.response_mask, np.uint8),
+                    behaviour_logprobs=np.asarray(ep.logprobs, np.float32),
+                    reward=await self._reward(text, record),
+                    policy_version=ep.policy_version,
+                    meta=meta,
+                )
+            )
         return out
 
     def _observe(self, records: list[RolloutRecord], episodes: list[Episode], latency_s: float) -> None:
@@ -215,24 +268,35 @@ class RolloutWorker:
                 m.tool_calls.labels(name if known else "unknown", "ok" if ok else "error").inc()
 
 
-async def feed_from_config(config: RolloutConfig, redis: aioredis.Redis,
-                           records: list[PromptRecord] | None = None) -> int:
+async def feed_from_config(
+    config: RolloutConfig, redis: aioredis.Redis, records: list[PromptRecord] | None = None
+) -> int:
     """Feed `records` (default: `config.prompts` read with `config.dataset`) into `{ns}:prompts`, with
     backpressure at `queue.max_pending_prompts`."""
     keys = StreamKeys(config.redis.namespace)
     if records is None:
         records = await asyncio.to_thread(load_prompts, config.prompts, config.dataset)
-    producer = StreamProducer(redis, keys.prompts, PROMPT_GROUP, max_pending=config.queue.max_pending_prompts,
-                              retry=RedisRetry(config.redis.retry_for_s))
+    producer = StreamProducer(
+        redis,
+        keys.prompts,
+        PROMPT_GROUP,
+        max_pending=config.queue.max_pending_prompts,
+        retry=RedisRetry(config.redis.retry_for_s),
+    )
     sent = await feed_prompts(producer, records, feeder_key=keys.feeder)
-    log.info("fed %d prompts (%d samples each) from %s to %s", sent, config.dataset.n_samples, config.prompts,
-             keys.prompts)
+    log.info(
+        "fed %d prompts (%d samples each) from %s to %s", sent, config.dataset.n_samples, config.prompts, keys.prompts
+    )
     return sent
 
 
-async def run_worker(config: RolloutConfig, *, stop: asyncio.Event | None = None,
-                     backend: GenerationBackend | None = None,
-                     feed: list[PromptRecord] | None = None) -> RolloutWorker:
+async def run_worker(
+    config: RolloutConfig,
+    *,
+    stop: asyncio.Event | None = None,
+    backend: GenerationBackend | None = None,
+    feed: list[PromptRecord] | None = None,
+) -> RolloutWorker:
     """The whole worker process: engine, ops port, policy watcher, prompt feeder (when `feed` holds records),
     loop; returns when stopped or drained. `backend` may be passed in to share a loaded engine (tests); it is
     then not closed."""
@@ -243,20 +307,31 @@ async def run_worker(config: RolloutConfig, *, stop: asyncio.Event | None = None
     backend = backend or await create_backend(config)
     metrics.engine_ready.set(1)
     toolbox = ToolBox.from_specs(config.tools.enabled, config.tools.timeout_s) if config.tools.enabled else None
-    worker = RolloutWorker(config, backend, redis, metrics=metrics, reward_fn=load_reward(config.reward.function),
-                           toolbox=toolbox)
-    ops = OpsServer(create_ops_app("rollout", metrics.registry, ready=lambda: not stop.is_set()), config.ops.host,
-                    config.ops_port())
+    worker = RolloutWorker(
+        config, backend, redis, metrics=metrics, reward_fn=load_reward(config.reward.function), toolbox=toolbox
+    )
+    ops = OpsServer.from_config(
+        create_ops_app("rollout", metrics.registry, ready=lambda: not stop.is_set(), auth=ops_auth(config.ops)),
+        config.ops,
+        port=config.ops_port(),
+    )
     await ops.start()
-    watcher = PolicyWatcher(redis, worker.keys, backend, metrics=metrics, retry=worker.retry,
-                            poll_s=config.reload.poll_s)
+    watcher = PolicyWatcher(
+        redis, worker.keys, backend, metrics=metrics, retry=worker.retry, poll_s=config.reload.poll_s
+    )
     await watcher.check_once()  # never sample a stale policy that was announced before we started
     background = [asyncio.create_task(watcher.run(stop))]
     if feed:
         await redis.set(worker.keys.feeder, "1", ex=30)  # before the loop can see an empty stream and exit
         background.append(asyncio.create_task(feed_from_config(config, redis, feed)))
-    log.info("worker %s (%s, policy v%d) reading %s, ops on port %d", config.consumer_name(), backend.name,
-             backend.policy_version, worker.keys.prompts, ops.port)
+    log.info(
+        "worker %s (%s, policy v%d) reading %s, ops on port %d",
+        config.consumer_name(),
+        backend.name,
+        backend.policy_version,
+        worker.keys.prompts,
+        ops.port,
+    )
     try:
         await worker.run(stop)
     finally:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from protos.records import RolloutRecord
-from student_trainer.loss_inputs import LossInputs, TeacherScores
+from student_trainer.loss.inputs import LossInputs, TeacherScores
 
 Group = list[RolloutRecord]
 
@@ -77,12 +77,19 @@ class MicroBatch:
             return None if t is None else t.to(device)
 
         inputs = LossInputs(**{k: mv(getattr(self.inputs, k)) for k in self.inputs.__dataclass_fields__})
-        return MicroBatch(self.input_ids_1T.to(device), self.position_ids_1T.to(device),
-                          mv(self.attention_mask_11TT), self.rows_N.to(device), inputs, self.records)
+        return MicroBatch(
+            self.input_ids_1T.to(device),
+            self.position_ids_1T.to(device),
+            mv(self.attention_mask_11TT),
+            self.rows_N.to(device),
+            inputs,
+            self.records,
+        )
 
 
-def build_micro_batch(groups: Sequence[Group], record_weights: dict[str, float], *, block_mask: bool = True
-                      ) -> MicroBatch:
+def build_micro_batch(
+    groups: Sequence[Group], record_weights: dict[str, float], *, block_mask: bool = True
+) -> MicroBatch:
     """Pack the groups' sequences into one row. `record_weights` scales each record's loss weights
     (staleness down-weighting); response_mask = 0 (tool tokens) always means weight 0."""
     records = [r for g in groups for r in g]
@@ -112,13 +119,21 @@ def build_micro_batch(groups: Sequence[Group], record_weights: dict[str, float],
         cu_seqlens=torch.tensor(cu, dtype=torch.long),
         group_ids=torch.tensor([group_index[r.group_id] for r in records], dtype=torch.long),
         rewards=torch.tensor([0.0 if r.reward is None else float(r.reward) for r in records], dtype=torch.float32),
-        behaviour_logprobs=torch.from_numpy(np.concatenate(behaviour)))
-    return MicroBatch(torch.from_numpy(np.concatenate(ids))[None], torch.from_numpy(np.concatenate(pos))[None],
-                      mask, torch.from_numpy(np.concatenate(rows)), inputs, records)
+        behaviour_logprobs=torch.from_numpy(np.concatenate(behaviour)),
+    )
+    return MicroBatch(
+        torch.from_numpy(np.concatenate(ids))[None],
+        torch.from_numpy(np.concatenate(pos))[None],
+        mask,
+        torch.from_numpy(np.concatenate(rows)),
+        inputs,
+        records,
+    )
 
 
-def teacher_scores_for(records: Sequence[RolloutRecord], scores: dict[str, object], temperature: float = 1.0
-                       ) -> TeacherScores:
+def teacher_scores_for(
+    records: Sequence[RolloutRecord], scores: dict[str, object], temperature: float = 1.0
+) -> TeacherScores:
     """Concatenate per-record teacher replies (teacher_server.client.TeacherScores) in record order."""
     parts = [scores[r.rollout_id] for r in records]
 
@@ -126,23 +141,34 @@ def teacher_scores_for(records: Sequence[RolloutRecord], scores: dict[str, objec
         return torch.from_numpy(np.concatenate([getattr(p, name) for p in parts]))
 
     k = parts[0].topk_ids.shape[1] if parts else 0
-    return TeacherScores(token_logprobs=cat("token_logprobs"),
-                         topk_ids=cat("topk_ids").long() if k else None,
-                         topk_logprobs=cat("topk_logprobs") if k else None,
-                         tail_logprobs=cat("tail_logprobs") if k else None,
-                         temperature=temperature)
+    return TeacherScores(
+        token_logprobs=cat("token_logprobs"),
+        topk_ids=cat("topk_ids").long() if k else None,
+        topk_logprobs=cat("topk_logprobs") if k else None,
+        tail_logprobs=cat("tail_logprobs") if k else None,
+        temperature=temperature,
+    )
 
 
 def placeholder_scores(n: int, k: int, temperature: float) -> TeacherScores:
     """Well-formed teacher scores for rows whose loss weight is 0 (they never reach a gradient)."""
     if not k:
         return TeacherScores(token_logprobs=torch.zeros(n), temperature=temperature)
-    return TeacherScores(token_logprobs=torch.zeros(n), topk_ids=torch.arange(k).repeat(n, 1),
-                         topk_logprobs=torch.full((n, k), -math.log(k)), tail_logprobs=torch.full((n,), -1e4),
-                         temperature=temperature)
+    return TeacherScores(
+        token_logprobs=torch.zeros(n),
+        topk_ids=torch.arange(k).repeat(n, 1),
+        topk_logprobs=torch.full((n, k), -math.log(k)),
+        tail_logprobs=torch.full((n,), -1e4),
+        temperature=temperature,
+    )
 
 
 def scores_to(scores: TeacherScores, device: torch.device) -> TeacherScores:
-    return dataclasses.replace(scores, **{f.name: getattr(scores, f.name).to(device)
-                                          for f in dataclasses.fields(scores)
-                                          if isinstance(getattr(scores, f.name), torch.Tensor)})
+    return dataclasses.replace(
+        scores,
+        **{
+            f.name: getattr(scores, f.name).to(device)
+            for f in dataclasses.fields(scores)
+            if isinstance(getattr(scores, f.name), torch.Tensor)
+        },
+    )

@@ -4,7 +4,8 @@ A checkpoint is the directory `step-XXXXXXXX` under `checkpoint.dir`; it is
 written as `.step-XXXXXXXX.tmp` and renamed only after every rank's shards and
 rank 0's `trainer_state.pt` (step, scheduler, RNG, data position, rollout ids
 used) are on disk, so the rename is the commit. Rollouts are acknowledged on
-Redis only after it (DESIGN.md, "Keys and delivery").
+Redis only after it: delivery is at-least-once, and a rollout redelivered after
+a crash is skipped when the checkpoint lists its id as used.
 """
 
 from __future__ import annotations
@@ -54,8 +55,14 @@ def _model_and_optim(root: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
     return {"model": model_state, "optim": optim_state}
 
 
-def save_checkpoint(directory: str, step: int, root: nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict[str, Any], keep_last: int) -> Path:
+def save_checkpoint(
+    directory: str,
+    step: int,
+    root: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    keep_last: int,
+) -> Path:
     """Collective. Returns the committed directory."""
     final = Path(directory) / f"step-{step:08d}"
     tmp = Path(directory) / f".step-{step:08d}.tmp"

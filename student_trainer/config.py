@@ -2,9 +2,10 @@
 
 Owns every option of `opd train`: the student model, the teacher service it
 scores against, Redis and the prompt data it feeds, the loss (nested
-`LossConfig` from the losses module), optimisation, batching, staleness,
-publishing, checkpoints, evaluation, distribution (FSDP2) and the ops port.
-Holds data only.
+`LossConfig` from `student_trainer.loss.config`), optimisation, batching,
+staleness, publishing, checkpoints, evaluation, distribution (FSDP2) and the
+ops port. Holds data only; what the loss needs from the teacher is checked
+against the divergence registry when the config loads.
 """
 
 from __future__ import annotations
@@ -13,21 +14,30 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from opd.config import ConfigModel
+from opd.config import ConfigModel, Port
+from opd.ops_app import OpsConfig
 from opd.prompts import PromptSourceConfig
 from opd.streams import RedisConfig
-from student_trainer.loss_config import LossConfig
+from student_trainer.loss.config import LossConfig
+from student_trainer.loss.registry import TeacherNeed, divergence_need, selection_need, teacher_needs
 
 
 class TeacherEndpointConfig(ConfigModel):
-    addresses: list[str] = Field(default_factory=lambda: ["127.0.0.1:50051"],
-                                 description="teacher gRPC addresses (host:port or dns:///name:port), balanced")
+    addresses: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1:50051"],
+        description="teacher gRPC addresses (host:port or dns:///name:port), balanced",
+    )
     token: str | None = Field(None, description="bearer token (prefer the env variable OPD_TRAIN__TEACHER__TOKEN)")
-    client_name: str = Field("trainer", description="client name for the teacher's fair share and metrics "
-                             "when its auth is off")
+    client_name: str = Field(
+        "trainer", description="client name for the teacher's fair share and metrics when its auth is off"
+    )
     timeout_s: float = Field(300.0, gt=0, description="deadline of one scoring request, retries included")
-    top_k: int | None = Field(None, ge=0, description="top-k asked of the teacher (default: 0 for rkl_sampled, "
-                              "else 20)")
+    top_k: int | None = Field(
+        None,
+        ge=0,
+        description="top-k asked of the teacher (default: 0 for a sampled-token "
+        "divergence, else 20); 0 is refused when the loss reads the top-k",
+    )
     logprob_dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="wire dtype")
 
 
@@ -44,12 +54,16 @@ class OptimConfig(ConfigModel):
 class BatchConfig(ConfigModel):
     groups_per_step: int = Field(8, ge=1, description="prompt groups (all samples of a prompt) per optimizer step")
     max_tokens_per_micro_batch: int = Field(8192, ge=16, description="tokens per forward pass (packed)")
-    max_staleness: int = Field(4, ge=0, description="rollouts sampled more than this many policy versions ago "
-                               "are dropped or down-weighted")
+    max_staleness: int = Field(
+        4, ge=0, description="rollouts sampled more than this many policy versions ago are dropped or down-weighted"
+    )
     stale_policy: Literal["drop", "downweight"] = Field("drop", description="what happens to stale rollouts")
     stale_weight: float = Field(0.5, gt=0, le=1, description="downweight: weight per version beyond the bound")
-    prefetch_depth: int = Field(1, ge=0, description="batches whose teacher scores are fetched while the "
-                                "current one trains (0 = fetch, then train)")
+    prefetch_depth: int = Field(
+        1,
+        ge=0,
+        description="batches whose teacher scores are fetched while the current one trains (0 = fetch, then train)",
+    )
     read_block_ms: int = Field(1000, ge=1, description="how long one Redis read waits for rollouts")
 
 
@@ -67,42 +81,59 @@ class CheckpointConfig(ConfigModel):
 
 
 class DataConfig(ConfigModel):
-    prompts: str | None = Field(None, description="prompt file (JSONL/Parquet) the trainer feeds to the "
-                                "workers; None = someone else feeds {ns}:prompts")
+    prompts: str | None = Field(
+        None,
+        description="prompt file (JSONL/Parquet) the trainer feeds to the "
+        "workers; None = someone else feeds {ns}:prompts",
+    )
     eval_prompts: str | None = Field(None, description="held-out prompt file (split eval)")
     source: PromptSourceConfig = Field(default_factory=PromptSourceConfig)
-    max_inflight_groups: int | None = Field(None, ge=1, description="prompt groups in flight between "
-                                            "the feeder and the trainer (default: groups_per_step * "
-                                            "max(1, max_staleness - prefetch_depth))")
+    max_inflight_groups: int | None = Field(
+        None,
+        ge=1,
+        description="prompt groups in flight between "
+        "the feeder and the trainer (default: groups_per_step * "
+        "max(1, max_staleness - prefetch_depth))",
+    )
 
 
 class EvalConfig(ConfigModel):
-    every_steps: int = Field(0, ge=0, description="feed the eval prompts (data.eval_prompts) every N steps "
-                             "and report pass@1, mean reward and divergence to the teacher (0 = off)")
+    every_steps: int = Field(
+        0,
+        ge=0,
+        description="feed the eval prompts (data.eval_prompts) every N steps "
+        "and report pass@1, mean reward and divergence to the teacher (0 = off)",
+    )
 
 
 class DistConfig(ConfigModel):
-    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="process group backend (auto: nccl "
-                                                     "with CUDA, else gloo)")
-    mixed_precision: Literal["auto", "none", "bf16"] = Field("auto", description="FSDP2 parameter/compute "
-                                                             "dtype (auto: bf16 on GPU, none on CPU)")
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="process group backend (auto: nccl with CUDA, else gloo)"
+    )
+    mixed_precision: Literal["auto", "none", "bf16"] = Field(
+        "auto", description="FSDP2 parameter/compute dtype (auto: bf16 on GPU, none on CPU)"
+    )
     activation_checkpointing: bool = Field(False, description="recompute decoder layers in backward")
     cpu_offload: bool = Field(False, description="FSDP2 CPU offload of parameters and optimizer state")
 
 
 class LoggingConfig(ConfigModel):
-    tensorboard_dir: str | None = Field(None, description="write per-step statistics as TensorBoard scalars "
-                                        "here (needs the tensorboard package)")
-    wandb_project: str | None = Field(None, description="log per-step statistics to this Weights & Biases "
-                                      "project (needs the wandb package)")
+    tensorboard_dir: str | None = Field(
+        None, description="write per-step statistics as TensorBoard scalars here (needs the tensorboard package)"
+    )
+    wandb_project: str | None = Field(
+        None, description="log per-step statistics to this Weights & Biases project (needs the wandb package)"
+    )
     wandb_run_name: str | None = Field(None, description="W&B run name")
-    wandb_mode: Literal["online", "offline", "disabled"] = Field("online", description="W&B mode (offline: "
-                                                                 "sync later with `wandb sync`)")
+    wandb_mode: Literal["online", "offline", "disabled"] = Field(
+        "online", description="W&B mode (offline: sync later with `wandb sync`)"
+    )
 
 
-class OpsConfig(ConfigModel):
-    host: str = Field("0.0.0.0", description="ops HTTP bind address (rank 0)")
-    port: int = Field(9103, ge=0, le=65535, description="ops HTTP port: /metrics /healthz /readyz /status")
+class TrainerOpsConfig(OpsConfig):
+    port: Port = Field(
+        9103, description="ops HTTP port, served by rank 0: /metrics /healthz /readyz /status (0 = pick a free one)"
+    )
 
 
 class TrainerConfig(ConfigModel):
@@ -122,19 +153,42 @@ class TrainerConfig(ConfigModel):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     dist: DistConfig = Field(default_factory=DistConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
-    ops: OpsConfig = Field(default_factory=OpsConfig)
+    ops: TrainerOpsConfig = Field(default_factory=TrainerOpsConfig)
 
     @model_validator(mode="after")
     def _check(self) -> TrainerConfig:
         if self.eval.every_steps and not self.data.eval_prompts:
             raise ValueError("eval.every_steps > 0 needs data.eval_prompts (a held-out prompt file)")
-        if self.loss.support == "full" and self.loss.divergence != "rkl_sampled":
-            raise ValueError("loss.support=full needs full-vocabulary teacher replies; the trainer asks for top-k "
-                             "only: use loss.support=topk")
+        needs = teacher_needs(self.loss)
+        if TeacherNeed.FULL in needs:
+            raise ValueError(
+                f"{self._readers(TeacherNeed.FULL)} needs full-vocabulary teacher replies; the trainer "
+                f"asks for top-k only: use loss.support=topk and token_selection.jsd_support=topk"
+            )
+        if TeacherNeed.TOPK in needs and self.teacher.top_k == 0:
+            fixes = ["set teacher.top_k > 0 or leave it unset (20)"]
+            if divergence_need(self.loss) == TeacherNeed.TOPK:
+                fixes.append("use a sampled-token divergence (loss.divergence=rkl_sampled)")
+            if selection_need(self.loss) == TeacherNeed.TOPK:
+                fixes.append("set loss.token_selection.divergence_exponent=0")
+            raise ValueError(
+                f"teacher.top_k=0 (flag --teacher-top-k) but {self._readers(TeacherNeed.TOPK)} needs "
+                f"the teacher's top-k log-probs: {', or '.join(fixes)}"
+            )
         return self
 
+    def _readers(self, need: TeacherNeed) -> str:
+        """Which loss settings read this part of the teacher's reply, for an error message."""
+        readers = []
+        if divergence_need(self.loss) == need:
+            readers.append(f"loss.divergence={self.loss.divergence!r} with loss.support={self.loss.support!r}")
+        if selection_need(self.loss) == need:
+            readers.append(f"loss.token_selection.jsd_support={self.loss.token_selection.jsd_support!r}")
+        return " and ".join(readers)
+
     def teacher_top_k(self) -> int:
+        """k asked of the teacher: `teacher.top_k`, else 20 when the loss reads a top-k (or TIP runs), else 0."""
         if self.teacher.top_k is not None:
             return self.teacher.top_k
-        uses_topk = self.loss.divergence != "rkl_sampled" or self.loss.token_selection.enabled
+        uses_topk = TeacherNeed.TOPK in teacher_needs(self.loss) or self.loss.token_selection.enabled
         return 20 if uses_topk else 0

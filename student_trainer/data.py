@@ -1,11 +1,12 @@
 """The trainer's Redis side (rank 0): whole rollout groups in, prompts out, acks after commits.
 
-Owns: reading `{ns}:rollouts` as the trainer's consumer and assembling
-complete groups (`group_size` records of one `group_id`), separating eval
-rollouts from training ones, remembering which stream entries carry which
-rollouts so they are acknowledged only after the checkpoint that used them is
-committed, feeding the prompt file(s) into `{ns}:prompts` with a bound on
-prompts in flight, and announcing published weight versions. Runs on the
+Owns: reading `{ns}:rollouts` through the transport's rollout consumer
+(`opd.stream_consumer.rollout_consumer`, which holds the entries and their
+rollout ids until they are acknowledged, after the checkpoint that used them
+is committed) and assembling complete groups (`group_size` records of one
+`group_id`), separating eval rollouts from training ones, feeding the prompt
+file(s) into `{ns}:prompts` with a bound on prompts in flight, and announcing
+published weight versions. Its transport counters are `stats`. Runs on the
 trainer's I/O loop; the training loop never touches Redis directly.
 """
 
@@ -16,10 +17,12 @@ import dataclasses
 import logging
 import socket
 from collections import defaultdict
+from collections.abc import Iterable
 
+from opd.policy import announce_policy
 from opd.prompts import load_prompts
-from opd.streams import (PROMPT_GROUP, ROLLOUT_GROUP, RedisRetry, SeenSet, StreamConsumer, StreamKeys,
-                         StreamProducer, announce_policy, connect)
+from opd.stream_consumer import StreamConsumer, rollout_consumer
+from opd.streams import PROMPT_GROUP, RedisRetry, StreamKeys, StreamProducer, StreamStats, connect
 from protos.records import PolicyAnnouncement, PromptRecord, RolloutRecord
 from student_trainer.config import TrainerConfig
 
@@ -28,26 +31,31 @@ Group = list[RolloutRecord]
 
 
 class RolloutSource:
-    def __init__(self, config: TrainerConfig, used_ids: list[str]) -> None:
+    def __init__(self, config: TrainerConfig) -> None:
         self.config = config
         self.keys = StreamKeys(config.redis.namespace)
         self.redis = connect(config.redis)
         self.retry = RedisRetry(config.redis.retry_for_s)
-        self.consumer: StreamConsumer[RolloutRecord] = StreamConsumer(
-            self.redis, self.keys.rollouts, ROLLOUT_GROUP, f"trainer-{socket.gethostname()}",
-            decode=RolloutRecord.decode, dead_stream=self.keys.dead, key_of=lambda r: r.rollout_id,
-            seen=SeenSet(initial=used_ids), retry=self.retry, claim_idle_ms=600_000)
+        self.consumer: StreamConsumer[RolloutRecord] = rollout_consumer(
+            self.redis, config.redis.namespace, f"trainer-{socket.gethostname()}", retry=self.retry
+        )
         self._partial: dict[str, list[RolloutRecord]] = defaultdict(list)
         self._ready: list[Group] = []
-        self._entry_of: dict[str, str] = {}  # rollout id -> stream entry id, until acked
         self.eval_records: list[RolloutRecord] = []
-        self.dropped = 0
+
+    @property
+    def stats(self) -> StreamStats:
+        """The transport's counters (dead letters, duplicates, retries, reclaims)."""
+        return self.retry.stats
+
+    def skip_used(self, rollout_ids: Iterable[str]) -> None:
+        """Rollouts a committed checkpoint already used: skipped (and acked) if they are delivered again."""
+        self.consumer.seen.update(rollout_ids)
 
     async def poll(self) -> None:
         """One read: complete groups go to the ready list, eval rollouts aside, the rest wait for their group."""
         for entry in await self.consumer.read(256, block_ms=self.config.batch.read_block_ms):
             record = entry.value
-            self._entry_of[record.rollout_id] = entry.entry_id
             if record.split == "eval":
                 self.eval_records.append(record)
                 continue
@@ -69,21 +77,18 @@ class RolloutSource:
         self.eval_records = [r for r in self.eval_records if not r.prompt_id.endswith(suffix)]
         return mine
 
-    async def ack(self, rollout_ids: list[str]) -> int:
+    async def ack(self, rollout_ids: Iterable[str]) -> int:
         """Acknowledge the entries of these rollouts (after the checkpoint that used them is committed)."""
-        entry_ids = [self._entry_of.pop(r) for r in rollout_ids if r in self._entry_of]
-        return await self.consumer.ack(entry_ids)
+        return await self.consumer.ack_keys(rollout_ids)
 
     async def keepalive(self) -> None:
+        """Keep the held rollouts (read, not yet committed) from being reclaimed."""
         await self.consumer.keepalive()
 
-    async def pending_rollouts(self) -> int:
-        info = await self.redis.xinfo_stream(self.keys.rollouts)
-        return int(info.get("length", 0))
-
     async def announce(self, version: int, uri: str, step: int, created_at: float) -> bool:
-        return await announce_policy(self.redis, self.keys, PolicyAnnouncement(version, uri, step, created_at),
-                                     self.retry)
+        return await announce_policy(
+            self.redis, self.keys, PolicyAnnouncement(version, uri, step, created_at), self.retry
+        )
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -94,13 +99,14 @@ class PromptFeeder:
     groups between the feeder and the trainer (queued, being sampled, or sampled but not yet trained), so
     rollouts are not older than the staleness bound allows."""
 
-    def __init__(self, source: RolloutSource, config: TrainerConfig, start: int) -> None:
-        self.position = start
+    def __init__(self, source: RolloutSource, config: TrainerConfig, start: int = 0) -> None:
+        self.position = start  # index of the next prompt to feed; a resumed trainer restores it
         # A group fed now is trained about inflight / groups_per_step steps later, plus the prefetch depth:
         # keep that under the staleness bound.
         batch = config.batch
-        self.max_inflight = (config.data.max_inflight_groups
-                             or batch.groups_per_step * max(1, batch.max_staleness - batch.prefetch_depth))
+        self.max_inflight = config.data.max_inflight_groups or batch.groups_per_step * max(
+            1, batch.max_staleness - batch.prefetch_depth
+        )
         self._producer = StreamProducer(source.redis, source.keys.prompts, PROMPT_GROUP, retry=source.retry)
         self._config = config
         self._keys = source.keys
@@ -121,8 +127,9 @@ class PromptFeeder:
         data = self._config.data
         if not data.eval_prompts:
             return []
-        return load_prompts(data.eval_prompts, data.source.model_copy(update={"split": "eval", "epochs": 1,
-                                                                               "shuffle": False}))
+        return load_prompts(
+            data.eval_prompts, data.source.model_copy(update={"split": "eval", "epochs": 1, "shuffle": False})
+        )
 
     async def feed_train(self, records: list[PromptRecord]) -> None:
         """Feed from `position` to the end (the records already hold every epoch); resumable by position."""
@@ -132,7 +139,7 @@ class PromptFeeder:
                 self._room.clear()
                 await self._room.wait()
                 continue
-            chunk = records[self.position:self.position + min(room, 16)]
+            chunk = records[self.position : self.position + min(room, 16)]
             await self._producer.send_many([r.encode() for r in chunk])
             self.position += len(chunk)
             self._fed_this_run += len(chunk)
@@ -142,6 +149,5 @@ class PromptFeeder:
         """Feed one eval round (ids suffixed with the round so each round is sampled afresh)."""
         tagged = [dataclasses.replace(r, prompt_id=f"{r.prompt_id}@eval{round_id}") for r in records]
         for i in range(0, len(tagged), 64):
-            await self._producer.send_many([r.encode() for r in tagged[i:i + 64]])
+            await self._producer.send_many([r.encode() for r in tagged[i : i + 64]])
         return sum(r.group_size for r in tagged)
-

@@ -15,10 +15,12 @@ from pathlib import Path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="opd export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a step-XXXXXXXX directory, or a checkpoint dir "
-                        "(its latest step is used)")
+    parser = argparse.ArgumentParser(
+        prog="opd export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="a step-XXXXXXXX directory, or a checkpoint dir (its latest step is used)"
+    )
     parser.add_argument("--model", required=True, help="the run's student model directory (config + tokenizer)")
     parser.add_argument("--out", required=True, help="output directory (created; replaced if it exists)")
     args = parser.parse_args(argv)
@@ -29,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from student_trainer.checkpoint import latest_checkpoint
     from student_trainer.config import DistConfig
-    from student_trainer.loss_config import LossConfig
+    from student_trainer.loss.config import LossConfig
     from student_trainer.model import StudentLoss, init_distributed, load_student, shard_student
     from student_trainer.publish import full_state_dict, write_hf_model
 
@@ -37,14 +39,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (path / "trainer_state.pt").is_file():
         path = latest_checkpoint(args.checkpoint)
         if path is None:
-            print(f"opd export: no committed checkpoint in {args.checkpoint!r} (expected step-XXXXXXXX "
-                  f"directories with trainer_state.pt)", file=sys.stderr)
+            print(
+                f"opd export: no committed checkpoint in {args.checkpoint!r} (expected step-XXXXXXXX "
+                f"directories with trainer_state.pt)",
+                file=sys.stderr,
+            )
             return 2
     try:
         dist_config = DistConfig(backend="gloo", mixed_precision="none")
         info = init_distributed(dist_config)
-        root = shard_student(StudentLoss(load_student(args.model, info.device), LossConfig()), dist_config,
-                             info.device)
+        root = shard_student(StudentLoss(load_student(args.model, info.device), LossConfig()), dist_config, info.device)
     except ValueError as exc:
         print(f"opd export: {exc}", file=sys.stderr)
         return 2

@@ -24,21 +24,30 @@ class StepLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:
-                raise ValueError("logging.tensorboard_dir is set but the `tensorboard` package is missing: "
-                                 "pip install tensorboard (or unset --logging-tensorboard-dir)") from exc
+                raise ValueError(
+                    "logging.tensorboard_dir is set but the `tensorboard` package is missing: "
+                    "pip install tensorboard (or unset --logging-tensorboard-dir)"
+                ) from exc
             self._tb = SummaryWriter(log_dir=config.tensorboard_dir)
         if config.wandb_project:
             try:
                 import wandb
             except ImportError as exc:
-                raise ValueError("logging.wandb_project is set but the `wandb` package is missing: "
-                                 "pip install wandb (or unset --logging-wandb-project)") from exc
-            self._wandb = wandb.init(project=config.wandb_project, name=config.wandb_run_name,
-                                     mode=config.wandb_mode, config=run_config.model_dump(mode="json"))
+                raise ValueError(
+                    "logging.wandb_project is set but the `wandb` package is missing: "
+                    "pip install wandb (or unset --logging-wandb-project)"
+                ) from exc
+            self._wandb = wandb.init(
+                project=config.wandb_project,
+                name=config.wandb_run_name,
+                mode=config.wandb_mode,
+                config=run_config.model_dump(mode="json"),
+            )
 
     def log(self, step: int, values: dict[str, float], prefix: str = "train") -> None:
-        finite = {f"{prefix}/{k}": float(v) for k, v in values.items()
-                  if isinstance(v, (int, float)) and math.isfinite(v)}
+        finite = {
+            f"{prefix}/{k}": float(v) for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)
+        }
         if self._tb is not None:
             for key, value in finite.items():
                 self._tb.add_scalar(key, value, step)

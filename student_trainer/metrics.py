@@ -1,4 +1,10 @@
-"""The trainer's Prometheus metrics (`opd_trainer_*`) and the `/status` snapshot; exported on the ops port."""
+"""The trainer's Prometheus metrics (`opd_trainer_*`) and the `/status` snapshot; exported on the ops port.
+
+Besides the training metrics, the registry exports rank 0's transport
+counters (`opd_trainer_dead_lettered_records_total`, duplicates, retries,
+reclaims: the rollout source's `StreamStats`) through the shared
+`opd.stream_metrics.StreamStatsCollector`, as the rollout workers do.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,9 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from opd.stream_metrics import StreamStatsCollector
+from opd.streams import StreamStats
 
 _STEP_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -28,7 +37,6 @@ class TrainerStatus:
     step: int = 0
     max_steps: int = 0
     policy_version: int = 0
-    queue_depth: int = 0
     last_losses: dict[str, float] = field(default_factory=dict)
     step_time: dict[str, float] = field(default_factory=dict)
     tokens_per_s: float = 0.0
@@ -42,30 +50,38 @@ class TrainerStatus:
 
 
 class TrainerMetrics:
-    def __init__(self) -> None:
+    def __init__(self, stream_stats: StreamStats | None = None) -> None:
+        """`stream_stats`: the rollout source's counters (rank 0); zeros where the process reads no stream."""
         self.registry = r = CollectorRegistry()
+        r.register(StreamStatsCollector(stream_stats if stream_stats is not None else StreamStats(), "trainer"))
         self.loss = Gauge("opd_trainer_loss", "loss of the last step", registry=r)
         self.divergence = Gauge("opd_trainer_divergence", "mean per-token divergence of the last step", registry=r)
         self.entropy = Gauge("opd_trainer_student_entropy_nats", "mean student entropy of the last step", registry=r)
         self.grad_norm = Gauge("opd_trainer_grad_norm", "global gradient norm before clipping", registry=r)
-        self.tokens_per_s = Gauge("opd_trainer_tokens_per_second", "trained tokens per second, last step",
-                                  registry=r)
+        self.tokens_per_s = Gauge("opd_trainer_tokens_per_second", "trained tokens per second, last step", registry=r)
         self.step = Gauge("opd_trainer_step", "optimizer steps done", registry=r)
         self.policy_version = Gauge("opd_trainer_policy_version", "last published policy version", registry=r)
-        self.step_time = Histogram("opd_trainer_step_time_seconds", "step wall time by phase", ["phase"],
-                                   buckets=_STEP_BUCKETS_S, registry=r)
-        self.staleness = Histogram("opd_trainer_staleness_versions", "policy versions between sampling and "
-                                   "training", buckets=(0, 1, 2, 3, 4, 6, 8, 16, 32), registry=r)
-        self.rollouts = Counter("opd_trainer_rollouts_total", "rollouts consumed, by outcome", ["outcome"],
-                                registry=r)
+        self.step_time = Histogram(
+            "opd_trainer_step_time_seconds", "step wall time by phase", ["phase"], buckets=_STEP_BUCKETS_S, registry=r
+        )
+        self.staleness = Histogram(
+            "opd_trainer_staleness_versions",
+            "policy versions between sampling and training",
+            buckets=(0, 1, 2, 3, 4, 6, 8, 16, 32),
+            registry=r,
+        )
+        self.rollouts = Counter("opd_trainer_rollouts_total", "rollouts consumed, by outcome", ["outcome"], registry=r)
         self.trained_tokens = Counter("opd_trainer_trained_tokens_total", "tokens with a loss", registry=r)
-        self.skipped_steps = Counter("opd_trainer_skipped_steps_total", "steps skipped for a non-finite gradient",
-                                     registry=r)
+        self.skipped_steps = Counter(
+            "opd_trainer_skipped_steps_total", "steps skipped for a non-finite gradient", registry=r
+        )
         self.eval_reward = Gauge("opd_trainer_eval_mean_reward", "mean reward on the eval prompts", registry=r)
-        self.eval_pass_at_1 = Gauge("opd_trainer_eval_pass_at_1", "share of eval samples with reward > 0",
-                                    registry=r)
-        self.eval_divergence = Gauge("opd_trainer_eval_divergence", "mean per-token sampled reverse KL to the "
-                                     "teacher on eval samples", registry=r)
+        self.eval_pass_at_1 = Gauge("opd_trainer_eval_pass_at_1", "share of eval samples with reward > 0", registry=r)
+        self.eval_divergence = Gauge(
+            "opd_trainer_eval_divergence",
+            "mean per-token sampled reverse KL to the teacher on eval samples",
+            registry=r,
+        )
 
     def observe_times(self, times: StepTimes) -> None:
         self.step_time.labels("data").observe(times.data_wait_s)

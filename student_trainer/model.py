@@ -22,9 +22,9 @@ from torch import nn
 from opd.processes import free_port
 from student_trainer.batching import MicroBatch
 from student_trainer.config import DistConfig
-from student_trainer.loss_config import LossConfig
-from student_trainer.loss_inputs import LossStats, TeacherScores
-from student_trainer.losses import compute_distillation_loss
+from student_trainer.loss.compute import compute_distillation_loss
+from student_trainer.loss.config import LossConfig
+from student_trainer.loss.inputs import LossStats, TeacherScores
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,7 @@ def init_distributed(config: DistConfig) -> DistInfo:
         if launched:
             dist.init_process_group(backend=backend)
         else:
-            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
-                                    world_size=1)
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
@@ -69,20 +68,26 @@ class StudentLoss(nn.Module):
 
     def forward(self, batch: MicroBatch, teacher: TeacherScores, step: int) -> tuple[torch.Tensor, LossStats]:
         decoder = self.lm.get_decoder()
-        hidden_1TH = decoder(input_ids=batch.input_ids_1T, position_ids=batch.position_ids_1T,
-                             attention_mask=batch.attention_mask_11TT, use_cache=False).last_hidden_state
+        hidden_1TH = decoder(
+            input_ids=batch.input_ids_1T,
+            position_ids=batch.position_ids_1T,
+            attention_mask=batch.attention_mask_11TT,
+            use_cache=False,
+        ).last_hidden_state
         hidden_NH = hidden_1TH[0].index_select(0, batch.rows_N)
         head = self.lm.get_output_embeddings()
-        return compute_distillation_loss(hidden_NH, head.weight, batch.inputs, teacher, self.loss_config, step,
-                                         lm_head_bias_V=head.bias)
+        return compute_distillation_loss(
+            hidden_NH, head.weight, batch.inputs, teacher, self.loss_config, step, lm_head_bias_V=head.bias
+        )
 
 
 def load_student(path: str, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"student model {path!r} is not a Hugging Face model directory (no config.json); "
-                         f"pass --model DIR")
+        raise ValueError(
+            f"student model {path!r} is not a Hugging Face model directory (no config.json); pass --model DIR"
+        )
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.config.use_cache = False
     return model.to(device)

@@ -5,7 +5,7 @@ rank calls it), writing it on rank 0 as a Hugging Face model directory that
 vLLM and transformers load (config, safetensors, tokenizer), the atomic
 rename that makes version N visible, keeping the last K versions, and the
 `opd export` conversion of a checkpoint. Announcing a version on Redis is the
-trainer's job (`opd.streams.announce_policy`).
+trainer's job (`opd.policy.announce_policy`).
 """
 
 from __future__ import annotations
@@ -41,8 +41,16 @@ def write_hf_model(lm: nn.Module, state: dict[str, torch.Tensor], tokenizer_dir:
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                 "vocab.json", "merges.txt", "tokenizer.model", "generation_config.json"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.model",
+        "generation_config.json",
+    ):
         src = Path(tokenizer_dir) / name
         if src.is_file() and not (tmp / name).exists():
             shutil.copy2(src, tmp / name)
@@ -60,8 +68,7 @@ def prune_versions(uri: str, keep_last: int) -> list[Path]:
     return doomed
 
 
-def publish_weights(root: nn.Module, tokenizer_dir: str, uri: str, version: int, keep_last: int,
-                    is_main: bool) -> Path:
+def publish_weights(root: nn.Module, tokenizer_dir: str, uri: str, version: int, keep_last: int, is_main: bool) -> Path:
     """Collective: gather, and on rank 0 write version `version` under `uri`; returns its directory."""
     state = full_state_dict(root)
     target = version_dir(uri, version)

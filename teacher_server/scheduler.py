@@ -37,8 +37,9 @@ class _Pending:
 class FairScheduler:
     """Queue + batcher in front of one engine. Create and use it on the server's event loop."""
 
-    def __init__(self, engine: TeacherEngine, config: SchedulerConfig, metrics: TeacherMetrics,
-                 inflight_batches: int) -> None:
+    def __init__(
+        self, engine: TeacherEngine, config: SchedulerConfig, metrics: TeacherMetrics, inflight_batches: int
+    ) -> None:
         self._engine, self._cfg, self._metrics = engine, config, metrics
         self._queues: dict[str, collections.deque[_Pending]] = {}
         self._vtime: dict[str, float] = collections.defaultdict(float)
@@ -58,11 +59,16 @@ class FairScheduler:
         """Queue `work`; the future resolves to its ScoreResult. Raises QueueFull / Draining."""
         if not self._accepting:
             raise Draining("teacher is shutting down; retry on another replica")
-        if (self._queued_requests >= self._cfg.max_queued_requests
-                or self._queued_tokens + work.num_tokens > self._cfg.max_queued_tokens):
+        if (
+            self._queued_requests >= self._cfg.max_queued_requests
+            or self._queued_tokens + work.num_tokens > self._cfg.max_queued_tokens
+        ):
             retry = self._retry_hint_s()
-            raise QueueFull(f"teacher queue is full ({self._queued_requests} requests, {self._queued_tokens} "
-                            f"tokens queued); retry in {retry:.2f} s", retry_after_s=retry)
+            raise QueueFull(
+                f"teacher queue is full ({self._queued_requests} requests, {self._queued_tokens} "
+                f"tokens queued); retry in {retry:.2f} s",
+                retry_after_s=retry,
+            )
         queue = self._queues.setdefault(client, collections.deque())
         if not queue:  # returning from idle: no credit for the time away
             self._vtime[client] = max(self._vtime[client], self._min_active_vtime())
@@ -167,10 +173,6 @@ class FairScheduler:
     def _retry_hint_s(self) -> float:
         batches_queued = max(1.0, self._queued_tokens / self._cfg.max_batch_tokens)
         return round(min(30.0, max(0.05, batches_queued * self._avg_batch_s)), 3)
-
-    @property
-    def queued_requests(self) -> int:
-        return self._queued_requests
 
     @property
     def accepted_requests(self) -> int:

@@ -3,8 +3,10 @@
 Owns start-up order (engine loaded before the ports report ready), the
 standard `grpc.health.v1` service and reflection, and graceful drain on
 SIGTERM/SIGINT (health NOT_SERVING, stop intake, finish in-flight work within
-`grpc.drain_grace_s`). `ServerThread` runs a server on its own event loop in a
-background thread, for tests, benchmarks and the demo.
+`grpc.drain_grace_s`), and TLS on the gRPC and ops ports when configured
+(certificates re-read when they change: `opd.tls`). `ServerThread` runs a
+server on its own event loop in a background thread, for tests, benchmarks
+and the demo.
 """
 
 from __future__ import annotations
@@ -18,16 +20,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from opd.loop_thread import LoopThread
-from opd.ops_app import OpsServer, create_ops_app
+from opd.ops_app import OpsServer, create_ops_app, ops_auth, warn_if_open
+from opd.tls import grpc_server_credentials
 from protos import teacher_pb2 as pb
-from protos import teacher_pb2_grpc as pb_grpc
-from teacher_server.auth import Authenticator, load_tokens
+from teacher_server.auth import Authenticator
 from teacher_server.config import TeacherConfig
 from teacher_server.engine import TeacherEngine, create_engine
 from teacher_server.metrics import TeacherMetrics
 from teacher_server.ops_routes import teacher_router
 from teacher_server.scheduler import FairScheduler
 from teacher_server.servicer import TeacherServicer
+from teacher_server.servicer import add_to_server as add_teacher_service
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Teacher"].full_name
@@ -41,7 +44,13 @@ class TeacherServer:
         self.metrics = TeacherMetrics()
         self.engine = engine
         self._owns_engine = engine is None
-        self._auth = Authenticator(load_tokens(config.auth))  # config errors surface before the engine loads
+        # Config errors (tokens, certificates) surface before the engine loads.
+        self._auth = Authenticator(config.auth)
+        grpc_tls = config.grpc.cert_files()
+        self._grpc_credentials = grpc_server_credentials(grpc_tls) if grpc_tls is not None else None
+        self._ops_auth = ops_auth(config.ops) or (self._auth if self._auth.enabled else None)
+        if (ops_tls := config.ops.cert_files()) is not None:
+            ops_tls.load()
         self._grpc: grpc.aio.Server | None = None
         self._ops: OpsServer | None = None
         self._health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
@@ -56,28 +65,56 @@ class TeacherServer:
         inflight = self.config.scheduler.max_inflight_batches or self.engine.preferred_inflight_batches
         self.scheduler = FairScheduler(self.engine, self.config.scheduler, self.metrics, inflight)
         self.scheduler.start()
-        servicer = TeacherServicer(self.engine, self.scheduler, self._auth, self.metrics)
+        age_s = self.config.grpc.max_connection_age_s
+        servicer = TeacherServicer(self.engine, self.scheduler, self._auth, self.metrics, stream_max_age_s=age_s)
         self._servicer = servicer
         max_bytes = self.config.grpc.max_message_mb * 1024 * 1024
-        self._grpc = grpc.aio.server(options=[("grpc.max_receive_message_length", max_bytes),
-                                              ("grpc.max_send_message_length", max_bytes),
-                                              ("grpc.so_reuseport", 0)])
-        pb_grpc.add_TeacherServicer_to_server(servicer, self._grpc)
+        self._grpc = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", max_bytes),
+                ("grpc.max_send_message_length", max_bytes),
+                ("grpc.so_reuseport", 0),
+                *_connection_age_options(self.config),
+            ]
+        )
+        add_teacher_service(servicer, self._grpc)  # unparseable request bytes: INVALID_ARGUMENT
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
         address = f"{self.config.grpc.host}:{self.config.grpc.port}"
-        self.grpc_port = self._grpc.add_insecure_port(address)
+        if self._grpc_credentials is not None:
+            self.grpc_port = self._grpc.add_secure_port(address, self._grpc_credentials)
+        else:
+            self.grpc_port = self._grpc.add_insecure_port(address)
         if not self.grpc_port:
             raise OSError(f"cannot bind gRPC to {address}; choose another --grpc-port")
         await self._grpc.start()
-        app = create_ops_app("teacher", self.metrics.registry, ready=lambda: not self._stopped.is_set(),
-                             routers=[teacher_router(servicer)])
-        self._ops = OpsServer(app, self.config.ops.host, self.config.ops.port)
+        app = create_ops_app(
+            "teacher",
+            self.metrics.registry,
+            ready=lambda: not self._stopped.is_set(),
+            routers=[teacher_router(servicer)],
+            auth=self._ops_auth,
+        )
+        self._ops = OpsServer.from_config(app, self.config.ops, warn_open=False)
         self.ops_port = await self._ops.start()
+        warn_if_open(
+            "teacher",
+            [
+                ("gRPC", self.config.grpc.host, self.grpc_port, self._auth.enabled),
+                ("ops", self.config.ops.host, self.ops_port, self._ops_auth is not None),
+            ],
+        )
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self.metrics.engine_ready.set(1)
-        log.info("teacher %s (%s) serving gRPC on %s:%d, ops on %s:%d", self.engine.info.model_name,
-                 self.engine.info.backend, self.config.grpc.host, self.grpc_port, self.config.ops.host, self.ops_port)
+        log.info(
+            "teacher %s (%s) serving gRPC on %s:%d, ops on %s:%d",
+            self.engine.info.model_name,
+            self.engine.info.backend,
+            self.config.grpc.host,
+            self.grpc_port,
+            self.config.ops.host,
+            self.ops_port,
+        )
 
     async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
@@ -115,6 +152,19 @@ class TeacherServer:
         await self.stop()
 
 
+def _connection_age_options(config: TeacherConfig) -> list[tuple[str, int]]:
+    """GOAWAY after `max_connection_age_s` (clients reconnect and re-resolve names). A ScoreStream ends
+    itself at the same age (the servicer), so a stream opened just before the GOAWAY may live one more age;
+    gRPC's hard close waits that long plus the grace."""
+    age_s, grace_s = config.grpc.max_connection_age_s, config.grpc.max_connection_age_grace_s
+    if age_s <= 0:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", int(age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int((age_s + grace_s) * 1000)),
+    ]
+
+
 class ServerThread:
     """Run a TeacherServer on a private event loop in a daemon thread (tests, benchmarks, the demo)."""
 
@@ -147,8 +197,8 @@ class ServerThread:
 
     @property
     def ops_url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.ops_port}"
+        assert self.server is not None and self.server._ops is not None
+        return f"{self.server._ops.scheme}://127.0.0.1:{self.server.ops_port}"
 
     def stop(self, grace_s: float = 5.0) -> None:
         if self.server is not None:

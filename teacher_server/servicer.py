@@ -3,7 +3,11 @@
 `score_result` is the one request path (auth'd client, validated work, fair
 scheduler, metrics); `Score`, `ScoreStream` and the ops port's JSON
 `/v1/score` all go through it. A bad request is answered with its status and
-never disturbs other requests or the stream it came on.
+never disturbs other requests or the stream it came on; every request gets
+exactly one answer: an exception no layer mapped becomes INTERNAL with its
+message, logged with its traceback and counted
+(`opd_teacher_internal_errors_total`). `add_to_server` registers the service
+with deserializers that turn unparseable bytes into INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -11,18 +15,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
 
-from opd import __version__
 from protos import teacher_pb2 as pb
 from protos import teacher_pb2_grpc as pb_grpc
 from teacher_server import wire
 from teacher_server.auth import Authenticator
 from teacher_server.engine import ScoreResult, ScoreWork, TeacherEngine
-from teacher_server.errors import QueueFull, TeacherError
+from teacher_server.errors import QueueFull, TeacherError, as_teacher_error
+from teacher_server.info import TeacherInfo
 from teacher_server.metrics import TeacherMetrics
 from teacher_server.scheduler import FairScheduler
 
@@ -32,14 +37,22 @@ _DRAIN = object()  # put on a stream's reply queue: finish what was accepted, th
 
 
 class TeacherServicer(pb_grpc.TeacherServicer):
-    def __init__(self, engine: TeacherEngine, scheduler: FairScheduler, auth: Authenticator,
-                 metrics: TeacherMetrics) -> None:
+    def __init__(
+        self,
+        engine: TeacherEngine,
+        scheduler: FairScheduler,
+        auth: Authenticator,
+        metrics: TeacherMetrics,
+        *,
+        stream_max_age_s: float = 0.0,
+    ) -> None:
         self._engine, self._scheduler, self._auth, self._metrics = engine, scheduler, auth, metrics
+        self._stream_max_age_s = stream_max_age_s  # 0 = streams live as long as their clients keep them
         self.auth = auth
         self._streams: set[asyncio.Queue] = set()
 
     @property
-    def info(self):  # -> EngineInfo
+    def info(self) -> TeacherInfo:
         return self._engine.info
 
     @contextlib.contextmanager
@@ -53,24 +66,47 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
-        except Exception:
+        except Exception as exc:  # unexpected: answered INTERNAL with the message, logged and counted
             code = grpc.StatusCode.INTERNAL
-            raise
+            raise self._unexpected(exc, client, rpc) from exc
         finally:
             self._metrics.requests.labels(client, rpc, code.name).inc()
             self._metrics.request_latency.labels(client, rpc).observe(time.perf_counter() - started)
 
-    async def score_result(self, client: str, request: pb.ScoreRequest, timeout_s: float | None,
-                           rpc: str) -> tuple[ScoreWork, ScoreResult]:
+    def _unexpected(self, exc: Exception, client: str, rpc: str) -> TeacherError:
+        """Log and count an exception no layer mapped; the TeacherError (INTERNAL) that answers it."""
+        if isinstance(exc, TeacherError):
+            return exc
+        self._metrics.internal_errors.labels(rpc).inc()
+        log.error("%s for client %s failed unexpectedly", rpc, client, exc_info=exc)
+        return as_teacher_error(exc)
+
+    async def _score(
+        self, client: str, request: pb.ScoreRequest, timeout_s: float | None
+    ) -> tuple[ScoreWork, ScoreResult]:
+        work = wire.score_work(request, self._engine.info)
+        result = await self._scheduler.score(client, work, timeout_s)
+        self._metrics.scored_tokens.labels(client).inc(work.num_positions)
+        return work, result
+
+    async def score_result(
+        self, client: str, request: pb.ScoreRequest, timeout_s: float | None, rpc: str
+    ) -> tuple[ScoreWork, ScoreResult]:
+        """Validate, schedule and score one request; every failure is a TeacherError (unexpected ones INTERNAL)."""
         with self._observe(client, rpc):
-            work = wire.score_work(request, self._engine.info)
-            result = await self._scheduler.score(client, work, timeout_s)
-            self._metrics.scored_tokens.labels(client).inc(work.num_positions)
-            return work, result
+            return await self._score(client, request, timeout_s)
+
+    async def _score_reply(
+        self, client: str, request: pb.ScoreRequest, timeout_s: float | None, rpc: str
+    ) -> pb.ScoreReply:
+        """`score_result` encoded as a ScoreReply (encoding failures count as the request's failure)."""
+        with self._observe(client, rpc):
+            work, result = await self._score(client, request, timeout_s)
+            return wire.score_reply(request, work, result)
 
     async def _identify(self, context: grpc.aio.ServicerContext, rpc: str) -> str:
         try:
-            return self._auth.identify(context.invocation_metadata() or ())
+            return self._auth.identify(context.invocation_metadata() or (), context.auth_context())
         except TeacherError as exc:
             self._metrics.requests.labels("unauthenticated", rpc, exc.code.name).inc()
             await context.abort(exc.code, str(exc))
@@ -84,19 +120,21 @@ class TeacherServicer(pb_grpc.TeacherServicer):
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreReply:  # noqa: N802
         client = await self._identify(context, "Score")
         try:
-            work, result = await self.score_result(client, request, context.time_remaining(), "Score")
-            return wire.score_reply(request, work, result)
+            return await self._score_reply(client, request, context.time_remaining(), "Score")
         except TeacherError as exc:
             await self._abort(context, exc)
             raise
 
-    async def ScoreStream(self, request_iterator: AsyncIterator[pb.ScoreRequest],  # noqa: N802
-                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ScoreReply]:
+    async def ScoreStream(
+        self,
+        request_iterator: AsyncIterator[pb.ScoreRequest],  # noqa: N802
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.ScoreReply]:
         # A failed authentication is answered per request, like any other per-request error: aborting the
         # stream while the client is still writing can surface at the client as INTERNAL instead.
         client, auth_error = "unauthenticated", None
         try:
-            client = self._auth.identify(context.invocation_metadata() or ())
+            client = self._auth.identify(context.invocation_metadata() or (), context.auth_context())
         except TeacherError as exc:
             auth_error = exc
         replies: asyncio.Queue = asyncio.Queue()
@@ -108,12 +146,14 @@ class TeacherServicer(pb_grpc.TeacherServicer):
                 if auth_error is not None:
                     self._metrics.requests.labels(client, "ScoreStream", auth_error.code.name).inc()
                     raise auth_error
-                work, result = await self.score_result(client, request, timeout_s, "ScoreStream")
-                reply = wire.score_reply(request, work, result)
-            except TeacherError as exc:
-                retry = exc.retry_after_s if isinstance(exc, QueueFull) else 0.0
-                reply = pb.ScoreReply(request_id=request.request_id,
-                                      error=pb.Error(code=exc.code.value[0], message=str(exc), retry_after_s=retry))
+                reply = await self._score_reply(client, request, timeout_s, "ScoreStream")
+            except Exception as exc:  # noqa: BLE001 - every request gets exactly one reply, whatever failed
+                error = self._unexpected(exc, client, "ScoreStream")
+                retry = error.retry_after_s if isinstance(error, QueueFull) else 0.0
+                reply = pb.ScoreReply(
+                    request_id=request.request_id,
+                    error=pb.Error(code=error.code.value[0], message=str(error), retry_after_s=retry),
+                )
             await replies.put(reply)
 
         async def read() -> None:
@@ -126,9 +166,15 @@ class TeacherServicer(pb_grpc.TeacherServicer):
 
         reader = asyncio.create_task(read())
         self._streams.add(replies)
+        # Past its age a stream ends like a drain: the client reopens it, possibly on another replica. The
+        # jitter keeps the streams of one client from all ending at once.
+        ender = None
+        if self._stream_max_age_s > 0:
+            age_s = self._stream_max_age_s * random.uniform(0.9, 1.0)
+            ender = asyncio.get_running_loop().call_later(age_s, replies.put_nowait, _DRAIN)
         try:
             while (reply := await replies.get()) is not None:
-                if reply is _DRAIN:  # shutting down: stop reading, answer what was accepted, end the stream
+                if reply is _DRAIN:  # shutting down or aged: stop reading, answer what was accepted, end
                     reader.cancel()
                     await asyncio.gather(*list(tasks), return_exceptions=True)
                     while not replies.empty():
@@ -138,6 +184,8 @@ class TeacherServicer(pb_grpc.TeacherServicer):
                 yield reply
             await reader
         finally:
+            if ender is not None:
+                ender.cancel()
             self._streams.discard(replies)
             reader.cancel()
             for task in list(tasks):
@@ -150,10 +198,17 @@ class TeacherServicer(pb_grpc.TeacherServicer):
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoReply:  # noqa: N802
         await self._identify(context, "Info")
-        return wire.info_reply(self._engine.info, __version__)
+        try:
+            wire.check_parsed(request)
+        except TeacherError as exc:
+            await self._abort(context, exc)
+        return self._engine.info.to_reply()
 
-    async def Generate(self, request: pb.GenerateRequest,  # noqa: N802
-                       context: grpc.aio.ServicerContext) -> pb.GenerateReply:
+    async def Generate(
+        self,
+        request: pb.GenerateRequest,  # noqa: N802
+        context: grpc.aio.ServicerContext,
+    ) -> pb.GenerateReply:
         client = await self._identify(context, "Generate")
         try:
             with self._observe(client, "Generate"):
@@ -164,3 +219,34 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         except TeacherError as exc:
             await self._abort(context, exc)
             raise
+
+
+def add_to_server(servicer: TeacherServicer, server: grpc.aio.Server) -> None:
+    """Register the Teacher service like the generated `add_TeacherServicer_to_server`, except that request
+    bytes which do not parse reach the servicer as `wire.Malformed` and are answered INVALID_ARGUMENT naming
+    the message type (the generated deserializers make gRPC answer UNKNOWN)."""
+    handlers = {
+        "Score": grpc.unary_unary_rpc_method_handler(
+            servicer.Score,
+            request_deserializer=wire.lenient_parser(pb.ScoreRequest),
+            response_serializer=pb.ScoreReply.SerializeToString,
+        ),
+        "ScoreStream": grpc.stream_stream_rpc_method_handler(
+            servicer.ScoreStream,
+            request_deserializer=wire.lenient_parser(pb.ScoreRequest),
+            response_serializer=pb.ScoreReply.SerializeToString,
+        ),
+        "Info": grpc.unary_unary_rpc_method_handler(
+            servicer.Info,
+            request_deserializer=wire.lenient_parser(pb.InfoRequest),
+            response_serializer=pb.InfoReply.SerializeToString,
+        ),
+        "Generate": grpc.unary_unary_rpc_method_handler(
+            servicer.Generate,
+            request_deserializer=wire.lenient_parser(pb.GenerateRequest),
+            response_serializer=pb.GenerateReply.SerializeToString,
+        ),
+    }
+    service = pb.DESCRIPTOR.services_by_name["Teacher"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)

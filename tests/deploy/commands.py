@@ -45,9 +45,10 @@ def host_path(container_path: str) -> Path:
     """The repository file that a container path of the image/deployments holds."""
     for prefix, directory in CONTAINER_DIRS.items():
         if container_path == prefix or container_path.startswith(prefix + "/"):
-            return directory / container_path[len(prefix):].lstrip("/")
-    raise AssertionError(f"{container_path!r} is not a path the deployments fill from the repository "
-                         f"(known: {sorted(CONTAINER_DIRS)})")
+            return directory / container_path[len(prefix) :].lstrip("/")
+    raise AssertionError(
+        f"{container_path!r} is not a path the deployments fill from the repository (known: {sorted(CONTAINER_DIRS)})"
+    )
 
 
 def _map_config_flag(argv: Sequence[str]) -> list[str]:
@@ -84,8 +85,14 @@ def parse_opd(argv: Sequence[str], environ: Mapping[str, str]) -> ParsedCommand:
 def _load(component: str, argv: list[str], environ: Mapping[str, str]) -> ParsedCommand:
     module, cls_name, prefix = COMPONENTS[component]
     config_cls = getattr(importlib.import_module(module), cls_name)
-    config = load_config(config_cls, _map_config_flag(argv), prog=f"opd {component}", description="",
-                         env_prefix=prefix, environ=dict(environ))
+    config = load_config(
+        config_cls,
+        _map_config_flag(argv),
+        prog=f"opd {component}",
+        description="",
+        env_prefix=prefix,
+        environ=dict(environ),
+    )
     return ParsedCommand(component, config, list(argv))
 
 
@@ -96,7 +103,8 @@ def parse_torchrun(argv: Sequence[str], environ: Mapping[str, str]) -> ParsedCom
     options = get_args_parser().parse_args(list(argv))
     assert options.module, "torchrun must launch the trainer as a module: -m student_trainer"
     assert options.training_script == "student_trainer", (
-        f"torchrun launches {options.training_script!r}, not student_trainer")
+        f"torchrun launches {options.training_script!r}, not student_trainer"
+    )
     parsed = _load("train", list(options.training_script_args), environ)
     parsed.torchrun = options
     return parsed
@@ -117,7 +125,7 @@ def split_host_port(address: str) -> tuple[str, int]:
     """`dns:///name:port`, `dns://authority/name:port` or `host:port` -> (host, port)."""
     target = address
     if address.startswith("dns:"):
-        target = address.split("/", 3)[-1] if address.startswith("dns://") else address[len("dns:"):]
+        target = address.split("/", 3)[-1] if address.startswith("dns://") else address[len("dns:") :]
     host, _, port = target.rpartition(":")
     assert host and port.isdigit(), f"teacher address {address!r} is not host:port"
     return host, int(port)

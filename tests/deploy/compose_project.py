@@ -110,8 +110,9 @@ def project(*paths: Path, env: Mapping[str, str] | None = None) -> dict[str, Any
 
 def services_in_profile(model: Mapping[str, Any], profile: str) -> dict[str, dict[str, Any]]:
     """Services Compose starts with `--profile PROFILE` (services without profiles always start)."""
-    return {name: svc for name, svc in model["services"].items()
-            if not svc.get("profiles") or profile in svc["profiles"]}
+    return {
+        name: svc for name, svc in model["services"].items() if not svc.get("profiles") or profile in svc["profiles"]
+    }
 
 
 def environment(service: Mapping[str, Any]) -> dict[str, str]:

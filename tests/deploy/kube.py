@@ -1,10 +1,11 @@
 """Render the kustomize trees with `kubectl kustomize` and walk what they produce.
 
 Owns: locating kubectl, rendering (cached per directory), finding pod templates
-in workload objects (Deployment, StatefulSet, Job, and KubeRay's RayCluster
-head and worker groups), and resolving a container's environment the way the
-kubelet does: `$(VAR)` references expand from variables defined earlier in the
-list, Secret and downward-API values become recognisable placeholders.
+in workload objects (Deployment, StatefulSet, Job, JobSet replicated jobs, and
+KubeRay's RayCluster head and worker groups) with the labels their controllers
+add to the pods, and resolving a container's environment the way the kubelet
+does: `$(VAR)` references expand from variables defined earlier in the list,
+Secret and downward-API values become recognisable placeholders.
 """
 
 from __future__ import annotations
@@ -24,8 +25,12 @@ from tests.deploy.commands import REPO
 
 K8S = REPO / "deploy" / "k8s"
 # (id, directory): the base and every overlay; ids avoid a bare "gpu" (that keyword marks CUDA-only tests).
-TREES = [("base", K8S / "base"), ("cpu-demo", K8S / "overlays" / "cpu-demo"),
-         ("gpu-overlay", K8S / "overlays" / "gpu"), ("ray-overlay", K8S / "overlays" / "ray")]
+TREES = [
+    ("base", K8S / "base"),
+    ("cpu-demo", K8S / "overlays" / "cpu-demo"),
+    ("gpu-overlay", K8S / "overlays" / "gpu"),
+    ("ray-overlay", K8S / "overlays" / "ray"),
+]
 KUBERNETES_VERSION = "1.32"  # the kubectl/kustomize on the build machines; manifests validate against its API
 EXTERNAL_SECRET = "opd-secrets"  # created by the operator (see deploy/k8s/base/kustomization.yaml)
 _REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
@@ -39,6 +44,10 @@ def kubectl() -> str | None:
 @functools.cache
 def render(directory: Path) -> tuple[dict[str, Any], ...]:
     """`kubectl kustomize DIR` as a tuple of objects (callers must not mutate them)."""
+    return render_uncached(directory)
+
+
+def render_uncached(directory: Path) -> tuple[dict[str, Any], ...]:
     exe = kubectl()
     assert exe, "kubectl is not installed"
     out = subprocess.run([exe, "kustomize", str(directory)], capture_output=True, text=True, timeout=120)
@@ -59,22 +68,59 @@ def one(objects, kind: str, name: str) -> dict[str, Any]:
 @dataclass
 class PodTemplate:
     owner: dict[str, Any]  # the workload object
-    where: str  # e.g. "Deployment/opd-teacher" or "RayCluster/opd-rollout-ray/gpu-workers"
+    where: str  # e.g. "Deployment/opd-teacher", "JobSet/opd-trainer/node", "RayCluster/opd-rollout-ray/gpu-workers"
     template: dict[str, Any]  # {metadata, spec}
+    replicated_job: dict[str, Any] | None = None  # JobSet: the replicatedJobs entry holding the template
 
     @property
     def labels(self) -> dict[str, str]:
         return self.template.get("metadata", {}).get("labels", {})
 
-    def pod_labels(self, index: int = 0) -> dict[str, str]:
-        """Labels of a created pod: a Job's controller adds the job name and, when indexed, the completion index."""
-        labels = dict(self.labels)
+    @property
+    def namespace(self) -> str:
+        return self.owner["metadata"].get("namespace", "default")
+
+    @property
+    def job_spec(self) -> dict[str, Any] | None:
+        """The batch/v1 JobSpec the pods come from (a Job's spec, or a JobSet replicated job's template spec)."""
         if self.owner["kind"] == "Job":
-            name = self.owner["metadata"]["name"]
-            labels.update({"job-name": name, "batch.kubernetes.io/job-name": name})
-            if self.owner["spec"].get("completionMode") == "Indexed":
+            return self.owner["spec"]
+        if self.replicated_job is not None:
+            return self.replicated_job["template"]["spec"]
+        return None
+
+    def job_name(self, job_index: int = 0) -> str | None:
+        if self.owner["kind"] == "Job":
+            return self.owner["metadata"]["name"]
+        if self.replicated_job is not None:  # JobSet names its Jobs <jobset>-<replicated job>-<job index>
+            return f"{self.owner['metadata']['name']}-{self.replicated_job['name']}-{job_index}"
+        return None
+
+    def pod_labels(self, index: int = 0, job_index: int = 0) -> dict[str, str]:
+        """Labels of a created pod: the Job controller adds the job name and, when indexed, the completion index;
+        the JobSet controller adds its jobset.sigs.k8s.io labels."""
+        labels = dict(self.labels)
+        job = self.job_name(job_index)
+        if job is not None:
+            labels.update({"job-name": job, "batch.kubernetes.io/job-name": job})
+            if self.job_spec.get("completionMode") == "Indexed":
                 labels["batch.kubernetes.io/job-completion-index"] = str(index)
+        if self.replicated_job is not None:
+            labels.update(
+                {
+                    "jobset.sigs.k8s.io/jobset-name": self.owner["metadata"]["name"],
+                    "jobset.sigs.k8s.io/replicatedjob-name": self.replicated_job["name"],
+                    "jobset.sigs.k8s.io/job-index": str(job_index),
+                }
+            )
         return labels
+
+    def hostname(self, index: int = 0, job_index: int = 0) -> str | None:
+        """An indexed Job's pod hostname (<job name>-<completion index>), None for other pods."""
+        job = self.job_name(job_index)
+        if job is None or self.job_spec.get("completionMode") != "Indexed":
+            return None
+        return f"{job}-{index}"
 
     @property
     def annotations(self) -> dict[str, str]:
@@ -89,8 +135,10 @@ class PodTemplate:
 
     def volumes(self) -> list[dict[str, Any]]:
         """The pod's volumes, a StatefulSet's claim templates included (as persistentVolumeClaim volumes)."""
-        claims = [{"name": c["metadata"]["name"], "persistentVolumeClaim": {"claimName": c["metadata"]["name"]}}
-                  for c in self.owner.get("spec", {}).get("volumeClaimTemplates", [])]
+        claims = [
+            {"name": c["metadata"]["name"], "persistentVolumeClaim": {"claimName": c["metadata"]["name"]}}
+            for c in self.owner.get("spec", {}).get("volumeClaimTemplates", [])
+        ]
         return list(self.spec.get("volumes", [])) + claims
 
     def volume(self, name: str) -> dict[str, Any]:
@@ -103,6 +151,9 @@ def pod_templates(objects) -> Iterator[PodTemplate]:
         kind, name = obj["kind"], obj["metadata"]["name"]
         if kind in ("Deployment", "StatefulSet", "Job", "DaemonSet"):
             yield PodTemplate(obj, f"{kind}/{name}", obj["spec"]["template"])
+        elif kind == "JobSet":
+            for rjob in obj["spec"]["replicatedJobs"]:
+                yield PodTemplate(obj, f"{kind}/{name}/{rjob['name']}", rjob["template"]["spec"]["template"], rjob)
         elif kind == "RayCluster":
             yield PodTemplate(obj, f"{kind}/{name}/head", obj["spec"]["headGroupSpec"]["template"])
             for group in obj["spec"].get("workerGroupSpecs", []):
@@ -125,6 +176,7 @@ def selects(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
 
 def expand(text: str, env: Mapping[str, str]) -> str:
     """The kubelet's `$(VAR)` expansion (unknown references stay as written, `$$` is a literal `$`)."""
+
     def one_ref(match: re.Match[str]) -> str:
         if match.group(0) == "$$":
             return "$"

@@ -77,6 +77,7 @@ def _by_component(model_name: str, profile: str, component: str) -> dict[str, ob
 
 # ---------------------------------------------------------------------------------------------- files and schema
 
+
 def test_env_example_provides_every_variable_the_files_require():
     required = set()
     for path in (cp.BASE_FILE, cp.TWO_STUDENTS_FILE):
@@ -88,9 +89,15 @@ def test_env_example_provides_every_variable_the_files_require():
         cp.load(cp.BASE_FILE, env={})  # secrets have no defaults: Compose refuses to start without them
 
 
-@pytest.mark.parametrize("files", [("docker-compose.yml",), ("docker-compose.two-students.yml",),
-                                   ("docker-compose.yml", "docker-compose.two-students.yml")],
-                         ids=["base", "two-students-alone", "base+two-students"])
+@pytest.mark.parametrize(
+    "files",
+    [
+        ("docker-compose.yml",),
+        ("docker-compose.two-students.yml",),
+        ("docker-compose.yml", "docker-compose.two-students.yml"),
+    ],
+    ids=["base", "two-students-alone", "base+two-students"],
+)
 def test_compose_files_validate_against_the_compose_spec(files):
     model = cp.project(*(cp.COMPOSE_DIR / f for f in files))
     assert _errors(model) == []
@@ -125,10 +132,12 @@ def test_depends_on_names_services_of_the_same_profiles():
         for dep in svc.get("depends_on") or []:
             assert dep in services, f"{name} depends on unknown {dep}"
             assert set(svc.get("profiles", [])) <= set(services[dep].get("profiles", [])), (
-                f"{name} (profiles {svc.get('profiles')}) depends on {dep} (profiles {services[dep].get('profiles')})")
+                f"{name} (profiles {svc.get('profiles')}) depends on {dep} (profiles {services[dep].get('profiles')})"
+            )
 
 
 # ---------------------------------------------------------------------------------------------- commands
+
 
 @pytest.mark.parametrize("service", sorted(_opd_services(merged())))
 def test_opd_service_command_parses_into_its_component_config(service):
@@ -153,6 +162,7 @@ def test_presets_and_prompt_files_named_in_commands_load():
 
 
 # ---------------------------------------------------------------------------------------------- wiring
+
 
 @pytest.mark.parametrize("profile", PROFILES, ids=PROFILE_IDS)
 def test_profile_runs_the_whole_pipeline(profile):
@@ -181,15 +191,16 @@ def test_trainers_reach_a_teacher_that_knows_their_token(profile, monkeypatch):
             client = tokens.get(trainer.config.teacher.token or "")
             assert client == trainer.config.redis.namespace, (
                 f"{name}: its token names client {client!r} at the teacher, expected its namespace "
-                f"{trainer.config.redis.namespace!r}")
+                f"{trainer.config.redis.namespace!r}"
+            )
             assert target[0] in (services[name].get("depends_on") or {})
 
 
 @pytest.mark.parametrize("profile", PROFILES, ids=PROFILE_IDS)
 def test_redis_clients_use_the_redis_service_and_its_password(profile):
     services = merged()["services"]
-    redis_cmd = services["opd-redis"]["command"]
-    password = redis_cmd[redis_cmd.index("--requirepass") + 1]
+    password = cp.environment(services["opd-redis"])["REDIS_PASSWORD"]  # written into auth.conf at start
+    assert password == cp.read_env_file()["OPD_REDIS_PASSWORD"]
     for component in ("rollout", "train"):
         for name, result in _by_component("merged", profile, component).items():
             host, port, url_password = redis_endpoint(result.config.redis.url)
@@ -210,7 +221,8 @@ def test_every_trainer_has_rollout_workers_on_its_namespace_that_see_its_weights
         checkpoint = cp.mount_for(services[name], config.checkpoint.dir)
         assert publish and not publish[2], f"{name}: publish URI {config.publish.uri} is not on a writable volume"
         assert checkpoint and not checkpoint[2] and checkpoint[0] in merged()["volumes"], (
-            f"{name}: checkpoints must outlive the container (a named volume)")
+            f"{name}: checkpoints must outlive the container (a named volume)"
+        )
         for worker in mine:
             seen = cp.mount_for(services[worker], config.publish.uri)
             assert seen and seen[:2] == publish[:2], f"{worker} does not mount {name}'s weights at {config.publish.uri}"
@@ -277,3 +289,22 @@ def test_gpu_profile_gives_each_component_its_own_gpu():
     assert not gpus["opd-teacher-gpu"] & gpus["opd-rollout-gpu"]
     trainer = parsed("base", "opd-trainer-gpu")
     assert int(trainer.torchrun.nproc_per_node) == len(gpus["opd-trainer-gpu"]), "one process per reserved GPU"
+
+
+def test_trainers_stop_grace_sets_torchruns_timeout_and_the_stop_grace_period():
+    """The trainer checkpoints within its stop grace on SIGTERM; torchrun waits that long, Compose a margin more."""
+    margin_s = 15
+    for name in _opd_services(merged()):
+        result = parsed("merged", name)
+        if result.component != "train":
+            continue
+        env = cp.environment(merged()["services"][name])
+        stop_grace = (
+            result.config.stop_grace_s
+            if "stop_grace_s" in type(result.config).model_fields
+            else float(env["OPD_TRAIN__STOP_GRACE_S"])
+        )
+        if result.torchrun is not None:
+            assert int(result.torchrun.shutdown_timeout) == stop_grace, name
+        period = merged()["services"][name]["stop_grace_period"]
+        assert _GO_DURATION.match(period) and period.endswith("s") and float(period[:-1]) >= stop_grace + margin_s, name

@@ -1,6 +1,7 @@
-"""The Dockerfile, read without a Docker engine: targets, user, entrypoint, health check, build context, and the
-install steps kept equal to the Makefile's and pyproject's pins. The health-check script is extracted and run
-against a local HTTP server.
+"""The Dockerfile, read without a Docker engine: targets, user, entrypoint, health check, build context, the
+install steps kept equal to the Makefile's and pyproject's pins, and the layer order (dependencies installed from
+pyproject.toml alone, with pip's cache on a BuildKit cache mount, before any source is copied). The health-check
+and requirements scripts are extracted and run.
 """
 
 from __future__ import annotations
@@ -8,12 +9,15 @@ from __future__ import annotations
 import fnmatch
 import http.server
 import re
+import shutil
 import subprocess
 import sys
 import threading
 import tomllib
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 
 from opd.cli import COMMANDS
 from opd.processes import free_port
@@ -65,8 +69,10 @@ def stages() -> dict[str, list[tuple[str, str]]]:
 
 def _stage_with(word: str, name: str, seen: set[str] | None = None) -> list[str]:
     """Values of `word` in stage `name` and the stages it is built FROM (inherited image config)."""
-    parents = {s: rest.split()[0] for s, rest in ((m.split(" AS ")[-1].strip(), m) for _, m in
-                                                   [i for i in instructions() if i[0] == "FROM"])}
+    parents = {
+        s: rest.split()[0]
+        for s, rest in ((m.split(" AS ")[-1].strip(), m) for _, m in [i for i in instructions() if i[0] == "FROM"])
+    }
     values = [rest for w, rest in stages()[name] if w == word]
     parent = parents.get(name)
     if parent in stages() and parent != name:
@@ -76,8 +82,9 @@ def _stage_with(word: str, name: str, seen: set[str] | None = None) -> list[str]
 
 def test_dockerfile_parses_with_the_buildkit_parser():
     """The `dockerfile` package wraps moby/buildkit's own parser (heredocs included); ours must agree with it."""
-    dockerfile = pytest.importorskip("dockerfile", reason="the `dockerfile` package (BuildKit's parser) is not "
-                                     "installed; pip install dockerfile")
+    dockerfile = pytest.importorskip(
+        "dockerfile", reason="the `dockerfile` package (BuildKit's parser) is not installed; pip install dockerfile"
+    )
     commands = dockerfile.parse_file(str(DOCKERFILE))
     assert [c.cmd.upper() for c in commands] == [word for word, _ in instructions()]
     (healthcheck,) = [c for c in commands if c.cmd.upper() == "HEALTHCHECK"]
@@ -117,9 +124,112 @@ def test_cpu_build_installs_what_the_makefile_installs():
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     (torch_pin,) = [d for d in extras["cpu"] if d.startswith("torch")]
     assert f"download.pytorch.org/whl/cpu {torch_pin}" in build, "the CPU wheel of the pinned torch"
-    assert '".[cpu]"' in build
+    assert "opd-requirements cpu > /tmp/requirements.txt" in build and "-r /tmp/requirements.txt" in build
     cuda = " ".join(rest for word, rest in stages()["build-cuda"] if word == "RUN")
-    assert '".[gpu]"' in cuda and f"--no-deps {smollm}" in cuda
+    assert "opd-requirements gpu > /tmp/requirements.txt" in cuda and f"--no-deps {smollm}" in cuda
+
+
+# ---------------------------------------------------------------------------------------------- layer order
+
+CACHE_MOUNT = "--mount=type=cache,target=/root/.cache/pip"
+
+
+def chain(name: str) -> list[tuple[str, str]]:
+    """The instructions that build stage `name`: its parents' (FROM ... AS), then its own."""
+    parents = {rest.split(" AS ")[-1].strip(): rest.split()[0] for word, rest in instructions() if word == "FROM"}
+    parent = parents.get(name)
+    return (chain(parent) if parent in stages() and parent != name else []) + stages()[name]
+
+
+def _brings_sources(word: str, rest: str) -> bool:
+    return word == "COPY" and ("--from=sources" in rest or not (rest.split()[0] == "pyproject.toml" or "<<" in rest))
+
+
+@pytest.mark.parametrize("stage", ["build-cpu", "build-cuda"])
+def test_dependencies_are_installed_before_the_sources_are_copied(stage):
+    steps = chain(stage)
+    (first_source,) = [i for i, (word, rest) in enumerate(steps) if _brings_sources(word, rest)][:1]
+    before, after = steps[:first_source], steps[first_source + 1 :]
+    copies = [rest.split()[0] for word, rest in before if word == "COPY" and "<<" not in rest]
+    assert copies == ["pyproject.toml"], f"only pyproject.toml may be copied before the dependency install: {copies}"
+    installs = [rest for word, rest in before if word == "RUN" and "pip install" in rest]
+    assert any("-r /tmp/requirements.txt" in rest for rest in installs), "the dependencies install before the sources"
+    for word, rest in after:
+        if word == "RUN":
+            for command in re.findall(r"pip install[^&]*", rest):
+                assert command.split() == ["pip", "install", "--no-deps", "."], (
+                    f"after the sources only opd itself is installed, got {command!r}"
+                )
+    for word, rest in steps:
+        if word == "RUN" and "pip install" in rest:
+            assert rest.startswith(CACHE_MOUNT), f"pip install without the cache mount: {rest[:80]}"
+        assert not (word == "ENV" and "PIP_NO_CACHE_DIR" in rest), "PIP_NO_CACHE_DIR would leave the cache mount unused"
+
+
+def test_the_sources_stage_copies_every_package_of_the_project():
+    assert [rest for word, rest in instructions() if word == "FROM" and rest.endswith(" AS sources")] == [
+        "scratch AS sources"
+    ]
+    copied = {rest.split()[0].rstrip("/") for word, rest in stages()["sources"] if word == "COPY"}
+    copied |= {part for word, rest in stages()["sources"] if word == "COPY" for part in rest.split()[:-1]}
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {
+        p.parent.name
+        for p in REPO.glob("*/__init__.py")
+        if any(fnmatch.fnmatch(p.parent.name, pattern) for pattern in patterns)
+    }
+    assert packages and packages <= copied, f"packages not copied into the image: {sorted(packages - copied)}"
+    assert {"pyproject.toml", "README.md"} <= copied
+
+
+def _requirements_script() -> str:
+    (copy,) = [rest for word, rest in stages()["deps"] if word == "COPY" and "opd-requirements" in rest]
+    return copy.split("\n", 1)[1]
+
+
+def _expected_requirements(extra: str) -> list[str]:
+    """pip's reading of `.[extra]`: the dependencies, then the extra's, the project's own extras expanded."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    out = list(project["dependencies"])
+
+    def walk(name: str, seen: set[str]) -> None:
+        for text in project["optional-dependencies"][name]:
+            requirement = Requirement(text)
+            if requirement.name == project["name"]:
+                for inner in sorted(requirement.extras - seen):
+                    walk(inner, seen | {inner})
+            elif text not in out:
+                out.append(text)
+
+    walk(extra, {extra})
+    return out
+
+
+@pytest.mark.parametrize("extra", ["cpu", "gpu"], ids=["cpu-extra", "gpu-extra"])
+def test_requirements_script_lists_what_pip_installs_for_the_extra(extra, tmp_path):
+    script = tmp_path / "opd-requirements"
+    script.write_text(_requirements_script())
+    shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
+    out = subprocess.run([sys.executable, str(script), extra], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    listed = out.stdout.split()
+    assert sorted(listed) == sorted(_expected_requirements(extra))
+    assert not [r for r in listed if r.startswith("opd")], "the project itself is not a dependency"
+    bad = subprocess.run(
+        [sys.executable, str(script), "no-such-extra"], cwd=tmp_path, capture_output=True, text=True, timeout=30
+    )
+    assert bad.returncode != 0 and "no-such-extra" in bad.stderr
+
+
+def test_cuda_target_pins_vllm_within_the_projects_range():
+    version = re.search(r"^ARG VLLM_VERSION=(\S+)$", DOCKERFILE.read_text(), re.M)[1]
+    assert re.fullmatch(r"\d+\.\d+\.\d+", version), f"pin an exact release, not {version}"
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (vllm,) = [Requirement(r) for r in extras["gpu"] if Requirement(r).name == "vllm"]
+    assert version in SpecifierSet(str(vllm.specifier)), f"vllm {version} is outside pyproject's {vllm.specifier}"
+    cuda = " ".join(rest for word, rest in stages()["build-cuda"] if word in ("RUN", "ARG"))
+    assert 'echo "vllm==${VLLM_VERSION}" > /tmp/constraints.txt' in cuda and "-c /tmp/constraints.txt" in cuda
+    assert "vllm.__version__ == '${VLLM_VERSION}'" in cuda, "the build fails if another vllm got installed"
 
 
 def test_copied_sources_exist_and_pass_the_dockerignore():
@@ -130,8 +240,12 @@ def test_copied_sources_exist_and_pass_the_dockerignore():
         for pattern in patterns:
             negate = pattern.startswith("!")
             body = pattern.lstrip("!").rstrip("/")
-            if fnmatch.fnmatch(path, body) or fnmatch.fnmatch(path, body.replace("**/", "")) or \
-                    path.startswith(body + "/") or body == "**":
+            if (
+                fnmatch.fnmatch(path, body)
+                or fnmatch.fnmatch(path, body.replace("**/", ""))
+                or path.startswith(body + "/")
+                or body == "**"
+            ):
                 result = not negate
         return result
 
@@ -163,9 +277,9 @@ def test_healthcheck_script_passes_on_2xx_and_fails_otherwise(tmp_path):
     script = tmp_path / "opd-healthcheck"
     script.write_text(_healthcheck_script())
     ports = tuple(int(p) for p in re.search(r"for port in \(([\d, ]+)\)", script.read_text())[1].split(","))
-    from rollout_workers.config import OpsConfig as RolloutOps
-    from student_trainer.config import OpsConfig as TrainerOps
-    from teacher_server.config import OpsConfig as TeacherOps
+    from rollout_workers.config import RolloutOpsConfig as RolloutOps
+    from student_trainer.config import TrainerOpsConfig as TrainerOps
+    from teacher_server.config import TeacherOpsConfig as TeacherOps
 
     assert ports == (TeacherOps().port, RolloutOps().port, TrainerOps().port)
 

@@ -1,4 +1,6 @@
-"""FSDP2 over NCCL on a GPU takes the step the CPU (gloo) run takes; bf16 mixed precision runs (skipped without CUDA)."""
+"""FSDP2 over NCCL on a GPU takes the step the CPU (gloo) run takes; bf16 mixed precision runs.
+
+Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ def test_nccl_step_matches_the_cpu_step(tiny_model_dir, tmp_path):
 
 def test_bf16_mixed_precision_with_activation_checkpointing(tiny_model_dir, tmp_path):
     cpu = _run(1, tiny_model_dir, tmp_path / "cpu.pt", "backend=gloo")
-    bf16 = _run(1, tiny_model_dir, tmp_path / "bf16.pt", "backend=nccl", "mixed_precision=bf16",
-                "activation_checkpointing=true")
+    bf16 = _run(
+        1, tiny_model_dir, tmp_path / "bf16.pt", "backend=nccl", "mixed_precision=bf16", "activation_checkpointing=true"
+    )
     # bf16 compute: the loss agrees to bf16 precision and the weights stay float32 (FSDP2 keeps fp32 masters)
     assert bf16["stats"]["loss"] == pytest.approx(cpu["stats"]["loss"], rel=0.05)
     assert all(v.dtype == torch.float32 for v in bf16["state"].values())

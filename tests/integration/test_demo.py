@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from opd.supervisor import ChildFailed, Supervisor
+from opd_apps.supervisor import ChildFailed, Supervisor
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

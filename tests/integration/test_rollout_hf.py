@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from opd.policy import announce_policy
 from opd.prompts import PromptSourceConfig, load_prompts
-from opd.streams import PROMPT_GROUP, RedisConfig, StreamKeys, announce_policy, connect, read_dead
+from opd.streams import PROMPT_GROUP, RedisConfig, StreamKeys, connect, read_dead
 from protos.records import PolicyAnnouncement, PromptRecord
 from rollout_workers.__main__ import main as rollout_main
 from rollout_workers.engine import SampleParams

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from opd.streams import RedisConfig, StreamKeys, announce_policy, connect
+from opd.policy import announce_policy
+from opd.streams import RedisConfig, StreamKeys, connect
 from protos.records import PolicyAnnouncement, PromptRecord
 from rollout_workers.engine import SampleParams
 from rollout_workers.reload import PolicyWatcher
@@ -27,11 +28,17 @@ def engine(tiny_model_dir: Path) -> Iterator[tuple[LoopThread, object]]:
     """One AsyncLLM-backed VLLMBackend for the module, living on a loop in a background thread."""
     from rollout_workers.engine_vllm import VLLMBackend
 
-    config = rollout_config(tiny_model_dir, "redis://127.0.0.1:1/0", "unused", backend="vllm",
-                            engine={"dtype": "float32", "max_num_seqs": 8, "enforce_eager": True})
+    config = rollout_config(
+        tiny_model_dir,
+        "redis://127.0.0.1:1/0",
+        "unused",
+        backend="vllm",
+        engine={"dtype": "float32", "vllm": {"max_num_seqs": 8, "enforce_eager": True}},
+    )
 
     async def start() -> VLLMBackend:
         return VLLMBackend.from_config(config)
+
     loop = LoopThread()
     backend = loop.run(start(), timeout_s=240)
     yield loop, backend
@@ -46,6 +53,7 @@ def test_group_sampling_logprobs_equal_a_rescore(engine, tiny_model_dir: Path) -
 
     async def group():
         return await asyncio.gather(*(backend.generate(prompt, params, f"g{i}") for i in range(4)))
+
     gens = loop.run(group())
     assert len({tuple(g.token_ids) for g in gens}) > 1  # four independent samples, batched by the engine
     for gen in gens:
@@ -53,8 +61,9 @@ def test_group_sampling_logprobs_equal_a_rescore(engine, tiny_model_dir: Path) -
         np.testing.assert_allclose(gen.logprobs, rescore(tiny_model_dir, prompt, gen.token_ids, 0.7), atol=1e-4)
 
 
-def test_announced_policy_is_loaded_live(engine, tiny_model_dir: Path, redis_url: str, namespace: str,
-                                         tmp_path: Path) -> None:
+def test_announced_policy_is_loaded_live(
+    engine, tiny_model_dir: Path, redis_url: str, namespace: str, tmp_path: Path
+) -> None:
     loop, backend = engine
     new_dir = build_tiny_model(tmp_path / "v1", seed=7)
     prompt = backend.tokenizer.encode("hello there")
@@ -69,6 +78,7 @@ def test_announced_policy_is_loaded_live(engine, tiny_model_dir: Path, redis_url
         after = await backend.generate(prompt, params, "after")
         await redis.aclose()
         return before, changed, after
+
     try:
         before, changed, after = loop.run(reload_and_sample())
         assert changed and after.policy_version == start_version + 1 == backend.policy_version
@@ -80,15 +90,25 @@ def test_announced_policy_is_loaded_live(engine, tiny_model_dir: Path, redis_url
 
 def test_worker_end_to_end_on_vllm(engine, tiny_model_dir: Path, redis_url: str, namespace: str) -> None:
     loop, backend = engine
-    config = rollout_config(tiny_model_dir, redis_url, namespace, backend="vllm", policy_version=0,
-                            sampling={"temperature": 0.8, "max_tokens": 12})
-    records = [PromptRecord(f"q{i}", group_size=3, messages=[{"role": "user", "content": f"question {i}"}])
-               for i in range(3)]
+    config = rollout_config(
+        tiny_model_dir,
+        redis_url,
+        namespace,
+        backend="vllm",
+        policy_version=0,
+        sampling={"temperature": 0.8, "max_tokens": 12},
+    )
+    records = [
+        PromptRecord(f"q{i}", group_size=3, messages=[{"role": "user", "content": f"question {i}"}]) for i in range(3)
+    ]
     worker = loop.run(run_worker(config, backend=backend, feed=records), timeout_s=120)
     rollouts = asyncio.run(read_all_rollouts(redis_url, namespace))
     assert worker.groups_done == 3 and Counter(r.prompt_id for r in rollouts) == {"q0": 3, "q1": 3, "q2": 3}
     for r in rollouts:
         assert r.meta["backend"] == "vllm" and r.policy_version == backend.policy_version
         assert r.num_generated_tokens == len(r.response_ids) > 0 and r.reward is None
-        np.testing.assert_allclose(r.behaviour_logprobs, rescore(tiny_model_dir, r.prompt_ids.tolist(),
-                                                                 r.response_ids.tolist(), 0.8), atol=1e-4)
+        np.testing.assert_allclose(
+            r.behaviour_logprobs,
+            rescore(tiny_model_dir, r.prompt_ids.tolist(), r.response_ids.tolist(), 0.8),
+            atol=1e-4,
+        )

@@ -13,19 +13,36 @@ import time
 
 import pytest
 
-from opd.streams import (ROLLOUT_GROUP, RedisConfig, SeenSet, StreamConsumer, StreamError, StreamKeys,
-                         StreamProducer, announce_policy, connect, read_dead, read_policy, rollout_consumer,
-                         undelivered)
-from protos.records import PolicyAnnouncement, RolloutRecord
+from opd.policy import announce_policy, read_policy
 from opd.redis_server import free_port, redis_server
+from opd.stream_consumer import SeenSet, StreamConsumer, rollout_consumer
+from opd.streams import (
+    ROLLOUT_GROUP,
+    RedisConfig,
+    StreamError,
+    StreamKeys,
+    StreamProducer,
+    connect,
+    read_dead,
+    undelivered,
+)
+from protos.records import PolicyAnnouncement, RolloutRecord
 from tests.fixtures.rollout import make_rollout, redis_on_port
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def _consumer(redis, keys: StreamKeys, name: str, **kw) -> StreamConsumer[RolloutRecord]:
-    return StreamConsumer(redis, keys.rollouts, ROLLOUT_GROUP, name, decode=RolloutRecord.decode,
-                          dead_stream=keys.dead, key_of=lambda r: r.rollout_id, **kw)
+    return StreamConsumer(
+        redis,
+        keys.rollouts,
+        ROLLOUT_GROUP,
+        name,
+        decode=RolloutRecord.decode,
+        dead_stream=keys.dead,
+        key_of=lambda r: r.rollout_id,
+        **kw,
+    )
 
 
 async def _drain(consumer: StreamConsumer, rounds: int = 5) -> list:
@@ -62,7 +79,8 @@ async def test_round_trip_and_bad_entries_go_to_dead_letter(redis_url: str, name
 
 _KILLED_CONSUMER = textwrap.dedent("""
     import asyncio, sys, time
-    from opd.streams import ROLLOUT_GROUP, RedisConfig, StreamConsumer, StreamKeys, connect
+    from opd.stream_consumer import StreamConsumer
+    from opd.streams import ROLLOUT_GROUP, RedisConfig, StreamKeys, connect
     from protos.records import RolloutRecord
     async def main(url, ns):
         redis, keys = connect(RedisConfig(url=url)), StreamKeys(ns)
@@ -82,8 +100,9 @@ async def test_killed_consumer_entries_are_reclaimed_and_acked_exactly_once(redi
     redis, keys = connect(RedisConfig(url=redis_url)), StreamKeys(namespace)
     ids = [f"p/{i}" for i in range(20)]
     await StreamProducer(redis, keys.rollouts, ROLLOUT_GROUP).send_many([make_rollout(i).encode() for i in range(20)])
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_CONSUMER, redis_url, namespace], stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_CONSUMER, redis_url, namespace], stdout=subprocess.PIPE, text=True
+    )
     acked_by_doomed = (await asyncio.to_thread(proc.stdout.readline)).strip().split(",")
     held_by_doomed = (await asyncio.to_thread(proc.stdout.readline)).strip().split(",")
     os.kill(proc.pid, signal.SIGKILL)
@@ -149,6 +168,21 @@ async def test_dedupe_skips_seeded_and_repeated_ids_and_acks_them(redis_url: str
     assert await consumer.ack([entries[0].entry_id]) == 0  # acking twice is harmless
 
 
+async def test_consumer_acks_the_entries_it_holds_by_key(redis_url: str, namespace: str) -> None:
+    redis, keys = connect(RedisConfig(url=redis_url)), StreamKeys(namespace)
+    await StreamProducer(redis, keys.rollouts, ROLLOUT_GROUP).send_many([make_rollout(i).encode() for i in range(3)])
+    consumer = rollout_consumer(redis, namespace, "trainer-0")
+    entries = await _drain(consumer)
+    assert consumer.held_entry_ids(["p/2", "p/0", "p/9"]) == [entries[2].entry_id, entries[0].entry_id]
+    assert await consumer.ack_keys(["p/0", "p/2"]) == 2  # e.g. the rollouts a committed checkpoint used
+    assert list(consumer.held.values()) == ["p/1"]
+    assert (await redis.xpending(keys.rollouts, ROLLOUT_GROUP))["pending"] == 1
+    assert await consumer.ack_keys(["p/0"]) == 0  # no longer held: nothing to ack
+    consumer.release([entries[1].entry_id])
+    assert consumer.held_entry_ids(["p/1"]) == [] and "p/1" not in consumer.seen
+    await redis.aclose()
+
+
 def test_seen_set_is_bounded() -> None:
     seen = SeenSet(max_size=3, initial=["a", "b", "c"])
     seen.add("d")
@@ -162,6 +196,7 @@ async def test_backpressure_stops_at_max_pending_and_resumes(redis_url: str, nam
     async def produce() -> None:
         for i in range(12):
             await producer.send(make_rollout(i).encode())
+
     task = asyncio.create_task(produce())
     await asyncio.sleep(0.5)
     assert not task.done()

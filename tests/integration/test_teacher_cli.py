@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from teacher_server.client import TeacherClientSync
 from opd.processes import free_port
+from teacher_server.client import TeacherClientSync
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -32,8 +32,7 @@ def test_top_level_help_lists_commands_and_benchmarks():
     assert "losses" in _opd("bench", "--help").stdout
 
 
-@pytest.mark.parametrize("model,message", [("/does/not/exist", "does not exist"),
-                                           ("/tmp", "has no config.json")])
+@pytest.mark.parametrize("model,message", [("/does/not/exist", "does not exist"), ("/tmp", "has no config.json")])
 def test_bad_model_path_is_a_clear_error(model, message):
     out = _opd("teacher", "--model", model, "--backend", "hf", "--grpc-port", "0", "--ops-port", "0")
     assert out.returncode == 2
@@ -48,10 +47,29 @@ def test_bad_option_value_is_a_clear_error():
 @pytest.mark.slow
 def test_serves_then_drains_on_sigterm(tiny_model_dir):
     port, ops = free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "opd", "teacher", "--model", str(tiny_model_dir), "--backend",
-                             "hf", "--grpc-host", "127.0.0.1", "--grpc-port", str(port), "--ops-host", "127.0.0.1",
-                             "--ops-port", str(ops)], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OPD_TEACHER__GRPC__DRAIN_GRACE_S": "5"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "opd",
+            "teacher",
+            "--model",
+            str(tiny_model_dir),
+            "--backend",
+            "hf",
+            "--grpc-host",
+            "127.0.0.1",
+            "--grpc-port",
+            str(port),
+            "--ops-host",
+            "127.0.0.1",
+            "--ops-port",
+            str(ops),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OPD_TEACHER__GRPC__DRAIN_GRACE_S": "5"},
+    )
     try:
         with TeacherClientSync(f"127.0.0.1:{port}", timeout_s=90) as client:
             assert client.score([1, 2, 3, 4], 1, top_k=2).token_logprobs.shape == (3,)

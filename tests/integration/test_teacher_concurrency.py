@@ -40,18 +40,25 @@ def test_fair_share_serves_a_light_client_promptly_while_another_floods(tiny_mod
     order: list[str] = []
 
     async def main():
-        async with TeacherClient(server.address, client_name="greedy") as greedy, \
-                TeacherClient(server.address, client_name="polite") as polite:
+        async with (
+            TeacherClient(server.address, client_name="greedy") as greedy,
+            TeacherClient(server.address, client_name="polite") as polite,
+        ):
+
             async def tagged(client, tag, ids):
                 await client.score(ids, 1)
                 order.append(tag)
 
-            flood = [asyncio.create_task(tagged(greedy, "greedy", ids))
-                     for ids in random_sequences(40, 384, min_len=200, max_len=200, seed=1)]
+            flood = [
+                asyncio.create_task(tagged(greedy, "greedy", ids))
+                for ids in random_sequences(40, 384, min_len=200, max_len=200, seed=1)
+            ]
             while len(order) < 2:  # the flood is queued and being served
                 await asyncio.sleep(0.005)
-            light = [asyncio.create_task(tagged(polite, "polite", ids))
-                     for ids in random_sequences(3, 384, min_len=200, max_len=200, seed=2)]
+            light = [
+                asyncio.create_task(tagged(polite, "polite", ids))
+                for ids in random_sequences(3, 384, min_len=200, max_len=200, seed=2)
+            ]
             await asyncio.gather(*flood, *light)
 
     try:
@@ -64,8 +71,9 @@ def test_fair_share_serves_a_light_client_promptly_while_another_floods(tiny_mod
 
 
 def test_full_queue_answers_resource_exhausted_with_a_retry_hint_and_the_client_retries(tiny_model_dir):
-    server = start_teacher(tiny_model_dir, "hf", scheduler={"max_queued_requests": 2, "max_batch_requests": 1,
-                                                            "batch_wait_ms": 0})
+    server = start_teacher(
+        tiny_model_dir, "hf", scheduler={"max_queued_requests": 2, "max_batch_requests": 1, "batch_wait_ms": 0}
+    )
     request = pb.ScoreRequest(token_ids=pack(np.arange(1, 300), pb.INT32), score_from=1, top_k=4)
 
     async def raw_flood():

@@ -38,10 +38,15 @@ def test_auth_accepts_known_tokens_and_rejects_others(authed_teacher):
                 client.score([1, 2, 3], 1, timeout_s=10)
             with pytest.raises(Unauthenticated):
                 client.info(timeout_s=10)
-    ok = httpx.post(f"{authed_teacher.ops_url}/v1/score", json={"token_ids": [1, 2, 3], "score_from": 1},
-                    headers={"Authorization": "Bearer secret-b"}, timeout=30)
-    denied = httpx.post(f"{authed_teacher.ops_url}/v1/score", json={"token_ids": [1, 2, 3], "score_from": 1},
-                        timeout=30)
+    ok = httpx.post(
+        f"{authed_teacher.ops_url}/v1/score",
+        json={"token_ids": [1, 2, 3], "score_from": 1},
+        headers={"Authorization": "Bearer secret-b"},
+        timeout=30,
+    )
+    denied = httpx.post(
+        f"{authed_teacher.ops_url}/v1/score", json={"token_ids": [1, 2, 3], "score_from": 1}, timeout=30
+    )
     assert ok.status_code == 200 and denied.status_code == 401
     metrics = httpx.get(f"{authed_teacher.ops_url}/metrics").text
     assert 'opd_teacher_scored_tokens_total{client="alice"} 2.0' in metrics
@@ -55,8 +60,9 @@ def test_health_reports_serving_and_reflection_lists_the_service(hf_teacher):
             reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
-        replies = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
-                                                  timeout=10)
+        replies = reflection.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        )
         names = {s.name for r in replies for s in r.list_services_response.service}
     assert {"opd.teacher.v1.Teacher", "grpc.health.v1.Health"} <= names
 

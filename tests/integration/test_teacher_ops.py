@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import httpx
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from opd import __version__
 from teacher_server.client import InvalidArgument, TeacherClientSync
 from tests.fixtures.teacher import start_teacher
 
@@ -53,14 +56,18 @@ def test_health_ready_and_info(hf_teacher):
     assert httpx.get(f"{hf_teacher.ops_url}/readyz").status_code == 200
     info = httpx.get(f"{hf_teacher.ops_url}/v1/info").json()
     assert info["backend"] == "hf" and info["vocab_size"] == 384 and len(info["tokenizer_fingerprint"]) == 64
+    with TeacherClientSync(hf_teacher.address) as client:
+        assert info == dataclasses.asdict(client.info())  # JSON and gRPC answer the same TeacherInfo
+    assert info["server_version"] == __version__
 
 
 def test_json_score_equals_grpc_score(hf_teacher):
     ids = [3, 17, 250, 42, 9, 100, 7, 8]
     with TeacherClientSync(hf_teacher.address) as client:
         grpc_scores = client.score(ids, 3, top_k=5)
-    body = httpx.post(f"{hf_teacher.ops_url}/v1/score", json={"token_ids": ids, "score_from": 3, "top_k": 5},
-                      timeout=30).json()
+    body = httpx.post(
+        f"{hf_teacher.ops_url}/v1/score", json={"token_ids": ids, "score_from": 3, "top_k": 5}, timeout=30
+    ).json()
     assert body["num_positions"] == 5 and body["score_from"] == 3
     np.testing.assert_array_equal(np.array(body["token_logprobs"], np.float32), grpc_scores.token_logprobs)
     np.testing.assert_array_equal(np.array(body["topk_ids"]), grpc_scores.topk_ids)

@@ -15,9 +15,22 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 def _run(nproc: int, model_dir: Path, out: Path, *options: str) -> dict:
     torchrun = Path(sys.executable).with_name("torchrun")
-    result = subprocess.run([str(torchrun), "--nproc-per-node", str(nproc), "-m", "tests.fixtures.fsdp_step",
-                             str(model_dir), str(out), *options], capture_output=True, text=True, timeout=240,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [
+            str(torchrun),
+            "--nproc-per-node",
+            str(nproc),
+            "-m",
+            "tests.fixtures.fsdp_step",
+            str(model_dir),
+            str(out),
+            *options,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(out, weights_only=False)
 

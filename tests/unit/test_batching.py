@@ -12,18 +12,30 @@ from student_trainer.batching import build_micro_batch, group_tokens, pack_group
 pytestmark = pytest.mark.timeout(30)
 
 
-def record(rid: str, group: str, prompt: list[int], response: list[int], mask: list[int] | None = None,
-           version: int = 0) -> RolloutRecord:
+def record(
+    rid: str, group: str, prompt: list[int], response: list[int], mask: list[int] | None = None, version: int = 0
+) -> RolloutRecord:
     n = len(response)
-    return RolloutRecord(rollout_id=rid, prompt_id=group, group_id=group, group_size=2, split="train",
-                         prompt_ids=np.array(prompt, np.int32), response_ids=np.array(response, np.int32),
-                         response_mask=np.array(mask or [1] * n, np.uint8),
-                         behaviour_logprobs=np.arange(n, dtype=np.float32) * -0.1, reward=1.0, policy_version=version)
+    return RolloutRecord(
+        rollout_id=rid,
+        prompt_id=group,
+        group_id=group,
+        group_size=2,
+        split="train",
+        prompt_ids=np.array(prompt, np.int32),
+        response_ids=np.array(response, np.int32),
+        response_mask=np.array(mask or [1] * n, np.uint8),
+        behaviour_logprobs=np.arange(n, dtype=np.float32) * -0.1,
+        reward=1.0,
+        policy_version=version,
+    )
 
 
 def groups_of_sizes(*sizes: int) -> list[list[RolloutRecord]]:
-    return [[record(f"g{i}a", f"g{i}", [1] * (s // 2 - 1), [2]), record(f"g{i}b", f"g{i}", [1] * (s // 2 - 1), [3])]
-            for i, s in enumerate(sizes)]
+    return [
+        [record(f"g{i}a", f"g{i}", [1] * (s // 2 - 1), [2]), record(f"g{i}b", f"g{i}", [1] * (s // 2 - 1), [3])]
+        for i, s in enumerate(sizes)
+    ]
 
 
 def test_pack_groups_keeps_groups_whole_and_under_the_budget():

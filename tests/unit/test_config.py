@@ -23,7 +23,7 @@ def test_cli_overrides_env_which_overrides_yaml(tmp_path):
     assert config.model == "/m" and config.backend == "hf"
     assert config.grpc.port == 2222  # env beats YAML
     assert config.scheduler.max_batch_tokens == 300  # CLI beats env
-    assert config.ops.port == 9101 and config.grpc.host == "0.0.0.0"  # defaults from DESIGN.md
+    assert config.ops.port == 9101 and config.grpc.host == "0.0.0.0"  # the documented defaults
 
 
 def test_boolean_and_literal_flags():

@@ -14,8 +14,8 @@ import math
 import pytest
 import torch
 
-from student_trainer.loss_config import LossConfig
-from student_trainer.losses import LossInputs, TeacherScores, compute_distillation_loss
+from student_trainer.loss.compute import LossInputs, TeacherScores, compute_distillation_loss
+from student_trainer.loss.config import LossConfig
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -118,8 +118,8 @@ def chunked_loss(hidden, weight, bias, inputs, teacher, cfg, step: int = 0):
 
 
 def assert_matches(got, want, **tol):
-    for name, g, r in zip(("loss", "d hidden", "d weight", "d bias"), got, want):
-        torch.testing.assert_close(g.double(), r, **tol, msg=lambda m: f"{name}: {m}")
+    for name, g, r in zip(("loss", "d hidden", "d weight", "d bias"), got, want, strict=False):
+        torch.testing.assert_close(g.double(), r, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 # ----------------------------------------------------------------------------- variants
@@ -150,15 +150,16 @@ def test_bfloat16_parameters_get_bfloat16_gradients_close_to_float32():
     want = chunked_loss(hidden, weight, bias, inputs, teacher, cfg)
     got = chunked_loss(hidden.bfloat16(), weight.bfloat16(), bias.bfloat16(), inputs, teacher, cfg)
     assert got[0].dtype == torch.float32 and all(g.dtype == torch.bfloat16 for g in got[1:4])
-    for g, w in zip(got[:4], want[:4]):
+    for g, w in zip(got[:4], want[:4], strict=True):
         scale = w.abs().max().item()
         torch.testing.assert_close(g.float(), w, rtol=0.0, atol=0.05 * scale)
 
 
 def test_fkl_to_rkl_blend_equals_the_weighted_mix_at_its_step():
     hidden, weight, bias, inputs, teacher = make_batch(seed=7)
-    cfg = LossConfig(divergence="fkl_to_rkl", schedule={"mode": "linear", "blend_start_step": 10,
-                                                        "blend_end_step": 30}, chunk_size=4)
+    cfg = LossConfig(
+        divergence="fkl_to_rkl", schedule={"mode": "linear", "blend_start_step": 10, "blend_end_step": 30}, chunk_size=4
+    )
     got = chunked_loss(hidden, weight, bias, inputs, teacher, cfg, step=15)
     assert got[4].reverse_kl_weight == pytest.approx(0.25)
     assert_matches(got[:4], reference_loss(hidden, weight, bias, inputs, teacher, cfg, reverse_weight=0.25), **TOL64)
@@ -187,10 +188,12 @@ def test_teacher_temperature_mismatch_is_refused():
 def test_topk_with_k_equal_to_vocab_equals_the_full_form(divergence):
     hidden, weight, bias, inputs, teacher = make_batch(seed=11, k=V)
     assert torch.isneginf(teacher.tail_logprobs).all()
-    topk = chunked_loss(hidden, weight, bias, inputs, teacher, LossConfig(divergence=divergence, support="topk",
-                                                                          chunk_size=5))
-    full = chunked_loss(hidden, weight, bias, inputs, teacher, LossConfig(divergence=divergence, support="full",
-                                                                          chunk_size=5))
+    topk = chunked_loss(
+        hidden, weight, bias, inputs, teacher, LossConfig(divergence=divergence, support="topk", chunk_size=5)
+    )
+    full = chunked_loss(
+        hidden, weight, bias, inputs, teacher, LossConfig(divergence=divergence, support="full", chunk_size=5)
+    )
     assert_matches(topk[:4], full[:4], **TOL64)
 
 
@@ -271,9 +274,12 @@ def test_minus_inf_teacher_logprobs_stay_finite_and_match_the_floored_reference(
 @pytest.mark.parametrize("divergence", ["fkl", "rkl", "jsd"])
 def test_teacher_tail_mass_near_zero(divergence, tail):
     hidden, weight, bias, inputs, teacher = make_batch(seed=12)
-    teacher = TeacherScores(teacher.token_logprobs, teacher.topk_ids,
-                            teacher.topk_logprobs - teacher.topk_logprobs.logsumexp(-1, keepdim=True),
-                            torch.full((N,), tail, dtype=torch.float64))
+    teacher = TeacherScores(
+        teacher.token_logprobs,
+        teacher.topk_ids,
+        teacher.topk_logprobs - teacher.topk_logprobs.logsumexp(-1, keepdim=True),
+        torch.full((N,), tail, dtype=torch.float64),
+    )
     cfg = LossConfig(divergence=divergence, support="topk", chunk_size=5)
     got = chunked_loss(hidden, weight, bias, inputs, teacher, cfg)
     assert all(torch.isfinite(t).all() for t in got[:4])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from student_trainer.loss_config import LossConfig
+from student_trainer.loss.config import LossConfig
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -64,6 +64,10 @@ def test_bad_combinations_raise_value_error_naming_the_field(overrides, named):
 
 
 def test_config_round_trips_through_a_plain_dict_as_yaml_would_give_it():
-    cfg = LossConfig(divergence="fkl_to_rkl", schedule={"mode": "linear", "blend_end_step": 50},
-                     token_selection={"enabled": True, "keep_fraction": 0.3}, rl_weight=0.5)
+    cfg = LossConfig(
+        divergence="fkl_to_rkl",
+        schedule={"mode": "linear", "blend_end_step": 50},
+        token_selection={"enabled": True, "keep_fraction": 0.3},
+        rl_weight=0.5,
+    )
     assert LossConfig.model_validate(cfg.model_dump()) == cfg

@@ -11,10 +11,10 @@ import math
 import pytest
 import torch
 
-from student_trainer.fused_linear import chunk_rows
-from student_trainer.loss_config import LossConfig
-from student_trainer.loss_planning import plan_rows, prescore_rows
-from student_trainer.losses import LossInputs, TeacherScores, compute_distillation_loss
+from student_trainer.loss.compute import LossInputs, TeacherScores, compute_distillation_loss
+from student_trainer.loss.config import LossConfig
+from student_trainer.loss.fused_linear import chunk_rows
+from student_trainer.loss.planning import plan_rows, prescore_rows
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -93,7 +93,7 @@ def grpo_rows(s, s_y):
 
 
 def assert_close_all(got, want):
-    for g, r in zip(got, want):
+    for g, r in zip(got, want, strict=False):
         torch.testing.assert_close(g, r, **TOL)
 
 
@@ -120,11 +120,12 @@ def test_a1_b0_is_pure_on_policy_distillation():
 def test_mixture_is_a_times_distill_plus_b_times_rl(divergence):
     hidden, weight, inputs, teacher = make_batch(seed=1)
     a, b = 0.3, 2.0
-    mixed = run(hidden, weight, inputs, teacher, LossConfig(divergence=divergence, distill_weight=a, rl_weight=b,
-                                                             chunk_size=3))
+    mixed = run(
+        hidden, weight, inputs, teacher, LossConfig(divergence=divergence, distill_weight=a, rl_weight=b, chunk_size=3)
+    )
     distill = run(hidden, weight, inputs, teacher, LossConfig(divergence=divergence, chunk_size=7))
     rl = reference(hidden, weight, inputs, grpo_rows)
-    assert_close_all(mixed[:3], [a * d + b * r for d, r in zip(distill[:3], rl)])
+    assert_close_all(mixed[:3], [a * d + b * r for d, r in zip(distill[:3], rl, strict=True)])
     assert mixed[3].distill_loss == pytest.approx(distill[0].item())
     assert mixed[3].rl_loss == pytest.approx(rl[0].item())
 
@@ -142,8 +143,9 @@ def test_ppo_clip_uses_behaviour_logprobs_and_zeroes_clipped_gradients():
             total = total - coef * torch.minimum(ratio * adv, ratio.clamp(0.9, 1.2) * adv)
         return total
 
-    ratio = torch.exp(torch.log_softmax(hidden @ weight.T, -1).gather(1, inputs.target_ids[:, None]).squeeze(1)
-                      - behaviour)
+    ratio = torch.exp(
+        torch.log_softmax(hidden @ weight.T, -1).gather(1, inputs.target_ids[:, None]).squeeze(1) - behaviour
+    )
     assert ((ratio < 0.9) | (ratio > 1.2)).any() and ((ratio > 0.9) & (ratio < 1.2)).any()
     assert_close_all(run(hidden, weight, inputs, teacher, cfg)[:3], reference(hidden, weight, inputs, rows))
 
@@ -169,7 +171,7 @@ def test_discounted_sampled_advantage_sums_future_terms_within_each_sequence():
     def rows(s, s_y):
         per_token = ((teacher.token_logprobs - s_y) * (inputs.loss_weights > 0)).detach().tolist()
         returns = [0.0] * N
-        for start, end in zip(CU_SEQLENS[:-1].tolist(), CU_SEQLENS[1:].tolist()):
+        for start, end in zip(CU_SEQLENS[:-1].tolist(), CU_SEQLENS[1:].tolist(), strict=True):
             for i in range(start, end):
                 returns[i] = sum(gamma ** (j - i) * per_token[j] for j in range(i, end))
         return -torch.tensor(returns, dtype=torch.float64) * torch.exp(s_y - s_y.detach())
@@ -183,8 +185,11 @@ def test_discounted_sampled_advantage_sums_future_terms_within_each_sequence():
 
 def test_reward_softmax_and_pass_rate_scale_each_sequence_without_renormalising():
     hidden, weight, inputs, teacher = make_batch(seed=4)
-    cfg = LossConfig(reward_softmax={"enabled": True, "beta": 0.5},
-                     pass_rate={"enabled": True, "alpha": 1.0, "beta": 1.0, "floor": 0.1}, chunk_size=5)
+    cfg = LossConfig(
+        reward_softmax={"enabled": True, "beta": 0.5},
+        pass_rate={"enabled": True, "alpha": 1.0, "beta": 1.0, "floor": 0.1},
+        chunk_size=5,
+    )
     softmax = torch.cat([torch.softmax(REWARDS[:2] / 0.5, 0) * 2, torch.softmax(REWARDS[2:] / 0.5, 0) * 2])
     pass_rate = torch.tensor([0.5, 0.5, 1.0, 1.0], dtype=torch.float64)
     frontier = (pass_rate * (1 - pass_rate)).clamp(min=0.1)
@@ -258,8 +263,10 @@ def test_tip_scores_are_student_entropy_and_symmetric_jsd_over_the_chosen_suppor
     s = torch.log_softmax(hidden @ weight.T, -1)
     if jsd_support == "topk":  # both sides restricted to the teacher's top-k and renormalised
         s_b = s.gather(1, teacher.topk_ids)
-        s_b, t_b = s_b - s_b.logsumexp(-1, keepdim=True), teacher.topk_logprobs - teacher.topk_logprobs.logsumexp(
-            -1, keepdim=True)
+        s_b, t_b = (
+            s_b - s_b.logsumexp(-1, keepdim=True),
+            teacher.topk_logprobs - teacher.topk_logprobs.logsumexp(-1, keepdim=True),
+        )
     else:
         s_b, t_b = s, teacher.full_logprobs
     log_m = ((s_b.exp() + t_b.exp()) / 2).log()

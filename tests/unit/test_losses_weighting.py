@@ -1,4 +1,4 @@
-"""Specification of the weighting rules (DESIGN.md, "The weighting rules, as published")."""
+"""Specification of the weighting rules of `student_trainer/loss/weighting.py` (TIP, reward softmax, PACED, GRPO)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from student_trainer import weighting as wt
-from student_trainer.loss_config import ScheduleConfig
+from student_trainer.loss import weighting as wt
+from student_trainer.loss.config import ScheduleConfig
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -36,8 +36,9 @@ def test_reward_softmax_with_large_beta_is_uniform_and_survives_huge_rewards():
 
 
 def test_pass_rate_is_share_of_group_with_positive_reward():
-    torch.testing.assert_close(wt.pass_rates(REWARDS, GROUPS),
-                               torch.tensor([2 / 3, 2 / 3, 2 / 3, 0.5, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(
+        wt.pass_rates(REWARDS, GROUPS), torch.tensor([2 / 3, 2 / 3, 2 / 3, 0.5, 0.5], dtype=torch.float64)
+    )
 
 
 def test_paced_weight_is_p_alpha_times_one_minus_p_beta():
@@ -130,7 +131,10 @@ def test_row_coefficients_modes(mode):
     counted = torch.tensor([1.0, 1.0, 0.0, 1.0])
     seq = torch.tensor([0, 0, 1, 2])
     got = wt.row_coefficients(weights, counted, seq, 3, mode)
-    want = {"token_mean": [1 / 3, 2 / 3, 0, 1 / 3], "sequence_mean": [1 / 4, 2 / 4, 0, 1 / 2],
-            "sum": [1.0, 2.0, 0.0, 1.0]}[mode]
+    want = {
+        "token_mean": [1 / 3, 2 / 3, 0, 1 / 3],
+        "sequence_mean": [1 / 4, 2 / 4, 0, 1 / 2],
+        "sum": [1.0, 2.0, 0.0, 1.0],
+    }[mode]
     assert got.tolist() == pytest.approx(want)
     assert wt.row_coefficients(weights * 0, counted * 0, seq, 3, mode).tolist() == [0.0] * 4

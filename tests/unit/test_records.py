@@ -109,5 +109,6 @@ def test_policy_wrong_schema_says_which_version_is_read() -> None:
 
 
 def test_records_import_without_torch() -> None:
-    code = "import sys, protos.records, opd.streams, opd.prompts; assert 'torch' not in sys.modules, 'torch'"
+    code = ("import sys, protos.records, opd.streams, opd.stream_consumer, opd.policy, opd.prompts; "
+            "assert 'torch' not in sys.modules, 'torch'")
     subprocess.run([sys.executable, "-c", code], check=True)

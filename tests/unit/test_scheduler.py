@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from teacher_server.config import SchedulerConfig
-from teacher_server.engine import EngineInfo, ScoreResult, ScoreWork, TeacherEngine
+from teacher_server.engine import ScoreResult, ScoreWork, TeacherEngine
 from teacher_server.errors import DeadlineExpired, Draining, QueueFull
+from teacher_server.info import TeacherInfo
 from teacher_server.metrics import TeacherMetrics
 from teacher_server.scheduler import FairScheduler
 
@@ -19,7 +20,17 @@ pytestmark = pytest.mark.timeout(30)
 class RecordingEngine(TeacherEngine):
     """Answers instantly (after an optional gate) and records which work ran in which batch."""
 
-    info = EngineInfo("fake", "fake", 100, "f", 1000, 8, False, False, "float32")
+    info = TeacherInfo(
+        model_name="fake",
+        backend="fake",
+        vocab_size=100,
+        tokenizer_fingerprint="f",
+        max_model_len=1000,
+        max_top_k=8,
+        supports_full_vocab=False,
+        supports_temperature=False,
+        dtype="float32",
+    )
 
     def __init__(self) -> None:
         self.batches: list[list[int]] = []
@@ -29,9 +40,15 @@ class RecordingEngine(TeacherEngine):
     async def score_batch(self, works):
         await self.gate.wait()
         self.batches.append([int(w.token_ids[0]) for w in works])
-        return [ScoreResult(np.zeros(w.num_positions, np.float32), np.zeros((w.num_positions, 0), np.int32),
-                            np.zeros((w.num_positions, 0), np.float32), np.zeros(w.num_positions, np.float32))
-                for w in works]
+        return [
+            ScoreResult(
+                np.zeros(w.num_positions, np.float32),
+                np.zeros((w.num_positions, 0), np.int32),
+                np.zeros((w.num_positions, 0), np.float32),
+                np.zeros(w.num_positions, np.float32),
+            )
+            for w in works
+        ]
 
     async def generate(self, work):
         raise NotImplementedError

@@ -1,0 +1,131 @@
+"""The demo's models, built without a model hub.
+
+- `truncated_student(teacher_dir, keep_layers)`: the teacher with most decoder
+  layers removed, initialised from the teacher's own layers (evenly spaced,
+  first and last kept) and sharing its tokenizer — a student that starts close
+  enough to the teacher to sample sensible text and far enough to have
+  something to learn.
+- `tiny_pair(dir)`: a random tiny teacher and student (Qwen2-style, head_dim
+  64, float32) with an offline byte-level BPE tokenizer, for `opd demo --quick`
+  and the tests.
+Both write Hugging Face directories that transformers and vLLM load.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is 12 + 30? The answer is 42.",
+    "Distillation trains a small student to match a large teacher.",
+    "Please put the final answer in \\boxed{}.",
+    "user: hello there\nassistant: hi, how can I help you today?",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 100 1000.",
+    '<tool_call>{"name": "calculator", "arguments": {"expression": "2*3"}}</tool_call>',
+] * 20
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tokenizer(vocab_size: int = 384):
+    """A byte-level BPE trained on a small built-in corpus, with a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None, unk_token=None
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_model(
+    path: Path, *, arch: str = "qwen2", num_layers: int = 2, hidden_size: int = 128, seed: int = 0, tokenizer=None
+) -> Path:
+    """Save a random tiny causal LM + tokenizer to `path` and return it."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    tokenizer = tokenizer or build_tokenizer()
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=hidden_size // 64,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        dtype="float32",
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    config = Qwen2Config(**common) if arch == "qwen2" else LlamaConfig(**common)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # larger logits than the default init, so distributions are far from uniform
+        model.get_output_embeddings().weight.mul_(20.0)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_pair(root: Path) -> tuple[Path, Path]:
+    """(teacher, student) tiny random models with one tokenizer, built once under `root`."""
+    teacher, student = root / "tiny-teacher", root / "tiny-student"
+    if not (teacher / "config.json").is_file():
+        build_tiny_model(teacher, seed=5)
+    if not (student / "config.json").is_file():
+        build_tiny_model(student, seed=0)
+    return teacher, student
+
+
+def kept_layers(total: int, keep: int) -> list[int]:
+    """`keep` evenly spaced layer indices of `total`, the first and the last included."""
+    if keep >= total:
+        return list(range(total))
+    if keep == 1:
+        return [total - 1]
+    return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
+
+
+def truncated_student(teacher_dir: Path, target: Path, keep_layers: int) -> Path:
+    """Write the teacher with only `keep_layers` decoder layers (copied from the teacher) to `target`, once."""
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    layers = model.get_decoder().layers
+    keep = kept_layers(len(layers), keep_layers)
+    model.get_decoder().layers = torch.nn.ModuleList([layers[i] for i in keep])
+    for new_index, layer in enumerate(model.get_decoder().layers):
+        if hasattr(layer, "self_attn") and hasattr(layer.self_attn, "layer_idx"):
+            layer.self_attn.layer_idx = new_index
+    model.config.num_hidden_layers = len(keep)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in keep]
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(tmp)
+    tmp.rename(target)
+    return target

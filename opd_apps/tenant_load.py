@@ -1,0 +1,125 @@
+"""Load generators for the multi-tenant benchmark: one student = one channel, open-loop or saturating.
+
+Owns how a tenant sends `Score` requests (a fixed rate whatever the replies,
+or a fixed number always outstanding), what is recorded per request (status
+code, latency, the server's `retry-after-s` hint) and reading the teacher's
+per-client counters from its ops `/metrics`. Raw gRPC stubs, no retries: every
+status the teacher answers is counted as it was answered. Does not start the
+teacher or decide what the numbers mean (`bench_tenants.py` does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import zlib
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+import grpc
+import httpx
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from protos import teacher_pb2 as pb
+from protos import teacher_pb2_grpc as pb_grpc
+from protos.arrays import pack
+
+
+@dataclass
+class Tally:
+    """What one tenant saw: status codes, latencies of answered requests (s), retry hints of rejections (s)."""
+
+    codes: Counter[str] = field(default_factory=Counter)
+    ok_latency_s: list[float] = field(default_factory=list)
+    retry_hints_s: list[float] = field(default_factory=list)
+    ok_positions: int = 0
+
+    @property
+    def ok(self) -> int:
+        return self.codes["OK"]
+
+    @property
+    def errors(self) -> int:
+        return sum(n for code, n in self.codes.items() if code != "OK")
+
+    def p50_ms(self) -> float:
+        return float(np.median(self.ok_latency_s) * 1000) if self.ok_latency_s else float("nan")
+
+
+class Tenant:
+    """One student: its own channel (own connection) and bearer token; sends one fixed sequence."""
+
+    def __init__(self, address: str, name: str, token: str, seq_len: int, top_k: int, vocab_size: int) -> None:
+        self.name = name
+        self._channel = grpc.aio.insecure_channel(address)
+        self._stub = pb_grpc.TeacherStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),)
+        ids = np.random.default_rng(zlib.crc32(name.encode())).integers(0, vocab_size, seq_len).astype(np.int32)
+        self.request = pb.ScoreRequest(token_ids=pack(ids, pb.INT32), score_from=1, top_k=top_k)
+        self.positions = seq_len - 1
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _one(self, tally: Tally, timeout_s: float) -> None:
+        started = time.perf_counter()
+        try:
+            await self._stub.Score(self.request, timeout=timeout_s, metadata=self._metadata)
+        except grpc.aio.AioRpcError as err:
+            tally.codes[err.code().name] += 1
+            hint = [float(v) for k, v in (err.trailing_metadata() or ()) if k == "retry-after-s"]
+            tally.retry_hints_s += hint
+            return
+        tally.codes["OK"] += 1
+        tally.ok_latency_s.append(time.perf_counter() - started)
+        tally.ok_positions += self.positions
+
+    async def open_loop(self, rate_per_s: float, duration_s: float, timeout_s: float) -> Tally:
+        """Send at `rate_per_s` for `duration_s` whatever the replies (request i at i / rate); wait for all."""
+        tally, tasks = Tally(), []
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for i in range(max(1, round(rate_per_s * duration_s))):
+            delay = start + i / rate_per_s - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(self._one(tally, timeout_s)))
+        await asyncio.gather(*tasks)
+        return tally
+
+    async def saturate(self, outstanding: int, stop: asyncio.Event, timeout_s: float) -> Tally:
+        """Keep `outstanding` requests in flight until `stop` is set."""
+        tally = Tally()
+
+        async def worker() -> None:
+            while not stop.is_set():
+                await self._one(tally, timeout_s)
+
+        await asyncio.gather(*(worker() for _ in range(outstanding)))
+        return tally
+
+
+def read_client_metrics(ops_url: str) -> dict[str, dict]:
+    """Per-client teacher counters from `/metrics`: scored positions, and requests by (rpc, code)."""
+    text = httpx.get(f"{ops_url}/metrics", timeout=30).text
+    scored: dict[str, float] = defaultdict(float)
+    requests: dict[str, Counter] = defaultdict(Counter)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "opd_teacher_scored_tokens_total":
+                scored[sample.labels["client"]] += sample.value
+            elif sample.name == "opd_teacher_requests_total":
+                labels = sample.labels
+                requests[labels["client"]][(labels["rpc"], labels["code"])] += sample.value
+    return {"scored": dict(scored), "requests": {c: dict(v) for c, v in requests.items()}}
+
+
+def metrics_delta(before: dict[str, dict], after: dict[str, dict]) -> dict[str, dict]:
+    """`after - before` of two `read_client_metrics` snapshots."""
+    scored = {c: v - before["scored"].get(c, 0.0) for c, v in after["scored"].items()}
+    requests = {
+        c: {k: v - before["requests"].get(c, {}).get(k, 0.0) for k, v in counts.items()}
+        for c, counts in after["requests"].items()
+    }
+    return {"scored": scored, "requests": requests}

@@ -1,0 +1,14 @@
+"""The distillation losses of the student trainer, computed in chunks from hidden states.
+
+One entry point, `compute_distillation_loss` (`compute`), and the data that
+crosses it (`inputs`: `TeacherScores`, `LossInputs`, `LossStats`; `config`:
+`LossConfig`). Inside: the registry of divergences (`registry`: name ->
+function + what it needs from the teacher), their formulas (`divergences`),
+the weighting rules (`weighting`), the per-row plan of a step (`planning`)
+and the chunked lm-head pass that bounds memory (`fused_linear`).
+
+To add a divergence, write its function and add its row to
+`registry.DIVERGENCES`; nothing else changes. This file imports nothing, so
+that `loss.config` and `loss.registry` load without torch: import from the
+modules.
+"""

@@ -1,0 +1,179 @@
+"""Typed configuration of the distillation losses (data only).
+
+Owns `LossConfig` and its nested sub-configs: which divergence (a name in
+`student_trainer.loss.registry`), over which support, the temperatures, the
+policy-gradient knobs shared by sampled-token divergences and the GRPO term,
+token selection (TIP), sample weighting (reward softmax, PACED pass-rate
+frontier) and the forward-then-reverse KL schedule. It does not compute
+anything: `student_trainer.loss.compute` reads it. The trainer nests
+`LossConfig` in its own config, so YAML presets, environment variables and
+CLI flags reach it through the shared loader in `opd/`. Imports no torch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from student_trainer.loss.registry import DIVERGENCES, divergence
+
+Support = Literal["topk", "full"]
+Normalization = Literal["token_mean", "sequence_mean", "sum"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TokenSelectionConfig(_Strict):
+    """TIP token selection (arXiv 2604.14084), as `weighting.tip_weights` and `select_tokens` apply it."""
+
+    enabled: bool = Field(False, description="Keep only a weighted random fraction of response tokens (TIP).")
+    keep_fraction: float = Field(
+        0.5, gt=0.0, le=1.0, description="rho: share of the valid tokens kept, drawn without replacement."
+    )
+    entropy_exponent: float = Field(
+        1.0, ge=0.0, description="alpha in w = e^alpha * d^gamma (e: student entropy / ln V)."
+    )
+    divergence_exponent: float = Field(
+        0.0, ge=0.0, description="gamma in w = e^alpha * d^gamma (d: JSD(p_S, p_T) / ln 2); 0 = entropy only."
+    )
+    jsd_support: Support = Field(
+        "topk",
+        description="Distribution for d: 'topk' = teacher's top-k ids, both sides renormalised; "
+        "'full' = whole vocabulary.",
+    )
+    seed: int = Field(0, ge=0, description="Seed of the draw; the step is added, so runs are reproducible.")
+
+
+class RewardSoftmaxConfig(_Strict):
+    """Reward-weighted distillation (the seed repository's `reward_beta`)."""
+
+    enabled: bool = Field(False, description="Weight samples by softmax(reward / beta) within their group.")
+    beta: float = Field(1.0, gt=0.0, description="Softmax temperature over group rewards; weights average 1.")
+
+
+class PassRateConfig(_Strict):
+    """Pass-rate frontier prompt weight (PACED, arXiv 2603.11178)."""
+
+    enabled: bool = Field(False, description="Weight groups by w(p) = p^alpha (1 - p)^beta, p = share with reward > 0.")
+    alpha: float = Field(1.0, ge=0.0, description="Exponent of the pass rate p.")
+    beta: float = Field(1.0, ge=0.0, description="Exponent of the failure rate 1 - p.")
+    floor: float = Field(0.0, ge=0.0, le=1.0, description="Lower bound of w(p); 0 drops groups with p = 0 or 1.")
+
+
+class ScheduleConfig(_Strict):
+    """Forward-then-reverse KL schedule (PACED); used by scheduled divergences ('fkl_to_rkl')."""
+
+    mode: Literal["switch", "linear"] = Field(
+        "switch", description="'switch': forward KL before switch_step, reverse KL from it; 'linear': blend."
+    )
+    switch_step: int = Field(1000, ge=0, description="First step of pure reverse KL in 'switch' mode.")
+    blend_start_step: int = Field(0, ge=0, description="Last step of pure forward KL in 'linear' mode.")
+    blend_end_step: int = Field(1000, ge=0, description="First step of pure reverse KL in 'linear' mode.")
+
+    @model_validator(mode="after")
+    def _check_blend(self) -> ScheduleConfig:
+        if self.mode == "linear" and self.blend_end_step <= self.blend_start_step:
+            raise ValueError(
+                f"schedule.blend_end_step ({self.blend_end_step}) must be greater than "
+                f"schedule.blend_start_step ({self.blend_start_step})"
+            )
+        return self
+
+
+class PolicyGradientConfig(_Strict):
+    """Importance ratio shared by the sampled reverse KL and the GRPO term."""
+
+    importance: Literal["none", "ppo_clip"] = Field(
+        "none",
+        description="'ppo_clip': ratio exp(log p_S - behaviour log-prob) in PPO's clipped surrogate; "
+        "'none': on-policy score-function gradient.",
+    )
+    clip_low: float = Field(0.2, ge=0.0, lt=1.0, description="Ratio lower clip 1 - clip_low.")
+    clip_high: float = Field(0.2, ge=0.0, description="Ratio upper clip 1 + clip_high.")
+
+
+class RlConfig(_Strict):
+    """GRPO group-normalised reward advantages (Shao et al. 2024, DeepSeekMath)."""
+
+    scale_by_std: bool = Field(True, description="Divide advantages by the group's reward std (False: Dr. GRPO).")
+    std_epsilon: float = Field(1e-6, gt=0.0, description="Added to the group std before dividing.")
+
+
+class LossConfig(_Strict):
+    """Everything `compute_distillation_loss` needs besides tensors and the step."""
+
+    divergence: str = Field(
+        "rkl_sampled",
+        description="Distillation term, a name in student_trainer/loss/registry.py: rkl_sampled (sampled-token "
+        "reverse KL), fkl (forward KL), rkl (reverse KL), jsd (JSD(beta)), fkl_to_rkl (forward-then-reverse "
+        "KL under `schedule`).",
+    )
+    support: Support = Field(
+        "topk",
+        description="For divergences over distributions (fkl/rkl/jsd/fkl_to_rkl): teacher top-k plus "
+        "tail bucket, or full teacher log-probs; sampled-token divergences ignore it.",
+    )
+    jsd_beta: float = Field(0.5, gt=0.0, lt=1.0, description="beta of JSD(beta) (GKD): M = beta p_T + (1-beta) p_S.")
+    distill_weight: float = Field(1.0, ge=0.0, description="a in loss = a * distill + b * rl.")
+    rl_weight: float = Field(0.0, ge=0.0, description="b in loss = a * distill + b * rl (GRPO term).")
+    student_temperature: float = Field(
+        1.0, gt=0.0, description="Student logits are divided by this (match the sampling temperature)."
+    )
+    teacher_temperature: float = Field(
+        1.0, gt=0.0, description="Temperature the teacher was asked to apply; scores must report the same."
+    )
+    discount: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Sampled-token divergences (rkl_sampled): the advantage sums future per-token "
+        "terms with this discount.",
+    )
+    logprob_floor: float = Field(
+        -100.0, lt=0.0, description="Log-probs below this (including -inf) are raised to it, so KLs stay finite."
+    )
+    normalization: Normalization = Field(
+        "token_mean", description="Reduce per-token losses by kept-token mean, per-sequence mean, or sum."
+    )
+    chunk_size: int | None = Field(
+        None,
+        ge=1,
+        description="Rows per lm-head chunk; None: rows such that one [rows, V] fp32 tensor "
+        "is chunk_budget_mib (peak extra memory is a few such tensors).",
+    )
+    chunk_budget_mib: float = Field(
+        128.0, gt=0.0, description="Size of one [rows, V] fp32 chunk tensor when chunk_size is None."
+    )
+    policy_gradient: PolicyGradientConfig = Field(default_factory=PolicyGradientConfig)
+    rl: RlConfig = Field(default_factory=RlConfig)
+    token_selection: TokenSelectionConfig = Field(default_factory=TokenSelectionConfig)
+    reward_softmax: RewardSoftmaxConfig = Field(default_factory=RewardSoftmaxConfig)
+    pass_rate: PassRateConfig = Field(default_factory=PassRateConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+    @field_validator("divergence")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        divergence(name)  # ValueError listing the registered names
+        return name
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> LossConfig:
+        if self.distill_weight == 0.0 and self.rl_weight == 0.0:
+            raise ValueError("distill_weight and rl_weight are both 0: set at least one of them above 0")
+        row = DIVERGENCES[self.divergence]
+        if self.discount > 0.0 and not row.sampled:
+            sampled = sorted(name for name, r in DIVERGENCES.items() if r.sampled)
+            raise ValueError(
+                f"discount > 0 needs a sampled-token divergence ({', '.join(sampled)}), "
+                f"got divergence={self.divergence!r}"
+            )
+        if not row.sampled and self.support not in row.needs:
+            raise ValueError(
+                f"divergence={self.divergence!r} cannot use support={self.support!r}: it works on "
+                f"{' or '.join(sorted(row.needs))}; set support accordingly"
+            )
+        return self

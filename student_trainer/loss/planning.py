@@ -1,0 +1,171 @@
+"""Per-row plan of one loss step: which rows count, with which coefficient.
+
+Owns the step before the gradient pass: an optional no-grad chunked pre-pass
+over the lm-head (student entropy and TIP's JSD for token selection, sampled
+log-probs for discounted advantages), then token selection, sample weights,
+the reduction coefficients of the distillation and RL terms, GRPO advantages
+and the schedule's reverse-KL weight. The rules themselves live in
+`student_trainer.loss.weighting`; the pre-pass reuses `fused_linear.run_chunks`
+and the formulas of `student_trainer.loss.divergences`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from student_trainer.loss import divergences as dv
+from student_trainer.loss import weighting as wt
+from student_trainer.loss.config import LossConfig
+from student_trainer.loss.fused_linear import chunk_slices, compute_dtype, run_chunks
+from student_trainer.loss.inputs import LossInputs, TeacherScores
+from student_trainer.loss.registry import DivergenceArgs, divergence
+
+
+@dataclass
+class RowPlan:
+    """Per-row tensors [N] the chunk function reads (compute dtype)."""
+
+    valid_N: Tensor  # bool, loss weight > 0
+    kept_N: Tensor  # bool, valid and selected (TIP)
+    distill_coef_N: Tensor  # c_i of the distillation term (before distill_weight a)
+    rl_coef_N: Tensor  # c_i of the RL term (before rl_weight b), 0 when b = 0
+    distill_advantage_N: Tensor | None  # discounted sampled-token advantage, if discount > 0
+    rl_advantage_N: Tensor | None  # GRPO advantage of the row's sequence, if b > 0
+    reverse_weight: float  # schedule weight of reverse KL
+
+
+@dataclass
+class RowScores:
+    """No-grad per-row scores of the pre-pass, [N] (rows without loss weight stay 0)."""
+
+    entropy_N: Tensor  # student entropy H(p_S), nats
+    logp_N: Tensor  # student log-prob of the target token
+    jsd_N: Tensor | None  # symmetric JSD(p_S, p_T) over TIP's support, when TIP needs it
+
+
+def plan_rows(
+    hidden_NH: Tensor,
+    weight_VH: Tensor,
+    bias_V: Tensor | None,
+    inputs: LossInputs,
+    teacher: TeacherScores,
+    config: LossConfig,
+    step: int,
+    rows_per_chunk: int,
+) -> RowPlan:
+    """Selection, weights, coefficients and advantages for one step (no gradient)."""
+    dtype = compute_dtype(hidden_NH.dtype)
+    n, num_seqs = hidden_NH.shape[0], inputs.cu_seqlens.numel() - 1
+    seq_N = wt.sequence_index(inputs.cu_seqlens, n)
+    token_w_N = inputs.loss_weights.to(dtype)
+    valid_N = token_w_N > 0
+    pre = None
+    if config.token_selection.enabled or config.discount > 0:
+        pre = prescore_rows(hidden_NH, weight_VH, bias_V, inputs, teacher, config, valid_N, rows_per_chunk)
+    kept_N = _select(pre, valid_N, weight_VH.shape[0], config, step)
+    counted_N = token_w_N * kept_N
+    sample_w_N = _sample_weights(inputs, config, dtype)[seq_N] if num_seqs else torch.ones_like(token_w_N)
+    distill_advantage_N = None
+    row = divergence(config.divergence)
+    if config.discount > 0:  # a sampled-token divergence (LossConfig checks): reward -d per token, discounted
+        per_token_N = -row.function()(pre.logp_N, teacher.token_logprobs, DivergenceArgs(config.logprob_floor))
+        distill_advantage_N = wt.discounted_returns(per_token_N * valid_N, inputs.cu_seqlens, config.discount)
+    rl_coef_N, rl_advantage_N = _rl_rows(inputs, config, token_w_N, seq_N)
+    return RowPlan(
+        valid_N=valid_N,
+        kept_N=kept_N,
+        distill_coef_N=wt.row_coefficients(counted_N * sample_w_N, counted_N, seq_N, num_seqs, config.normalization),
+        rl_coef_N=rl_coef_N,
+        distill_advantage_N=distill_advantage_N,
+        rl_advantage_N=rl_advantage_N,
+        reverse_weight=wt.reverse_kl_weight(config.schedule, step) if row.scheduled else 1.0,
+    )
+
+
+def _rl_rows(inputs: LossInputs, config: LossConfig, token_w_N: Tensor, seq_N: Tensor) -> tuple[Tensor, Tensor | None]:
+    """RL coefficients over all valid tokens (no selection, no sample weights) and GRPO advantages."""
+    if config.rl_weight == 0:
+        return torch.zeros_like(token_w_N), None
+    num_seqs = inputs.cu_seqlens.numel() - 1
+    rl_coef_N = wt.row_coefficients(token_w_N, token_w_N, seq_N, num_seqs, config.normalization)
+    rewards_S = inputs.rewards.to(token_w_N.dtype)
+    advantages_S = wt.grpo_advantages(rewards_S, inputs.group_ids, config.rl.scale_by_std, config.rl.std_epsilon)
+    return rl_coef_N, advantages_S.to(token_w_N.device)[seq_N]
+
+
+def _select(pre: RowScores | None, valid_N: Tensor, vocab_size: int, config: LossConfig, step: int) -> Tensor:
+    ts = config.token_selection
+    if not ts.enabled:
+        return valid_N.clone()
+    weight_N = wt.tip_weights(pre.entropy_N, pre.jsd_N, vocab_size, ts.entropy_exponent, ts.divergence_exponent)
+    generator = torch.Generator().manual_seed(ts.seed + step)
+    return wt.select_tokens(weight_N, valid_N, ts.keep_fraction, generator)
+
+
+def _sample_weights(inputs: LossInputs, config: LossConfig, dtype: torch.dtype) -> Tensor:
+    """Product of the enabled sample weightings, [S] (ones if none)."""
+    num_seqs = inputs.cu_seqlens.numel() - 1
+    weights_S = torch.ones(num_seqs, dtype=dtype, device=inputs.cu_seqlens.device)
+    if config.reward_softmax.enabled:
+        rewards = inputs.rewards.to(dtype)
+        weights_S = weights_S * wt.reward_softmax_weights(rewards, inputs.group_ids, config.reward_softmax.beta)
+    if config.pass_rate.enabled:
+        pr = config.pass_rate
+        rewards = inputs.rewards.to(dtype)
+        weights_S = weights_S * wt.pass_rate_weights(rewards, inputs.group_ids, pr.alpha, pr.beta, pr.floor)
+    return weights_S.to(inputs.loss_weights.device)
+
+
+def prescore_rows(
+    hidden_NH: Tensor,
+    weight_VH: Tensor,
+    bias_V: Tensor | None,
+    inputs: LossInputs,
+    teacher: TeacherScores,
+    config: LossConfig,
+    valid_N: Tensor,
+    rows_per_chunk: int,
+) -> RowScores:
+    """No-grad chunked pass: student entropy, sampled log-prob and (if TIP needs it) JSD per row."""
+    dtype = compute_dtype(hidden_NH.dtype)
+    n = hidden_NH.shape[0]
+    ts = config.token_selection
+    want_jsd = ts.enabled and ts.divergence_exponent > 0
+    out = RowScores(
+        entropy_N=torch.zeros(n, dtype=dtype, device=hidden_NH.device),
+        logp_N=torch.zeros(n, dtype=dtype, device=hidden_NH.device),
+        jsd_N=torch.zeros(n, dtype=dtype, device=hidden_NH.device) if want_jsd else None,
+    )
+
+    def score_chunk(logits_CV: Tensor, rows: slice, need_grad: bool) -> tuple[Tensor, None]:
+        student = dv.student_chunk(logits_CV, config.student_temperature, config.logprob_floor)
+        out.entropy_N[rows] = dv.entropy_rows(student)
+        out.logp_N[rows] = student.logprobs_CV.gather(1, inputs.target_ids[rows].long()[:, None]).squeeze(1)
+        if want_jsd:
+            out.jsd_N[rows] = _tip_jsd(student, teacher, rows, config)
+        return logits_CV.new_zeros(()), None
+
+    with torch.no_grad():
+        run_chunks(
+            hidden_NH.detach(),
+            weight_VH.detach(),
+            None if bias_V is None else bias_V.detach(),
+            score_chunk,
+            chunk_slices(valid_N, rows_per_chunk),
+        )
+    return out
+
+
+def _tip_jsd(student: dv.StudentChunk, teacher: TeacherScores, rows: slice, config: LossConfig) -> Tensor:
+    """Symmetric JSD(p_S, p_T) (beta = 1/2, at most ln 2) over TIP's support, [C]."""
+    floor = config.logprob_floor
+    if config.token_selection.jsd_support == "full":
+        buckets = dv.full_buckets(student, teacher.full_logprobs[rows])
+    else:
+        buckets = dv.renormalised_topk(student, teacher.topk_ids[rows], teacher.topk_logprobs[rows], floor)
+    jsd_C, _ = dv.jsd(buckets.student_CB, buckets.student_probs_CB, buckets.teacher_CB, DivergenceArgs(floor, 0.5))
+    return jsd_C.clamp(min=0.0, max=math.log(2.0))

@@ -1,0 +1,174 @@
+"""Which tokens and samples count, and by how much.
+
+Owns the weighting rules, as their papers publish them: TIP token selection
+(arXiv 2604.14084), reward-softmax sample weights, the PACED (arXiv 2603.11178) pass-rate
+frontier weight and forward-then-reverse KL schedule, GRPO group advantages,
+discounted sampled-token advantages, and the reduction of per-token losses
+to per-row coefficients. All functions take small per-token `[N]` or
+per-sequence `[S]` tensors and no logits; nothing here needs a gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from student_trainer.loss.config import Normalization, ScheduleConfig
+
+
+def sequence_index(cu_seqlens_S1: Tensor, num_rows: int) -> Tensor:
+    """Sequence index [N] of every row, from cumulative lengths [S + 1] (0, ..., N)."""
+    lengths_S = cu_seqlens_S1.diff().long()
+    seq_ids_S = torch.arange(lengths_S.numel(), device=cu_seqlens_S1.device)
+    seq_N = torch.repeat_interleave(seq_ids_S, lengths_S, output_size=num_rows)
+    return seq_N
+
+
+def _groups(group_ids_S: Tensor) -> tuple[Tensor, int]:
+    _, inverse_S = torch.unique(group_ids_S, return_inverse=True)
+    return inverse_S, int(inverse_S.max().item()) + 1 if inverse_S.numel() else 0
+
+
+def _group_sum(values_S: Tensor, inverse_S: Tensor, num_groups: int) -> Tensor:
+    return torch.zeros(num_groups, dtype=values_S.dtype, device=values_S.device).index_add_(0, inverse_S, values_S)
+
+
+def reward_softmax_weights(rewards_S: Tensor, group_ids_S: Tensor, beta: float) -> Tensor:
+    """Sample weights [S]: within each group g of size n_g, w_i = n_g softmax(r / beta)_i.
+
+    Reward-weighted distillation as the seed repository's `reward_beta` does
+    it; the n_g factor makes the weights of a group average 1.
+    """
+    inverse_S, num_groups = _groups(group_ids_S)
+    scaled_S = rewards_S.double() / beta
+    group_max_G = torch.full((num_groups,), -math.inf, dtype=scaled_S.dtype, device=scaled_S.device)
+    group_max_G = group_max_G.scatter_reduce(0, inverse_S, scaled_S, reduce="amax")
+    exp_S = (scaled_S - group_max_G[inverse_S]).exp()
+    sizes_G = _group_sum(torch.ones_like(exp_S), inverse_S, num_groups)
+    weights_S = exp_S / _group_sum(exp_S, inverse_S, num_groups)[inverse_S] * sizes_G[inverse_S]
+    return weights_S.to(rewards_S.dtype)
+
+
+def pass_rates(rewards_S: Tensor, group_ids_S: Tensor) -> Tensor:
+    """Empirical pass rate [S] of each sample's group: share of the group with reward > 0."""
+    inverse_S, num_groups = _groups(group_ids_S)
+    passed_S = (rewards_S > 0).double()
+    sizes_G = _group_sum(torch.ones_like(passed_S), inverse_S, num_groups)
+    return (_group_sum(passed_S, inverse_S, num_groups) / sizes_G)[inverse_S]
+
+
+def pass_rate_weights(rewards_S: Tensor, group_ids_S: Tensor, alpha: float, beta: float, floor: float) -> Tensor:
+    """Prompt weights [S] of PACED (arXiv 2603.11178): w(p) = max(p^alpha (1 - p)^beta, floor).
+
+    p is the group's pass rate; a group that always or never passes (p = 1 or
+    0) gets weight 0 (for alpha, beta > 0) unless `floor` > 0.
+    """
+    p_S = pass_rates(rewards_S, group_ids_S)
+    weights_S = p_S.pow(alpha) * (1.0 - p_S).pow(beta)
+    return weights_S.clamp(min=floor).to(rewards_S.dtype)
+
+
+def grpo_advantages(rewards_S: Tensor, group_ids_S: Tensor, scale_by_std: bool, std_epsilon: float) -> Tensor:
+    """Group-normalised advantages [S] of GRPO (Shao et al. 2024, DeepSeekMath):
+
+        A_i = (r_i - mean_g(r)) / (std_g(r) + eps)     (std: unbiased, as TRL)
+        A_i = r_i - mean_g(r)                            (scale_by_std=False, Dr. GRPO)
+
+    A group of one sample has advantage 0.
+    """
+    inverse_S, num_groups = _groups(group_ids_S)
+    r_S = rewards_S.double()
+    sizes_G = _group_sum(torch.ones_like(r_S), inverse_S, num_groups)
+    centred_S = r_S - (_group_sum(r_S, inverse_S, num_groups) / sizes_G)[inverse_S]
+    if scale_by_std:
+        var_G = _group_sum(centred_S.square(), inverse_S, num_groups) / (sizes_G - 1).clamp(min=1)
+        centred_S = centred_S / (var_G.sqrt()[inverse_S] + std_epsilon)
+    return centred_S.to(rewards_S.dtype)
+
+
+def discounted_returns(values_N: Tensor, cu_seqlens_S1: Tensor, discount: float) -> Tensor:
+    """R_i = sum_{j >= i, same sequence} discount^(j - i) x_j, per sequence, [N].
+
+    Distance counts positions (masked tool tokens included, with x = 0 there).
+    discount = 0 returns x itself (the per-token advantage of on-policy
+    distillation, Thinking Machines 2025).
+    """
+    if discount == 0.0:
+        return values_N.clone()
+    values = values_N.detach().double().cpu().tolist()
+    out = [0.0] * len(values)
+    for start, end in zip(cu_seqlens_S1[:-1].tolist(), cu_seqlens_S1[1:].tolist(), strict=True):
+        running = 0.0
+        for i in range(end - 1, start - 1, -1):
+            running = values[i] + discount * running
+            out[i] = running
+    return torch.tensor(out, dtype=values_N.dtype, device=values_N.device)
+
+
+def reverse_kl_weight(schedule: ScheduleConfig, step: int) -> float:
+    """Weight w of reverse KL in (1 - w) forward KL + w reverse KL at `step` (PACED).
+
+    switch: w = 0 before `switch_step`, 1 from it on.
+    linear: w = clip((step - blend_start_step) / (blend_end_step - blend_start_step), 0, 1).
+    """
+    if schedule.mode == "switch":
+        return 1.0 if step >= schedule.switch_step else 0.0
+    span = schedule.blend_end_step - schedule.blend_start_step
+    return min(1.0, max(0.0, (step - schedule.blend_start_step) / span))
+
+
+def tip_weights(
+    entropy_N: Tensor, jsd_N: Tensor | None, vocab_size: int, entropy_exponent: float, divergence_exponent: float
+) -> Tensor:
+    """TIP token weights [N] (arXiv 2604.14084): w = e^alpha * d^gamma, with
+    e = H(p_S) / ln V and d = JSD(p_S, p_T) / ln 2, both in [0, 1].
+
+    `jsd_N` may be None only when gamma = 0 (entropy-only selection).
+    """
+    weight_N = (entropy_N / math.log(vocab_size)).clamp(0.0, 1.0).pow(entropy_exponent)
+    if divergence_exponent != 0.0:
+        assert jsd_N is not None, "TIP with divergence_exponent > 0 needs the JSD per token"
+        weight_N = weight_N * (jsd_N / math.log(2.0)).clamp(0.0, 1.0).pow(divergence_exponent)
+    return weight_N
+
+
+def select_tokens(weight_N: Tensor, valid_N: Tensor, keep_fraction: float, generator: torch.Generator) -> Tensor:
+    """Keep floor(rho * n_valid + 1/2) (at least 1) valid tokens, drawn without replacement
+    with probability proportional to `weight_N`; returns a bool mask [N].
+
+    Tokens of weight 0 are drawn only once every positive-weight token is kept.
+    """
+    valid_idx = valid_N.nonzero().flatten().cpu()
+    num_keep = min(valid_idx.numel(), max(1, math.floor(keep_fraction * valid_idx.numel() + 0.5)))
+    keep_N = torch.zeros_like(valid_N, dtype=torch.bool)
+    if valid_idx.numel() == 0:
+        return keep_N
+    w = weight_N.detach().double().cpu()[valid_idx].clamp(min=0.0)
+    w = torch.where(w > 0, w, w[w > 0].min() * 1e-12 if bool((w > 0).any()) else torch.ones_like(w))
+    drawn = torch.multinomial(w, num_keep, replacement=False, generator=generator)
+    keep_N[valid_idx[drawn].to(keep_N.device)] = True
+    return keep_N
+
+
+def row_coefficients(
+    row_weight_N: Tensor, counted_N: Tensor, seq_N: Tensor, num_seqs: int, mode: Normalization
+) -> Tensor:
+    """Per-row coefficients c [N] so that the loss is sum_i c_i l_i.
+
+    token_mean:    c_i = u_i / sum_j m_j
+    sequence_mean: c_i = u_i / (n_s * sum_{j in seq(i)} m_j), n_s = sequences with sum m > 0
+    sum:           c_i = u_i
+    with u the row weights (mask x kept x sample weight) and m = `counted_N`
+    (mask x kept): sample weights scale the loss, they do not renormalise it.
+    """
+    if mode == "sum":
+        return row_weight_N.clone()
+    if mode == "token_mean":
+        total = counted_N.sum()
+        return torch.where(total > 0, row_weight_N / total.clamp(min=1e-30), torch.zeros_like(row_weight_N))
+    per_seq_S = torch.zeros(num_seqs, dtype=counted_N.dtype, device=counted_N.device).index_add_(0, seq_N, counted_N)
+    live_seqs = (per_seq_S > 0).sum().clamp(min=1)
+    denom_N = (per_seq_S * live_seqs)[seq_N]
+    return torch.where(denom_N > 0, row_weight_N / denom_N.clamp(min=1e-30), torch.zeros_like(row_weight_N))

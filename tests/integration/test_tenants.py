@@ -1,0 +1,234 @@
+"""Several students on one teacher (real gRPC server on 127.0.0.1, auth by a tokens file): shares and order.
+
+No timings are asserted: what is checked is who the scheduler served, read from the teacher's own
+per-client counters, and which status codes each student got.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import Counter
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from protos import teacher_pb2 as pb
+from protos import teacher_pb2_grpc as pb_grpc
+from protos.arrays import pack
+from teacher_server.client import TeacherClient
+from tests.fixtures.teacher import random_sequences, start_teacher
+
+pytestmark = pytest.mark.timeout(240)
+
+STUDENTS = ("student-a", "student-b", "student-c", "student-d")
+TOKENS = {name: f"token-of-{name}" for name in STUDENTS}
+
+
+@pytest.fixture
+def tokens_file(tmp_path):
+    path = tmp_path / "tokens.yaml"
+    path.write_text("".join(f"{name}: {token}\n" for name, token in TOKENS.items()))
+    return path
+
+
+def snapshot(server) -> dict[str, dict[str, float]]:
+    """The per-client counters, read on the server's event loop (the only writer), so all are of one instant."""
+
+    async def read() -> str:
+        return generate_latest(server.server.metrics.registry).decode()
+
+    out: dict[str, dict[str, float]] = {"dispatched": {}, "completed": {}, "scored": {}, "depth": {}}
+    for family in text_string_to_metric_families(server.call(read())):
+        for s in family.samples:
+            client = s.labels.get("client")
+            if s.name == "opd_teacher_queue_wait_seconds_count":
+                out["dispatched"][client] = s.value  # observed when the scheduler puts a request in a batch
+            elif s.name == "opd_teacher_requests_total" and s.labels["code"] == "OK":
+                out["completed"][client] = out["completed"].get(client, 0.0) + s.value
+            elif s.name == "opd_teacher_scored_tokens_total":
+                out["scored"][client] = s.value
+            elif s.name == "opd_teacher_queue_depth_requests":
+                out["depth"]["all"] = s.value
+    return out
+
+
+def share_tolerance(lengths: list[int], dispatched: float, inflight_change: list[float]) -> list[float]:
+    """Bound on |share_i - 1/4| of the scored tokens of 4 students backlogged through a window.
+
+    The scheduler gives the next batch slot to the backlogged student with the least virtual time (tokens
+    dispatched) and adds the request's length to it, so at any instant every backlogged student's virtual
+    time v_i lies in [m, m + L_i] (m: the least one; L_i: its request length, the scheduler's quantum).
+    Over a window the dispatched tokens are D_i = M + e_i with |e_i| <= L_i + sum(L)/4 around sum(D)/4.
+    Scored tokens differ from dispatched ones by (a) requests dispatched but not yet answered, observed at
+    both ends of the window (`inflight_change`, in requests), and (b) positions = tokens - 1 per request
+    (factor f_i = 1 - 1/L_i). Propagating both through share = scored_i / sum(scored) gives the bound.
+    """
+    f = [1 - 1 / n for n in lengths]
+    g = [du * (n - 1) for du, n in zip(inflight_change, lengths, strict=True)]
+    f_mean, g_mean = sum(f) / 4, sum(g) / 4
+    e = [n + sum(lengths) / 4 for n in lengths]
+    fe_mean = sum(fi * ei for fi, ei in zip(f, e, strict=True)) / 4
+    scored_low = sum(fi * dispatched / 4 - fi * ei - gi for fi, ei, gi in zip(f, e, g, strict=True))
+    return [
+        (dispatched / 4 * abs(f[i] - f_mean) + f[i] * e[i] + fe_mean + abs(g[i] - g_mean)) / scored_low
+        for i in range(4)
+    ]
+
+
+def test_four_saturating_students_each_get_a_quarter_of_the_scored_tokens(tiny_model_dir, tokens_file):
+    # Students send sequences of 32, 64, 96 and 128 tokens: fair share is by tokens, so the first gets four
+    # times as many requests answered as the last. One request per batch keeps the in-flight slack small.
+    lengths = [32, 64, 96, 128]
+    backlog_tokens, window_tokens = 8000, 20000
+    server = start_teacher(
+        tiny_model_dir,
+        "hf",
+        auth={"tokens_file": str(tokens_file)},
+        scheduler={"max_batch_requests": 1, "batch_wait_ms": 0},
+    )
+    backlogs = [backlog_tokens // n for n in lengths]
+
+    async def main():
+        clients = [TeacherClient(server.address, token=TOKENS[name], timeout_s=120) for name in STUDENTS]
+        tasks = []
+        for i, (client, n) in enumerate(zip(clients, lengths, strict=True)):  # student-a's backlog first
+            for ids in random_sequences(backlogs[i], 384, min_len=n, max_len=n, seed=i):
+                tasks.append(asyncio.create_task(client.score(ids, 1, top_k=4)))
+        try:
+            # Window start: every request has reached the scheduler (queued + dispatched = all sent).
+            start = await poll(lambda s: s["depth"]["all"] + sum(s["dispatched"].values()) >= sum(backlogs))
+            first = sum(start["dispatched"].get(c, 0) * n for c, n in zip(STUDENTS, lengths, strict=True))
+            end = await poll(
+                lambda s: sum(s["dispatched"].get(c, 0) * n for c, n in zip(STUDENTS, lengths, strict=True))
+                >= first + window_tokens
+            )
+            return start, end
+        finally:
+            for client in clients:
+                await client.close()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def poll(condition):
+        for _ in range(6000):
+            snap = await asyncio.to_thread(snapshot, server)
+            if condition(snap):
+                return snap
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"condition not reached; last metrics {snap}")
+
+    try:
+        start, end = asyncio.run(main())
+    finally:
+        server.stop()
+    dispatched = [end["dispatched"][c] - start["dispatched"].get(c, 0) for c in STUDENTS]
+    for c, backlog in zip(STUDENTS, backlogs, strict=True):  # backlogged throughout the window
+        assert start["dispatched"].get(c, 0) >= 0 and end["dispatched"][c] < backlog, (c, end)
+    tokens = [d * n for d, n in zip(dispatched, lengths, strict=True)]
+    scored = [end["scored"][c] - start["scored"].get(c, 0) for c in STUDENTS]
+    inflight = [
+        (end["dispatched"][c] - end["completed"][c]) - (start["dispatched"].get(c, 0) - start["completed"].get(c, 0))
+        for c in STUDENTS
+    ]
+    # What the scheduler decided: dispatched tokens within one quantum of each other, and so within the bound.
+    for i, (t, n) in enumerate(zip(tokens, lengths, strict=True)):
+        assert abs(t - sum(tokens) / 4) <= n + sum(lengths) / 4, (STUDENTS[i], tokens)
+    # What each student got, on the /metrics counter: 25% of the scored tokens within the derived bound.
+    tolerance = share_tolerance(lengths, sum(tokens), inflight)
+    assert max(tolerance) <= 0.05, tolerance  # the window is long enough for the issue's +/- 5%
+    shares = [s / sum(scored) for s in scored]
+    for name, share, tol in zip(STUDENTS, shares, tolerance, strict=True):
+        assert abs(share - 0.25) <= tol, (name, shares, tolerance)
+    # Fair by tokens, not by requests: the 32-token student got ~4x the requests of the 128-token one.
+    assert dispatched[0] > 3 * dispatched[3], dispatched
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the scheduler bounds its queue globally (scheduler.max_queued_requests/tokens): while a flooder "
+    "keeps the queue full, every student's new request is refused with RESOURCE_EXHAUSTED, not only the "
+    "flooder's; needs per-client admission in teacher_server/scheduler.py (see RELIABILITY.md, Multi-tenant load)",
+)
+def test_a_flooder_is_refused_with_a_retry_hint_while_well_behaved_students_get_no_errors(tiny_model_dir, tokens_file):
+    # A small queue (16) and one request per batch; the flooder keeps 48 requests in flight and re-sends at
+    # once whatever the answer (it ignores the retry hints). Well-behaved students send one request at a time.
+    server = start_teacher(
+        tiny_model_dir,
+        "hf",
+        auth={"tokens_file": str(tokens_file)},
+        scheduler={"max_queued_requests": 16, "max_batch_requests": 1, "batch_wait_ms": 0},
+    )
+    request = pb.ScoreRequest(token_ids=pack(np.arange(1, 257) % 384, pb.INT32), score_from=1, top_k=16)
+    flood_codes: Counter[str] = Counter()
+    hints: list[tuple[float, str]] = []
+    polite: dict[str, list[str]] = {name: [] for name in STUDENTS[:3]}
+    waits: list[float] = []
+
+    def meta(name):
+        return (("authorization", f"Bearer {TOKENS[name]}"),)
+
+    async def main():
+        stop = asyncio.Event()
+        async with grpc.aio.insecure_channel(server.address) as flood_ch, grpc.aio.insecure_channel(
+            server.address
+        ) as polite_ch:
+            flood_stub, polite_stub = pb_grpc.TeacherStub(flood_ch), pb_grpc.TeacherStub(polite_ch)
+
+            async def flood():
+                while not stop.is_set():
+                    try:
+                        await flood_stub.Score(request, timeout=60, metadata=meta("student-d"))
+                        flood_codes["OK"] += 1
+                    except grpc.aio.AioRpcError as err:
+                        flood_codes[err.code().name] += 1
+                        hint = [float(v) for k, v in err.trailing_metadata() or () if k == "retry-after-s"]
+                        hints.append((hint[0] if hint else 0.0, err.details() or ""))
+                        await asyncio.sleep(0)
+
+            async def well_behaved(name):
+                for _ in range(5):
+                    before = await asyncio.to_thread(snapshot, server)
+                    try:
+                        await polite_stub.Score(request, timeout=60, metadata=meta(name))
+                        polite[name].append("OK")
+                    except grpc.aio.AioRpcError as err:
+                        polite[name].append(err.code().name)
+                    after = await asyncio.to_thread(snapshot, server)
+                    waits.append(after["dispatched"]["student-d"] - before["dispatched"]["student-d"])
+
+            flooders = [asyncio.create_task(flood()) for _ in range(48)]
+            for _ in range(3000):  # the queue is full: the flood is being refused
+                if flood_codes["RESOURCE_EXHAUSTED"]:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.gather(*(well_behaved(name) for name in polite))
+            stop.set()
+            await asyncio.gather(*flooders)
+
+    try:
+        asyncio.run(main())
+        metrics = snapshot(server)
+        text = asyncio.run(_metrics_text(server))
+    finally:
+        server.stop()
+    assert flood_codes["RESOURCE_EXHAUSTED"] > 0, flood_codes
+    assert all(h > 0 and re.search(r"retry in [\d.]+ s", d) for h, d in hints), hints[:5]
+    assert polite == {name: ["OK"] * 5 for name in polite}, polite
+    for name in polite:  # the teacher's own count agrees: nothing but OK for the well-behaved students
+        codes = re.findall(rf'opd_teacher_requests_total{{client="{name}",code="(\w+)",rpc="Score"}}', text)
+        assert codes == ["OK"], (name, codes)
+    assert metrics["completed"][STUDENTS[0]] == 5
+    # Order: a well-behaved request overtakes the flooder's queue. Between its send and its answer the
+    # flooder gets at most the batch already running, one tie-break and the few dispatched while the request
+    # travels — FIFO would put it behind the 16 queued flood requests.
+    assert max(waits) <= 4, waits
+
+
+async def _metrics_text(server) -> str:
+    import httpx
+
+    async with httpx.AsyncClient() as http:
+        return (await http.get(f"{server.ops_url}/metrics")).text
