@@ -20,6 +20,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("student_trainer.__main__", "train the student on rollouts and teacher scores"),
     "demo": ("opd_apps.demo", "run the whole pipeline on one machine"),
     "export": ("student_trainer.export", "write a consolidated Hugging Face model from a trainer checkpoint"),
+    "eval": ("opd_apps.eval", "pass@k of a model or checkpoint on a prompt file, with divergence to a teacher"),
+    "convert-prompts": ("opd_apps.prompt_convert", "MATH-500 / AIME / DAPO files to opd's prompt schema"),
+    "queue": ("opd_apps.queue", "list dead-lettered prompts and rollouts with reasons; requeue or drop them"),
     "bench": ("opd.cli", "benchmarks; see `opd bench --help`"),
 }
 

@@ -1,16 +1,24 @@
-"""Capped exponential backoff with jitter, and the one retry helper every remote call uses.
+"""Capped exponential backoff with jitter, the one retry helper every remote call uses, and how retries
+are reported.
 
 Retry policy is a small object passed in (redis-py style). Only idempotent
 operations may be retried; the caller says which exceptions are retryable.
+`RetryLog` is how every retry loop (the teacher client, the Redis transport,
+the workers' policy watcher) reports: a WARNING naming the address, the
+attempt and the next delay, at most once per `interval_s` per address (an
+outage of many concurrent calls is a few lines, not thousands), and a count
+per (address, reason) in `RetryStats`, which `opd.retry_metrics` exports.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -64,3 +72,64 @@ async def retry_async(
             if on_retry is not None:
                 on_retry(attempt, exc, delay)
             await asyncio.sleep(delay)
+
+
+@dataclass
+class RetryStats:
+    """Retries counted by (address, reason); plain data, exported by `opd.retry_metrics`."""
+
+    counts: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+class RetryLog:
+    """Counts every retry and logs it at WARNING, at most once per `interval_s` per address.
+
+    A line names what failed, the address, the error, the attempt and the next delay; lines held back in
+    between are counted in the next one ("N more retries since the last report").
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        what: str,
+        *,
+        interval_s: float = 10.0,
+        stats: RetryStats | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger, self.what, self.interval_s, self.clock = logger, what, interval_s, clock
+        self.stats = stats if stats is not None else RetryStats()
+        self._last_line: dict[str, float] = {}
+        self._held_back: collections.Counter[str] = collections.Counter()
+
+    def note(self, address: str, attempt: int, delay_s: float, error: BaseException | str, reason: str = "") -> None:
+        """One retry of a call to `address`: `attempt` failed with `error`, the next try is in `delay_s`."""
+        reason = reason or (type(error).__name__ if isinstance(error, BaseException) else "error")
+        self.stats.counts[(address, reason)] += 1
+        now = self.clock()
+        last = self._last_line.get(address)
+        if last is not None and now - last < self.interval_s:
+            self._held_back[address] += 1
+            return
+        self._last_line[address] = now
+        held = self._held_back.pop(address, 0)
+        self.logger.warning(
+            "%s at %s failed (%s); attempt %d, retrying in %.2f s%s",
+            self.what,
+            address,
+            _describe(error),
+            attempt,
+            delay_s,
+            f" ({held} more retries since the last report)" if held else "",
+        )
+
+
+def _describe(error: BaseException | str) -> str:
+    if isinstance(error, str):
+        return error
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

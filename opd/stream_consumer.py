@@ -1,10 +1,12 @@
 """The consumer side of the Redis Streams transport: reading a stream as one consumer of a group.
 
 Owns the consumer's bookkeeping: which entries it holds (read, not yet
-acked) and under which dedupe key, so callers acknowledge by key (a rollout
-id) as well as by entry id; the dedupe memory (`SeenSet`, seeded from a
-checkpoint); re-reading its own pending entries after a restart; reclaiming
-entries a dead consumer left pending (XAUTOCLAIM); the dead-letter stream for
+acked) and under which dedupe key, so callers acknowledge by key (for
+rollouts, `sample_key`: prompt id and sample index) as well as by entry id;
+the dedupe memory (`SeenSet`, seeded from a checkpoint); re-reading its own
+pending entries after a restart; reclaiming entries a dead consumer left
+pending (at once from a consumer whose heartbeat stopped, `opd.stream_heartbeat`; else once idle past `claim_idle_ms`,
+XAUTOCLAIM); the dead-letter stream for
 undecodable or over-delivered entries; and `rollout_consumer`, the one way
 the trainer (and the tests) read `{ns}:rollouts`.
 
@@ -25,11 +27,30 @@ from typing import Any, Generic, TypeVar
 
 import redis.asyncio as aioredis
 
+from opd.stream_heartbeat import Heartbeat, alive_key, dead_consumers
 from opd.streams import PAYLOAD, ROLLOUT_GROUP, RedisRetry, StreamKeys, StreamStats, ensure_group
 from protos.records import RecordError, RolloutRecord
 
+# A dead-letter entry keeps the reason, the ids and at most 64 KiB of the payload (with `truncated` and the
+# original `payload_bytes`); the stream keeps about the newest DEAD_MAXLEN entries: at most ~130 MiB.
+DEAD_PAYLOAD_MAX_BYTES = 64 * 1024
+DEAD_REASON_MAX_CHARS = 2000
+DEAD_MAXLEN = 2_000
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# Take a dead consumer's pending entries, up to ARGV[4], whatever their idle time. Atomic: nobody can have
+# claimed them between reading the consumer's list and claiming, and a consumer that came back (its alive
+# key set again) keeps what it holds.
+_CLAIM_FROM_DEAD = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return {} end
+local rows = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', tonumber(ARGV[4]), ARGV[2])
+if #rows == 0 then return {} end
+local ids = {}
+for i, row in ipairs(rows) do ids[i] = row[1] end
+return redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, unpack(ids))
+"""
 
 
 class SeenSet:
@@ -80,8 +101,11 @@ class StreamConsumer(Generic[T]):
 
     `read` returns decoded entries that stay pending until `ack`. It first
     re-reads this consumer's own pending entries (a restart under the same
-    name), then periodically reclaims entries idle for `claim_idle_ms` in other
-    consumers (XAUTOCLAIM), then reads new ones. Entries that fail to decode, or
+    name); with `heartbeat_ttl_ms`, it then claims every entry of consumers
+    whose heartbeat stopped (checked every TTL / 3; run `heartbeat()` to beat
+    for this one); then, periodically, it reclaims entries idle for
+    `claim_idle_ms` in other consumers (XAUTOCLAIM: the fallback for consumers
+    that do not heartbeat); then it reads new ones. Entries that fail to decode, or
     were delivered more than `max_deliveries` times, go to `dead_stream` with
     the reason and are acked. With `key_of`, an entry whose key is in `seen`
     (already used; seed it from a checkpoint) is acked and skipped. An entry
@@ -103,7 +127,8 @@ class StreamConsumer(Generic[T]):
         claim_idle_ms: int = 60_000,
         max_deliveries: int = 5,
         retry: RedisRetry | None = None,
-        dead_maxlen: int = 100_000,
+        dead_maxlen: int = DEAD_MAXLEN,
+        heartbeat_ttl_ms: int | None = None,
     ) -> None:
         self.redis, self.stream, self.group, self.consumer = redis, stream, group, consumer
         self.decode, self.key_of, self.dead_stream = decode, key_of, dead_stream
@@ -114,6 +139,7 @@ class StreamConsumer(Generic[T]):
         self._held_by_key: dict[str, str] = {}  # dedupe key -> entry id, for the held entries that have a key
         self._backlog_cursor: str | None = "0"  # entries pending under our name from an earlier run come first
         self._claim_cursor, self._next_claim = "0-0", 0.0
+        self.heartbeat_ttl_ms, self._next_liveness = heartbeat_ttl_ms, 0.0
         self._group_ready = False
 
     @property
@@ -129,6 +155,8 @@ class StreamConsumer(Generic[T]):
         if self._backlog_cursor is not None:
             raws = await self._xreadgroup(self._backlog_cursor, count, None)
             self._backlog_cursor = raws[-1].entry_id if raws else None
+        if len(raws) < count and self.heartbeat_ttl_ms and time.monotonic() >= self._next_liveness:
+            raws += await self._claim_from_dead(count - len(raws))
         if len(raws) < count and time.monotonic() >= self._next_claim:
             raws += await self._reclaim(count - len(raws))
         if len(raws) < count:
@@ -162,6 +190,46 @@ class StreamConsumer(Generic[T]):
             return []
         self.stats.reclaimed += len(raws)
         log.info("reclaimed %d entries of %s idle > %d ms", len(raws), self.stream, self.claim_idle_ms)
+        return await self._without_over_delivered(raws)
+
+    def heartbeat(self, ttl_s: float | None = None) -> Heartbeat:
+        """This consumer's heartbeat (run it as a task while the consumer works; TTL: `heartbeat_ttl_ms`)."""
+        ttl = ttl_s if ttl_s is not None else (self.heartbeat_ttl_ms or 15_000) / 1000
+        return Heartbeat(self.redis, self.stream, self.group, self.consumer, ttl, self.retry)
+
+    async def _claim_from_dead(self, count: int) -> list[_Raw]:
+        """XCLAIM the pending entries of consumers whose heartbeat expired, whatever their idle time."""
+        assert self.heartbeat_ttl_ms
+        dead = await dead_consumers(self.redis, self.retry, self.stream, self.group, exclude=self.consumer)
+        raws: list[_Raw] = []
+        for name in dead:
+            if len(raws) >= count:
+                break
+            raws += await self._claim_all_of(name, count - len(raws))
+        if sum(dead.values()) <= len(raws):  # nothing left behind: look again in a third of the TTL
+            self._next_liveness = time.monotonic() + self.heartbeat_ttl_ms / 3000
+        if not raws:
+            return []
+        self.stats.reclaimed += len(raws)
+        log.warning(
+            "claimed %d entries of %s from %s: heartbeat expired (> %.0f s)",
+            len(raws),
+            self.stream,
+            ", ".join(sorted(dead)),
+            self.heartbeat_ttl_ms / 1000,
+        )
+        return await self._without_over_delivered(raws)
+
+    async def _claim_all_of(self, consumer: str, count: int) -> list[_Raw]:
+        async def claim() -> list[Any]:
+            keys = (self.stream, alive_key(self.stream, self.group, consumer))
+            return await self.redis.eval(_CLAIM_FROM_DEAD, 2, *keys, self.group, consumer, self.consumer, count)
+
+        entries = await self.retry.run(claim, f"XCLAIM {self.stream} from {consumer}")
+        return [_Raw(e[0].decode(), dict(zip(e[1][::2], e[1][1::2], strict=True))) for e in entries if e and e[1]]
+
+    async def _without_over_delivered(self, raws: list[_Raw]) -> list[_Raw]:
+        """Dead-letter the entries delivered more than `max_deliveries` times; the rest."""
         deliveries = await self._delivery_counts([r.entry_id for r in raws])
         over = [r for r in raws if deliveries.get(r.entry_id, 0) > self.max_deliveries]
         if over:
@@ -229,9 +297,13 @@ class StreamConsumer(Generic[T]):
                         {
                             b"source": self.stream,
                             b"entry_id": entry_id,
-                            b"reason": reason[:2000],
+                            b"reason": reason[:DEAD_REASON_MAX_CHARS],
                             b"consumer": self.consumer,
-                            PAYLOAD: payload,
+                            # At most DEAD_PAYLOAD_MAX_BYTES of the payload, so the stream is bounded in bytes
+                            # (about dead_maxlen x 66 KiB) as well as in entries.
+                            PAYLOAD: payload[:DEAD_PAYLOAD_MAX_BYTES],
+                            b"truncated": b"1" if len(payload) > DEAD_PAYLOAD_MAX_BYTES else b"0",
+                            b"payload_bytes": len(payload),
                         },
                         maxlen=self.dead_maxlen,
                         approximate=True,
@@ -305,6 +377,26 @@ class StreamConsumer(Generic[T]):
             await self.retry.run(claim, f"XCLAIM {self.stream}")
 
 
+def sample_key(record: RolloutRecord) -> str:
+    """`{prompt_id}/{sample index}`: what "trained exactly once" is counted by. The sample index is the integer
+    after the rollout id's last `/` (workers name rollouts `{prompt_id}@{prompt entry id}/{sample}`), else
+    `meta["sample_index"]`; a copy of a prompt fed twice has new rollout ids but the same keys."""
+    index = record.rollout_id.rpartition("/")[2]
+    if not index.isdigit():
+        index = str(record.meta.get("sample_index", ""))
+    if not index.isdigit():
+        raise RecordError(
+            f"rollout {record.rollout_id!r}: no sample index (rollout ids end in /<sample>, or set meta.sample_index)"
+        )
+    return f"{record.prompt_id}/{int(index)}"
+
+
+def _decode_rollout(payload: bytes) -> RolloutRecord:
+    record = RolloutRecord.decode(payload)
+    sample_key(record)  # a record without a sample index is refused here, so it is dead-lettered
+    return record
+
+
 def rollout_consumer(
     redis: aioredis.Redis,
     namespace: str,
@@ -314,18 +406,18 @@ def rollout_consumer(
     claim_idle_ms: int = 600_000,
     retry: RedisRetry | None = None,
 ) -> StreamConsumer[RolloutRecord]:
-    """The trainer's reader of `{ns}:rollouts`: dedupe by rollout id, seeded with the ids a checkpoint used.
-    Ack entries only after the checkpoint that used them is committed; call `keepalive()` more often than
-    `claim_idle_ms` while holding them."""
+    """The trainer's reader of `{ns}:rollouts`: dedupe by `sample_key` (prompt id, sample index), keeping the
+    first, seeded with the keys a checkpoint used (`used_ids`). Ack entries only after the checkpoint that
+    used them is committed; call `keepalive()` more often than `claim_idle_ms` while holding them."""
     keys = StreamKeys(namespace)
     return StreamConsumer(
         redis,
         keys.rollouts,
         ROLLOUT_GROUP,
         name,
-        decode=RolloutRecord.decode,
+        decode=_decode_rollout,
         dead_stream=keys.dead,
-        key_of=lambda r: r.rollout_id,
+        key_of=sample_key,
         seen=SeenSet(initial=used_ids),
         claim_idle_ms=claim_idle_ms,
         retry=retry,

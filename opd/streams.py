@@ -1,6 +1,6 @@
 """The Redis Streams transport shared by the rollout workers and the trainer: connection and producer side.
 
-Owns: the connection (password and TLS URLs), the namespaced key names, retry
+Owns: the connection (password and TLS URLs, or a password file), the namespaced key names, retry
 with backoff on connection loss (and the transport's counters, `StreamStats`,
 which `opd.stream_metrics` exports), consumer groups, the producer with
 backpressure, and reading the dead-letter stream. The consumer side (reading
@@ -21,16 +21,19 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as rex
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from opd.config import ConfigModel
-from opd.retry import Backoff, retry_async
+from opd.config import ConfigError, ConfigModel
+from opd.redaction import SECRET_URL
+from opd.retry import Backoff, RetryLog, retry_async
 
 if TYPE_CHECKING:
     from opd.stream_consumer import StreamConsumer
@@ -46,7 +49,13 @@ class RedisConfig(ConfigModel):
     url: str = Field(
         "redis://127.0.0.1:6379/0",
         description="Redis URL: redis://[user:password@]host:port/db, "
-        "rediss:// for TLS, unix:///path.sock (put secrets in the env variable, not a preset)",
+        "rediss:// for TLS, unix:///path.sock (put secrets in the env variable or password_file, not a preset)",
+        json_schema_extra=SECRET_URL,
+    )
+    password_file: str | None = Field(
+        None,
+        description="file holding the Redis password (e.g. a mounted Secret), read at connect; "
+        "the URL then carries no password (a user name in it selects an ACL user)",
     )
     namespace: str = Field(
         "opd",
@@ -68,6 +77,24 @@ class RedisConfig(ConfigModel):
             raise ValueError("must start with redis://, rediss:// (TLS) or unix://")
         return url
 
+    @model_validator(mode="after")
+    def _one_password(self) -> RedisConfig:
+        if self.password_file and urlsplit(self.url).password:
+            raise ValueError("redis.url holds a password and redis.password_file is set: keep only one of them")
+        return self
+
+
+def read_password_file(path: str) -> str:
+    """The password in `path` (one trailing newline dropped); ConfigError naming the option, never the content."""
+    try:
+        password = Path(path).read_text().removesuffix("\n").removesuffix("\r")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise ConfigError(f"redis.password_file {path!r} cannot be read: {reason}") from None
+    if not password:
+        raise ConfigError(f"redis.password_file {path!r} is empty; write the Redis password into it")
+    return password
+
 
 def connect(config: RedisConfig) -> aioredis.Redis:
     """A client for `config.url` (no I/O yet). Retries are owned by `RedisRetry`, not redis-py."""
@@ -77,6 +104,8 @@ def connect(config: RedisConfig) -> aioredis.Redis:
         "health_check_interval": 30,
         "retry": Retry(NoBackoff(), 0),
     }
+    if config.password_file:
+        kwargs["password"] = read_password_file(config.password_file)
     if config.url.startswith("rediss://"):
         kwargs.update(
             ssl_ca_certs=config.tls_ca_file,
@@ -85,6 +114,13 @@ def connect(config: RedisConfig) -> aioredis.Redis:
             ssl_cert_reqs="required" if config.tls_verify else "none",
         )
     return aioredis.from_url(config.url, **kwargs)
+
+
+def redis_address(url: str) -> str:
+    """`url` without its credentials, for logs (`redis://:secret@host:6379/0` -> `redis://host:6379/0`)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 @dataclass(frozen=True)
@@ -145,18 +181,31 @@ _RECONNECT_BACKOFF = Backoff(initial_s=0.05, max_s=2.0)
 
 
 class RedisRetry:
-    """Runs idempotent Redis operations, retrying connection loss with capped backoff for `retry_for_s`."""
+    """Runs idempotent Redis operations, retrying connection loss with capped backoff for `retry_for_s`.
+
+    Every retry counts in `stats.retries` and is reported by `note_retry`: a WARNING naming `address`, the
+    command, the attempt and the next delay, at most once per 10 s (`opd.retry.RetryLog`).
+    """
 
     def __init__(
-        self, retry_for_s: float = 300.0, backoff: Backoff = _RECONNECT_BACKOFF, stats: StreamStats | None = None
+        self,
+        retry_for_s: float = 300.0,
+        backoff: Backoff = _RECONNECT_BACKOFF,
+        stats: StreamStats | None = None,
+        address: str = "redis",
     ) -> None:
-        self.retry_for_s, self.backoff = retry_for_s, backoff
+        self.retry_for_s, self.backoff, self.address = retry_for_s, backoff, address
         self.stats = stats if stats is not None else StreamStats()
+        self.log = RetryLog(log, "redis")
+
+    def note_retry(self, what: str, attempt: int, exc: BaseException, delay_s: float) -> None:
+        """Count and report one retry of `what` (any Redis retry loop of the process reports here)."""
+        self.stats.retries += 1
+        self.log.note(self.address, attempt, delay_s, f"{what}: {type(exc).__name__}: {exc}", type(exc).__name__)
 
     def _on_retry(self, what: str) -> Callable[[int, BaseException, float], None]:
         def note(attempt: int, exc: BaseException, delay_s: float) -> None:
-            self.stats.retries += 1
-            log.warning("redis %s failed (%s: %s); retry %d in %.2f s", what, type(exc).__name__, exc, attempt, delay_s)
+            self.note_retry(what, attempt, exc, delay_s)
 
         return note
 
@@ -279,6 +328,7 @@ def prompt_producer(
 
 
 async def read_dead(redis: aioredis.Redis, keys: StreamKeys, count: int = 100) -> list[dict[str, bytes]]:
-    """The oldest `count` dead-lettered entries (source, entry_id, reason, consumer, d) for inspection."""
+    """The oldest `count` dead-lettered entries for inspection: source, entry_id, reason, consumer, d (at most
+    64 KiB of the payload), truncated (b"1" when d was cut) and payload_bytes (the original size)."""
     entries = await redis.xrange(keys.dead, count=count)
     return [{k.decode(): v for k, v in fields.items()} for _, fields in entries]

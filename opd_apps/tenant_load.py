@@ -75,11 +75,12 @@ class Tenant:
         tally.ok_latency_s.append(time.perf_counter() - started)
         tally.ok_positions += self.positions
 
-    async def open_loop(self, rate_per_s: float, duration_s: float, timeout_s: float) -> Tally:
-        """Send at `rate_per_s` for `duration_s` whatever the replies (request i at i / rate); wait for all."""
+    async def open_loop(self, rate_per_s: float, duration_s: float, timeout_s: float, offset_s: float = 0.0) -> Tally:
+        """Send at `rate_per_s` for `duration_s` whatever the replies (request i at offset + i / rate); wait
+        for all. Different offsets keep students at one rate from arriving in lockstep."""
         tally, tasks = Tally(), []
         loop = asyncio.get_running_loop()
-        start = loop.time()
+        start = loop.time() + offset_s
         for i in range(max(1, round(rate_per_s * duration_s))):
             delay = start + i / rate_per_s - loop.time()
             if delay > 0:

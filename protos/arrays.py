@@ -8,6 +8,8 @@ never a silently reshaped array.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from protos import teacher_pb2 as pb
@@ -59,13 +61,17 @@ def unpack(packed: pb.PackedArray, *, field: str = "array") -> np.ndarray:
     shape = tuple(int(s) for s in packed.shape)
     if any(s < 0 for s in shape):
         raise ArrayError(f"{field}: negative dimension in shape {shape}")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)  # Python ints: an int64 product would wrap (2**62 * 4 == 0)
     expected = count * _ITEMSIZE[packed.dtype]
     if len(packed.data) != expected:
         raise ArrayError(
             f"{field}: shape {shape} of {dtype_name(packed.dtype)} needs {expected} bytes, got {len(packed.data)}"
         )
     if packed.dtype == pb.BFLOAT16:
-        bits = np.frombuffer(packed.data, dtype="<u2").astype("<u4") << 16
-        return bits.view("<f4").reshape(shape)
-    return np.frombuffer(packed.data, dtype=_NUMPY_DTYPES[packed.dtype]).reshape(shape)
+        flat = (np.frombuffer(packed.data, dtype="<u2").astype("<u4") << 16).view("<f4")
+    else:
+        flat = np.frombuffer(packed.data, dtype=_NUMPY_DTYPES[packed.dtype])
+    try:
+        return flat.reshape(shape)
+    except ValueError as exc:  # e.g. a zero-size array with a dimension numpy cannot index
+        raise ArrayError(f"{field}: shape {shape} is not a valid array shape ({exc})") from None

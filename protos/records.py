@@ -49,7 +49,7 @@ def _unpack_map(data: bytes, kind: str) -> dict[str, Any]:
 
 def _check_schema(obj: Mapping[str, Any], kind: str, expected: int) -> None:
     schema = obj.get("schema")
-    if schema != expected or isinstance(schema, bool):
+    if type(schema) is not int or schema != expected:  # 1.0 and True equal 1 but are not schema 1
         raise RecordError(
             f"{kind}.schema: this build reads schema {expected}, got {schema!r}; "
             f"run producer and consumer from the same opd version"
@@ -60,9 +60,11 @@ def _check_keys(obj: Mapping[str, Any], kind: str, required: set[str], optional:
     missing = sorted(required - obj.keys())
     if missing:
         raise RecordError(f"{kind}: missing field(s) {', '.join(missing)}")
-    unknown = sorted(obj.keys() - required - optional - {"schema"})
+    # Keys may be str or bytes (msgpack raw strings): sort and name them by their repr, never compare the two.
+    unknown = sorted(obj.keys() - required - optional - {"schema"}, key=repr)
     if unknown:
-        raise RecordError(f"{kind}: unknown field(s) {', '.join(unknown)} (schema {obj['schema']})")
+        names = ", ".join(k if isinstance(k, str) else repr(k) for k in unknown)
+        raise RecordError(f"{kind}: unknown field(s) {names} (schema {obj['schema']})")
 
 
 def _typed(obj: Mapping[str, Any], kind: str, name: str, types: tuple[type, ...], *, nullable: bool = False) -> Any:

@@ -65,8 +65,16 @@ class QueueConfig(ConfigModel):
         1024, ge=1, description="the prompt feeder waits while more prompts than this are undelivered to the workers"
     )
     max_inflight_prompts: int = Field(8, ge=1, description="prompt groups one worker samples at once")
+    heartbeat_ttl_s: float = Field(
+        15.0,
+        ge=0,
+        description="each worker renews a heartbeat key with this TTL every third of it; the prompts of a "
+        "worker whose heartbeat expired are taken over at once, however long a live worker takes (0 = off)",
+    )
     claim_idle_s: float = Field(
-        300.0, gt=0, description="a prompt pending this long with a silent worker is taken over by another worker"
+        300.0,
+        gt=0,
+        description="fallback for workers without a heartbeat: a prompt pending this long is taken over",
     )
     max_deliveries: int = Field(3, ge=1, description="a prompt delivered more often than this is dead-lettered")
     block_ms: int = Field(1000, ge=1, description="how long one read waits for new prompts")

@@ -91,13 +91,9 @@ class PolicyWatcher:
             except Exception as exc:  # noqa: BLE001 - the watcher must outlive Redis hiccups
                 attempt += 1
                 delay = backoff.delay_s(attempt)
-                log.warning(
-                    "policy watcher: %s: %s; resubscribing in %.1f s",
-                    type(exc).__name__,
-                    exc,
-                    delay,
-                    exc_info=not is_retryable(exc) and not is_retryable(exc.__cause__ or exc),
-                )
+                self.retry.note_retry(f"policy watch {self.keys.policy_events}", attempt, exc, delay)
+                if attempt == 1 and not is_retryable(exc) and not is_retryable(exc.__cause__ or exc):
+                    log.warning("policy watcher failed with more than a lost connection", exc_info=exc)
                 await asyncio.sleep(delay)
             else:
                 attempt = 0

@@ -28,7 +28,16 @@ import redis.asyncio as aioredis
 from opd.ops_app import OpsServer, create_ops_app, ops_auth
 from opd.prompts import PromptSourceError, feed_prompts, load_prompts, render_prompt_ids
 from opd.stream_consumer import Entry, StreamConsumer
-from opd.streams import PROMPT_GROUP, ROLLOUT_GROUP, RedisRetry, StreamKeys, StreamProducer, connect, undelivered
+from opd.streams import (
+    PROMPT_GROUP,
+    ROLLOUT_GROUP,
+    RedisRetry,
+    StreamKeys,
+    StreamProducer,
+    connect,
+    redis_address,
+    undelivered,
+)
 from protos.records import PromptRecord, RolloutRecord
 from rollout_workers.config import RolloutConfig
 from rollout_workers.engine import GenerationBackend, SampleParams, create_backend, sample_seed
@@ -56,7 +65,9 @@ class RolloutWorker:
         self.metrics = metrics or RolloutMetrics()
         self.reward_fn, self.toolbox = reward_fn, toolbox
         self.keys = StreamKeys(config.redis.namespace)
-        self.retry = RedisRetry(config.redis.retry_for_s, stats=self.metrics.stats)
+        self.retry = RedisRetry(
+            config.redis.retry_for_s, stats=self.metrics.stats, address=redis_address(config.redis.url)
+        )
         q = config.queue
         self.prompts: StreamConsumer[PromptRecord] = StreamConsumer(
             redis,
@@ -68,6 +79,7 @@ class RolloutWorker:
             claim_idle_ms=int(q.claim_idle_s * 1000),
             max_deliveries=q.max_deliveries,
             retry=self.retry,
+            heartbeat_ttl_ms=int(q.heartbeat_ttl_s * 1000) or None,
         )
         self.rollouts = StreamProducer(
             redis, self.keys.rollouts, ROLLOUT_GROUP, max_pending=q.max_pending_rollouts, retry=self.retry
@@ -84,7 +96,22 @@ class RolloutWorker:
         self.groups_done = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        """1. read prompts into free slots; 2. sample each group as a task; 3. on stop, drain in-flight groups."""
+        """0. heartbeat; 1. read prompts into free slots; 2. sample each group as a task; 3. on stop, drain
+        in-flight groups, then stop the heartbeat (the prompts abandoned past the grace are taken over)."""
+        heartbeat = None
+        if self.config.queue.heartbeat_ttl_s:
+            beat = self.prompts.heartbeat()
+            await beat.beat()  # listed and alive before the first read: never judged dead while holding
+            beating = asyncio.Event()
+            heartbeat = (beating, asyncio.create_task(beat.run(beating), name="heartbeat"))
+        try:
+            await self._loop(stop)
+        finally:
+            if heartbeat is not None:
+                heartbeat[0].set()
+                await asyncio.wait([heartbeat[1]], timeout=10)
+
+    async def _loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             await self._tick()
             free = self.config.queue.max_inflight_prompts - len(self._tasks)
@@ -281,7 +308,7 @@ async def feed_from_config(
         keys.prompts,
         PROMPT_GROUP,
         max_pending=config.queue.max_pending_prompts,
-        retry=RedisRetry(config.redis.retry_for_s),
+        retry=RedisRetry(config.redis.retry_for_s, address=redis_address(config.redis.url)),
     )
     sent = await feed_prompts(producer, records, feeder_key=keys.feeder)
     log.info(

@@ -1,13 +1,20 @@
 """`opd train` / `python -m student_trainer`: train the student (one process, or one per rank under torchrun).
 
-torchrun --nproc-per-node 8 -m student_trainer --config deploy/presets/train-gpu.yaml
+torchrun --nproc-per-node 8 --shutdown-timeout 60 -m student_trainer --config deploy/presets/train-gpu.yaml
+
+On SIGTERM (to any rank) every rank stops at the same step boundary, writes a final checkpoint of the steps
+trained and exits 0 within `stop_grace_s`, or exits by force (code 3) when that runs out. `opd train` does not
+launch torchrun: give torchrun `--shutdown-timeout` equal to `stop_grace_s` (how long it waits after forwarding
+the signal before SIGKILL).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
@@ -34,29 +41,46 @@ def _progress(trainer, stats: dict[str, float]) -> None:
     )
 
 
+def _on_sigterm(stop, grace_s: float) -> None:
+    """SIGTERM: ask every wait to end (the loop then checkpoints and exits), and exit by force after `grace_s`.
+    Only sets a flag and starts a thread: nothing here may block or take a lock the main thread holds."""
+    if stop.requested_at is None:
+        threading.Thread(target=_force_exit_after, args=(grace_s,), name="stop-grace", daemon=True).start()
+    stop.request()
+
+
+def _force_exit_after(grace_s: float) -> None:
+    log.warning("SIGTERM: stopping (final checkpoint of the steps trained, then exit; forced exit in %.0f s)", grace_s)
+    time.sleep(grace_s)
+    log.error("still running %.0f s after SIGTERM (stop_grace_s): exiting now, without a final checkpoint", grace_s)
+    logging.shutdown()
+    os._exit(3)
+
+
 def run(config: TrainerConfig) -> int:
     from opd.loop_thread import LoopThread
     from student_trainer.model import init_distributed
     from student_trainer.runtime import TrainerRuntime
+    from student_trainer.waits import StopSignal
 
     info = init_distributed(config.dist)
     io = LoopThread("trainer-io")
-    stop = {"requested": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
-    runtime = TrainerRuntime(config, info, io)
+    stop = StopSignal()
+    signal.signal(signal.SIGTERM, lambda *_: _on_sigterm(stop, config.stop_grace_s))
+    runtime = TrainerRuntime(config, info, io, stop=stop)
     try:
         runtime.start()
         trainer = runtime.trainer
-        while trainer.step_no < config.max_steps and not stop["requested"]:
+        while trainer.step_no < config.max_steps:
             stats = trainer.step()
+            if stats is None:  # every rank agreed to stop
+                break
             runtime.after_step()
             if info.is_main:
                 _progress(trainer, stats)
-        if stop["requested"] and trainer.step_no % config.checkpoint.every_steps:
-            log.info("SIGTERM: checkpointing step %d before exit", trainer.step_no)
+        if trainer.stopped and trainer.step_no > trainer.last_checkpoint_step:
+            log.info("stop requested: checkpointing step %d before exit", trainer.step_no)
             trainer.checkpoint()
-        else:
-            runtime.finish()
     finally:
         runtime.close()
         io.stop()

@@ -2,10 +2,10 @@
 
 A checkpoint is the directory `step-XXXXXXXX` under `checkpoint.dir`; it is
 written as `.step-XXXXXXXX.tmp` and renamed only after every rank's shards and
-rank 0's `trainer_state.pt` (step, scheduler, RNG, data position, rollout ids
-used) are on disk, so the rename is the commit. Rollouts are acknowledged on
+rank 0's `trainer_state.pt` (step, scheduler, RNG, the prompt feeder's
+position and ledger, the samples used) are on disk, so the rename is the commit. Rollouts are acknowledged on
 Redis only after it: delivery is at-least-once, and a rollout redelivered after
-a crash is skipped when the checkpoint lists its id as used.
+a crash is skipped when the checkpoint lists its (prompt id, sample index) as used.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import logging
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,14 +63,17 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
     keep_last: int,
+    barrier: Callable[[str], None] | None = None,
 ) -> Path:
-    """Collective. Returns the committed directory."""
+    """Collective. Returns the committed directory. `barrier(what)` waits for every rank (default:
+    `dist.barrier`; the trainer passes one that logs while it waits)."""
+    barrier = barrier or (lambda what: dist.barrier())
     final = Path(directory) / f"step-{step:08d}"
     tmp = Path(directory) / f".step-{step:08d}.tmp"
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    dist.barrier()
+    barrier(f"rank 0 to create {tmp}")
     dcp.save(_model_and_optim(root, optimizer), checkpoint_id=str(tmp))
     if dist.get_rank() == 0:
         torch.save({**trainer_state, "rng": rng_state()}, tmp / "trainer_state.pt")
@@ -78,7 +82,7 @@ def save_checkpoint(
         for old in sorted(p for p in Path(directory).iterdir() if _STEP_DIR.match(p.name))[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         log.info("checkpoint committed: %s", final)
-    dist.barrier()
+    barrier(f"rank 0 to commit {final}")
     return final
 
 

@@ -17,7 +17,9 @@ from pydantic import Field, model_validator
 from opd.config import ConfigModel, Port
 from opd.ops_app import OpsConfig
 from opd.prompts import PromptSourceConfig
+from opd.redaction import SECRET
 from opd.streams import RedisConfig
+from opd.tls import check_cert_options
 from student_trainer.loss.config import LossConfig
 from student_trainer.loss.registry import TeacherNeed, divergence_need, selection_need, teacher_needs
 
@@ -27,7 +29,18 @@ class TeacherEndpointConfig(ConfigModel):
         default_factory=lambda: ["127.0.0.1:50051"],
         description="teacher gRPC addresses (host:port or dns:///name:port), balanced",
     )
-    token: str | None = Field(None, description="bearer token (prefer the env variable OPD_TRAIN__TEACHER__TOKEN)")
+    token: str | None = Field(
+        None,
+        description="bearer token (prefer the env variable OPD_TRAIN__TEACHER__TOKEN); shown as <redacted>",
+        json_schema_extra=SECRET,
+    )
+    tls: bool = Field(False, description="connect over TLS, trusting the system's CAs (implied by tls_ca_file)")
+    tls_ca_file: str | None = Field(None, description="TLS: PEM CA bundle that issued the teacher's certificate")
+    tls_cert_file: str | None = Field(None, description="mutual TLS: PEM client certificate presented to the teacher")
+    tls_key_file: str | None = Field(None, description="mutual TLS: PEM private key of tls_cert_file")
+    tls_server_name: str | None = Field(
+        None, description="TLS: name to check in the teacher's certificate (default: the address's host)"
+    )
     client_name: str = Field(
         "trainer", description="client name for the teacher's fair share and metrics when its auth is off"
     )
@@ -39,6 +52,11 @@ class TeacherEndpointConfig(ConfigModel):
         "divergence, else 20); 0 is refused when the loss reads the top-k",
     )
     logprob_dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="wire dtype")
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> TeacherEndpointConfig:
+        check_cert_options(self.tls_cert_file, self.tls_key_file, "teacher")
+        return self
 
 
 class OptimConfig(ConfigModel):
@@ -71,6 +89,12 @@ class PublishConfig(ConfigModel):
     every_steps: int = Field(1, ge=1, description="publish weights every N steps")
     uri: str = Field("runs/weights", description="directory (shared filesystem) for versioned weights")
     keep_last: int = Field(3, ge=1, description="weight versions kept on disk")
+    prune_grace_s: float = Field(
+        300.0,
+        ge=0,
+        description="a version beyond keep_last is deleted only this long after the next one was published "
+        "(a worker may still be loading it)",
+    )
 
 
 class CheckpointConfig(ConfigModel):
@@ -95,6 +119,15 @@ class DataConfig(ConfigModel):
         "the feeder and the trainer (default: groups_per_step * "
         "max(1, max_staleness - prefetch_depth))",
     )
+    max_refeeds: int = Field(
+        3,
+        ge=0,
+        description="a prompt that produced no group (dead-lettered, no group within group_timeout_s, or "
+        "its group went stale) is fed again under the same id up to this many times, then recorded as lost",
+    )
+    group_timeout_s: float = Field(
+        1800.0, gt=0, description="a fed prompt whose whole group has not arrived within this is fed again"
+    )
 
 
 class EvalConfig(ConfigModel):
@@ -102,7 +135,11 @@ class EvalConfig(ConfigModel):
         0,
         ge=0,
         description="feed the eval prompts (data.eval_prompts) every N steps "
-        "and report pass@1, mean reward and divergence to the teacher (0 = off)",
+        "and report pass@1, mean reward and divergence to the teacher (0 = off); training "
+        "pauses until the round's samples, all of the policy version it names, are in",
+    )
+    round_timeout_s: float = Field(
+        600.0, gt=0, description="an eval round gives up after this (reported as incomplete) and training resumes"
     )
 
 
@@ -142,6 +179,18 @@ class TrainerConfig(ConfigModel):
     max_steps: int = Field(100, ge=1, description="optimizer steps to run")
     seed: int = Field(0, description="seed of everything random in the trainer")
     log_level: str = Field("INFO", description="logging level")
+    stop_grace_s: float = Field(
+        60.0,
+        gt=0,
+        description="on SIGTERM: interrupt every wait, checkpoint the steps trained, and exit within this "
+        "many seconds (forced exit after it); give torchrun the same --shutdown-timeout",
+    )
+    wait_log_s: float = Field(
+        10.0,
+        gt=0,
+        description="while the trainer waits (rollouts, teacher scores, other ranks, eval samples) it logs "
+        "what for and how long, once every this many seconds",
+    )
     teacher: TeacherEndpointConfig = Field(default_factory=TeacherEndpointConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
     loss: LossConfig = Field(default_factory=LossConfig)

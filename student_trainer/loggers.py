@@ -3,7 +3,8 @@
 Prometheus (`/metrics`) and `/status` are always on; these are for people who
 follow runs in TensorBoard or W&B. Each backend is imported only when its
 option is set, and a missing package is a clear error at start-up, not a
-crash mid-run. Rank 0 logs; other ranks get a logger that does nothing.
+crash mid-run. Rank 0 logs; other ranks get a logger that does nothing. The
+run's config goes to W&B redacted (`opd.redaction`): no token, no password.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from opd.redaction import redacted_dump
 from student_trainer.config import LoggingConfig, TrainerConfig
 
 
@@ -41,7 +43,7 @@ class StepLogger:
                 project=config.wandb_project,
                 name=config.wandb_run_name,
                 mode=config.wandb_mode,
-                config=run_config.model_dump(mode="json"),
+                config=redacted_dump(run_config),  # the run's config, without the teacher token or Redis password
             )
 
     def log(self, step: int, values: dict[str, float], prefix: str = "train") -> None:

@@ -3,7 +3,9 @@
 Besides the training metrics, the registry exports rank 0's transport
 counters (`opd_trainer_dead_lettered_records_total`, duplicates, retries,
 reclaims: the rollout source's `StreamStats`) through the shared
-`opd.stream_metrics.StreamStatsCollector`, as the rollout workers do.
+`opd.stream_metrics.StreamStatsCollector`, as the rollout workers do, and the
+prompt feeder's `FeedStats` (`opd_trainer_prompts_refed_total` and
+`opd_trainer_prompts_lost_total`, by reason).
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from opd.stream_metrics import StreamStatsCollector
 from opd.streams import StreamStats
+from student_trainer.prompt_ledger import REASONS, FeedStats
 
 _STEP_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -49,11 +54,35 @@ class TrainerStatus:
         return asdict(self)
 
 
+class FeedStatsCollector(Collector):
+    """The prompt feeder's refeeds and losses, by reason (every reason exported, zeros included)."""
+
+    def __init__(self, stats: FeedStats) -> None:
+        self.stats = stats
+
+    def collect(self):
+        refed = CounterMetricFamily(
+            "opd_trainer_prompts_refed",
+            "prompts fed again (same id) after yielding no group, by reason",
+            labels=["reason"],
+        )
+        lost = CounterMetricFamily(
+            "opd_trainer_prompts_lost", "prompts given up after data.max_refeeds refeeds, by reason", labels=["reason"]
+        )
+        for reason in REASONS:
+            refed.add_metric([reason], self.stats.refed[reason])
+            lost.add_metric([reason], self.stats.lost[reason])
+        yield refed
+        yield lost
+
+
 class TrainerMetrics:
-    def __init__(self, stream_stats: StreamStats | None = None) -> None:
-        """`stream_stats`: the rollout source's counters (rank 0); zeros where the process reads no stream."""
+    def __init__(self, stream_stats: StreamStats | None = None, feed_stats: FeedStats | None = None) -> None:
+        """`stream_stats`: the rollout source's counters (rank 0); `feed_stats`: the prompt feeder's (rank 0, when
+        the trainer feeds prompts); zeros where the process has none."""
         self.registry = r = CollectorRegistry()
         r.register(StreamStatsCollector(stream_stats if stream_stats is not None else StreamStats(), "trainer"))
+        r.register(FeedStatsCollector(feed_stats if feed_stats is not None else FeedStats()))
         self.loss = Gauge("opd_trainer_loss", "loss of the last step", registry=r)
         self.divergence = Gauge("opd_trainer_divergence", "mean per-token divergence of the last step", registry=r)
         self.entropy = Gauge("opd_trainer_student_entropy_nats", "mean student entropy of the last step", registry=r)

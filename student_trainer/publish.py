@@ -3,7 +3,9 @@
 Owns gathering the full (unsharded) state dict from FSDP2 (a collective: every
 rank calls it), writing it on rank 0 as a Hugging Face model directory that
 vLLM and transformers load (config, safetensors, tokenizer), the atomic
-rename that makes version N visible, keeping the last K versions, and the
+rename that makes version N visible, keeping the last K versions (and an
+older one for `publish.prune_grace_s` after its successor appeared: a worker
+may still be loading it), and the
 `opd export` conversion of a checkpoint. Announcing a version on Redis is the
 trainer's job (`opd.policy.announce_policy`).
 """
@@ -14,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -58,23 +61,43 @@ def write_hf_model(lm: nn.Module, state: dict[str, torch.Tensor], tokenizer_dir:
     os.replace(tmp, target)
 
 
-def prune_versions(uri: str, keep_last: int) -> list[Path]:
-    """Delete all but the newest `keep_last` version directories; returns what was deleted."""
+def prune_versions(uri: str, keep_last: int, grace_s: float = 0.0, now: float | None = None) -> list[Path]:
+    """Delete the version directories older than the newest `keep_last` whose successor (the next newer version)
+    was published more than `grace_s` ago (its directory's mtime, set when it was renamed into place): a worker
+    that read the announcement of a version just before the next one may still be loading it. Returns what was
+    deleted."""
     root = Path(uri.removeprefix("file://"))
     versions = sorted(p for p in root.iterdir() if _VERSION_DIR.match(p.name)) if root.is_dir() else []
-    doomed = versions[:-keep_last] if keep_last else versions
+    now = time.time() if now is None else now
+    doomed = []
+    for old, successor in zip(versions[: len(versions) - keep_last], versions[1:], strict=False):
+        try:
+            superseded_for_s = now - successor.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if superseded_for_s >= grace_s:
+            doomed.append(old)
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
 
 
-def publish_weights(root: nn.Module, tokenizer_dir: str, uri: str, version: int, keep_last: int, is_main: bool) -> Path:
-    """Collective: gather, and on rank 0 write version `version` under `uri`; returns its directory."""
+def publish_weights(
+    root: nn.Module,
+    tokenizer_dir: str,
+    uri: str,
+    version: int,
+    keep_last: int,
+    is_main: bool,
+    prune_grace_s: float = 0.0,
+) -> Path:
+    """Collective: gather, and on rank 0 write version `version` under `uri` and prune the old ones (keeping
+    each for `prune_grace_s` after its successor); returns its directory."""
     state = full_state_dict(root)
     target = version_dir(uri, version)
     if is_main:
         target.parent.mkdir(parents=True, exist_ok=True)
         write_hf_model(root.lm, state, tokenizer_dir, target)
-        prune_versions(uri, keep_last)
+        prune_versions(uri, keep_last, prune_grace_s)
         log.info("published weights v%d at %s", version, target)
     return target

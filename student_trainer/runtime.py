@@ -2,11 +2,14 @@
 
 `TrainerRuntime.start()` builds the score source (every rank) and, on rank
 0, the rollout source and the prompt feeder; hands them to the `Trainer`;
-resumes it when asked (the trainer restores the feeder's position and the
-rollout ids its checkpoint used); then on rank 0 starts feeding prompts,
-serves `/metrics`, `/healthz`, `/readyz` and `/status`, and runs the eval
-rounds (`eval.EvalRounds`) after each step. It reads what the trainer
-publishes (status, metrics, step) and never its internals. No training math.
+resumes it when asked (the trainer restores the feeder's position and ledger
+and the samples its checkpoint used); then on rank 0 counts what a previous
+run left in flight in Redis and starts feeding prompts, serves `/metrics`,
+`/healthz`, `/readyz` and `/status`, and runs the eval rounds
+(`eval.EvalRounds`: once before the first step, then every
+`eval.every_steps`, training paused meanwhile). It holds the run's
+`StopSignal` (SIGTERM), reads what the trainer publishes (status, metrics,
+step) and never its internals. No training math.
 """
 
 from __future__ import annotations
@@ -19,20 +22,25 @@ from fastapi import APIRouter, Response
 from fastapi.responses import HTMLResponse
 
 from opd.loop_thread import LoopThread
-from opd.ops_app import OpsServer, create_ops_app
+from opd.ops_app import OpsAuth, OpsServer, create_ops_app, ops_auth
+from opd.prompts import load_prompts
+from protos.records import PromptRecord
 from student_trainer.config import TrainerConfig
-from student_trainer.data import PromptFeeder, RolloutSource
+from student_trainer.data import RolloutSource
 from student_trainer.eval import EvalRounds
+from student_trainer.feeder import PromptFeeder
 from student_trainer.model import DistInfo
 from student_trainer.score_source import ScoreSource, create_score_source
 from student_trainer.trainer import Trainer
+from student_trainer.waits import StopRequested, StopSignal
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
 
 
-def trainer_ops_app(status: Callable[[], dict], registry, ready: Callable[[], bool]):
-    """The trainer's ops app: the shared routes plus `/status` (JSON) and the live page at `/`."""
+def trainer_ops_app(status: Callable[[], dict], registry, ready: Callable[[], bool], auth: OpsAuth | None = None):
+    """The trainer's ops app: the shared routes plus `/status` (JSON) and the live page at `/`; with `auth`,
+    all but /healthz /readyz /metrics need a token (`ops.tokens_file`)."""
     router = APIRouter()
 
     @router.get("/status")
@@ -47,12 +55,28 @@ def trainer_ops_app(status: Callable[[], dict], registry, ready: Callable[[], bo
     def chart_script() -> Response:
         return Response((STATIC / "chart.js").read_text(), media_type="text/javascript")
 
-    return create_ops_app("trainer", registry, ready=ready, routers=[router])
+    return create_ops_app("trainer", registry, ready=ready, routers=[router], auth=auth)
+
+
+def train_records(config: TrainerConfig) -> list[PromptRecord]:
+    data = config.data
+    return load_prompts(data.prompts, data.source) if data.prompts else []
+
+
+def eval_records(config: TrainerConfig) -> list[PromptRecord]:
+    data = config.data
+    if not data.eval_prompts:
+        return []
+    return load_prompts(
+        data.eval_prompts, data.source.model_copy(update={"split": "eval", "epochs": 1, "shuffle": False})
+    )
 
 
 class TrainerRuntime:
-    def __init__(self, config: TrainerConfig, info: DistInfo, io: LoopThread) -> None:
+    def __init__(self, config: TrainerConfig, info: DistInfo, io: LoopThread, stop: StopSignal | None = None) -> None:
+        """`stop`: the run's stop request (the caller's SIGTERM handler sets it); a new one when not given."""
         self.config, self.info, self.io = config, info, io
+        self.stop = stop or StopSignal()
         self.trainer: Trainer | None = None
         self.ops_port: int | None = None
         self._scores: ScoreSource | None = None
@@ -65,57 +89,62 @@ class TrainerRuntime:
 
     def start(self) -> None:
         cfg = self.config
+        self.stop.attach_store()
         self._scores = create_score_source(cfg, self.io)
         if self.info.is_main:
             self._source = RolloutSource(cfg)
-            self._feeder = PromptFeeder(self._source, cfg) if cfg.data.prompts else None
+            self._feeder = PromptFeeder(self._source, cfg, train_records(cfg)) if cfg.data.prompts else None
         self.trainer = trainer = Trainer(
-            cfg, self.info, self.io, scores=self._scores, source=self._source, feeder=self._feeder
+            cfg, self.info, self.io, scores=self._scores, source=self._source, feeder=self._feeder, stop=self.stop
         )
         trainer.resume()
         if not self.info.is_main:
             return
-        self._ops = OpsServer(
-            trainer_ops_app(trainer.status.snapshot, trainer.metrics.registry, lambda: self._ready),
-            cfg.ops.host,
-            cfg.ops.port,
+        self._ops = OpsServer.from_config(
+            trainer_ops_app(
+                trainer.status.snapshot, trainer.metrics.registry, lambda: self._ready, auth=ops_auth(cfg.ops)
+            ),
+            cfg.ops,
         )
         self.ops_port = self.io.call(self._ops.start())
         if self._feeder is not None:
-            self._feed_task = self.io.submit(self._feeder.feed_train(self._feeder.train_records()))
+            self.io.call(self._feeder.start_up(self._source.is_used))  # what a previous run left in flight
+            self._feed_task = self.io.submit(self._feeder.run())
         if cfg.eval.every_steps:
-            eval_feeder = PromptFeeder(self._source, cfg)
             self._evals = EvalRounds(
                 self.io,
-                eval_feeder,
                 self._source,
                 self._scores,
-                eval_feeder.eval_records(),
+                eval_records(cfg),
                 cfg.checkpoint.dir,
+                trainer.waiter,
+                timeout_s=cfg.eval.round_timeout_s,
                 mark_used=trainer.mark_used,
                 report=trainer.record_eval,
             )
-            self._evals.start(trainer.step_no)  # the baseline: the policy before this run's first step
         self._ready = True
         log.info(
             "trainer ready: step %d, %d rank(s), ops on port %d", trainer.step_no, self.info.world_size, self.ops_port
         )
+        self._eval_round()  # the baseline: the policy before this run's first step
 
     def after_step(self) -> None:
-        """Rank 0: surface a failed prompt feeder; start and advance the eval rounds."""
+        """Rank 0: surface a failed prompt feeder; run an eval round every `eval.every_steps`."""
         if not self.info.is_main:
             return
         if self._feed_task is not None and self._feed_task.done() and self._feed_task.exception():
             raise RuntimeError(f"prompt feeder failed: {self._feed_task.exception()}")
-        if self._evals is not None:
-            if self.trainer.step_no % self.config.eval.every_steps == 0:
-                self._evals.start(self.trainer.step_no)
-            self._evals.progress()
+        if self.trainer.step_no % max(1, self.config.eval.every_steps) == 0:
+            self._eval_round()
 
-    def finish(self, timeout_s: float = 300.0) -> None:
-        """After the last step: wait (up to `timeout_s`) for eval rounds still in flight, then report them."""
-        if self._evals is not None:
-            self._evals.finish(timeout_s)
+    def _eval_round(self) -> None:
+        """An eval round of the last published version (training waits); a stop request ends it unreported."""
+        if self._evals is None:
+            return
+        try:
+            self._evals.run(self.trainer.step_no, self.trainer.version)
+        except StopRequested:
+            log.info("eval round of step %d abandoned: stop requested", self.trainer.step_no)
 
     def close(self) -> None:
         if self.trainer is not None:

@@ -67,12 +67,22 @@ class TeacherServiceSource:
         self._timeout_s = config.teacher.timeout_s
         self._info: TeacherInfo | None = None
         self._client: TeacherClient = io.call(self._make(config))
+        self.retry_stats = self._client.retry_stats  # the client's retries, by target and code (trainer /metrics)
 
     @staticmethod
     async def _make(config: TrainerConfig) -> TeacherClient:
         t = config.teacher
         return TeacherClient(
-            t.addresses, token=t.token, client_name=t.client_name, timeout_s=t.timeout_s, logprob_dtype=t.logprob_dtype
+            t.addresses,
+            token=t.token,
+            client_name=t.client_name,
+            timeout_s=t.timeout_s,
+            logprob_dtype=t.logprob_dtype,
+            tls=t.tls,
+            tls_ca_file=t.tls_ca_file,
+            tls_cert_file=t.tls_cert_file,
+            tls_key_file=t.tls_key_file,
+            tls_server_name=t.tls_server_name,
         )
 
     @property

@@ -3,8 +3,9 @@
 Owns the queue of batches pulled but not yet trained: it keeps
 `prefetch_depth` batches beyond the one about to train, each with the future
 of its teacher scores already requested from the `ScoreSource`, and hands
-them out in order. It does not pull rollouts (the trainer's `pull` does) or
-know where the scores come from (the score source does).
+them out in order. It does not pull rollouts (the trainer's `pull` does),
+know where the scores come from (the score source does), or judge staleness
+(the trainer does, when the batch is trained: a batch waiting here ages).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from student_trainer.batching import Group
 from student_trainer.score_source import ScoreSource
@@ -24,7 +25,7 @@ class Batch:
 
     groups: list[Group]  # the whole step (every rank's share)
     mine: list[Group]  # this rank's share
-    weights: dict[str, float]  # rollout id -> staleness weight (absent: 1)
+    weights: dict[str, float] = field(default_factory=dict)  # rollout id -> staleness weight (absent: 1)
     dropped_stale: int = 0  # rollouts of the step dropped for staleness (the same on every rank)
     scores: Future | None = None  # {rollout_id: TeacherScores} of `mine`; None when `mine` is empty
 

@@ -7,7 +7,12 @@ service) whose channel uses gRPC's `round_robin` policy so that its several
 streams land on different replicas. Every request has a deadline; UNAVAILABLE
 (server down or restarting, stream broken) and RESOURCE_EXHAUSTED (queue full,
 after the server's retry hint) are retried with capped exponential backoff
-until the deadline, so a server restart mid-stream loses no request.
+until the deadline, so a server restart mid-stream loses no request. Each
+retry is counted in `retry_stats` (by target and status code) and logged at
+WARNING with the target, the attempt and the next delay, at most once per
+10 s per target. A stream the server ends at its maximum age (or drain) is
+reopened, possibly on another replica, and its unanswered requests are resent
+at once.
 
 Shapes (P = len(token_ids) - score_from positions, k = top_k, V = vocab):
 `token_logprobs [P]`, `topk_ids [P, k]` int32, `topk_logprobs [P, k]`,
@@ -30,7 +35,7 @@ import grpc
 import numpy as np
 
 from opd.loop_thread import LoopThread
-from opd.retry import Backoff
+from opd.retry import Backoff, RetryLog, RetryStats
 from opd.tls import grpc_channel_credentials
 from protos import teacher_pb2 as pb
 from protos import teacher_pb2_grpc as pb_grpc
@@ -89,6 +94,11 @@ class DeadlineExceeded(TeacherClientError):
 class Unavailable(TeacherClientError):
     code = grpc.StatusCode.UNAVAILABLE
     retryable = True
+
+
+class _StreamEnded(Unavailable):
+    """The server ended a ScoreStream with OK (its maximum age, or a drain) before answering this request:
+    an expected event, resent at once without a warning."""
 
 
 _BY_CODE = {
@@ -159,7 +169,8 @@ class Generation:
 class _Lane:
     """One ScoreStream on one channel; opened lazily, reopened after it breaks."""
 
-    def __init__(self, channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...]) -> None:
+    def __init__(self, channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...], target: str = "") -> None:
+        self.target = target
         self._stub = pb_grpc.TeacherStub(channel)
         self._metadata = metadata
         self._call: grpc.aio.StreamStreamCall | None = None
@@ -174,7 +185,7 @@ class _Lane:
         return self._call
 
     async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
-        failure: TeacherClientError = Unavailable("UNAVAILABLE: score stream closed by the server")
+        failure: TeacherClientError = _StreamEnded("UNAVAILABLE: score stream ended by the server")
         try:
             async for reply in call:
                 future = self._pending.pop(reply.request_id, None)
@@ -202,7 +213,8 @@ class _Lane:
                 except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as err:
                     if future.done() and future.exception() is not None:
                         raise future.exception() from None
-                    raise Unavailable(f"UNAVAILABLE: cannot write to the score stream ({err})") from None
+                    why = err.details() if isinstance(err, grpc.aio.AioRpcError) else err
+                    raise Unavailable(f"UNAVAILABLE: cannot write to the score stream ({why})") from None
             return await asyncio.wait_for(asyncio.shield(future), timeout_s)
         except TimeoutError:
             raise DeadlineExceeded("DEADLINE_EXCEEDED: no reply from the teacher within the deadline") from None
@@ -214,6 +226,14 @@ class _Lane:
             self._call.cancel()
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)
+
+
+@dataclass(frozen=True)
+class _Unary:
+    """Where a unary call goes: a target and the stub of its channel."""
+
+    target: str
+    stub: pb_grpc.TeacherStub
 
 
 # -- the client ---------------------------------------------------------------------------
@@ -233,6 +253,7 @@ class TeacherClient:
         streams_per_target: int | None = None,
         logprob_dtype: Literal["float32", "float16", "bfloat16"] = "float32",
         max_message_mb: int = 256,
+        retry_stats: RetryStats | None = None,
         tls: bool = False,
         tls_ca_file: str | None = None,
         tls_cert_file: str | None = None,
@@ -281,10 +302,14 @@ class TeacherClient:
         lanes = []
         for target, channel in zip(targets, self._channels, strict=True):
             n = streams_per_target or (4 if target.startswith("dns:") else 1)
-            lanes += [_Lane(channel, self._metadata) for _ in range(n)]
+            lanes += [_Lane(channel, self._metadata, target) for _ in range(n)]
         self._lanes = lanes
         self._next = itertools.cycle(range(len(lanes)))
-        self._stubs = itertools.cycle([pb_grpc.TeacherStub(c) for c in self._channels])
+        unary = [_Unary(t, pb_grpc.TeacherStub(c)) for t, c in zip(targets, self._channels, strict=True)]
+        self._stubs = itertools.cycle(unary)
+        # Every retry is counted here (by target and status code) and logged at WARNING, rate-bounded.
+        self._retries = RetryLog(log, "teacher call", stats=retry_stats)
+        self.retry_stats = self._retries.stats
 
     async def __aenter__(self) -> TeacherClient:
         return self
@@ -298,7 +323,9 @@ class TeacherClient:
         for channel in self._channels:
             await channel.close()
 
-    async def _with_retries(self, attempt_fn, timeout_s: float | None):
+    async def _with_retries(self, route, attempt_fn, timeout_s: float | None):
+        """Call `attempt_fn(target, remaining_s)` on `route()`'s next target until it succeeds, fails for good
+        or the deadline passes; retryable failures wait a capped, jittered backoff (or the server's hint)."""
         deadline = time.monotonic() + (timeout_s or self._timeout_s)
         attempt = 0
         while True:
@@ -306,17 +333,21 @@ class TeacherClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExceeded("DEADLINE_EXCEEDED: teacher did not answer within the deadline")
+            target = route()
             try:
-                return await attempt_fn(remaining)
+                return await attempt_fn(target, remaining)
             except grpc.aio.AioRpcError as err:
                 exc = _from_rpc_error(err)
             except TeacherClientError as err:
                 exc = err
             if not exc.retryable:
                 raise exc
+            if isinstance(exc, _StreamEnded) and attempt == 1:
+                continue  # a stream that reached its age: resend now (the lane reopens it)
             delay = max(self._backoff.delay_s(attempt), getattr(exc, "retry_after_s", 0.0))
             if time.monotonic() + delay >= deadline:
                 raise exc
+            self._retries.note(target.target, attempt, delay, str(exc), reason=exc.code.name)
             await asyncio.sleep(delay)
 
     async def score(
@@ -341,16 +372,16 @@ class TeacherClient:
         if temperature is not None:
             request.temperature = temperature
 
-        async def attempt(remaining: float) -> TeacherScores:
+        async def attempt(lane: _Lane, remaining: float) -> TeacherScores:
             request.timeout_ms = max(1, int(remaining * 1000))
-            reply = await self._lanes[next(self._next)].send(request, remaining)
+            reply = await lane.send(request, remaining)
             if reply.HasField("error"):
                 raise error_from_status(
                     grpc.StatusCode(_code(reply.error.code)), reply.error.message, reply.error.retry_after_s
                 )
             return TeacherScores.from_reply(reply)
 
-        return await self._with_retries(attempt, timeout_s)
+        return await self._with_retries(lambda: self._lanes[next(self._next)], attempt, timeout_s)
 
     async def score_many(
         self, sequences: Sequence[tuple[Sequence[int] | np.ndarray, int]], **kwargs: Any
@@ -359,11 +390,11 @@ class TeacherClient:
         return list(await asyncio.gather(*(self.score(ids, start, **kwargs) for ids, start in sequences)))
 
     async def info(self, timeout_s: float | None = None) -> TeacherInfo:
-        async def attempt(remaining: float) -> TeacherInfo:
-            reply = await next(self._stubs).Info(pb.InfoRequest(), timeout=remaining, metadata=self._metadata)
+        async def attempt(unary: _Unary, remaining: float) -> TeacherInfo:
+            reply = await unary.stub.Info(pb.InfoRequest(), timeout=remaining, metadata=self._metadata)
             return TeacherInfo.from_reply(reply)
 
-        return await self._with_retries(attempt, timeout_s)
+        return await self._with_retries(lambda: next(self._stubs), attempt, timeout_s)
 
     async def generate(
         self,
@@ -388,15 +419,15 @@ class TeacherClient:
         if seed is not None:
             request.seed = seed
 
-        async def attempt(remaining: float) -> Generation:
-            reply = await next(self._stubs).Generate(request, timeout=remaining, metadata=self._metadata)
+        async def attempt(unary: _Unary, remaining: float) -> Generation:
+            reply = await unary.stub.Generate(request, timeout=remaining, metadata=self._metadata)
             return Generation(
                 unpack(reply.token_ids, field="token_ids"),
                 unpack(reply.logprobs, field="logprobs").astype(np.float32),
                 reply.finish_reason,
             )
 
-        return await self._with_retries(attempt, timeout_s)
+        return await self._with_retries(lambda: next(self._stubs), attempt, timeout_s)
 
 
 def _is_loopback(target: str) -> bool:

@@ -126,6 +126,26 @@ class TeacherOpsConfig(OpsConfig):
     )
 
 
+class OpenAIPortConfig(ConfigModel):
+    """The OpenAI-compatible HTTP port (`teacher_server/openai_api.py`): vLLM's `/v1/completions` JSON shapes."""
+
+    port: Port | None = Field(
+        None,
+        description="serve the OpenAI-compatible /v1/completions and /v1/models on this port, with the gRPC "
+        "service's auth, fair share and metrics (unset = off; 0 = pick a free one)",
+    )
+    host: str = Field("0.0.0.0", description="bind address of the OpenAI-compatible port")
+    tls_cert_file: str | None = Field(
+        None, description="serve HTTPS with this PEM certificate (default: grpc.tls_cert_file when gRPC has TLS)"
+    )
+    tls_key_file: str | None = Field(None, description="PEM private key of tls_cert_file")
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> OpenAIPortConfig:
+        check_cert_options(self.tls_cert_file, self.tls_key_file, "openai")
+        return self
+
+
 class TeacherConfig(ConfigModel):
     model: str = Field(
         ...,
@@ -141,6 +161,7 @@ class TeacherConfig(ConfigModel):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     grpc: GrpcConfig = Field(default_factory=GrpcConfig)
     ops: TeacherOpsConfig = Field(default_factory=TeacherOpsConfig)
+    openai: OpenAIPortConfig = Field(default_factory=OpenAIPortConfig)
 
     @model_validator(mode="after")
     def _check(self) -> TeacherConfig:

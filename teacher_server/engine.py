@@ -31,6 +31,7 @@ class ScoreWork:
     top_k: int
     full_vocab: bool = False
     temperature: float = 1.0
+    token_ranks: bool = False  # also return each actual token's rank (the OpenAI-compatible port asks)
 
     @property
     def num_tokens(self) -> int:
@@ -50,6 +51,7 @@ class ScoreResult:
     topk_logprobs: np.ndarray  # [P, k]
     tail_logprobs: np.ndarray  # [P]
     full_logprobs: np.ndarray | None = None  # [P, V]
+    token_ranks: np.ndarray | None = None  # int32 [P], when asked: tokens at least as likely as the actual one (1 = top)
 
 
 @dataclass(frozen=True)

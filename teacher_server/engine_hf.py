@@ -102,7 +102,7 @@ class HFEngine(TeacherEngine):
         # come back to the host in one copy per array (no per-sequence device syncs).
         groups: dict[tuple, list[int]] = {}
         for i, w in enumerate(works):
-            groups.setdefault((w.top_k, w.full_vocab, w.temperature), []).append(i)
+            groups.setdefault((w.top_k, w.full_vocab, w.temperature, w.token_ranks), []).append(i)
         results: list[ScoreResult | Exception] = [None] * len(works)  # type: ignore[list-item]
         for indices in groups.values():
             # Logits at position p-1 give the distribution of token p.
@@ -112,18 +112,19 @@ class HFEngine(TeacherEngine):
             splits = np.cumsum([works[i].num_positions for i in indices])[:-1]
             per_seq = [np.split(a, splits) if a is not None else [None] * len(indices) for a in arrays]
             for j, i in enumerate(indices):
-                token_lp, topk_ids, topk_lp, tail_lp, full_lp = (col[j] for col in per_seq)
+                token_lp, topk_ids, topk_lp, tail_lp, full_lp, ranks = (col[j] for col in per_seq)
                 results[i] = ScoreResult(
                     token_logprobs=token_lp,
                     topk_ids=topk_ids,
                     topk_logprobs=topk_lp,
                     tail_logprobs=tail_lp,
                     full_logprobs=full_lp,
+                    token_ranks=ranks,
                 )
         return results
 
     def _score_rows(self, hidden_NH: torch.Tensor, targets_N: torch.Tensor, w: ScoreWork) -> list[np.ndarray | None]:
-        """[token_lp N, topk_ids N x k, topk_lp N x k, tail N, full N x V | None] as host arrays."""
+        """[token_lp N, topk_ids N x k, topk_lp N x k, tail N, full N x V | None, ranks N | None] as host arrays."""
         parts = [
             self._score_chunk(hidden_NH[s : s + self._chunk_rows], targets_N[s : s + self._chunk_rows], w)
             for s in range(0, hidden_NH.shape[0], self._chunk_rows)
@@ -131,6 +132,8 @@ class HFEngine(TeacherEngine):
         cols = [torch.cat(col) if col[0] is not None else None for col in zip(*parts, strict=True)]
         out = [c.cpu().numpy() if c is not None else None for c in cols]
         out[1] = out[1].astype(np.int32)
+        if out[5] is not None:
+            out[5] = out[5].astype(np.int32)
         return out
 
     def _score_chunk(self, hidden_CH: torch.Tensor, targets_C: torch.Tensor, w: ScoreWork) -> tuple:
@@ -138,7 +141,10 @@ class HFEngine(TeacherEngine):
         if w.temperature != 1.0:
             logits_CV = logits_CV / w.temperature
         lse_C = torch.logsumexp(logits_CV, dim=-1)
-        token_lp_C = logits_CV.gather(1, targets_C[:, None])[:, 0] - lse_C
+        token_logit_C1 = logits_CV.gather(1, targets_C[:, None])
+        token_lp_C = token_logit_C1[:, 0] - lse_C
+        # vLLM's rank: tokens at least as likely as the actual one (before the top-k scatter below)
+        ranks_C = (logits_CV >= token_logit_C1).sum(dim=-1) if w.token_ranks else None
         # Full log-probs leave the device chunk by chunk: only requests that asked for them pay [N, V] on the host.
         full_CV = (logits_CV - lse_C[:, None]).cpu() if w.full_vocab else None
         if w.top_k > 0:
@@ -150,7 +156,7 @@ class HFEngine(TeacherEngine):
             top_ids_CK = torch.zeros((logits_CV.shape[0], 0), dtype=torch.long, device=logits_CV.device)
             topk_lp_CK = torch.zeros((logits_CV.shape[0], 0), device=logits_CV.device)
             tail_C = torch.zeros_like(lse_C)
-        return (token_lp_C, top_ids_CK, topk_lp_CK, tail_C, full_CV)
+        return (token_lp_C, top_ids_CK, topk_lp_CK, tail_C, full_CV, ranks_C)
 
     # -- sampling --------------------------------------------------------------------------
 

@@ -174,7 +174,15 @@ def _topk_result(flat, work: ScoreWork) -> ScoreResult:
         topk_ids=np.ascontiguousarray(ids_PK[:, 1:]),
         topk_logprobs=topk_lp,
         tail_logprobs=tail_from_topk(topk_lp),
+        token_ranks=_token_ranks(flat, work),
     )
+
+
+def _token_ranks(flat, work: ScoreWork) -> np.ndarray | None:
+    """The actual token's rank at each scored position (its entry comes first), when the work asks."""
+    if not work.token_ranks:
+        return None
+    return np.asarray([flat.ranks[i] for i in flat.start_indices[work.score_from :]], dtype=np.int32)
 
 
 def _full_result(flat, work: ScoreWork, vocab: int) -> ScoreResult:
@@ -194,4 +202,5 @@ def _full_result(flat, work: ScoreWork, vocab: int) -> ScoreResult:
         topk_logprobs=np.ascontiguousarray(lps_PW[:, 1 : 1 + k]),
         tail_logprobs=tail.astype(np.float32),
         full_logprobs=full_PV,
+        token_ranks=_token_ranks(flat, work),
     )

@@ -32,12 +32,20 @@ _HTTP_STATUS = {
 
 class ScoreJSON(BaseModel):
     token_ids: list[int] = Field(description="the whole sequence")
-    score_from: int = Field(ge=0, description="first position to score")
-    top_k: int = Field(0, ge=0)
+    score_from: int = Field(ge=0, le=2**32 - 1, description="first position to score")
+    top_k: int = Field(0, ge=0, le=2**32 - 1)
     full_vocab: bool = False
     temperature: float | None = None
     request_id: str = ""
     timeout_s: float | None = Field(None, gt=0)
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _floats(a: np.ndarray) -> list:
@@ -67,6 +75,8 @@ def teacher_router(servicer: TeacherServicer) -> APIRouter:
             client = servicer.auth.identify(request.headers.items())
             if any(not -(2**31) <= t < 2**31 for t in body.token_ids):
                 raise InvalidRequest("token_ids must be int32 values")
+            if _has_surrogate(body.request_id):
+                raise InvalidRequest("request_id must be valid Unicode text (a lone surrogate is not)")
             req = pb.ScoreRequest(
                 request_id=body.request_id,
                 token_ids=pack(np.asarray(body.token_ids), pb.INT32),

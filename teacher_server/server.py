@@ -53,6 +53,8 @@ class TeacherServer:
             ops_tls.load()
         self._grpc: grpc.aio.Server | None = None
         self._ops: OpsServer | None = None
+        self._openai = None  # teacher_server.openai_api.OpenAIPort when openai.port is set
+        self.openai_port: int | None = None
         self._health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.scheduler: FairScheduler | None = None
         self.grpc_port: int | None = None
@@ -97,13 +99,17 @@ class TeacherServer:
         )
         self._ops = OpsServer.from_config(app, self.config.ops, warn_open=False)
         self.ops_port = await self._ops.start()
-        warn_if_open(
-            "teacher",
-            [
-                ("gRPC", self.config.grpc.host, self.grpc_port, self._auth.enabled),
-                ("ops", self.config.ops.host, self.ops_port, self._ops_auth is not None),
-            ],
-        )
+        listeners = [
+            ("gRPC", self.config.grpc.host, self.grpc_port, self._auth.enabled),
+            ("ops", self.config.ops.host, self.ops_port, self._ops_auth is not None),
+        ]
+        if self.config.openai.port is not None:  # the OpenAI-compatible port: off unless configured
+            from teacher_server.openai_api import OpenAIPort
+
+            self._openai = OpenAIPort(self.config, servicer)
+            self.openai_port = await self._openai.start()
+            listeners.append(("OpenAI", self.config.openai.host, self.openai_port, self._auth.enabled))
+        warn_if_open("teacher", listeners)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self.metrics.engine_ready.set(1)
         log.info(
@@ -137,6 +143,8 @@ class TeacherServer:
             await self._grpc.stop(grace)
         if self._ops is not None:
             await self._ops.stop()
+        if self._openai is not None:
+            await self._openai.stop()
         if self._owns_engine and self.engine is not None:
             await self.engine.close()
         log.info("teacher stopped")
@@ -194,6 +202,12 @@ class ServerThread:
     def address(self) -> str:
         assert self.server is not None
         return f"127.0.0.1:{self.server.grpc_port}"
+
+    @property
+    def openai_url(self) -> str:
+        """Base URL of the OpenAI-compatible port (`.../v1`), when the config turned it on."""
+        assert self.server is not None and self.server._openai is not None, "set openai.port to serve it"
+        return f"{self.server._openai.scheme}://127.0.0.1:{self.server.openai_port}/v1"
 
     @property
     def ops_url(self) -> str:

@@ -1,8 +1,9 @@
 """The gRPC servicer: authenticates, validates, schedules, encodes — and maps errors to status codes once.
 
 `score_result` is the one request path (auth'd client, validated work, fair
-scheduler, metrics); `Score`, `ScoreStream` and the ops port's JSON
-`/v1/score` all go through it. A bad request is answered with its status and
+scheduler, metrics); `Score`, `ScoreStream`, the ops port's JSON
+`/v1/score` and the OpenAI-compatible port all go through it (and
+`generate_result` for `Generate`). A bad request is answered with its status and
 never disturbs other requests or the stream it came on; every request gets
 exactly one answer: an exception no layer mapped becomes INTERNAL with its
 message, logged with its traceback and counted
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -25,7 +27,7 @@ from protos import teacher_pb2 as pb
 from protos import teacher_pb2_grpc as pb_grpc
 from teacher_server import wire
 from teacher_server.auth import Authenticator
-from teacher_server.engine import ScoreResult, ScoreWork, TeacherEngine
+from teacher_server.engine import GenerateResult, ScoreResult, ScoreWork, TeacherEngine
 from teacher_server.errors import QueueFull, TeacherError, as_teacher_error
 from teacher_server.info import TeacherInfo
 from teacher_server.metrics import TeacherMetrics
@@ -82,19 +84,29 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         return as_teacher_error(exc)
 
     async def _score(
-        self, client: str, request: pb.ScoreRequest, timeout_s: float | None
+        self, client: str, request: pb.ScoreRequest, timeout_s: float | None, token_ranks: bool = False
     ) -> tuple[ScoreWork, ScoreResult]:
         work = wire.score_work(request, self._engine.info)
+        if token_ranks:  # the OpenAI-compatible port reports the actual token's rank, as vLLM does
+            work = dataclasses.replace(work, token_ranks=True)
         result = await self._scheduler.score(client, work, timeout_s)
         self._metrics.scored_tokens.labels(client).inc(work.num_positions)
         return work, result
 
     async def score_result(
-        self, client: str, request: pb.ScoreRequest, timeout_s: float | None, rpc: str
+        self, client: str, request: pb.ScoreRequest, timeout_s: float | None, rpc: str, *, token_ranks: bool = False
     ) -> tuple[ScoreWork, ScoreResult]:
         """Validate, schedule and score one request; every failure is a TeacherError (unexpected ones INTERNAL)."""
         with self._observe(client, rpc):
-            return await self._score(client, request, timeout_s)
+            return await self._score(client, request, timeout_s, token_ranks)
+
+    async def generate_result(self, client: str, request: pb.GenerateRequest, rpc: str) -> GenerateResult:
+        """Validate and run one Generate request; every failure is a TeacherError (unexpected ones INTERNAL)."""
+        with self._observe(client, rpc):
+            work = wire.generate_work(request, self._engine.info)
+            result = await self._engine.generate(work)
+            self._metrics.generated_tokens.labels(client).inc(len(result.token_ids))
+            return result
 
     async def _score_reply(
         self, client: str, request: pb.ScoreRequest, timeout_s: float | None, rpc: str
@@ -211,11 +223,7 @@ class TeacherServicer(pb_grpc.TeacherServicer):
     ) -> pb.GenerateReply:
         client = await self._identify(context, "Generate")
         try:
-            with self._observe(client, "Generate"):
-                work = wire.generate_work(request, self._engine.info)
-                result = await self._engine.generate(work)
-                self._metrics.generated_tokens.labels(client).inc(len(result.token_ids))
-                return wire.generate_reply(request, result)
+            return wire.generate_reply(request, await self.generate_result(client, request, "Generate"))
         except TeacherError as exc:
             await self._abort(context, exc)
             raise

@@ -141,11 +141,23 @@ class LossConfig(_Strict):
     chunk_size: int | None = Field(
         None,
         ge=1,
-        description="Rows per lm-head chunk; None: rows such that one [rows, V] fp32 tensor "
-        "is chunk_budget_mib (peak extra memory is a few such tensors).",
+        description="Rows per lm-head chunk (one matmul each way); None: rows such that one [rows, V] fp32 "
+        "tensor is chunk_budget_mib.",
     )
     chunk_budget_mib: float = Field(
-        128.0, gt=0.0, description="Size of one [rows, V] fp32 chunk tensor when chunk_size is None."
+        64.0, gt=0.0, description="Size of one [rows, V] fp32 logits chunk when chunk_size is None."
+    )
+    block_budget_mib: float | None = Field(
+        None,
+        gt=0.0,
+        description="The softmax/divergence math of a chunk runs in row blocks whose [rows, V] fp32 "
+        "temporaries are this size, its d logits written back into the chunk; None: 16 on CPU, the "
+        "whole chunk on CUDA (fewer, larger kernels). Peak extra memory ~ one chunk + ~3 blocks.",
+    )
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="torch.compile the per-block math (fused kernels): 'auto' = on CUDA only; the eager "
+        "PyTorch path is the reference and the fallback if compiling fails.",
     )
     policy_gradient: PolicyGradientConfig = Field(default_factory=PolicyGradientConfig)
     rl: RlConfig = Field(default_factory=RlConfig)

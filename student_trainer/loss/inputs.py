@@ -40,11 +40,16 @@ class LossInputs:
     """Per-token and per-sequence inputs; the rows of one sequence are contiguous."""
 
     target_ids: Tensor  # [N] int, the sampled (actual) tokens
-    loss_weights: Tensor  # [N] float >= 0; 0 = no loss (tool tokens, padding), else a token weight
+    loss_weights: Tensor  # [N] float >= 0; 0 = no loss (tool tokens, padding), else a token weight s
+    # (e.g. staleness) that scales the row's term; normalisations count rows, never sum these weights
     cu_seqlens: Tensor  # [S + 1] int: 0 = cu[0] <= ... <= cu[S] = N
     group_ids: Tensor | None = None  # [S] int, samples of one prompt share an id
     rewards: Tensor | None = None  # [S] float
     behaviour_logprobs: Tensor | None = None  # [N] sampler log-probs (after temperature)
+    # Group-level quantities computed over whole groups before a split (`planning.sequence_weights`);
+    # None: computed here from `rewards` and `group_ids`, which then must hold whole groups.
+    sample_weights: Tensor | None = None  # [S] recipe sample weight r (reward softmax x pass rate)
+    advantages: Tensor | None = None  # [S] GRPO advantage of each sequence
 
 
 @dataclass
@@ -139,12 +144,18 @@ def _check_sequences(inputs: LossInputs, config: LossConfig, n: int) -> None:
     if cu.dim() != 1 or cu.numel() < 1 or int(cu[0]) != 0 or int(cu[-1]) != n or bool((cu.diff() < 0).any()):
         raise ValueError(f"inputs.cu_seqlens must be non-decreasing from 0 to N={n}")
     num_seqs = cu.numel() - 1
-    needs_rewards = config.rl_weight > 0 or config.reward_softmax.enabled or config.pass_rate.enabled
+    for name, tensor in (("inputs.sample_weights", inputs.sample_weights), ("inputs.advantages", inputs.advantages)):
+        if tensor is not None and tuple(tensor.shape) != (num_seqs,):
+            raise ValueError(f"{name} must have shape [{num_seqs}] (one per sequence), got {tuple(tensor.shape)}")
+    needs_rewards = (config.rl_weight > 0 and inputs.advantages is None) or (
+        (config.reward_softmax.enabled or config.pass_rate.enabled) and inputs.sample_weights is None
+    )
     if needs_rewards:
         for name, tensor in (("inputs.rewards", inputs.rewards), ("inputs.group_ids", inputs.group_ids)):
             if tensor is None or tuple(tensor.shape) != (num_seqs,):
                 raise ValueError(
-                    f"{name} of shape [{num_seqs}] is required by rl_weight > 0, reward_softmax or pass_rate"
+                    f"{name} of shape [{num_seqs}] is required by rl_weight > 0, reward_softmax or pass_rate "
+                    "(or pass inputs.sample_weights / inputs.advantages computed over whole groups)"
                 )
         if not bool(inputs.rewards.isfinite().all()):
             raise ValueError("inputs.rewards must be finite (score every sample before training on it)")

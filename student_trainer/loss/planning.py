@@ -7,6 +7,14 @@ the reduction coefficients of the distillation and RL terms, GRPO advantages
 and the schedule's reverse-KL weight. The rules themselves live in
 `student_trainer.loss.weighting`; the pre-pass reuses `fused_linear.run_chunks`
 and the formulas of `student_trainer.loss.divergences`.
+
+The step loss is L = sum_i s_i r_i l_i / D (s: token weight, e.g. staleness;
+r: the recipe's sample weight; D: an unweighted count). A micro-batch alone
+takes D from its own rows; a trainer step that spans micro-batches and ranks
+adds `count_denominators` over all of them and passes the total, and computes
+the group-level quantities (`sequence_weights`: reward softmax, pass rate,
+GRPO advantages) over whole groups before any split, so a group cut across
+micro-batches or ranks trains exactly as if it were not.
 """
 
 from __future__ import annotations
@@ -38,6 +46,54 @@ class RowPlan:
     reverse_weight: float  # schedule weight of reverse KL
 
 
+@dataclass(frozen=True)
+class Denominators:
+    """D of the distillation and the RL term (unweighted counts; 1 under `sum`)."""
+
+    distill: float
+    rl: float
+
+    def __add__(self, other: Denominators) -> Denominators:
+        return Denominators(self.distill + other.distill, self.rl + other.rl)
+
+
+def count_denominators(inputs: LossInputs, config: LossConfig) -> Denominators:
+    """What this micro-batch adds to the step's D: counted rows (token_mean; TIP's kept count, which
+    depends only on the number of valid rows) or sequences with a valid row (sequence_mean); 0 under sum."""
+    mode = config.normalization
+    valid_N = inputs.loss_weights > 0
+    num_seqs = inputs.cu_seqlens.numel() - 1
+    seq_N = wt.sequence_index(inputs.cu_seqlens, valid_N.numel())
+    rl = wt.count_rows(valid_N, seq_N, num_seqs, mode)
+    ts = config.token_selection
+    distill = float(wt.num_kept(int(rl), ts.keep_fraction)) if ts.enabled and mode == "token_mean" else rl
+    return Denominators(distill, rl)
+
+
+def step_denominators(total: Denominators, config: LossConfig) -> Denominators:
+    """The D to divide by, from counts added over every micro-batch of the step (1 under `sum`)."""
+    return Denominators(1.0, 1.0) if config.normalization == "sum" else total
+
+
+def sequence_weights(
+    rewards_S: Tensor, group_ids_S: Tensor, config: LossConfig, dtype: torch.dtype = torch.float64
+) -> tuple[Tensor, Tensor | None]:
+    """Recipe sample weights r [S] (product of the enabled weightings; ones if none) and GRPO advantages [S]
+    (None when rl_weight = 0), computed over whole groups: call it before groups are split."""
+    num_seqs = rewards_S.numel()
+    weights_S = torch.ones(num_seqs, dtype=dtype, device=rewards_S.device)
+    rewards = rewards_S.to(dtype)
+    if config.reward_softmax.enabled:
+        weights_S = weights_S * wt.reward_softmax_weights(rewards, group_ids_S, config.reward_softmax.beta)
+    if config.pass_rate.enabled:
+        pr = config.pass_rate
+        weights_S = weights_S * wt.pass_rate_weights(rewards, group_ids_S, pr.alpha, pr.beta, pr.floor)
+    advantages_S = None
+    if config.rl_weight > 0:
+        advantages_S = wt.grpo_advantages(rewards, group_ids_S, config.rl.scale_by_std, config.rl.std_epsilon)
+    return weights_S, advantages_S
+
+
 @dataclass
 class RowScores:
     """No-grad per-row scores of the pre-pass, [N] (rows without loss weight stay 0)."""
@@ -56,45 +112,63 @@ def plan_rows(
     config: LossConfig,
     step: int,
     rows_per_chunk: int,
+    denominators: Denominators | None = None,
 ) -> RowPlan:
-    """Selection, weights, coefficients and advantages for one step (no gradient)."""
+    """Selection, weights, coefficients and advantages for one step (no gradient).
+
+    `denominators`: the step's D over all micro-batches and ranks; None = this micro-batch's own.
+    """
     dtype = compute_dtype(hidden_NH.dtype)
     n, num_seqs = hidden_NH.shape[0], inputs.cu_seqlens.numel() - 1
     seq_N = wt.sequence_index(inputs.cu_seqlens, n)
     token_w_N = inputs.loss_weights.to(dtype)
     valid_N = token_w_N > 0
+    if denominators is None:
+        denominators = step_denominators(count_denominators(inputs, config), config)
     pre = None
     if config.token_selection.enabled or config.discount > 0:
         pre = prescore_rows(hidden_NH, weight_VH, bias_V, inputs, teacher, config, valid_N, rows_per_chunk)
     kept_N = _select(pre, valid_N, weight_VH.shape[0], config, step)
-    counted_N = token_w_N * kept_N
-    sample_w_N = _sample_weights(inputs, config, dtype)[seq_N] if num_seqs else torch.ones_like(token_w_N)
+    counted_N = kept_N.to(dtype)
+    sample_w_S, rl_advantage_S = _sequence_terms(inputs, config, dtype)
+    sample_w_N = sample_w_S[seq_N] if num_seqs else torch.ones_like(token_w_N)
     distill_advantage_N = None
     row = divergence(config.divergence)
     if config.discount > 0:  # a sampled-token divergence (LossConfig checks): reward -d per token, discounted
         per_token_N = -row.function()(pre.logp_N, teacher.token_logprobs, DivergenceArgs(config.logprob_floor))
         distill_advantage_N = wt.discounted_returns(per_token_N * valid_N, inputs.cu_seqlens, config.discount)
-    rl_coef_N, rl_advantage_N = _rl_rows(inputs, config, token_w_N, seq_N)
+    rl_coef_N = torch.zeros_like(token_w_N)
+    if config.rl_weight > 0:  # over all valid tokens: no selection, no sample weights
+        rl_coef_N = wt.row_coefficients(
+            token_w_N, valid_N.to(dtype), seq_N, num_seqs, config.normalization, denominators.rl
+        )
     return RowPlan(
         valid_N=valid_N,
         kept_N=kept_N,
-        distill_coef_N=wt.row_coefficients(counted_N * sample_w_N, counted_N, seq_N, num_seqs, config.normalization),
+        distill_coef_N=wt.row_coefficients(
+            token_w_N * counted_N * sample_w_N, counted_N, seq_N, num_seqs, config.normalization, denominators.distill
+        ),
         rl_coef_N=rl_coef_N,
         distill_advantage_N=distill_advantage_N,
-        rl_advantage_N=rl_advantage_N,
+        rl_advantage_N=None if rl_advantage_S is None else rl_advantage_S[seq_N],
         reverse_weight=wt.reverse_kl_weight(config.schedule, step) if row.scheduled else 1.0,
     )
 
 
-def _rl_rows(inputs: LossInputs, config: LossConfig, token_w_N: Tensor, seq_N: Tensor) -> tuple[Tensor, Tensor | None]:
-    """RL coefficients over all valid tokens (no selection, no sample weights) and GRPO advantages."""
+def _sequence_terms(inputs: LossInputs, config: LossConfig, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """Sample weights [S] and GRPO advantages [S] | None: as given in `inputs`, else from its groups."""
+    device = inputs.loss_weights.device
+    weights_S, advantages_S = inputs.sample_weights, inputs.advantages
+    needs_weights = config.reward_softmax.enabled or config.pass_rate.enabled
+    if (weights_S is None and needs_weights) or (advantages_S is None and config.rl_weight > 0):
+        computed_w, computed_a = sequence_weights(inputs.rewards, inputs.group_ids, config, dtype)
+        weights_S = computed_w if weights_S is None else weights_S
+        advantages_S = computed_a if advantages_S is None else advantages_S
+    if weights_S is None:
+        weights_S = torch.ones(inputs.cu_seqlens.numel() - 1, dtype=dtype)
     if config.rl_weight == 0:
-        return torch.zeros_like(token_w_N), None
-    num_seqs = inputs.cu_seqlens.numel() - 1
-    rl_coef_N = wt.row_coefficients(token_w_N, token_w_N, seq_N, num_seqs, config.normalization)
-    rewards_S = inputs.rewards.to(token_w_N.dtype)
-    advantages_S = wt.grpo_advantages(rewards_S, inputs.group_ids, config.rl.scale_by_std, config.rl.std_epsilon)
-    return rl_coef_N, advantages_S.to(token_w_N.device)[seq_N]
+        advantages_S = None
+    return weights_S.to(device, dtype), None if advantages_S is None else advantages_S.to(device, dtype)
 
 
 def _select(pre: RowScores | None, valid_N: Tensor, vocab_size: int, config: LossConfig, step: int) -> Tensor:
@@ -104,20 +178,6 @@ def _select(pre: RowScores | None, valid_N: Tensor, vocab_size: int, config: Los
     weight_N = wt.tip_weights(pre.entropy_N, pre.jsd_N, vocab_size, ts.entropy_exponent, ts.divergence_exponent)
     generator = torch.Generator().manual_seed(ts.seed + step)
     return wt.select_tokens(weight_N, valid_N, ts.keep_fraction, generator)
-
-
-def _sample_weights(inputs: LossInputs, config: LossConfig, dtype: torch.dtype) -> Tensor:
-    """Product of the enabled sample weightings, [S] (ones if none)."""
-    num_seqs = inputs.cu_seqlens.numel() - 1
-    weights_S = torch.ones(num_seqs, dtype=dtype, device=inputs.cu_seqlens.device)
-    if config.reward_softmax.enabled:
-        rewards = inputs.rewards.to(dtype)
-        weights_S = weights_S * wt.reward_softmax_weights(rewards, inputs.group_ids, config.reward_softmax.beta)
-    if config.pass_rate.enabled:
-        pr = config.pass_rate
-        rewards = inputs.rewards.to(dtype)
-        weights_S = weights_S * wt.pass_rate_weights(rewards, inputs.group_ids, pr.alpha, pr.beta, pr.floor)
-    return weights_S.to(inputs.loss_weights.device)
 
 
 def prescore_rows(

@@ -134,14 +134,21 @@ def tip_weights(
     return weight_N
 
 
+def num_kept(num_valid: int, keep_fraction: float) -> int:
+    """Tokens TIP keeps of `num_valid`: floor(rho * n + 1/2), at least 1 (0 when n = 0)."""
+    if num_valid == 0:
+        return 0
+    return min(num_valid, max(1, math.floor(keep_fraction * num_valid + 0.5)))
+
+
 def select_tokens(weight_N: Tensor, valid_N: Tensor, keep_fraction: float, generator: torch.Generator) -> Tensor:
-    """Keep floor(rho * n_valid + 1/2) (at least 1) valid tokens, drawn without replacement
+    """Keep `num_kept(n_valid, rho)` valid tokens, drawn without replacement
     with probability proportional to `weight_N`; returns a bool mask [N].
 
     Tokens of weight 0 are drawn only once every positive-weight token is kept.
     """
     valid_idx = valid_N.nonzero().flatten().cpu()
-    num_keep = min(valid_idx.numel(), max(1, math.floor(keep_fraction * valid_idx.numel() + 0.5)))
+    num_keep = num_kept(valid_idx.numel(), keep_fraction)
     keep_N = torch.zeros_like(valid_N, dtype=torch.bool)
     if valid_idx.numel() == 0:
         return keep_N
@@ -153,22 +160,37 @@ def select_tokens(weight_N: Tensor, valid_N: Tensor, keep_fraction: float, gener
 
 
 def row_coefficients(
-    row_weight_N: Tensor, counted_N: Tensor, seq_N: Tensor, num_seqs: int, mode: Normalization
+    row_weight_N: Tensor, counted_N: Tensor, seq_N: Tensor, num_seqs: int, mode: Normalization, denominator: float
 ) -> Tensor:
-    """Per-row coefficients c [N] so that the loss is sum_i c_i l_i.
+    """Per-row coefficients c [N] so that the loss is sum_i c_i l_i = sum_i s_i r_i l_i / D.
 
-    token_mean:    c_i = u_i / sum_j m_j
-    sequence_mean: c_i = u_i / (n_s * sum_{j in seq(i)} m_j), n_s = sequences with sum m > 0
+    token_mean:    c_i = u_i / D
+    sequence_mean: c_i = u_i / (n_seq(i) * D), n_seq(i) = counted rows of row i's sequence
+                   (l_i of a sequence is the mean of its counted rows' terms)
     sum:           c_i = u_i
-    with u the row weights (mask x kept x sample weight) and m = `counted_N`
-    (mask x kept): sample weights scale the loss, they do not renormalise it.
+    with u the row weights (token weight s x kept x sample weight r), `counted_N`
+    the 0/1 rows that count (valid and kept) and D = `denominator`, an
+    unweighted count (`count_rows`). No normalisation divides by the weights,
+    so none cancels: a stale factor s scales its rows' share of the loss.
     """
     if mode == "sum":
         return row_weight_N.clone()
     if mode == "token_mean":
-        total = counted_N.sum()
-        return torch.where(total > 0, row_weight_N / total.clamp(min=1e-30), torch.zeros_like(row_weight_N))
+        return row_weight_N / max(denominator, 1.0)
     per_seq_S = torch.zeros(num_seqs, dtype=counted_N.dtype, device=counted_N.device).index_add_(0, seq_N, counted_N)
-    live_seqs = (per_seq_S > 0).sum().clamp(min=1)
-    denom_N = (per_seq_S * live_seqs)[seq_N]
+    denom_N = per_seq_S[seq_N] * max(denominator, 1.0)
     return torch.where(denom_N > 0, row_weight_N / denom_N.clamp(min=1e-30), torch.zeros_like(row_weight_N))
+
+
+def count_rows(valid_N: Tensor, seq_N: Tensor, num_seqs: int, mode: Normalization) -> float:
+    """The unweighted count D a micro-batch adds to the step's denominator, for rows `valid_N` (0/1).
+
+    token_mean: rows counted; sequence_mean: sequences with a counted row; sum: 0
+    (the step's D is 1 under sum, whatever it contains).
+    """
+    if mode == "sum":
+        return 0.0
+    if mode == "token_mean":
+        return float(valid_N.sum().item())
+    per_seq_S = torch.zeros(num_seqs, dtype=torch.float64, device=valid_N.device).index_add_(0, seq_N, valid_N.double())
+    return float((per_seq_S > 0).sum().item())

@@ -54,8 +54,9 @@ def assert_every_route_guarded(base_url: str, app, token: str = TOKEN, **client_
             assert "Bearer" in anonymous.headers["www-authenticate"]
             wrong = http.request(method, path, headers={"Authorization": "Bearer not-the-token"})
             assert wrong.status_code == 401, f"{method} {path} accepted a wrong token"
-            good = http.request(method, path, headers={"Authorization": f"Bearer {token}"},
-                                json={} if method == "POST" else None)  # fmt: skip
+            good = http.request(
+                method, path, headers={"Authorization": f"Bearer {token}"}, json={} if method == "POST" else None
+            )
             assert good.status_code != 401, f"{method} {path} refused the right token"
             assert token not in good.text
             checked.append(f"{method} {path}")
@@ -67,8 +68,11 @@ def test_teacher_ops_routes_need_its_token(tiny_model_dir, tmp_path):
     try:
         checked = assert_every_route_guarded(server.ops_url, server.server._ops.app)
         assert {"GET /v1/info", "POST /v1/score", "GET /docs", "GET /openapi.json"} <= set(checked)
-        ok = httpx.post(f"{server.ops_url}/v1/score", json={"token_ids": [1, 2, 3], "score_from": 1},
-                        headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+        ok = httpx.post(
+            f"{server.ops_url}/v1/score",
+            json={"token_ids": [1, 2, 3], "score_from": 1},
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
         assert ok.status_code == 200 and len(ok.json()["token_logprobs"]) == 2
     finally:
         server.stop()
@@ -133,8 +137,9 @@ async def _served_app(port: int, task: asyncio.Task, deadline_s: float = 60.0):
                 pass
             assert loop.time() < deadline, "the worker's ops port did not answer"
             await asyncio.sleep(0.1)
-        spec = (await http.get(f"http://127.0.0.1:{port}/openapi.json",
-                               headers={"Authorization": f"Bearer {TOKEN}"})).json()  # fmt: skip
+        spec = (
+            await http.get(f"http://127.0.0.1:{port}/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"})
+        ).json()
     from prometheus_client import CollectorRegistry
 
     app = create_ops_app("rollout", CollectorRegistry(), lambda: True)

@@ -26,12 +26,11 @@ def _score(address: str, **client_kwargs) -> np.ndarray:
         return client.score(IDS, 3, top_k=2).token_logprobs
 
 
-def _requests_total(ops_url: str, verify, **labels: str) -> float:
+def _requests_total(ops_url: str, **labels: str) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
-    headers = {}
     total = 0.0
-    for family in text_string_to_metric_families(httpx.get(f"{ops_url}/metrics", verify=verify, headers=headers).text):
+    for family in text_string_to_metric_families(httpx.get(f"{ops_url}/metrics").text):
         for s in family.samples:
             if s.name == "opd_teacher_requests_total" and all(s.labels.get(k) == v for k, v in labels.items()):
                 total += s.value
@@ -130,16 +129,17 @@ def test_mtls_client_certificate_names_the_client(mtls_teacher, cas):
     _score(mtls_teacher.address, tls_cert_file=str(alice.cert), tls_key_file=str(alice.key), **common)
     _score(mtls_teacher.address, tls_cert_file=str(bob.cert), tls_key_file=str(bob.key), **common)
     url = mtls_teacher.ops_url
-    assert _requests_total(url, None, client="alice", code="OK") == 1
-    assert _requests_total(url, None, client="bob", code="OK") == 1
-    assert _requests_total(url, None, client="mallory") == 0  # a self-declared name does not count under mTLS
+    assert _requests_total(url, client="alice", code="OK") == 1
+    assert _requests_total(url, client="bob", code="OK") == 1
+    assert _requests_total(url, client="mallory") == 0  # a self-declared name does not count under mTLS
 
 
 def test_mtls_refuses_a_client_without_certificate(mtls_teacher, cas):
     ca1, _ = cas
     with pytest.raises(TeacherClientError) as err:
-        _score(mtls_teacher.address, tls_ca_file=str(ca1.ca_file), tls_server_name="localhost",
-               timeout_s=REFUSE_TIMEOUT_S)  # fmt: skip
+        _score(
+            mtls_teacher.address, tls_ca_file=str(ca1.ca_file), tls_server_name="localhost", timeout_s=REFUSE_TIMEOUT_S
+        )
     assert not isinstance(err.value, Unauthenticated)  # the handshake itself fails
 
 
@@ -147,12 +147,23 @@ def test_mtls_refuses_certificates_of_another_ca_or_not_mapped(mtls_teacher, cas
     ca1, ca2 = cas
     stranger = ca2.client_cert("student-a")  # the right name, signed by the wrong CA
     with pytest.raises(TeacherClientError):
-        _score(mtls_teacher.address, tls_ca_file=str(ca1.ca_file), tls_server_name="localhost",
-               tls_cert_file=str(stranger.cert), tls_key_file=str(stranger.key), timeout_s=REFUSE_TIMEOUT_S)  # fmt: skip
+        _score(
+            mtls_teacher.address,
+            tls_ca_file=str(ca1.ca_file),
+            tls_server_name="localhost",
+            tls_cert_file=str(stranger.cert),
+            tls_key_file=str(stranger.key),
+            timeout_s=REFUSE_TIMEOUT_S,
+        )
     unmapped = ca1.client_cert("student-z")
     with pytest.raises(Unauthenticated, match="not listed"):
-        _score(mtls_teacher.address, tls_ca_file=str(ca1.ca_file), tls_server_name="localhost",
-               tls_cert_file=str(unmapped.cert), tls_key_file=str(unmapped.key))  # fmt: skip
+        _score(
+            mtls_teacher.address,
+            tls_ca_file=str(ca1.ca_file),
+            tls_server_name="localhost",
+            tls_cert_file=str(unmapped.cert),
+            tls_key_file=str(unmapped.key),
+        )
 
 
 def test_rotated_certificates_are_served_without_a_restart(tiny_model_dir, tmp_path):
@@ -219,6 +230,8 @@ def test_rotated_tokens_file_is_read_without_a_restart(tiny_model_dir, tmp_path:
             _score(server.address, token="old-token-1")
         bearer = {"Authorization": "Bearer new-token-2"}
         assert httpx.get(f"{server.ops_url}/v1/info", headers=bearer).status_code == 200
-        assert httpx.get(f"{server.ops_url}/v1/info", headers={"Authorization": "Bearer old-token-1"}).status_code == 401
+        assert (
+            httpx.get(f"{server.ops_url}/v1/info", headers={"Authorization": "Bearer old-token-1"}).status_code == 401
+        )
     finally:
         server.stop()

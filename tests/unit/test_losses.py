@@ -94,7 +94,8 @@ def reference_rows(logits, teacher: TeacherScores, targets, cfg: LossConfig, rev
 
 
 def reference_loss(hidden, weight, bias, inputs: LossInputs, teacher, cfg: LossConfig, reverse_weight: float = 0.0):
-    """Token-mean loss and gradients (hidden, weight, bias) of the reference, float64.
+    """Token-mean loss and gradients (hidden, weight, bias) of the reference, float64:
+    sum_i w_i l_i / #{i: w_i > 0} (token weights scale rows; the mean counts rows, so weights never cancel).
 
     reverse_weight 0: the default schedule is pure forward KL at step 0.
     """
@@ -103,7 +104,7 @@ def reference_loss(hidden, weight, bias, inputs: LossInputs, teacher, cfg: LossC
     b = bias.detach().double().requires_grad_()
     rows = reference_rows(h @ w.T + b, teacher, inputs.target_ids, cfg, reverse_weight)
     token_w = inputs.loss_weights.double()
-    loss = (token_w * rows).sum() / token_w.sum()
+    loss = (token_w * rows).sum() / (token_w > 0).sum()
     loss.backward()
     return loss.detach(), h.grad, w.grad, b.grad
 

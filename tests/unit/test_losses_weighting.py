@@ -130,11 +130,40 @@ def test_row_coefficients_modes(mode):
     weights = torch.tensor([1.0, 2.0, 0.0, 1.0])
     counted = torch.tensor([1.0, 1.0, 0.0, 1.0])
     seq = torch.tensor([0, 0, 1, 2])
-    got = wt.row_coefficients(weights, counted, seq, 3, mode)
+    denominator = wt.count_rows(counted > 0, seq, 3, mode) if mode != "sum" else 1.0
+    got = wt.row_coefficients(weights, counted, seq, 3, mode, denominator)
     want = {
         "token_mean": [1 / 3, 2 / 3, 0, 1 / 3],
         "sequence_mean": [1 / 4, 2 / 4, 0, 1 / 2],
         "sum": [1.0, 2.0, 0.0, 1.0],
     }[mode]
     assert got.tolist() == pytest.approx(want)
-    assert wt.row_coefficients(weights * 0, counted * 0, seq, 3, mode).tolist() == [0.0] * 4
+    assert wt.row_coefficients(weights * 0, counted * 0, seq, 3, mode, 0.0).tolist() == [0.0] * 4
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "sequence_mean", "sum"])
+def test_a_token_weight_scales_its_rows_and_never_cancels(mode):
+    """Defect 7 of issue 12: weights s on every row give s x the coefficients of weight 1 (D counts rows)."""
+    counted = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    seq = torch.tensor([0, 0, 1, 2])
+    denominator = wt.count_rows(counted > 0, seq, 3, mode) if mode != "sum" else 1.0
+    fresh = wt.row_coefficients(counted, counted, seq, 3, mode, denominator)
+    stale = wt.row_coefficients(0.25 * counted, counted, seq, 3, mode, denominator)
+    assert stale.tolist() == pytest.approx((0.25 * fresh).tolist())
+    assert fresh.sum() > 0
+
+
+def test_count_rows_counts_tokens_or_live_sequences():
+    valid = torch.tensor([True, True, False, True, False])
+    seq = torch.tensor([0, 0, 1, 2, 3])
+    assert wt.count_rows(valid, seq, 4, "token_mean") == 3
+    assert wt.count_rows(valid, seq, 4, "sequence_mean") == 2
+    assert wt.count_rows(valid, seq, 4, "sum") == 0
+
+
+@pytest.mark.parametrize("n,rho,want", [(0, 0.5, 0), (1, 0.1, 1), (10, 0.5, 5), (7, 0.5, 4), (3, 1.0, 3)])
+def test_num_kept_is_the_count_select_tokens_draws(n, rho, want):
+    assert wt.num_kept(n, rho) == want
+    if n:
+        kept = wt.select_tokens(torch.rand(n), torch.ones(n, dtype=torch.bool), rho, torch.Generator().manual_seed(0))
+        assert int(kept.sum()) == want

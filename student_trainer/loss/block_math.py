@@ -1,0 +1,193 @@
+"""The math of one block of lm-head rows: student log-softmax, divergence, RL term and d loss / d logits.
+
+Owns `BlockSettings` (the static part of a `LossConfig` the math reads,
+hashable), `BlockRows` (the per-row inputs of one block), `block_terms` (a
+pure function of one block's logits and rows: the per-row terms, statistics
+and d logits, by the formulas of `student_trainer.loss.divergences` and the
+divergence the registry names) and `block_function`, which hands out
+`block_terms` eager or `torch.compile`d. Compiling fuses the dozen passes over
+a `[rows, V]` block into a few kernels (no temporaries of that size between
+them); the eager function is the reference every test compares against and
+the fallback when compiling fails. It does not loop over chunks or rows, run
+the lm-head, weight rows or keep statistics: `student_trainer.loss.compute`
+does.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from student_trainer.loss import divergences as dv
+from student_trainer.loss.config import LossConfig
+from student_trainer.loss.registry import DivergenceArgs, divergence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BlockSettings:
+    """What the block math reads from the config (one compiled function per distinct value)."""
+
+    divergence: str
+    support: str
+    temperature: float
+    floor: float
+    jsd_beta: float
+    importance: str
+    clip_low: float
+    clip_high: float
+
+    @classmethod
+    def of(cls, config: LossConfig) -> BlockSettings:
+        pg = config.policy_gradient
+        return cls(
+            config.divergence,
+            config.support,
+            config.student_temperature,
+            config.logprob_floor,
+            config.jsd_beta,
+            pg.importance,
+            pg.clip_low,
+            pg.clip_high,
+        )
+
+
+@dataclass
+class BlockRows:
+    """Per-row inputs of one block of C rows (None where absent)."""
+
+    target_C: Tensor
+    distill_scale_C: Tensor  # a * c_i of the distillation term
+    rl_scale_C: Tensor  # b * c_i of the RL term
+    teacher_token_C: Tensor  # teacher log-prob of the sampled token
+    topk_ids_CK: Tensor | None
+    topk_logprobs_CK: Tensor | None
+    tail_C: Tensor | None
+    full_CV: Tensor | None
+    distill_advantage_C: Tensor | None  # discounted sampled-token advantage
+    rl_advantage_C: Tensor | None  # GRPO advantage (None: no RL term)
+    behaviour_C: Tensor | None  # behaviour log-probs when the importance ratio is on
+
+    def tensors(self) -> tuple[Tensor | None, ...]:
+        return tuple(getattr(self, name) for name in self.__dataclass_fields__)
+
+
+class BlockTerms(NamedTuple):
+    distill_C: Tensor  # the distillation term per row (surrogate value for sampled divergences)
+    rl_C: Tensor  # the RL surrogate per row (0 without an RL term)
+    divergence_C: Tensor  # the divergence per row (statistics)
+    entropy_C: Tensor  # student entropy, nats
+    agree_C: Tensor  # 1 where argmax p_S == argmax p_T, nan if the teacher sent no distribution
+    dlogits_CV: Tensor | None  # d (sum_i distill_scale_i distill_i + rl_scale_i rl_i) / d logits
+
+
+def block_terms(
+    settings: BlockSettings,
+    divergence_fn,
+    sampled: bool,
+    logits_CV: Tensor,
+    reverse_weight: float,
+    need_grad: bool,
+    *row_tensors: Tensor | None,
+) -> BlockTerms:
+    """Terms and d logits of one block. `logits_CV` (compute dtype) is overwritten: it holds the student's
+    floored log-probs afterwards. `row_tensors` are `BlockRows.tensors()`."""
+    rows = BlockRows(*row_tensors)
+    args = DivergenceArgs(settings.floor, settings.jsd_beta, reverse_weight)
+    student = dv.student_chunk(logits_CV, settings.temperature, settings.floor)
+    entropy_C = dv.entropy_rows(student)
+    agree_C = _top1_agreement(student, rows)
+    logp_C = student.logprobs_CV.gather(1, rows.target_C.long()[:, None]).squeeze(1)
+    behaviour_C = rows.behaviour_C if settings.importance != "none" else None
+    bucket_grad_CB, sampled_grad_C, buckets = None, None, None
+    if sampled:
+        divergence_C = divergence_fn(logp_C, rows.teacher_token_C, args)
+        advantage_C = -divergence_C if rows.distill_advantage_C is None else rows.distill_advantage_C
+        distill_C, sampled_grad_C = dv.policy_gradient_rows(
+            logp_C, advantage_C.detach(), behaviour_C, settings.clip_low, settings.clip_high
+        )
+    else:
+        buckets = _buckets(student, rows, settings)
+        distill_C, bucket_grad_CB = dv.bucket_divergence(buckets, divergence_fn, args)
+        divergence_C = distill_C
+    rl_C, rl_grad_C = torch.zeros_like(logp_C), None
+    if rows.rl_advantage_C is not None:
+        rl_C, rl_grad_C = dv.policy_gradient_rows(
+            logp_C, rows.rl_advantage_C, behaviour_C, settings.clip_low, settings.clip_high
+        )
+    if not need_grad:
+        return BlockTerms(distill_C, rl_C, divergence_C, entropy_C, agree_C, None)
+    # Every term's gradient is linear in its row scale: scale first, chain once.
+    if bucket_grad_CB is not None:
+        bucket_grad_CB = bucket_grad_CB.mul_(rows.distill_scale_C[:, None])
+    if sampled_grad_C is not None:
+        sampled_grad_C = sampled_grad_C * rows.distill_scale_C
+    if rl_grad_C is not None:
+        rl_grad_C = rl_grad_C * rows.rl_scale_C
+        sampled_grad_C = rl_grad_C if sampled_grad_C is None else sampled_grad_C + rl_grad_C
+    dlogits_CV = dv.logits_grad(
+        student, buckets, bucket_grad_CB, rows.target_C, sampled_grad_C, settings.temperature
+    )
+    return BlockTerms(distill_C, rl_C, divergence_C, entropy_C, agree_C, dlogits_CV)
+
+
+def _buckets(student: dv.StudentChunk, rows: BlockRows, settings: BlockSettings) -> dv.Buckets:
+    if settings.support == "full":
+        return dv.full_buckets(student, rows.full_CV)
+    return dv.topk_buckets(student, rows.topk_ids_CK, rows.topk_logprobs_CK, rows.tail_C, settings.floor)
+
+
+def _top1_agreement(student: dv.StudentChunk, rows: BlockRows) -> Tensor:
+    """1.0 where the student's and teacher's most likely tokens agree, nan if unknown."""
+    student_top_C = student.logprobs_CV.argmax(-1)
+    if rows.full_CV is not None:
+        teacher_top_C = rows.full_CV.argmax(-1)
+    elif rows.topk_ids_CK is not None and rows.topk_ids_CK.shape[1] > 0:
+        best_C1 = rows.topk_logprobs_CK.argmax(-1, keepdim=True)
+        teacher_top_C = rows.topk_ids_CK.gather(1, best_C1).squeeze(1)
+    else:
+        return torch.full_like(student.logprobs_CV[:, 0], math.nan)
+    return (student_top_C == teacher_top_C.long()).to(student.logprobs_CV.dtype)
+
+
+def wants_compile(mode: str, device: torch.device) -> bool:
+    """compile 'auto' means CUDA only (on CPU the eager math is as fast and compiling costs minutes)."""
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
+
+
+class BlockFunction:
+    """`block_terms` for one settings value, compiled on first use when asked; falls back to eager (and
+    logs why) if compiling or running the compiled function fails."""
+
+    def __init__(self, settings: BlockSettings, compiled: bool) -> None:
+        self.settings = settings
+        row = divergence(settings.divergence)
+        self._eager = functools.partial(block_terms, settings, row.function(), row.sampled)
+        self._compiled = torch.compile(self._eager, dynamic=True) if compiled else None
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
+
+    def __call__(self, logits_CV: Tensor, reverse_weight: float, need_grad: bool, rows: BlockRows) -> BlockTerms:
+        if self._compiled is not None and need_grad:
+            try:
+                return self._compiled(logits_CV, reverse_weight, need_grad, *rows.tensors())
+            except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager path is exact
+                log.warning("compiled loss block failed (%s: %s); using the eager path from now on",
+                            type(exc).__name__, str(exc)[:300])
+                self._compiled = None
+        return self._eager(logits_CV, reverse_weight, need_grad, *rows.tensors())
+
+
+@functools.cache
+def block_function(settings: BlockSettings, compiled: bool) -> BlockFunction:
+    """One `BlockFunction` per (settings, compiled): compiled code is reused across steps."""
+    return BlockFunction(settings, compiled)

@@ -1,0 +1,153 @@
+"""Faults injected into the trainer of a tiny pipeline (real processes on 127.0.0.1, a Redis with AOF).
+
+Each test: a teacher (`opd teacher`, hf), a rollout worker (`opd rollout`,
+hf), the trainer (`opd train`, or two ranks under torchrun) feeding 16
+prompts x 2 samples for 8 steps of 2 groups, checkpointing every 3 steps.
+Mid-run the trainer is killed (-9) or sent SIGTERM; it is started again with
+`--checkpoint-resume`. At the end the run has trained steps 1..8 once each,
+every (prompt id, sample index) fed was trained exactly once across the
+restarts or recorded lost with a reason, every process exited on its own
+(no hang), and the recovery time went to `OPD_FAULT_REPORT`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from tests.fault.checks import RUN_TIMEOUT_S, finish, wait_step
+from tests.fixtures.faults import child_pids, env_of, wait_for
+from tests.fixtures.run_audit import committed_steps, last_step
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+GRACE_S = 20.0  # the trainer's --stop-grace-s in these tests
+# SIGTERM -> exit may take stop_grace_s plus what the trainer cannot interrupt: process teardown on a loaded
+# 2-core box. Waiting this long tells "exits within its grace" from "hangs", without timing the trainer.
+EXIT_MARGIN_S = 30.0
+
+
+def _check_final_checkpoint(pipeline, code: int | None, fault_at: float) -> float:
+    """After a SIGTERM: exited within the grace, with a checkpoint of every step it trained. Returns exit time."""
+    exit_s = time.time() - fault_at
+    assert code is not None, (
+        f"the trainer was still running {GRACE_S + EXIT_MARGIN_S:.0f} s after SIGTERM "
+        f"(--stop-grace-s {GRACE_S:.0f})\n{pipeline.tails()}"
+    )
+    assert code == 0, f"the trainer exited with {code} after SIGTERM\n{pipeline.tails()}"
+    trained, committed = last_step(pipeline.checkpoint_dir), committed_steps(pipeline.checkpoint_dir)
+    assert committed and committed[-1] == trained, (
+        f"trained up to step {trained} but the last checkpoint is {committed[-1:]}: no final checkpoint\n"
+        f"{pipeline.tails()}"
+    )
+    return round(exit_s, 2)
+
+
+def test_trainer_kill9_resumes_without_loss_or_double_training(pipeline, shared_teacher):
+    pipeline.worker().start()
+    trainer = pipeline.trainer(shared_teacher.address).start()
+    wait_step(pipeline, trainer, 4)  # checkpoint at 3; step 4 trained, not committed
+    fault_at = time.time()
+    trainer.kill9()
+    killed_after = last_step(pipeline.checkpoint_dir)
+    committed = committed_steps(pipeline.checkpoint_dir)[-1]
+    # steps.jsonl is written just after a step's checkpoint: a kill between the two would hide a committed step
+    assert committed <= killed_after, "the kill landed between a checkpoint and its steps.jsonl line; rerun"
+    trainer.start(["--checkpoint-resume"])
+    back_at = time.time()  # the trainer's process is back; recovery_s adds its start-up and resume
+    finish(
+        pipeline,
+        trainer,
+        "trainer_kill9",
+        fault_at,
+        back_at,
+        killed_after_step=killed_after,
+        resumed_from_step=committed,
+    )
+
+
+def test_sigterm_while_starved_exits_within_grace_after_a_final_checkpoint(pipeline, shared_teacher):
+    worker = pipeline.worker().start()
+    trainer = pipeline.trainer(shared_teacher.address, stop_grace_s=GRACE_S).start()
+    wait_step(pipeline, trainer, 2)
+    worker.signal(signal.SIGSTOP)  # no more rollouts: the trainer drains what it has, then waits for data
+    starved = _wait_starved(pipeline)
+    fault_at = time.time()
+    trainer.signal(signal.SIGTERM, group=False)
+    exit_s = _check_final_checkpoint(pipeline, trainer.wait(GRACE_S + EXIT_MARGIN_S), fault_at)
+    worker.signal(signal.SIGCONT)
+    trainer.start(["--checkpoint-resume"])
+    finish(
+        pipeline,
+        trainer,
+        "trainer_sigterm_starved",
+        fault_at,
+        time.time(),
+        stop_grace_s=GRACE_S,
+        sigterm_to_exit_s=exit_s,
+        starved_at_step=starved,
+    )
+
+
+def test_sigterm_to_one_of_two_ranks_stops_both_after_one_final_checkpoint(pipeline, shared_teacher):
+    pipeline.worker().start()
+    trainer = pipeline.torchrun_trainer(shared_teacher.address, 2, stop_grace_s=GRACE_S).start()
+    wait_step(pipeline, trainer, 2)
+    ranks = _rank_pids(trainer.pid)
+    fault_at = time.time()
+    os.kill(ranks[1], signal.SIGTERM)  # not rank 0: the rank that reads Redis and writes the audit never hears it
+    exit_s = _check_final_checkpoint(pipeline, trainer.wait(GRACE_S + EXIT_MARGIN_S), fault_at)
+    trainer.start(["--checkpoint-resume"])
+    finish(
+        pipeline,
+        trainer,
+        "trainer_sigterm_one_rank",
+        fault_at,
+        time.time(),
+        ranks=2,
+        stop_grace_s=GRACE_S,
+        sigterm_to_exit_s=exit_s,
+    )
+
+
+def _wait_starved(pipeline) -> int:
+    """Wait until the trainer has read every rollout there is and trains no more; returns its last step."""
+    client = pipeline.redis.client()
+    stream = f"{pipeline.namespace}:rollouts"
+    seen = {"step": -1, "since": time.monotonic()}
+
+    def starved() -> bool:
+        groups = {g["name"].decode(): g for g in client.xinfo_groups(stream)}
+        step = last_step(pipeline.checkpoint_dir)
+        if step != seen["step"]:
+            seen.update(step=step, since=time.monotonic())
+        # `lag` 0: nothing in the stream the trainer has not read. Three quiet seconds: not mid-step.
+        return groups.get("trainer", {}).get("lag") == 0 and time.monotonic() - seen["since"] > 3
+
+    try:
+        wait_for(starved, RUN_TIMEOUT_S, "the trainer to run out of rollouts", poll_s=0.5)
+    finally:
+        client.close()
+    return seen["step"]
+
+
+def _rank_pids(torchrun_pid: int) -> dict[int, int]:
+    """rank -> pid of the processes torchrun started (found by the RANK in their environment)."""
+
+    def find() -> dict[int, int]:
+        ranks, todo = {}, child_pids(torchrun_pid)
+        while todo:
+            pid = todo.pop()
+            todo += child_pids(pid)
+            try:
+                rank = env_of(pid).get("RANK")
+            except OSError:
+                continue
+            if rank is not None:
+                ranks.setdefault(int(rank), pid)
+        return ranks if {0, 1} <= set(ranks) else {}
+
+    return wait_for(find, 60, "torchrun's two rank processes")
