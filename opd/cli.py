@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rollout": ("rollout_workers.__main__", "sample from the student and push rollouts to Redis"),
     "train": ("student_trainer.__main__", "train the student on rollouts and teacher scores"),
     "demo": ("opd_apps.demo", "run the whole pipeline on one machine"),
+    "score": ("opd_apps.score", "score a file of sequences with a teacher once, into Parquet (offline scores)"),
     "export": ("student_trainer.export", "write a consolidated Hugging Face model from a trainer checkpoint"),
     "eval": ("opd_apps.eval", "pass@k of a model or checkpoint on a prompt file, with divergence to a teacher"),
     "convert-prompts": ("opd_apps.prompt_convert", "MATH-500 / AIME / DAPO files to opd's prompt schema"),
@@ -28,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "teacher": ("opd_apps.bench_teacher", "teacher service vs in-process backend; wire bytes vs vLLM's JSON API"),
+    "openai": ("opd_apps.bench_openai", "one teacher's gRPC service vs its OpenAI-compatible port: bytes, positions/s"),
     "losses": ("opd_apps.bench_losses", "chunked losses vs full-logits baselines (memory, time)"),
     "queue": ("opd_apps.bench_queue", "rollout records through Redis Streams vs raw XADD/XREADGROUP"),
     "trainer": ("opd_apps.bench_trainer", "teacher wait share of the step at prefetch depth 0, 1, 2"),

@@ -300,6 +300,9 @@ def _is_secret_path(model_cls: type[BaseModel] | None, path: Path_) -> bool:
     """Whether `path` names a field marked secret (`opd.redaction.SECRET`) or lies inside one."""
     node: Any = model_cls
     for key in path:
+        if typing.get_origin(_unwrap_optional(node)) is dict:  # a mapping of sub-configs: the key names an entry
+            node = typing.get_args(_unwrap_optional(node))[1]
+            continue
         ann = _unwrap_optional(node) if node is not None else None
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)) or key not in ann.model_fields:
             return False

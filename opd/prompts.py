@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from opd.auth import NAME_RE
 from opd.config import ConfigModel
 from protos.records import SPLITS, PromptRecord
 
@@ -49,6 +50,9 @@ class PromptSourceConfig(ConfigModel):
     answer_field: str = Field("answer", description="row field with the reference answer for the reward (optional)")
     tools_field: str = Field("tools", description="row field listing the tool names allowed for this prompt (optional)")
     split_field: str = Field("split", description="row field overriding the split per row (train/eval)")
+    teacher_field: str = Field(
+        "teacher", description="row field naming the prompt's domain teacher (optional; see the trainer's `teachers`)"
+    )
     split: Literal["train", "eval"] = Field("train", description="split of rows that do not say")
     system_prompt: str | None = Field(None, description="system message prepended when the row has none")
     instruction: Literal["none", "boxed", "answer-line", "concise"] = Field(
@@ -160,6 +164,12 @@ def row_to_record(row: dict[str, Any], index: int, config: PromptSourceConfig, s
     tools = row.get(config.tools_field)
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, str) for t in tools)):
         raise PromptSourceError(f"{where}: field {config.tools_field!r} must be a list of tool names")
+    teacher = row.get(config.teacher_field)
+    if teacher is not None and not (isinstance(teacher, str) and NAME_RE.match(teacher)):
+        raise PromptSourceError(
+            f"{where}: field {config.teacher_field!r} must name a teacher domain (1-64 of [A-Za-z0-9_.-]), "
+            f"got {teacher!r:.80}"
+        )
     return PromptRecord(
         prompt_id=prompt_id,
         group_size=config.n_samples,
@@ -168,6 +178,7 @@ def row_to_record(row: dict[str, Any], index: int, config: PromptSourceConfig, s
         answer=None if answer is None else str(answer),
         tools=tools,
         meta={"source": source, "row": index},
+        teacher=teacher,
     )
 
 

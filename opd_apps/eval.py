@@ -53,6 +53,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+DESCRIPTION = (
+    "pass@k of a student model (an HF directory, `embedded`, or a trainer checkpoint with --base-model) on a "
+    "prompt file with reference answers: n samples per prompt with fixed seeds through the rollout engine, "
+    "rewarded by `math` (math-verify), `exact` or a module:function plug-in; with --teacher HOST:PORT also the "
+    "per-token divergence to the teacher and teacher-token diagnostics. Writes eval.json, eval.md and "
+    "samples.jsonl to --out. Options come from --config YAML < OPD_EVAL__* env < flags."
+)
+
 TEACHER_NOTE = (
     "reverse_kl_sampled is an unbiased estimate of KL(p_S||p_T) only when sampling at temperature 1 with top-p 1 "
     "and top-k off (else it is the mean of log p_S - log p_T over the tokens actually sampled); the student's "
@@ -116,15 +124,30 @@ async def _sample(config: EvalConfig, model: ResolvedModel, records, prompt_ids,
     return samples, hf_model
 
 
-async def _score(config: EvalConfig, teacher: TeacherScoring, model: ResolvedModel, samples: list[EvalSample],
-                 hf_model) -> dict:
-    scorer = StudentScorer(hf_model) if hf_model is not None else await asyncio.to_thread(
-        StudentScorer.load, model.path, config.engine.device, config.engine.dtype
-    )
-    means = await teacher.score(samples, scorer)
+async def _score(
+    config: EvalConfig, teacher: TeacherScoring, model: ResolvedModel, samples: list[EvalSample], hf_model
+) -> dict:
+    try:
+        scorer = (
+            StudentScorer(hf_model)
+            if hf_model is not None
+            else await asyncio.to_thread(StudentScorer.load, model.path, config.engine.device, config.engine.dtype)
+        )
+        means = await teacher.score(samples, scorer)
+    except EvalError:
+        raise
+    except ValueError as exc:  # the scorer's refusals: logits it cannot reproduce, a vocabulary mismatch
+        raise EvalError(str(exc)) from None
     info = teacher.info
-    return {"addresses": config.teacher.addresses, "model_name": info.model_name, "backend": info.backend,
-            "top_k": teacher.top_k, "tokens": means.tokens, "means": means.means(), "note": TEACHER_NOTE}
+    return {
+        "addresses": config.teacher.addresses,
+        "model_name": info.model_name,
+        "backend": info.backend,
+        "top_k": teacher.top_k,
+        "tokens": means.tokens,
+        "means": means.means(),
+        "note": TEACHER_NOTE,
+    }
 
 
 async def evaluate(config: EvalConfig) -> Path:
@@ -143,7 +166,8 @@ async def evaluate(config: EvalConfig) -> Path:
     teacher = TeacherScoring(config) if config.teacher.addresses else None
     try:
         if teacher is not None:
-            await teacher.check(tokenizer_fingerprint(tokenizer), len(tokenizer))
+            longest = max(len(ids) for ids in prompt_ids.values()) + config.sampling.max_tokens
+            await teacher.check(tokenizer_fingerprint(tokenizer), len(tokenizer), longest)
         # 2. Sample and reward.
         prepared = time.monotonic()
         samples, hf_model = await _sample(config, model, records, prompt_ids, reward_fn, teacher is not None)
@@ -155,8 +179,14 @@ async def evaluate(config: EvalConfig) -> Path:
             await teacher.close()
     wall = {"prepare": prepared - started, "sample": sampled - prepared, "teacher": time.monotonic() - sampled}
     # 4. Report.
-    report = build_report(config, model.describe(), records, samples, teacher=teacher_facts,
-                          wall_s={k: round(v, 3) for k, v in wall.items()})
+    report = build_report(
+        config,
+        model.describe(),
+        records,
+        samples,
+        teacher=teacher_facts,
+        wall_s={k: round(v, 3) for k, v in wall.items()},
+    )
     write_report(out, report, samples, config.reward.pass_threshold)
     _print_summary(report, out)
     return out
@@ -180,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             EvalConfig,
             normalize_argv(sys.argv[1:] if argv is None else argv),
             prog="opd eval",
-            description=__doc__,
+            description=DESCRIPTION,
             env_prefix="OPD_EVAL__",
         )
         setup_logging(config.log_level)

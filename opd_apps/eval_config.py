@@ -4,9 +4,9 @@ Owns the options of one evaluation: the model (an HF directory, `embedded`,
 or a trainer checkpoint with its base model), the prompt file and how its rows
 read, the sampling settings (independent of the rollout workers'), the
 reward, the pass@k values, the engine (the rollout workers' `EngineConfig`),
-the optional teacher endpoint (the trainer's `TeacherEndpointConfig`, with no
-default address: no teacher, no divergence) and the report directory. Holds
-data only.
+the optional teacher endpoint (the fields of the trainer's teacher endpoint, with
+no default address: no teacher, no divergence) and the report directory.
+Holds data only.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from pydantic import Field, model_validator
 
 from opd.config import ConfigModel
 from opd.prompts import PromptSourceConfig
+from opd.redaction import SECRET
+from opd.tls import check_cert_options
 from rollout_workers.config import EngineConfig
-from student_trainer.config import TeacherEndpointConfig
 
 # Flags the command line accepts as a short form of a nested flag.
 ALIASES = {"--teacher": "--teacher-addresses"}
@@ -31,9 +32,7 @@ class EvalSamplingConfig(ConfigModel):
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass (1 = off)")
     top_k: int = Field(-1, ge=-1, description="top-k sampling (-1 = off)")
     max_tokens: int = Field(1024, ge=1, description="tokens generated per response")
-    seed: int = Field(
-        0, description="base seed: sample i of a prompt gets a seed derived from it, the prompt id and i"
-    )
+    seed: int = Field(0, description="base seed: sample i of a prompt gets a seed derived from it, the prompt id and i")
 
 
 class EvalRewardConfig(ConfigModel):
@@ -63,16 +62,35 @@ class EvalPromptsConfig(ConfigModel):
         return PromptSourceConfig(**self.model_dump(), split="eval")
 
 
-class EvalTeacherConfig(TeacherEndpointConfig):
+class EvalTeacherConfig(ConfigModel):
     addresses: list[str] = Field(
         default_factory=list,
         description="teacher gRPC address(es) (`--teacher HOST:PORT`); unset = no divergence or teacher diagnostics",
     )
+    token: str | None = Field(
+        None,
+        description="bearer token (prefer the env variable OPD_EVAL__TEACHER__TOKEN); shown as <redacted>",
+        json_schema_extra=SECRET,
+    )
+    tls: bool = Field(False, description="connect over TLS, trusting the system's CAs (implied by tls_ca_file)")
+    tls_ca_file: str | None = Field(None, description="TLS: PEM CA bundle that issued the teacher's certificate")
+    tls_cert_file: str | None = Field(None, description="mutual TLS: PEM client certificate presented to the teacher")
+    tls_key_file: str | None = Field(None, description="mutual TLS: PEM private key of tls_cert_file")
+    tls_server_name: str | None = Field(
+        None, description="TLS: name to check in the teacher's certificate (default: the address's host)"
+    )
     client_name: str = Field("eval", description="client name for the teacher's fair share and metrics")
+    timeout_s: float = Field(300.0, gt=0, description="deadline of one scoring request, retries included")
     top_k: int | None = Field(
         None, ge=0, description="teacher top-k for the top-k divergences and diagnostics (default: min(20, max_top_k))"
     )
+    logprob_dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="wire dtype")
     concurrency: int = Field(16, ge=1, description="scoring requests in flight at once")
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> EvalTeacherConfig:
+        check_cert_options(self.tls_cert_file, self.tls_key_file, "teacher")
+        return self
 
 
 class EvalConfig(ConfigModel):

@@ -85,10 +85,12 @@ def divergences(student: StudentTokenStats, teacher) -> dict[str, np.ndarray]:
     s_y = np.maximum(student.token_logprobs.astype(np.float64), FLOOR)
     out = {"reverse_kl_sampled": s_y - np.maximum(teacher.token_logprobs.astype(np.float64), FLOOR)}
     if teacher.topk_ids.shape[1] > 0:
-        t = np.maximum(np.concatenate([teacher.topk_logprobs, teacher.tail_logprobs[:, None]], 1).astype(np.float64),
-                       FLOOR)
-        s = np.maximum(np.concatenate([student.topk_logprobs, student.tail_logprobs[:, None]], 1).astype(np.float64),
-                       FLOOR)
+        t = np.maximum(
+            np.concatenate([teacher.topk_logprobs, teacher.tail_logprobs[:, None]], 1).astype(np.float64), FLOOR
+        )
+        s = np.maximum(
+            np.concatenate([student.topk_logprobs, student.tail_logprobs[:, None]], 1).astype(np.float64), FLOOR
+        )
         out["forward_kl_topk_tail"] = (np.exp(t) * (t - s)).sum(axis=1)
         out["top1_agreement"] = top1_agreement(student.argmax_ids, teacher.topk_ids, teacher.topk_logprobs)
     return out

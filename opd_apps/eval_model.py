@@ -79,8 +79,17 @@ def resolve_student(model: str, base_model: str | None, out_dir: Path) -> Resolv
 def export_checkpoint(step_dir: Path, base_model: Path, target: Path) -> Path:
     """Run `opd export` in a child process; EvalError with its message when it fails."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "student_trainer.export", "--checkpoint", str(step_dir), "--model",
-               str(base_model), "--out", str(target)]
+    command = [
+        sys.executable,
+        "-m",
+        "student_trainer.export",
+        "--checkpoint",
+        str(step_dir),
+        "--model",
+        str(base_model),
+        "--out",
+        str(target),
+    ]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-5:]

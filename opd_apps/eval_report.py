@@ -44,16 +44,18 @@ def _per_prompt(records: Sequence[PromptRecord], samples: Sequence[EvalSample], 
         scored = [s for s in group if s.reward is not None]
         correct = sum(is_correct(s, config.reward.pass_threshold) for s in scored)
         answers = [s.answer for s in group if s.answer is not None]
-        rows.append({
-            "prompt_id": record.prompt_id,
-            "reference": record.answer,
-            "samples": len(group),
-            "scored": len(scored),
-            "correct": correct,
-            "pass_at_k": {str(k): pass_at_k(len(scored), correct, k) for k in config.pass_ks() if len(scored) >= k},
-            "distinct_answers": len(set(answers)),
-            "answers": answers[:8],
-        })
+        rows.append(
+            {
+                "prompt_id": record.prompt_id,
+                "reference": record.answer,
+                "samples": len(group),
+                "scored": len(scored),
+                "correct": correct,
+                "pass_at_k": {str(k): pass_at_k(len(scored), correct, k) for k in config.pass_ks() if len(scored) >= k},
+                "distinct_answers": len(set(answers)),
+                "answers": answers[:8],
+            }
+        )
     return rows
 
 
@@ -146,7 +148,8 @@ def _fmt(value: Any, digits: int = 4) -> str:
 def render_markdown(report: dict[str, Any]) -> str:
     s, r, acc = report["sampling"], report["reward"], report["sample_accuracy"]
     lines = [
-        "# opd eval", "",
+        "# opd eval",
+        "",
         f"- model: `{report['model']['path']}` ({report['model']['source']}"
         + (f", checkpoint `{report['model']['checkpoint']}`" if report["model"].get("checkpoint") else "")
         + f"), backend {report['model']['backend']}",
@@ -154,29 +157,41 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- sampling: n={s['n']}, temperature={s['temperature']}, top_p={s['top_p']}, top_k={s['top_k']}, "
         f"max_tokens={s['max_tokens']}, seed={s['seed']}",
         f"- reward: `{r['function']}` (correct = reward > {r['pass_threshold']}); scored {r['scored']} of "
-        f"{r['samples']} samples, {r['failed']} failed, mean reward {_fmt(r['mean'])}", "",
-        "| k | pass@k | prompts |", "| --- | --- | --- |",
-        *(f"| {k} | {_fmt(v['value'])} | {v['prompts']} |" for k, v in report["pass_at_k"].items()), "",
+        f"{r['samples']} samples, {r['failed']} failed, mean reward {_fmt(r['mean'])}",
+        "",
+        "| k | pass@k | prompts |",
+        "| --- | --- | --- |",
+        *(f"| {k} | {_fmt(v['value'])} | {v['prompts']} |" for k, v in report["pass_at_k"].items()),
+        "",
         f"Sample accuracy {_fmt(acc['value'])} ({acc['correct']}/{acc['scored']}), Wilson 95 % "
         + (f"[{acc['wilson95'][0]:.4f}, {acc['wilson95'][1]:.4f}]" if acc["wilson95"] else "n/a")
-        + " (samples taken as independent trials).", "",
+        + " (samples taken as independent trials).",
+        "",
     ]
     d = report["diversity"]
-    lines += [f"Diversity: distinct answers share {_fmt(d['distinct_answers_share'])} ({d['answers']} answers), "
-              f"distinct-1 {_fmt(d['distinct_1'])}, distinct-2 {_fmt(d['distinct_2'])}; mean response "
-              f"{_fmt(report['responses']['tokens_mean'], 1)} tokens, {_fmt(report['responses']['truncated_share'])} "
-              f"cut at max_tokens.", ""]
+    lines += [
+        f"Diversity: distinct answers share {_fmt(d['distinct_answers_share'])} ({d['answers']} answers), "
+        f"distinct-1 {_fmt(d['distinct_1'])}, distinct-2 {_fmt(d['distinct_2'])}; mean response "
+        f"{_fmt(report['responses']['tokens_mean'], 1)} tokens, {_fmt(report['responses']['truncated_share'])} "
+        f"cut at max_tokens.",
+        "",
+    ]
     t = report["teacher"]
     if t is not None:
-        lines += [f"## Teacher `{t['model_name']}` at {', '.join(t['addresses'])} (top-k {t['top_k']}, "
-                  f"{t['tokens']} tokens)", "", "| metric | value | what |", "| --- | --- | --- |"]
+        lines += [
+            f"## Teacher `{t['model_name']}` at {', '.join(t['addresses'])} (top-k {t['top_k']}, {t['tokens']} tokens)",
+            "",
+            "| metric | value | what |",
+            "| --- | --- | --- |",
+        ]
         lines += [f"| {name} | {_fmt(m['value'])} | {m['description']} |" for name, m in t["metrics"].items()]
         lines += ["", t["note"], ""]
     lines += ["## Prompts", "", "| prompt | reference | correct / scored | answers |", "| --- | --- | --- | --- |"]
     for row in report["per_prompt"][:MAX_PROMPT_ROWS]:
         answers = ", ".join(f"`{a}`" for a in row["answers"][:4]) or "-"
-        lines.append(f"| {row['prompt_id']} | {row['reference'] or '-'} | {row['correct']} / {row['scored']} "
-                     f"| {answers} |")
+        lines.append(
+            f"| {row['prompt_id']} | {row['reference'] or '-'} | {row['correct']} / {row['scored']} | {answers} |"
+        )
     if len(report["per_prompt"]) > MAX_PROMPT_ROWS:
         lines.append(f"\n({len(report['per_prompt']) - MAX_PROMPT_ROWS} more in eval.json)")
     return "\n".join(lines) + "\n"
@@ -189,8 +204,17 @@ def write_report(out_dir: Path, report: dict[str, Any], samples: Sequence[EvalSa
     (out_dir / "eval.md").write_text(render_markdown(report))
     with (out_dir / "samples.jsonl").open("w") as f:
         for s in samples:
-            row = {"prompt_id": s.prompt_id, "index": s.index, "seed": s.seed, "reward": s.reward,
-                   "correct": is_correct(s, threshold), "reward_error": s.reward_error, "answer": s.answer,
-                   "finish_reason": s.finish_reason, "response_tokens": len(s.response_ids), "text": s.text,
-                   "teacher": s.teacher}
+            row = {
+                "prompt_id": s.prompt_id,
+                "index": s.index,
+                "seed": s.seed,
+                "reward": s.reward,
+                "correct": is_correct(s, threshold),
+                "reward_error": s.reward_error,
+                "answer": s.answer,
+                "finish_reason": s.finish_reason,
+                "response_tokens": len(s.response_ids),
+                "text": s.text,
+                "teacher": s.teacher,
+            }
             f.write(json.dumps(_finite(row), allow_nan=False) + "\n")

@@ -60,8 +60,9 @@ def sample_params(config: EvalConfig) -> SampleParams:
     return SampleParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
 
 
-async def run_reward(fn: RewardFn | None, text: str, record: PromptRecord, timeout_s: float) -> tuple[float | None,
-                                                                                                        str | None]:
+async def run_reward(
+    fn: RewardFn | None, text: str, record: PromptRecord, timeout_s: float
+) -> tuple[float | None, str | None]:
     """(reward, error): the function's value (None when it returns None), or (None, why) when it fails."""
     if fn is None:
         return None, None
@@ -98,8 +99,18 @@ async def sample_all(
         reward, error = await run_reward(reward_fn, text, record, config.reward.timeout_s)
         answer = extract_final_answer(text)
         bar.update()
-        return EvalSample(record.prompt_id, index, seed, ids, list(episode.response_ids), text,
-                          episode.finish_reason, reward, error, None if answer is None else normalize_answer(answer))
+        return EvalSample(
+            record.prompt_id,
+            index,
+            seed,
+            ids,
+            list(episode.response_ids),
+            text,
+            episode.finish_reason,
+            reward,
+            error,
+            None if answer is None else normalize_answer(answer),
+        )
 
     try:
         return list(await asyncio.gather(*(one(r, i) for r in records for i in range(s.n))))
@@ -123,8 +134,9 @@ class TeacherScoring:
         self.info: Any = None
         self.top_k = 0
 
-    async def check(self, student_fingerprint: str, vocab_size: int) -> None:
-        """Info, fingerprint and top-k checks; EvalError naming the fix."""
+    async def check(self, student_fingerprint: str, vocab_size: int, longest_sequence: int) -> None:
+        """Info, tokenizer, length and top-k checks (`longest_sequence`: longest prompt + max tokens); EvalError
+        naming the fix."""
         from teacher_server.client import TeacherClientError
 
         where = ", ".join(self.config.teacher.addresses)
@@ -139,13 +151,18 @@ class TeacherScoring:
                 f"tokenizer: evaluate against a teacher of the student's family, or without --teacher"
             )
         if vocab_size > self.info.vocab_size:
-            raise EvalError(f"the student's tokenizer has {vocab_size} tokens, the teacher's vocabulary "
-                            f"{self.info.vocab_size}; they must agree")
+            raise EvalError(
+                f"the student's tokenizer has {vocab_size} tokens, the teacher's vocabulary "
+                f"{self.info.vocab_size}; they must agree"
+            )
+        if longest_sequence > self.info.max_model_len:
+            raise EvalError(
+                f"the longest prompt plus --sampling-max-tokens is {longest_sequence} tokens, more than the "
+                f"teacher's max_model_len {self.info.max_model_len}; lower --sampling-max-tokens"
+            )
         wanted = self.config.teacher.top_k
         if wanted is not None and wanted > self.info.max_top_k:
-            raise EvalError(
-                f"--teacher-top-k {wanted} exceeds the teacher's max_top_k {self.info.max_top_k}; lower it"
-            )
+            raise EvalError(f"--teacher-top-k {wanted} exceeds the teacher's max_top_k {self.info.max_top_k}; lower it")
         self.top_k = min(DEFAULT_TEACHER_TOP_K, self.info.max_top_k) if wanted is None else wanted
 
     async def score(self, samples: list[EvalSample], scorer: Any) -> TokenMeans:
@@ -156,8 +173,9 @@ class TeacherScoring:
 
         async def teacher_of(sample: EvalSample):
             async with gate:
-                return await self.client.score(sample.prompt_ids + sample.response_ids, len(sample.prompt_ids),
-                                               top_k=self.top_k)
+                return await self.client.score(
+                    sample.prompt_ids + sample.response_ids, len(sample.prompt_ids), top_k=self.top_k
+                )
 
         todo = [s for s in samples if s.response_ids]
         tasks = [asyncio.create_task(teacher_of(s)) for s in todo]
@@ -166,10 +184,13 @@ class TeacherScoring:
         try:
             for sample, task in zip(todo, tasks, strict=True):
                 teacher = await task
-                student = await asyncio.to_thread(scorer.score, sample.prompt_ids + sample.response_ids,
-                                                  len(sample.prompt_ids), teacher.topk_ids)
-                per_token = {**divergences(student, teacher),
-                             **teacher_diagnostics(np.asarray(sample.response_ids), teacher)}
+                student = await asyncio.to_thread(
+                    scorer.score, sample.prompt_ids + sample.response_ids, len(sample.prompt_ids), teacher.topk_ids
+                )
+                per_token = {
+                    **divergences(student, teacher),
+                    **teacher_diagnostics(np.asarray(sample.response_ids), teacher),
+                }
                 sample.teacher = totals.add(per_token)
                 bar.update()
         except TeacherClientError as exc:

@@ -46,8 +46,8 @@ class StudentScorer:
         from transformers import AutoModelForCausalLM
 
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
-        torch_dtype = (torch.bfloat16 if dev.type == "cuda" else torch.float32) if dtype == "auto" else getattr(
-            torch, dtype
+        torch_dtype = (
+            (torch.bfloat16 if dev.type == "cuda" else torch.float32) if dtype == "auto" else getattr(torch, dtype)
         )
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(dev).eval()
         return cls(model)
@@ -65,12 +65,21 @@ class StudentScorer:
         ids_PK = np.zeros((positions, 0), np.int64) if topk_ids is None else np.asarray(topk_ids, np.int64)
         if ids_PK.shape[0] != positions:
             raise ValueError(f"topk_ids has {ids_PK.shape[0]} rows for {positions} positions")
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        if ids_PK.size and int(ids_PK.max()) >= vocab:
+            raise ValueError(
+                f"the teacher's top-k holds token id {int(ids_PK.max())}, outside the student's vocabulary of "
+                f"{vocab}; teacher and student must share one vocabulary"
+            )
         ids_1L = torch.as_tensor(np.asarray(token_ids, np.int64), device=self.device)[None]
         with torch.inference_mode():
             hidden_PH = self.model.get_decoder()(input_ids=ids_1L).last_hidden_state[0, score_from - 1 : length - 1]
             parts = [
-                self._chunk(hidden_PH[i : i + CHUNK_POSITIONS], ids_1L[0, score_from + i : score_from + i + CHUNK_POSITIONS],
-                            torch.as_tensor(ids_PK[i : i + CHUNK_POSITIONS], device=self.device))
+                self._chunk(
+                    hidden_PH[i : i + CHUNK_POSITIONS],
+                    ids_1L[0, score_from + i : score_from + i + CHUNK_POSITIONS],
+                    torch.as_tensor(ids_PK[i : i + CHUNK_POSITIONS], device=self.device),
+                )
                 for i in range(0, positions, CHUNK_POSITIONS)
             ]
         if not parts:

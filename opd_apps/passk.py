@@ -66,8 +66,9 @@ def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float
     center = (p + z^2 / 2n) / (1 + z^2 / n), half width = z / (1 + z^2 / n) * sqrt(p (1 - p) / n + z^2 / 4n^2).
     """
     if trials < 1 or not 0 <= successes <= trials:
-        raise ValueError(f"a Wilson interval needs 0 <= successes <= trials and trials >= 1 "
-                         f"(got {successes} of {trials})")
+        raise ValueError(
+            f"a Wilson interval needs 0 <= successes <= trials and trials >= 1 (got {successes} of {trials})"
+        )
     p, n, z2 = successes / trials, trials, z * z
     denominator = 1.0 + z2 / n
     center = (p + z2 / (2 * n)) / denominator

@@ -56,8 +56,7 @@ class Progress:
         share = self.done / self.total if self.total else 1.0
         filled = int(30 * share)
         sys.stderr.write(
-            f"\r{self.desc}: [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} "
-            f"{now - self._started:.0f}s"
+            f"\r{self.desc}: [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {now - self._started:.0f}s"
         )
         sys.stderr.flush()
 

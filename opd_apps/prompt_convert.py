@@ -5,12 +5,12 @@
 
 Layouts (as the sets are published, JSONL or Parquet):
 
-| format | columns read | opd row |
+| format | set | columns read (others dropped) |
 | --- | --- | --- |
-| `math500` (MATH-500) | problem, answer, unique_id, subject, level (solution dropped) | prompt, answer; subject, level kept |
-| `aime2024` (AIME 2024) | ID, Problem, Answer (Solution dropped) | prompt, answer |
-| `aime2025` (AIME 2025) | problem, answer, id when present | prompt, answer |
-| `dapo` (DAPO math training set) | prompt (chat messages), reward_model.ground_truth, extra_info.index, data_source, ability | messages, answer |
+| `math500` | MATH-500 | problem, answer, unique_id; subject, level kept |
+| `aime2024` | AIME 2024 | ID, Problem, Answer |
+| `aime2025` | AIME 2025 | problem, answer, id when present |
+| `dapo` | DAPO math training set | prompt (chat messages), reward_model.ground_truth, extra_info.index |
 
 Every output row has `id` (`FORMAT:ORIGINAL_ID`), `answer` (a string),
 `split` (`eval` for the test sets, `train` for DAPO, or `--split`) and either
@@ -35,6 +35,13 @@ from opd.config import ConfigError, ConfigModel, load_config
 from opd.prompts import PromptSourceError, read_rows
 
 Format = Literal["math500", "aime2024", "aime2025", "dapo"]
+
+
+DESCRIPTION = (
+    "Convert a published math set (MATH-500, AIME 2024, AIME 2025, the DAPO math training set; JSONL or Parquet) "
+    "to opd's prompt file: id, prompt or messages, answer, split. The layout is detected from the columns unless "
+    "--format names it. Options come from --config YAML < OPD_CONVERT__* env < flags."
+)
 
 
 class ConvertError(ValueError):
@@ -67,41 +74,62 @@ def _answer(value: Any, where: str) -> str:
 
 
 def _math500(row: dict[str, Any], where: str) -> dict[str, Any]:
-    return {"id": str(_field(row, "unique_id", where)), "prompt": _field(row, "problem", where),
-            "answer": _answer(_field(row, "answer", where), where), "subject": row.get("subject"),
-            "level": row.get("level")}
+    return {
+        "id": str(_field(row, "unique_id", where)),
+        "prompt": _field(row, "problem", where),
+        "answer": _answer(_field(row, "answer", where), where),
+        "subject": row.get("subject"),
+        "level": row.get("level"),
+    }
 
 
 def _aime2024(row: dict[str, Any], where: str) -> dict[str, Any]:
-    return {"id": str(_field(row, "ID", where)), "prompt": _field(row, "Problem", where),
-            "answer": _answer(_field(row, "Answer", where), where)}
+    return {
+        "id": str(_field(row, "ID", where)),
+        "prompt": _field(row, "Problem", where),
+        "answer": _answer(_field(row, "Answer", where), where),
+    }
 
 
 def _aime2025(row: dict[str, Any], where: str) -> dict[str, Any]:
     raw_id = row.get("id")
-    return {"id": str(raw_id) if raw_id is not None else None, "prompt": _field(row, "problem", where),
-            "answer": _answer(_field(row, "answer", where), where)}
+    return {
+        "id": str(raw_id) if raw_id is not None else None,
+        "prompt": _field(row, "problem", where),
+        "answer": _answer(_field(row, "answer", where), where),
+    }
 
 
 def _dapo(row: dict[str, Any], where: str) -> dict[str, Any]:
     messages = _field(row, "prompt", where)
-    if (not isinstance(messages, list) or not messages or not all(
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages)):
+            for m in messages
+        )
+    ):
         raise ConvertError(f"{where}: field 'prompt' must be a non-empty list of {{role, content}} chat messages")
     reward_model = _field(row, "reward_model", where)
     if not isinstance(reward_model, dict) or reward_model.get("ground_truth") is None:
         raise ConvertError(f"{where}: field 'reward_model' must be a map with 'ground_truth'")
     extra = row.get("extra_info") if isinstance(row.get("extra_info"), dict) else {}
     raw_id = extra.get("index")
-    return {"id": str(raw_id) if raw_id is not None else None,
-            "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
-            "answer": _answer(reward_model["ground_truth"], where), "data_source": row.get("data_source"),
-            "ability": row.get("ability")}
+    return {
+        "id": str(raw_id) if raw_id is not None else None,
+        "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+        "answer": _answer(reward_model["ground_truth"], where),
+        "data_source": row.get("data_source"),
+        "ability": row.get("ability"),
+    }
 
 
 CONVERTERS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
-    "math500": _math500, "aime2024": _aime2024, "aime2025": _aime2025, "dapo": _dapo,
+    "math500": _math500,
+    "aime2024": _aime2024,
+    "aime2025": _aime2025,
+    "dapo": _dapo,
 }
 # Checked in this order: the first layout whose columns are all present wins.
 SIGNATURES: list[tuple[str, frozenset[str]]] = [
@@ -122,9 +150,16 @@ def detect_format(columns: Iterable[str], source: str = "input") -> str:
     raise ConvertError(f"{source}: columns {sorted(cols)} match no known layout ({layouts}); pass --format")
 
 
-def convert_rows(rows: Iterable[dict[str, Any]], fmt: str, *, source: str = "input", split: str | None = None,
-                 dedupe: bool = True, limit: int | None = None, stats: dict[str, int] | None = None,
-                 ) -> Iterator[dict[str, Any]]:
+def convert_rows(
+    rows: Iterable[dict[str, Any]],
+    fmt: str,
+    *,
+    source: str = "input",
+    split: str | None = None,
+    dedupe: bool = True,
+    limit: int | None = None,
+    stats: dict[str, int] | None = None,
+) -> Iterator[dict[str, Any]]:
     """opd prompt rows from published rows of layout `fmt` (or `auto`); `stats` counts read/written/duplicates."""
     stats = {} if stats is None else stats
     stats.update(read=0, written=0, duplicates=0)
@@ -164,8 +199,17 @@ def write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 def convert_file(config: ConvertConfig) -> dict[str, int]:
     """Convert `config.input` to `config.output`; returns the counts."""
     stats: dict[str, int] = {}
-    rows = list(convert_rows(read_rows(config.input, config.input_format), config.format, source=config.input,
-                             split=config.split, dedupe=config.dedupe, limit=config.limit, stats=stats))
+    rows = list(
+        convert_rows(
+            read_rows(config.input, config.input_format),
+            config.format,
+            source=config.input,
+            split=config.split,
+            dedupe=config.dedupe,
+            limit=config.limit,
+            stats=stats,
+        )
+    )
     if not rows:
         raise ConvertError(f"{config.input}: no rows to convert")
     write_rows(Path(config.output), rows)
@@ -174,14 +218,17 @@ def convert_file(config: ConvertConfig) -> dict[str, int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        config = load_config(ConvertConfig, argv, prog="opd convert-prompts", description=__doc__,
-                             env_prefix="OPD_CONVERT__")
+        config = load_config(
+            ConvertConfig, argv, prog="opd convert-prompts", description=DESCRIPTION, env_prefix="OPD_CONVERT__"
+        )
         stats = convert_file(config)
     except (ConfigError, PromptSourceError, ConvertError) as exc:
         print(f"opd convert-prompts: {exc}", file=sys.stderr)
         return 2
-    print(f"{config.output}: {stats['written']} prompts from {stats['read']} rows"
-          + (f" ({stats['duplicates']} repeated ids skipped)" if stats["duplicates"] else ""))
+    print(
+        f"{config.output}: {stats['written']} prompts from {stats['read']} rows"
+        + (f" ({stats['duplicates']} repeated ids skipped)" if stats["duplicates"] else "")
+    )
     return 0
 
 

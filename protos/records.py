@@ -13,6 +13,7 @@ Imports numpy and msgpack only (no torch, no component).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,10 +21,14 @@ from typing import Any
 import msgpack
 import numpy as np
 
-PROMPT_SCHEMA = 1
-ROLLOUT_SCHEMA = 1
+# Schema 2 of prompt and rollout records added the optional `teacher` (the prompt's domain, which picks the
+# teacher that scores its rollouts); schema 1 records still decode (teacher None).
+PROMPT_SCHEMA = 2
+ROLLOUT_SCHEMA = 2
 POLICY_SCHEMA = 1
+READ_SCHEMAS = {"prompt record": (1, 2), "rollout record": (1, 2), "policy announcement": (1,)}
 SPLITS = ("train", "eval")
+_TEACHER_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 _INT32 = np.dtype("<i4")
 _UINT8 = np.dtype("u1")
@@ -47,13 +52,24 @@ def _unpack_map(data: bytes, kind: str) -> dict[str, Any]:
     return obj
 
 
-def _check_schema(obj: Mapping[str, Any], kind: str, expected: int) -> None:
-    schema = obj.get("schema")
-    if type(schema) is not int or schema != expected:  # 1.0 and True equal 1 but are not schema 1
+def _check_schema(obj: Mapping[str, Any], kind: str) -> int:
+    """The record's schema version, one of those this build reads (READ_SCHEMAS); RecordError otherwise."""
+    schema, readable = obj.get("schema"), READ_SCHEMAS[kind]
+    if type(schema) is not int or schema not in readable:  # 1.0 and True equal 1 but are not schema 1
+        versions = " or ".join(str(v) for v in readable)
         raise RecordError(
-            f"{kind}.schema: this build reads schema {expected}, got {schema!r}; "
+            f"{kind}.schema: this build reads schema {versions}, got {schema!r}; "
             f"run producer and consumer from the same opd version"
         )
+    return schema
+
+
+def _teacher(obj: Mapping[str, Any], kind: str) -> str | None:
+    """The optional `teacher` domain name (schema >= 2)."""
+    name = _typed(obj, kind, "teacher", (str,), nullable=True)
+    if name is not None and not _TEACHER_NAME.match(name):
+        raise RecordError(f"{kind}.teacher: expected 1-64 of [A-Za-z0-9_.-], got {name!r:.80}")
+    return name
 
 
 def _check_keys(obj: Mapping[str, Any], kind: str, required: set[str], optional: set[str]) -> None:
@@ -131,6 +147,7 @@ class PromptRecord:
     answer: str | None = None
     tools: list[dict[str, Any]] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    teacher: str | None = None  # domain name: which of several teachers scores this prompt's rollouts
 
     def encode(self) -> bytes:
         if (self.messages is None) == (self.prompt_ids is None):
@@ -143,6 +160,7 @@ class PromptRecord:
             "answer": self.answer,
             "tools": self.tools,
             "meta": self.meta,
+            "teacher": self.teacher,
         }
         if self.messages is not None:
             obj["messages"] = self.messages
@@ -154,10 +172,9 @@ class PromptRecord:
     def decode(cls, data: bytes) -> PromptRecord:
         kind = "prompt record"
         obj = _unpack_map(data, kind)
-        _check_schema(obj, kind, PROMPT_SCHEMA)
-        _check_keys(
-            obj, kind, {"prompt_id", "group_size", "split"}, {"messages", "prompt_ids", "answer", "tools", "meta"}
-        )
+        schema = _check_schema(obj, kind)
+        optional = {"messages", "prompt_ids", "answer", "tools", "meta"} | ({"teacher"} if schema >= 2 else set())
+        _check_keys(obj, kind, {"prompt_id", "group_size", "split"}, optional)
         messages = _messages(obj, kind)
         prompt_ids = _array(obj, kind, "prompt_ids", _INT32) if obj.get("prompt_ids") is not None else None
         if (messages is None) == (prompt_ids is None):
@@ -171,6 +188,7 @@ class PromptRecord:
             answer=_typed(obj, kind, "answer", (str,), nullable=True),
             tools=_typed(obj, kind, "tools", (list,), nullable=True),
             meta=_typed(obj, kind, "meta", (dict,), nullable=True) or {},
+            teacher=_teacher(obj, kind),
         )
 
 
@@ -195,6 +213,7 @@ class RolloutRecord:
     reward: float | None = None
     policy_version: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    teacher: str | None = None  # the prompt's domain: which of several teachers scores it (None: the default)
 
     @property
     def num_response_tokens(self) -> int:
@@ -227,6 +246,7 @@ class RolloutRecord:
                 "reward": None if self.reward is None else float(self.reward),
                 "policy_version": int(self.policy_version),
                 "meta": self.meta,
+                "teacher": self.teacher,
             },
             use_bin_type=True,
         )
@@ -235,7 +255,7 @@ class RolloutRecord:
     def decode(cls, data: bytes) -> RolloutRecord:
         kind = "rollout record"
         obj = _unpack_map(data, kind)
-        _check_schema(obj, kind, ROLLOUT_SCHEMA)
+        schema = _check_schema(obj, kind)
         _check_keys(
             obj,
             kind,
@@ -251,7 +271,7 @@ class RolloutRecord:
                 "behaviour_logprobs",
                 "policy_version",
             },
-            {"reward", "meta"},
+            {"reward", "meta"} | ({"teacher"} if schema >= 2 else set()),
         )
         arrays = {
             name: _array(obj, kind, name, dtype)
@@ -275,6 +295,7 @@ class RolloutRecord:
             reward=None if reward is None else float(reward),
             policy_version=_positive_int(obj, kind, "policy_version", 0),
             meta=_typed(obj, kind, "meta", (dict,), nullable=True) or {},
+            teacher=_teacher(obj, kind),
             **arrays,
         )
 
@@ -308,7 +329,7 @@ class PolicyAnnouncement:
     def decode(cls, data: bytes) -> PolicyAnnouncement:
         kind = "policy announcement"
         obj = _unpack_map(data, kind)
-        _check_schema(obj, kind, POLICY_SCHEMA)
+        _check_schema(obj, kind)
         _check_keys(obj, kind, {"version", "uri"}, {"step", "created_at"})
         return cls(
             version=_positive_int(obj, kind, "version", 0),

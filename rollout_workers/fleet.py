@@ -4,7 +4,9 @@ Owns placement and restarts only; every worker is the same `run_worker`
 with its own index, consumer name (`{worker_id or host}-{index}`) and ops port
 (base + index). A restarted worker keeps its consumer name, so it first
 resumes the prompts it held when it died; prompts of a worker that never comes
-back are reclaimed by the others after `queue.claim_idle_s`. The parent feeds
+back are claimed by the others once its heartbeat expires
+(`queue.heartbeat_ttl_s`), or after `queue.claim_idle_s` for a worker without
+one. The parent feeds
 `--prompts` while the fleet runs. Ray restarts a dead actor itself
 (`max_restarts`), so the fleet grows across nodes on Ray's scheduler rather
 than a home-made one; Ray is imported only here.

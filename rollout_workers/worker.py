@@ -273,6 +273,7 @@ class RolloutWorker:
                     reward=await self._reward(text, record),
                     policy_version=ep.policy_version,
                     meta=meta,
+                    teacher=record.teacher,  # the prompt's domain picks the teacher that scores it
                 )
             )
         return out

@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from opd.auth import NAME_RE
 from opd.config import ConfigModel, Port
 from opd.ops_app import OpsConfig
 from opd.prompts import PromptSourceConfig
@@ -27,7 +28,8 @@ from student_trainer.loss.registry import TeacherNeed, divergence_need, selectio
 class TeacherEndpointConfig(ConfigModel):
     addresses: list[str] = Field(
         default_factory=lambda: ["127.0.0.1:50051"],
-        description="teacher gRPC addresses (host:port or dns:///name:port), balanced",
+        description="teacher addresses, balanced: gRPC (host:port or dns:///name:port), or http(s)://host:port "
+        "of an OpenAI-compatible server (vLLM's, or an opd teacher's --openai-port; needs teacher.tokenizer)",
     )
     token: str | None = Field(
         None,
@@ -52,11 +54,41 @@ class TeacherEndpointConfig(ConfigModel):
         "divergence, else 20); 0 is refused when the loss reads the top-k",
     )
     logprob_dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="wire dtype")
+    tokenizer: str | None = Field(
+        None,
+        description="http(s):// teacher: local directory of the teacher's tokenizer, for the start-up tokenizer "
+        "check (vLLM's OpenAI API does not expose its vocabulary)",
+    )
+    served_model: str | None = Field(
+        None, description="http(s):// teacher: the model id to ask for (default: the first one of /v1/models)"
+    )
+    scores_file: str | None = Field(
+        None,
+        description="train on offline teacher scores from this Parquet file (`opd score`) instead of a live "
+        "teacher: the trainer feeds the file's sequences as rollouts itself (run no rollout workers)",
+    )
 
     @model_validator(mode="after")
     def _check_tls(self) -> TeacherEndpointConfig:
         check_cert_options(self.tls_cert_file, self.tls_key_file, "teacher")
         return self
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> TeacherEndpointConfig:
+        http = [a.startswith(("http://", "https://")) for a in self.addresses]
+        if any(http) and not all(http):
+            raise ValueError("teacher.addresses mixes http(s):// and gRPC addresses; list one kind of teacher")
+        if any(http) and not self.tokenizer:
+            raise ValueError(
+                "an http(s):// teacher needs teacher.tokenizer: a local directory with the teacher's tokenizer "
+                "(its OpenAI API does not expose the vocabulary the start-up check compares)"
+            )
+        return self
+
+    @property
+    def is_http(self) -> bool:
+        """The addresses are OpenAI-compatible HTTP servers (else gRPC teacher services)."""
+        return self.addresses[0].startswith(("http://", "https://")) if self.addresses else False
 
 
 class OptimConfig(ConfigModel):
@@ -83,6 +115,18 @@ class BatchConfig(ConfigModel):
         description="batches whose teacher scores are fetched while the current one trains (0 = fetch, then train)",
     )
     read_block_ms: int = Field(1000, ge=1, description="how long one Redis read waits for rollouts")
+    attention: Literal["auto", "sdpa", "flex", "mask"] = Field(
+        "auto",
+        description="attention over a packed micro-batch: sdpa = causal SDPA per sequence (flash kernels on CUDA, "
+        "memory linear in tokens), flex = compiled flex_attention with a document mask (CUDA only), mask = dense "
+        "[T, T] mask (reference; quadratic memory); auto = sdpa",
+    )
+    prefetch_max_mib: float = Field(
+        4096.0,
+        gt=0,
+        description="cap on the teacher replies held for prefetched batches (full-vocabulary replies cost 4 * V "
+        "bytes per token); a batch over the cap waits to be requested until the one before it trains",
+    )
 
 
 class PublishConfig(ConfigModel):
@@ -192,6 +236,11 @@ class TrainerConfig(ConfigModel):
         "what for and how long, once every this many seconds",
     )
     teacher: TeacherEndpointConfig = Field(default_factory=TeacherEndpointConfig)
+    teachers: dict[str, TeacherEndpointConfig] = Field(
+        default_factory=dict,
+        description="several teachers: a prompt's `teacher` field (a domain name) -> that domain's teacher "
+        "service; rollouts without one, or naming none of these, are scored by `teacher`",
+    )
     redis: RedisConfig = Field(default_factory=RedisConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -209,11 +258,6 @@ class TrainerConfig(ConfigModel):
         if self.eval.every_steps and not self.data.eval_prompts:
             raise ValueError("eval.every_steps > 0 needs data.eval_prompts (a held-out prompt file)")
         needs = teacher_needs(self.loss)
-        if TeacherNeed.FULL in needs:
-            raise ValueError(
-                f"{self._readers(TeacherNeed.FULL)} needs full-vocabulary teacher replies; the trainer "
-                f"asks for top-k only: use loss.support=topk and token_selection.jsd_support=topk"
-            )
         if TeacherNeed.TOPK in needs and self.teacher.top_k == 0:
             fixes = ["set teacher.top_k > 0 or leave it unset (20)"]
             if divergence_need(self.loss) == TeacherNeed.TOPK:
@@ -224,6 +268,7 @@ class TrainerConfig(ConfigModel):
                 f"teacher.top_k=0 (flag --teacher-top-k) but {self._readers(TeacherNeed.TOPK)} needs "
                 f"the teacher's top-k log-probs: {', or '.join(fixes)}"
             )
+        _check_teacher_sources(self)
         return self
 
     def _readers(self, need: TeacherNeed) -> str:
@@ -241,3 +286,41 @@ class TrainerConfig(ConfigModel):
             return self.teacher.top_k
         uses_topk = TeacherNeed.TOPK in teacher_needs(self.loss) or self.loss.token_selection.enabled
         return 20 if uses_topk else 0
+
+
+def _check_teacher_sources(config: TrainerConfig) -> None:
+    """What the HTTP teachers, offline scores and several teachers cannot do, refused when the config loads."""
+    k, needs = config.teacher_top_k(), teacher_needs(config.loss)
+    endpoints = {"teacher": config.teacher, **{f"teachers.{n}": t for n, t in config.teachers.items()}}
+    for name in config.teachers:
+        if not NAME_RE.match(name):
+            raise ValueError(f"teachers: domain name {name!r} must be 1-64 of [A-Za-z0-9_.-]")
+    for where, endpoint in endpoints.items():
+        if endpoint.top_k is not None and endpoint.top_k != k:
+            raise ValueError(
+                f"{where}.top_k={endpoint.top_k} but the loss trains on one top-k for every token "
+                f"(teacher.top_k resolves to {k}): leave {where}.top_k unset or set it to {k}"
+            )
+        if endpoint.is_http and config.loss.teacher_temperature != 1.0:
+            raise ValueError(
+                f"{where} is an OpenAI-compatible server, whose prompt log-probs are at temperature 1: "
+                f"set loss.teacher_temperature=1, or use an opd teacher on the hf backend over gRPC"
+            )
+        if endpoint.is_http and TeacherNeed.FULL in needs:
+            raise ValueError(
+                f"{where} is an OpenAI-compatible server, which returns top-k log-probs only, but the loss "
+                f"needs the full vocabulary: use a top-k loss (loss.support=topk) or an opd teacher over gRPC"
+            )
+    if config.teacher.scores_file:
+        if config.teachers:
+            raise ValueError("teacher.scores_file trains from one file of offline scores: leave `teachers` empty")
+        if config.data.prompts or config.eval.every_steps:
+            raise ValueError(
+                "teacher.scores_file trains on the file's own sequences (off-policy); data.prompts and eval "
+                "rounds feed rollout workers for on-policy training: set teacher.scores_file or those"
+            )
+        if needs == {TeacherNeed.SAMPLED_TOKEN}:
+            raise ValueError(
+                f"loss.divergence={config.loss.divergence!r} trains on the student's own samples (a policy "
+                f"gradient); offline scores need a top-k divergence (fkl, rkl or jsd with loss.support=topk)"
+            )

@@ -48,13 +48,19 @@ def eval_report(records: list[RolloutRecord], scores: dict) -> dict[str, float]:
         mask = r.response_mask.astype(bool)
         diffs.append((r.behaviour_logprobs[mask] - scores[r.rollout_id].token_logprobs[mask]).astype(np.float64))
     tokens = np.concatenate(diffs) if diffs else np.zeros(0)
-    return {
+    report = {
         "samples": float(len(records)),
         "pass_at_1": float(np.mean([x > 0 for x in rewards])) if rewards else math.nan,
         "mean_reward": float(np.mean(rewards)) if rewards else math.nan,
         "divergence": float(tokens.mean()) if tokens.size else math.nan,
         "tokens": float(tokens.size),
     }
+    domains = {r.teacher for r in records if r.teacher is not None}
+    for domain in sorted(domains):  # several teachers: each domain's divergence to its own teacher
+        mine = [d for r, d in zip(records, diffs, strict=True) if r.teacher == domain]
+        joined = np.concatenate(mine) if mine else np.zeros(0)
+        report[f"divergence/{domain}"] = float(joined.mean()) if joined.size else math.nan
+    return report
 
 
 def parse_eval_id(prompt_id: str) -> tuple[str, int, int] | None:

@@ -215,8 +215,7 @@ class PromptFeeder:
     def _check_deadlines(self) -> None:
         timeout = self.ledger.group_timeout_s
         for pid in self.ledger.overdue(time.monotonic()):
-            if not self._source.has_group(pid):
-                self._fail(pid, "timeout", f"no whole group within data.group_timeout_s={timeout:g} s of feeding it")
+            self._fail(pid, "timeout", f"no whole group within data.group_timeout_s={timeout:g} s of feeding it")
 
     async def _watch_dead(self) -> None:
         """Read the dead-letter stream past the cursor: a prompt of ours, or a rollout of one, dead-lettered."""
@@ -246,6 +245,8 @@ class PromptFeeder:
     # -- refeed or lose -----------------------------------------------------------------------------------------------
 
     def _fail(self, prompt_id: str, reason: Reason, detail: str) -> None:
+        if reason != "stale" and self._source.has_group(prompt_id):
+            return  # another copy's whole group is in, waiting for a step: nothing to feed again
         outcome = self.ledger.failed(prompt_id, reason, detail)
         if outcome is None:
             return

@@ -7,6 +7,9 @@ the root (bf16 mixed precision on GPU, optional activation checkpointing and
 CPU offload), and `StudentLoss`, the root module whose forward runs the
 decoder to final hidden states and hands them with the lm-head weight to the
 chunked loss — inside the root's forward, so FSDP has the lm-head unsharded.
+The student is loaded with the packed attention of `student_trainer.attention`:
+a packed micro-batch attends per sequence (no `[T, T]` mask) unless it carries
+the reference mask.
 """
 
 from __future__ import annotations
@@ -14,17 +17,22 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from opd.processes import free_port
+from student_trainer import attention
 from student_trainer.batching import MicroBatch
-from student_trainer.config import DistConfig
 from student_trainer.loss.compute import compute_distillation_loss
 from student_trainer.loss.config import LossConfig
 from student_trainer.loss.inputs import LossStats, TeacherScores
+from student_trainer.loss.planning import Denominators
+
+if TYPE_CHECKING:  # the config module pulls in the trainer's runtime (Redis, HTTP); the model needs none of it
+    from student_trainer.config import DistConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,26 +67,47 @@ def init_distributed(config: DistConfig) -> DistInfo:
 
 
 class StudentLoss(nn.Module):
-    """Root module: decoder -> hidden rows -> chunked lm-head loss (no [tokens, vocab] logits)."""
+    """Root module: decoder -> hidden rows -> chunked lm-head loss (no [tokens, vocab] logits).
 
-    def __init__(self, lm: nn.Module, loss_config: LossConfig) -> None:
+    `attention`: how a packed micro-batch attends ('auto', 'sdpa', 'flex'; micro-batches carrying the
+    reference `[T, T]` mask use it instead).
+    """
+
+    def __init__(self, lm: nn.Module, loss_config: LossConfig, attention_method: str = "auto") -> None:
         super().__init__()
         self.lm = lm
         self.loss_config = loss_config
+        self.attention_method = attention_method
 
-    def forward(self, batch: MicroBatch, teacher: TeacherScores, step: int) -> tuple[torch.Tensor, LossStats]:
-        decoder = self.lm.get_decoder()
-        hidden_1TH = decoder(
-            input_ids=batch.input_ids_1T,
-            position_ids=batch.position_ids_1T,
-            attention_mask=batch.attention_mask_11TT,
-            use_cache=False,
-        ).last_hidden_state
-        hidden_NH = hidden_1TH[0].index_select(0, batch.rows_N)
+    def forward(
+        self, batch: MicroBatch, teacher: TeacherScores, step: int, denominators: Denominators | None = None
+    ) -> tuple[torch.Tensor, LossStats]:
+        hidden_NH = self.hidden_rows(batch)
         head = self.lm.get_output_embeddings()
         return compute_distillation_loss(
-            hidden_NH, head.weight, batch.inputs, teacher, self.loss_config, step, lm_head_bias_V=head.bias
+            hidden_NH,
+            head.weight,
+            batch.inputs,
+            teacher,
+            self.loss_config,
+            step,
+            lm_head_bias_V=head.bias,
+            denominators=denominators,
         )
+
+    def hidden_rows(self, batch: MicroBatch) -> torch.Tensor:
+        """Final hidden states [N, H] of the rows that predict response tokens."""
+        kwargs: dict = {}
+        if batch.attention_mask_11TT is not None:
+            kwargs["attention_mask"] = batch.attention_mask_11TT
+        elif len(batch.cu_tokens) > 2:  # several sequences: attend per sequence
+            method = attention.resolve_method(self.attention_method, batch.input_ids_1T.device)
+            kwargs.update(attention.packing_kwargs(batch.cu_tokens, method, batch.input_ids_1T.device))
+        decoder = self.lm.get_decoder()
+        hidden_1TH = decoder(
+            input_ids=batch.input_ids_1T, position_ids=batch.position_ids_1T, use_cache=False, **kwargs
+        ).last_hidden_state
+        return hidden_1TH[0].index_select(0, batch.rows_N)
 
 
 def load_student(path: str, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -88,7 +117,7 @@ def load_student(path: str, device: torch.device, dtype: torch.dtype = torch.flo
         raise ValueError(
             f"student model {path!r} is not a Hugging Face model directory (no config.json); pass --model DIR"
         )
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention.register())
     model.config.use_cache = False
     return model.to(device)
 
@@ -102,10 +131,15 @@ def shard_student(root: StudentLoss, config: DistConfig, device: torch.device) -
     # move a gloo/CPU run onto the GPU.
     kwargs: dict = {"mesh": init_device_mesh(device.type, (dist.get_world_size(),))}
     bf16 = config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and device.type == "cuda")
+    root_kwargs = dict(kwargs)
     if bf16:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # The root's inputs are the micro-batch and the teacher's log-probs: keep them in float32.
+        root_kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
     if config.cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+        kwargs["offload_policy"] = root_kwargs["offload_policy"] = CPUOffloadPolicy()
     layers = root.lm.get_decoder().layers
     for i, layer in enumerate(layers):
         if config.activation_checkpointing:
@@ -114,5 +148,5 @@ def shard_student(root: StudentLoss, config: DistConfig, device: torch.device) -
             layer = checkpoint_wrapper(layer)
             layers[i] = layer
         fully_shard(layer, **kwargs)
-    fully_shard(root, **kwargs)
+    fully_shard(root, **root_kwargs)
     return root

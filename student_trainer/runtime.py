@@ -94,6 +94,10 @@ class TrainerRuntime:
         if self.info.is_main:
             self._source = RolloutSource(cfg)
             self._feeder = PromptFeeder(self._source, cfg, train_records(cfg)) if cfg.data.prompts else None
+            if cfg.teacher.scores_file:  # offline scores: the file's sequences are the rollouts (no workers)
+                from student_trainer.score_sources.offline import OfflineRolloutFeeder
+
+                self._feeder = OfflineRolloutFeeder(self._source, cfg)
         self.trainer = trainer = Trainer(
             cfg, self.info, self.io, scores=self._scores, source=self._source, feeder=self._feeder, stop=self.stop
         )

@@ -12,7 +12,13 @@ here and one branch in `create_score_source`; the loop does not change.
 `TeacherServiceSource` is the gRPC teacher through
 `teacher_server.client.TeacherClient`, on the trainer's I/O loop: each
 rollout is scored as prompt + response from the first response token, with
-`top_k` from the config and the loss's teacher temperature.
+`top_k` from the config, the loss's teacher temperature, and the full
+vocabulary when the loss reads it (refused at `check` by a teacher that does
+not allow it).
+
+A source also says what one scored token's reply costs in memory
+(`bytes_per_token`, `reply_bytes_per_token` computes it), so that the
+prefetch can bound the bytes it holds.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import numpy as np
 from opd.loop_thread import LoopThread
 from protos.records import RolloutRecord
 from student_trainer.config import TrainerConfig
+from student_trainer.loss.registry import TeacherNeed, teacher_needs
 from teacher_server.client import TeacherClient, TeacherInfo, TeacherScores
 
 
@@ -34,10 +41,14 @@ class TeacherMismatch(RuntimeError):
 
 
 class ScoreSource(Protocol):
-    """Teacher scores for rollouts. `top_k` and `temperature` describe every reply it gives."""
+    """Teacher scores for rollouts. `top_k`, `full_vocab` and `temperature` describe every reply it gives."""
 
     top_k: int  # k of each reply's top-k (0: the sampled token's log-prob only)
+    full_vocab: bool  # replies carry full-vocabulary log-probs [P, V]
     temperature: float  # the teacher temperature the replies were made at
+
+    def bytes_per_token(self) -> int:
+        """Memory one scored token's reply takes once received (for the prefetch's byte cap)."""
 
     def check(self, tokenizer_fingerprint: str, vocab_size: int, student_name: str) -> None:
         """Raise TeacherMismatch unless this source can score the student's tokens."""
@@ -52,8 +63,18 @@ class ScoreSource(Protocol):
     def close(self) -> None: ...
 
 
+def reply_bytes_per_token(top_k: int, vocab_size: int | None, full_vocab: bool) -> int:
+    """Bytes of one token's reply as the client holds it: float32 log-probs (token, tail, top-k, full
+    vocabulary) and int32 top-k ids."""
+    return 4 * (2 + 2 * top_k) + (4 * int(vocab_size or 0) if full_vocab else 0)
+
+
 def create_score_source(config: TrainerConfig, io: LoopThread) -> ScoreSource:
     """The configured source of teacher scores (today: the teacher service at `teacher.addresses`)."""
+    from student_trainer.score_sources import special_score_source  # several teachers, http(s)://, offline
+
+    if (special := special_score_source(config, io)) is not None:
+        return special
     return TeacherServiceSource(config, io)
 
 
@@ -63,6 +84,7 @@ class TeacherServiceSource:
     def __init__(self, config: TrainerConfig, io: LoopThread) -> None:
         self._io = io
         self.top_k = config.teacher_top_k()
+        self.full_vocab = TeacherNeed.FULL in teacher_needs(config.loss)
         self.temperature = config.loss.teacher_temperature
         self._timeout_s = config.teacher.timeout_s
         self._info: TeacherInfo | None = None
@@ -109,6 +131,12 @@ class TeacherServiceSource:
                 f"max_top_k={info.max_top_k}; lower teacher.top_k or raise the teacher's "
                 f"--engine-max-top-k"
             )
+        if self.full_vocab and not info.supports_full_vocab:
+            raise TeacherMismatch(
+                f"the loss reads full-vocabulary teacher log-probs (loss.support=full or "
+                f"token_selection.jsd_support=full) but the {info.backend} teacher {info.model_name!r} does not "
+                f"allow them: start it with --engine-allow-full-vocab, or use support=topk"
+            )
         if self.temperature != 1.0 and not info.supports_temperature:
             raise TeacherMismatch(
                 f"loss.teacher_temperature={self.temperature} but the {info.backend} teacher "
@@ -116,13 +144,18 @@ class TeacherServiceSource:
             )
         self._info = info
 
+    def bytes_per_token(self) -> int:
+        return reply_bytes_per_token(self.top_k, self._info.vocab_size if self._info else None, self.full_vocab)
+
     def fetch(self, records: Sequence[RolloutRecord]) -> Future[dict[str, TeacherScores]]:
         return self._io.submit(self._score(list(records)))
 
     async def _score(self, records: list[RolloutRecord]) -> dict[str, TeacherScores]:
         requests = [(np.concatenate([r.prompt_ids, r.response_ids]), len(r.prompt_ids)) for r in records]
         temperature = None if self.temperature == 1.0 else self.temperature
-        replies = await self._client.score_many(requests, top_k=self.top_k, temperature=temperature)
+        replies = await self._client.score_many(
+            requests, top_k=self.top_k, full_vocab=self.full_vocab, temperature=temperature
+        )
         return {r.rollout_id: s for r, s in zip(records, replies, strict=True)}
 
     def close(self) -> None:

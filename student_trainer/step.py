@@ -1,16 +1,28 @@
-"""One optimizer step on one rank's share of a batch: micro-batches, loss scaling, backward, clip, AdamW.
+"""One optimizer step on one rank's share of a batch: micro-batches, the step loss, backward, clip, AdamW.
 
-Owns the arithmetic that makes N ranks x M micro-batches equal one big batch:
-the loss of every micro-batch is weighted by its share of the global number
-of trained tokens (a token mean over the whole step), times the world size
-because FSDP averages gradients over ranks; and every rank runs the same
-number of forward/backward passes (FSDP's collectives), padding with
-zero-weight copies. Skips the update when the gradient norm is not finite.
+Owns the arithmetic that makes N ranks x M micro-batches equal one big batch.
+The step loss is defined once, over all ranks:
+
+    L = sum_i s_i r_i l_i / D
+
+(l_i a token's divergence term, or a sequence's mean under sequence_mean;
+r_i the recipe's sample weight; s_i the staleness weight; D the unweighted
+count of tokens or sequences, or 1 for sum). So that it holds however the
+step is cut, the group-level quantities (reward-softmax and pass-rate
+weights, GRPO advantages) are computed over the whole step's groups before
+they are split, D is added up over every micro-batch of every rank (one
+all-reduce) before the first backward, and each micro-batch's loss is its
+own share of L (times the world size, because FSDP averages gradients over
+ranks). Groups larger than the token budget are split by sequence
+(`batching`). Every rank runs the same number of forward/backward passes
+(FSDP's collectives), padding with two-token zero-weight fillers. Skips the
+update when the gradient norm is not finite.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 
@@ -21,6 +33,8 @@ from student_trainer.batching import (
     Group,
     MicroBatch,
     build_micro_batch,
+    check_lengths,
+    filler_record,
     pack_groups,
     placeholder_scores,
     scores_to,
@@ -28,10 +42,12 @@ from student_trainer.batching import (
 )
 from student_trainer.config import TrainerConfig
 from student_trainer.loss.inputs import TeacherScores
+from student_trainer.loss.planning import Denominators, count_denominators, sequence_weights, step_denominators
+from student_trainer.loss.registry import TeacherNeed, teacher_needs
 from student_trainer.model import DistInfo, StudentLoss
 
 log = logging.getLogger(__name__)
-_STAT_KEYS = ("loss", "mean_divergence", "student_entropy", "top1_agreement", "fraction_kept")
+_MEAN_KEYS = ("mean_divergence", "student_entropy", "top1_agreement", "fraction_kept")
 
 
 class StepRunner:
@@ -48,52 +64,89 @@ class StepRunner:
         self.root, self.optimizer, self.scheduler = root, optimizer, scheduler
         self.config, self.info = config, info
         self.top_k, self.temperature = top_k, teacher_temperature
+        lm_config = root.lm.config
+        self.max_model_len = int(getattr(lm_config, "max_position_embeddings", None) or 2**62)
+        self.vocab_size = int(root.lm.get_output_embeddings().weight.shape[0])
+        self.full_vocab = TeacherNeed.FULL in teacher_needs(config.loss)
+        self.reference_mask = config.batch.attention == "mask"
 
-    def micro_batches(
-        self, groups: list[Group], mine: list[Group], weights: dict[str, float]
-    ) -> list[tuple[MicroBatch, float]]:
-        """(micro-batch, scale); every rank gets the same count, padded with zero-weight copies."""
+    def group_terms(self, groups: list[Group]) -> tuple[dict[str, float] | None, dict[str, float] | None]:
+        """Sample weights r and GRPO advantages by rollout id, over whole groups (None when unused)."""
+        loss = self.config.loss
+        if not (loss.reward_softmax.enabled or loss.pass_rate.enabled or loss.rl_weight > 0):
+            return None, None
+        records = [r for g in groups for r in g]
+        group_index = {g: i for i, g in enumerate(dict.fromkeys(r.group_id for r in records))}
+        rewards_S = torch.tensor([0.0 if r.reward is None else float(r.reward) for r in records], dtype=torch.float64)
+        group_ids_S = torch.tensor([group_index[r.group_id] for r in records])
+        weights_S, advantages_S = sequence_weights(rewards_S, group_ids_S, loss)
+        ids = [r.rollout_id for r in records]
+        advantages = None if advantages_S is None else dict(zip(ids, advantages_S.tolist(), strict=True))
+        return dict(zip(ids, weights_S.tolist(), strict=True)), advantages
+
+    def micro_batches(self, groups: list[Group], mine: list[Group], weights: dict[str, float]) -> list[MicroBatch]:
+        """This rank's micro-batches; every rank gets the same count, padded with two-token fillers."""
+        check_lengths(mine, self.max_model_len)
+        sample_weights, advantages = self.group_terms(groups)
         bins = pack_groups(mine, self.config.batch.max_tokens_per_micro_batch)
         count = torch.tensor([len(bins)], device=self.info.device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        filler = bins[-1] if bins else [groups[0]]
-        zero = {r.rollout_id: 0.0 for g in filler for r in g}
-        micro = [(build_micro_batch(b, weights), 1.0) for b in bins]
-        micro += [(build_micro_batch(filler, zero), 0.0) for _ in range(int(count.item()) - len(bins))]
+        micro = [
+            build_micro_batch(
+                b, weights, block_mask=self.reference_mask, sample_weights=sample_weights, advantages=advantages
+            )
+            for b in bins
+        ]
+        if len(micro) < int(count.item()):
+            filler = filler_record(groups[0][0])
+            fill = dataclasses.replace(build_micro_batch([[filler]], {filler.rollout_id: 0.0}), filler=True)
+            micro += [fill] * (int(count.item()) - len(micro))
         return micro
+
+    def denominators(self, micro: list[MicroBatch]) -> Denominators:
+        """The step's D: every micro-batch's count, added over this rank, then over all ranks."""
+        counts = [count_denominators(mb.inputs, self.config.loss) for mb in micro if not mb.filler]
+        total = sum(counts, Denominators(0.0, 0.0))
+        reduced = torch.tensor([total.distill, total.rl], dtype=torch.float64, device=self.info.device)
+        dist.all_reduce(reduced)
+        return step_denominators(Denominators(*reduced.tolist()), self.config.loss)
 
     def forward_backward(
         self, groups: list[Group], mine: list[Group], weights: dict[str, float], scores: dict, step: int
     ) -> dict[str, float]:
-        """Accumulate gradients of the step's token-mean loss; returns step statistics summed over ranks."""
+        """Accumulate the gradients of the step loss L; returns step statistics summed over ranks
+        (`loss` is L itself; the means are weighted by trained tokens)."""
         micro = self.micro_batches(groups, mine, weights)
-        valid = torch.tensor(
-            [sum(m.num_valid_tokens * s for m, s in micro)], dtype=torch.float64, device=self.info.device
-        )
-        dist.all_reduce(valid)
-        total_valid = max(1.0, float(valid.item()))
+        denominators = self.denominators(micro)
         sums: dict[str, float] = collections.defaultdict(float)
-        for mb, scale in micro:
+        for mb in micro:
             teacher = self._teacher_for(mb, scores)
             mb = mb.to(self.info.device)
-            loss, stats = self.root(mb, teacher, step)
-            weight = scale * mb.num_valid_tokens / total_valid
-            (loss * weight * self.info.world_size).backward()  # FSDP averages over ranks
-            for key in _STAT_KEYS:
+            loss, stats = self.root(mb, teacher, step, denominators)
+            (loss * self.info.world_size).backward()  # FSDP averages over ranks; L is already the global mean
+            sums["loss"] += stats.loss
+            sums["tokens"] += stats.num_tokens
+            for key in _MEAN_KEYS:
                 value = getattr(stats, key)
                 if not math.isnan(value):
-                    sums[key] += value * weight
-            sums["tokens"] += stats.num_tokens * scale
+                    sums[key] += value * stats.num_tokens
+                    sums[f"{key}#n"] += stats.num_tokens
         keys = sorted(sums)
         reduced = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.info.device)
         dist.all_reduce(reduced)
-        return dict(zip(keys, reduced.tolist(), strict=True))
+        totals = dict(zip(keys, reduced.tolist(), strict=True))
+        out = {"loss": totals.get("loss", 0.0), "tokens": totals.get("tokens", 0.0)}
+        for key in _MEAN_KEYS:
+            if totals.get(f"{key}#n"):
+                out[key] = totals[key] / totals[f"{key}#n"]
+        return out
 
     def _teacher_for(self, mb: MicroBatch, scores: dict) -> TeacherScores:
-        if all(r.rollout_id in scores for r in mb.records):
+        if not mb.filler and all(r.rollout_id in scores for r in mb.records):
             teacher = teacher_scores_for(mb.records, scores, self.temperature)
-        else:  # a zero-weight filler of records another rank scored: placeholders, never weighted
-            teacher = placeholder_scores(len(mb.rows_N), self.top_k, self.temperature)
+        else:  # a zero-weight filler: placeholders, never weighted
+            vocab = self.vocab_size if self.full_vocab else None
+            teacher = placeholder_scores(len(mb.rows_N), self.top_k, self.temperature, vocab)
         return scores_to(teacher, self.info.device)
 
     def optimizer_step(self) -> float:
@@ -107,3 +160,4 @@ class StepRunner:
             log.warning("optimizer step skipped: gradient norm is %s", norm)
         self.optimizer.zero_grad(set_to_none=True)
         return norm
+

@@ -85,17 +85,21 @@ class Trainer:
         if (retry_stats := getattr(scores, "retry_stats", None)) is not None:
             doc = "teacher calls retried (server down, queue full), by target and status code"
             self.metrics.registry.register(RetryStatsCollector(retry_stats, "opd_trainer_teacher_retries", doc))
+        for collector in getattr(scores, "collectors", ()):  # a score source's own metrics (e.g. per teacher)
+            self.metrics.registry.register(collector)
         self.status = TrainerStatus(max_steps=config.max_steps)
         self.tokenizer_dir = config.tokenizer or config.model
         tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
         lm = load_student(config.model, info.device)
         scores.check(tokenizer_fingerprint(tokenizer), int(lm.get_output_embeddings().weight.shape[0]), config.model)
-        self.root = shard_student(StudentLoss(lm, config.loss), config.dist, info.device)
+        self.root = shard_student(StudentLoss(lm, config.loss, config.batch.attention), config.dist, info.device)
         self.optimizer, self.scheduler = build_optimizer(self.root, config.optim, config.max_steps)
         self.runner = StepRunner(
             self.root, self.optimizer, self.scheduler, config, info, scores.top_k, scores.temperature
         )
-        self.prefetch = TeacherPrefetch(scores, config.batch.prefetch_depth)
+        self.prefetch = TeacherPrefetch(
+            scores, config.batch.prefetch_depth, max_bytes=int(config.batch.prefetch_max_mib * 2**20)
+        )
         self.step_no, self.version, self.last_checkpoint_step = 0, 0, 0
         self._used_since_commit: list[str] = []  # sample keys (prompt id / sample index)
         self._feeder_state: dict = {"position": 0}  # kept for the checkpoint when this run feeds no prompts
@@ -171,13 +175,13 @@ class Trainer:
                 groups = self.waiter.result(self.io.submit(self.source.next_groups(n)), self._rollout_wait)
             except StopRequested:
                 groups = None
-        if not broadcast_flag(groups is not None, self.waiter, "rank 0 (rollouts)", self.info.device):
+        if not broadcast_flag(groups is not None, self.waiter, "rank 0 (rollouts, or an eval round)", self.info.device):
             raise StopRequested("stop requested while rank 0 waited for rollouts")
         box = [groups]
         dist.broadcast_object_list(box, src=0)
         if self.feeder is not None:
             self.io.call(self.feeder.on_taken(g[0].prompt_id for g in box[0]))
-        return Batch(box[0], split_across_ranks(box[0], self.info.world_size)[self.info.rank])
+        return Batch(box[0], split_across_ranks(box[0], self.info.world_size)[self.info.rank], weights={})
 
     def _rollout_wait(self) -> str:
         text = self.source.waiting_for(self.config.batch.groups_per_step)

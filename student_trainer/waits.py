@@ -16,6 +16,7 @@ Does not install signal handlers (`student_trainer.__main__` does) or decide wha
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import threading
@@ -29,6 +30,7 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_ATTACHED = 0  # StopSignal.attach_store calls in this process
 Describe = str | Callable[[], str]
 
 
@@ -47,13 +49,18 @@ class StopSignal:
     def __init__(self, check_every_s: float = 0.5) -> None:
         self._local = threading.Event()
         self._store: Any = None
-        self._key = f"opd/stop/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        self._key = ""
         self._published = False
         self._check_every_s, self._next_check = check_every_s, 0.0
         self.requested_at: float | None = None  # time.monotonic() of the first request seen by this rank
 
     def attach_store(self) -> None:
-        """Share requests with the other ranks through the default process group's store (if there is one)."""
+        """Share requests with the other ranks through the default process group's store (if there is one).
+        Every rank attaches once per run, so the n-th attach in a process names the same key on every rank
+        (and a torchrun restart, or a second run in one process, starts with a fresh key)."""
+        global _ATTACHED
+        _ATTACHED += 1
+        self._key = f"opd/stop/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_ATTACHED}"
         try:
             self._store = dist.distributed_c10d._get_default_store()
         except Exception as exc:  # noqa: BLE001 - no store: requests stay local to this rank
@@ -149,10 +156,9 @@ class Ticker:
 
 
 def _result_or_none(future: Future, timeout_s: float) -> tuple[bool, Any]:
-    try:
-        return True, future.result(timeout_s)
-    except TimeoutError:
-        return False, None
+    # not `future.result(timeout_s)`: a TimeoutError it raises could be the work's own (a teacher deadline)
+    done, _ = concurrent.futures.wait([future], timeout_s)
+    return (True, future.result()) if done else (False, None)
 
 
 def _work_done(work: dist.Work, timeout_s: float) -> tuple[bool, None]:

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from tests.fixtures.faults import Pipeline, PipelineProcess, wait_for
-from tests.fixtures.run_audit import Accounts, audit_lines, first_step_after, last_step, record_fault
+from tests.fixtures.run_audit import (
+    Accounts,
+    audit_lines,
+    effective_steps,
+    first_step_after,
+    last_step,
+    record_fault,
+    redis_leftovers,
+)
 
 RUN_TIMEOUT_S = 420  # the rest of a tiny run after a fault; a hang is what fails here, not slowness
 STOP_GRACE_S = 30  # SIGTERM -> exit for the teacher and workers at the end (drain graces are 5-10 s)
@@ -25,10 +33,18 @@ def finish(
     code = trainer.wait(RUN_TIMEOUT_S)
     assert code is not None, f"the trainer hung: still running {RUN_TIMEOUT_S} s after the fault\n{pipeline.tails()}"
     assert code == 0, f"the trainer exited with {code}\n{pipeline.tails()}"
-    accounts = Accounts.read(pipeline.checkpoint_dir, pipeline.prompt_file, pipeline.run.samples)
+    stopped = pipeline.close(STOP_GRACE_S, keep=[pipeline.redis.process])  # Redis stays for the leftovers
+    client = pipeline.redis.client()
+    try:
+        leftovers = redis_leftovers(client, pipeline.namespace)
+    finally:
+        client.close()
+    pipeline.tap.stop()
+    accounts = Accounts.read(
+        pipeline.checkpoint_dir, pipeline.prompt_file, pipeline.run.samples, pipeline.tap.fed, leftovers
+    )
     problems = accounts.problems(pipeline.run.max_steps)
     assert not problems, "\n".join(problems) + "\n" + pipeline.tails()
-    stopped = pipeline.close(STOP_GRACE_S)
     hung = [name for name, (_, by_sigterm) in stopped.items() if not by_sigterm]
     assert not hung, f"{hung} needed SIGKILL {STOP_GRACE_S} s after SIGTERM\n{pipeline.tails()}"
     lines = audit_lines(pipeline.checkpoint_dir)
@@ -36,11 +52,10 @@ def finish(
         recovery_s=next_step_s(pipeline, back_at, fault_at),
         back_s=round(back_at - fault_at, 2),
         steps_during_fault=sum(fault_at < line["time"] <= back_at for line in lines),
-        trained_keys=sum(accounts.trained.values()),
-        lost_keys=len(accounts.lost),
-        lost_reasons=sorted(set(accounts.lost.values())),
         steps_retrained=len(lines) - len(accounts.steps),  # steps a dead run trained but never committed
         stale_dropped=sum(line.get("dropped_stale") or 0 for line in lines),
+        empty_steps=sum(not line["rollouts"] for line in effective_steps(lines)),  # every group dropped as stale
+        **accounts.figures(),
     )
     record_fault(fault, figures)
     return accounts

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from tests.fixtures.faults import AofRedis, Pipeline, TinyRun, wait_for
+from tests.fixtures.run_audit import PromptTap
 
 
 def teacher_ready(address: str) -> bool:
@@ -44,10 +45,18 @@ def shared_teacher(tmp_path_factory, tiny_model_dir, tiny_llama_dir):
 
 
 @pytest.fixture
-def pipeline(tmp_path, tiny_model_dir, tiny_llama_dir):
+def appendfsync() -> str:
+    """The AOF fsync policy of the test's Redis (a test may parametrize it)."""
+    return "always"
+
+
+@pytest.fixture
+def pipeline(tmp_path, tiny_model_dir, tiny_llama_dir, appendfsync):
     """A tiny run's pipeline (student: the tiny Qwen2; teacher model: the tiny Llama) over a private AOF Redis."""
-    redis = AofRedis(tmp_path / "redis", tmp_path / "logs").start()
+    redis = AofRedis(tmp_path / "redis", tmp_path / "logs", appendfsync).start()
     pipe = Pipeline(tmp_path, tiny_model_dir, tiny_llama_dir, redis=redis, run=TinyRun())
     pipe.processes.append(redis.process)  # stopped last
+    pipe.tap = PromptTap(redis.url, pipe.namespace).start()  # every prompt fed, across restarts
     yield pipe
+    pipe.tap.stop()
     pipe.close()

@@ -1,25 +1,27 @@
 """Faults injected into the trainer of a tiny pipeline (real processes on 127.0.0.1, a Redis with AOF).
 
 Each test: a teacher (`opd teacher`, hf), a rollout worker (`opd rollout`,
-hf), the trainer (`opd train`, or two ranks under torchrun) feeding 16
-prompts x 2 samples for 8 steps of 2 groups, checkpointing every 3 steps.
-Mid-run the trainer is killed (-9) or sent SIGTERM; it is started again with
-`--checkpoint-resume`. At the end the run has trained steps 1..8 once each,
-every (prompt id, sample index) fed was trained exactly once across the
-restarts or recorded lost with a reason, every process exited on its own
-(no hang), and the recovery time went to `OPD_FAULT_REPORT`.
+hf), the trainer (`opd train`, or two ranks under torchrun) feeding prompts
+of 2 samples for 6 (or 10) steps of 2 groups, checkpointing every 3 steps
+(the shape is `tests.fixtures.faults.TinyRun`). Mid-run the trainer is killed
+(-9) or sent SIGTERM; it is started again with `--checkpoint-resume`. At the
+end the run has trained every step once, every (prompt id, sample index)
+fed was trained exactly once across the restarts, recorded lost with a
+reason, or is still in flight; every process exited on its own (no hang);
+and the recovery time went to `OPD_FAULT_REPORT`.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
 import pytest
 
 from tests.fault.checks import RUN_TIMEOUT_S, finish, wait_step
-from tests.fixtures.faults import child_pids, env_of, wait_for
+from tests.fixtures.faults import TinyRun, child_pids, env_of, wait_for
 from tests.fixtures.run_audit import committed_steps, last_step
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -28,6 +30,7 @@ GRACE_S = 20.0  # the trainer's --stop-grace-s in these tests
 # SIGTERM -> exit may take stop_grace_s plus what the trainer cannot interrupt: process teardown on a loaded
 # 2-core box. Waiting this long tells "exits within its grace" from "hangs", without timing the trainer.
 EXIT_MARGIN_S = 30.0
+ROLLOUT_WAIT = re.compile(r"waiting for (?!teacher)")  # the trainer's wait log, for anything but teacher scores
 
 
 def _check_final_checkpoint(pipeline, code: int | None, fault_at: float) -> float:
@@ -47,6 +50,9 @@ def _check_final_checkpoint(pipeline, code: int | None, fault_at: float) -> floa
 
 
 def test_trainer_kill9_resumes_without_loss_or_double_training(pipeline, shared_teacher):
+    # Ten steps: after resuming from step 3 the run outlasts the backlog the dead run left (about max_inflight
+    # groups), so a prompt fed a second time would be trained a second time within the run.
+    pipeline.run = TinyRun(max_steps=10)
     pipeline.worker().start()
     trainer = pipeline.trainer(shared_teacher.address).start()
     wait_step(pipeline, trainer, 4)  # checkpoint at 3; step 4 trained, not committed
@@ -71,10 +77,11 @@ def test_trainer_kill9_resumes_without_loss_or_double_training(pipeline, shared_
 
 def test_sigterm_while_starved_exits_within_grace_after_a_final_checkpoint(pipeline, shared_teacher):
     worker = pipeline.worker().start()
-    trainer = pipeline.trainer(shared_teacher.address, stop_grace_s=GRACE_S).start()
+    trainer = pipeline.trainer(shared_teacher.address, stop_grace_s=GRACE_S, wait_log_s=1).start()
     wait_step(pipeline, trainer, 2)
+    log_offset = len(trainer.log())
     worker.signal(signal.SIGSTOP)  # no more rollouts: the trainer drains what it has, then waits for data
-    starved = _wait_starved(pipeline)
+    starved = _wait_starved(pipeline, trainer, log_offset)
     fault_at = time.time()
     trainer.signal(signal.SIGTERM, group=False)
     exit_s = _check_final_checkpoint(pipeline, trainer.wait(GRACE_S + EXIT_MARGIN_S), fault_at)
@@ -113,25 +120,22 @@ def test_sigterm_to_one_of_two_ranks_stops_both_after_one_final_checkpoint(pipel
     )
 
 
-def _wait_starved(pipeline) -> int:
-    """Wait until the trainer has read every rollout there is and trains no more; returns its last step."""
+def _wait_starved(pipeline, trainer, log_offset: int) -> int:
+    """Wait until the trainer has read every rollout there is and says it waits for more; returns its step."""
     client = pipeline.redis.client()
     stream = f"{pipeline.namespace}:rollouts"
-    seen = {"step": -1, "since": time.monotonic()}
 
     def starved() -> bool:
         groups = {g["name"].decode(): g for g in client.xinfo_groups(stream)}
-        step = last_step(pipeline.checkpoint_dir)
-        if step != seen["step"]:
-            seen.update(step=step, since=time.monotonic())
-        # `lag` 0: nothing in the stream the trainer has not read. Three quiet seconds: not mid-step.
-        return groups.get("trainer", {}).get("lag") == 0 and time.monotonic() - seen["since"] > 3
+        # `lag` 0: nothing in the stream the trainer has not read; then its wait log (every --wait-log-s)
+        waiting = ROLLOUT_WAIT.search(trainer.log()[log_offset:])
+        return groups.get("trainer", {}).get("lag") == 0 and waiting is not None
 
     try:
-        wait_for(starved, RUN_TIMEOUT_S, "the trainer to run out of rollouts", poll_s=0.5)
+        wait_for(starved, RUN_TIMEOUT_S, "the trainer to log that it waits for rollouts", poll_s=0.5)
     finally:
         client.close()
-    return seen["step"]
+    return last_step(pipeline.checkpoint_dir)
 
 
 def _rank_pids(torchrun_pid: int) -> dict[int, int]:

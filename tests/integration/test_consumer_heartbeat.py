@@ -34,7 +34,9 @@ _HOLDER = textwrap.dedent("""
         redis, keys = connect(RedisConfig(url=url)), StreamKeys(ns)
         c = StreamConsumer(redis, keys.prompts, PROMPT_GROUP, "holder", decode=PromptRecord.decode,
                            dead_stream=keys.dead, claim_idle_ms=600_000, heartbeat_ttl_ms=ttl_ms)
-        beat = asyncio.create_task(c.heartbeat().run(asyncio.Event()))
+        heartbeat = c.heartbeat()
+        await heartbeat.beat()
+        beat = asyncio.create_task(heartbeat.run(asyncio.Event()))
         held = await c.read(3, block_ms=1000)
         print(",".join(e.value.prompt_id for e in held), flush=True)
         await asyncio.sleep(600)  # alive but slow: holds its prompts, heartbeat running, until killed
@@ -111,7 +113,9 @@ async def test_a_clean_stop_frees_the_held_entries_at_once(redis_url, namespace)
     await _feed(redis, keys, 2)
     leaving = _consumer(redis, keys, "leaving")
     stop = asyncio.Event()
-    beat = asyncio.create_task(leaving.heartbeat().run(stop))
+    heartbeat = leaving.heartbeat()
+    await heartbeat.beat()  # as a worker does before its first read
+    beat = asyncio.create_task(heartbeat.run(stop))
     held = await leaving.read(2)
     assert len(held) == 2
     assert await redis.exists(alive_key(keys.prompts, PROMPT_GROUP, "leaving")) == 1

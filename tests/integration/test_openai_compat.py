@@ -166,3 +166,46 @@ def test_both_refuse_more_logprobs_than_they_serve(field, vllm_url, opd_url, tin
                 model=str(tiny_model_dir), prompt=[1, 2, 3], max_tokens=1, extra_body={field: 65}
             )
         assert "64" in str(err.value)
+
+
+def test_the_trainer_scores_and_trains_against_vllms_own_server(
+    vllm_url, tiny_model_dir, tiny_llama_dir, hf_teacher, redis_url, namespace, tmp_path
+):
+    """An `http(s)://` teacher address: vLLM's server scores as opd's teacher does, and training steps run."""
+    from transformers import AutoTokenizer
+
+    from opd.loop_thread import LoopThread
+    from protos.tokenizer_fingerprint import tokenizer_fingerprint
+    from student_trainer.model import init_distributed
+    from student_trainer.runtime import TrainerRuntime
+    from student_trainer.score_sources.http_teacher import HttpTeacherSource
+    from teacher_server.client import TeacherClientSync
+    from tests.fixtures.rollout import make_rollout
+    from tests.fixtures.trainer_runtime import push_rollouts, trainer_config
+    from tests.integration.test_http_teacher_source import assert_scores_match, http_config
+
+    io = LoopThread("test-vllm-http-io")
+    try:
+        base = trainer_config(tiny_llama_dir, hf_teacher.address, redis_url, namespace, tmp_path, max_steps=2)
+        config = http_config(base, vllm_url.removesuffix("/v1"), tiny_model_dir, top_k=5)
+        records = [make_rollout(i, num_tokens=6 + i, prompt_id=f"v{i}") for i in range(2)]
+        source = HttpTeacherSource(config, config.teacher, io)
+        try:
+            source.check(tokenizer_fingerprint(AutoTokenizer.from_pretrained(tiny_llama_dir)), 384, "student")
+            scores = source.fetch(records).result(120)
+        finally:
+            source.close()
+        with TeacherClientSync(hf_teacher.address) as client:
+            for r in records:
+                grpc = client.score(np.concatenate([r.prompt_ids, r.response_ids]), len(r.prompt_ids), top_k=5)
+                assert_scores_match(scores[r.rollout_id], grpc, eps=TOLERANCE)  # two engines: see the docstring
+        push_rollouts(io, redis_url, namespace, records)
+        runtime = TrainerRuntime(config, init_distributed(config.dist), io)
+        try:
+            runtime.start()
+            losses = [runtime.trainer.step()["loss"] for _ in range(2)]
+        finally:
+            runtime.close()
+        assert all(np.isfinite(losses))
+    finally:
+        io.stop()

@@ -4,6 +4,7 @@ backpressure, connection loss, password URLs and policy announcements."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
@@ -26,7 +27,7 @@ from opd.streams import (
     read_dead,
     undelivered,
 )
-from protos.records import PolicyAnnouncement, RolloutRecord
+from protos.records import ROLLOUT_SCHEMA, PolicyAnnouncement, RolloutRecord
 from tests.fixtures.rollout import make_rollout, redis_on_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -61,7 +62,7 @@ async def test_round_trip_and_bad_entries_go_to_dead_letter(redis_url: str, name
     good = [make_rollout(i) for i in range(4)]
     await producer.send_many([good[0].encode(), good[1].encode(), b"\x93not-a-record", good[2].encode()])
     await redis.xadd(keys.rollouts, {b"other": b"field"})  # an entry without the payload field
-    wrong_schema = good[3].encode().replace(b"\xa6schema\x01", b"\xa6schema\x63")
+    wrong_schema = good[3].encode().replace(b"\xa6schema" + bytes([ROLLOUT_SCHEMA]), b"\xa6schema\x63")
     await producer.send(wrong_schema)
     consumer = _consumer(redis, keys, "c1")
     entries = await _drain(consumer)
@@ -180,6 +181,21 @@ async def test_consumer_acks_the_entries_it_holds_by_key(redis_url: str, namespa
     assert await consumer.ack_keys(["p/0"]) == 0  # no longer held: nothing to ack
     consumer.release([entries[1].entry_id])
     assert consumer.held_entry_ids(["p/1"]) == [] and "p/1" not in consumer.seen
+    await redis.aclose()
+
+
+async def test_rollouts_dedupe_by_prompt_and_sample_whatever_the_rollout_id(redis_url: str, namespace: str) -> None:
+    redis, keys = connect(RedisConfig(url=redis_url)), StreamKeys(namespace)
+    copy = dataclasses.replace(make_rollout(0), rollout_id="p@2-0/0")  # p sample 0 again, from another prompt entry
+    no_index = dataclasses.replace(make_rollout(5), rollout_id="p-five", meta={})
+    payloads = [make_rollout(0).encode(), copy.encode(), make_rollout(1).encode(), no_index.encode()]
+    await StreamProducer(redis, keys.rollouts, ROLLOUT_GROUP).send_many(payloads)
+    consumer = rollout_consumer(redis, namespace, "trainer-0")
+    entries = await _drain(consumer)
+    assert [(e.value.rollout_id, e.key) for e in entries] == [("p/0", "p/0"), ("p/1", "p/1")]  # the first copy kept
+    assert consumer.stats.duplicates_skipped == 1
+    [dead] = await read_dead(redis, keys)
+    assert b"no sample index" in dead["reason"]
     await redis.aclose()
 
 

@@ -135,3 +135,17 @@ def test_hf_scores_exactly_its_advertised_max_model_len(hf_teacher, tiny_model_d
 @pytest.mark.slow
 def test_vllm_scores_exactly_its_advertised_max_model_len(vllm_teacher, tiny_model_dir):
     _scores_exactly_max_model_len(vllm_teacher, tiny_model_dir)
+
+
+@pytest.mark.slow
+def test_vllm_engine_is_started_one_token_longer_than_asked_when_the_model_allows(tiny_model_dir):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from teacher_server.engine_vllm import _engine_max_model_len
+
+    # the tiny model has 512 positions: asking 256 starts the engine at 257 (Info then says 256); asking
+    # the model's own limit starts it there (Info says 511); None lets vLLM take the model's limit
+    for asked, engine in ((256, 257), (511, 512), (512, 512), (None, None)):
+        args = AsyncEngineArgs(model=str(tiny_model_dir), max_model_len=asked, dtype="float32")
+        assert _engine_max_model_len(args, asked) == engine
+        assert args.max_model_len == asked  # the probe does not change the caller's arguments

@@ -152,18 +152,19 @@ def test_the_port_is_off_unless_configured_and_serves_tls_like_grpc(tiny_model_d
 
 @pytest.mark.slow
 def test_temperature_is_refused_on_the_vllm_backend(vllm_teacher):
+    from teacher_server.config import OpenAIPortConfig
     from teacher_server.openai_api import OpenAIPort
 
-    config = vllm_teacher.server.config.model_copy(update={"openai": {"host": "127.0.0.1", "port": 0}})
+    config = vllm_teacher.server.config.model_copy(update={"openai": OpenAIPortConfig(host="127.0.0.1", port=0)})
     port = OpenAIPort(config, vllm_teacher.server._servicer)
     vllm_teacher.call(port.start())
     try:
         client = _client(f"http://127.0.0.1:{port.port}/v1")
         with pytest.raises(openai.BadRequestError) as err:
             client.completions.create(
-                model=None, prompt=IDS, max_tokens=0, temperature=0.7, extra_body={"prompt_logprobs": 2}
+                model=None, prompt=IDS, max_tokens=0, temperature=0.5, extra_body={"prompt_logprobs": 2}
             )
-        assert "temperature=0.7" in str(err.value) and "backend hf" in str(err.value)
+        assert "temperature=0.5" in str(err.value) and "backend hf" in str(err.value)
         ok = client.completions.create(model=None, prompt=IDS, max_tokens=0, extra_body={"prompt_logprobs": 2})
         assert len(ok.choices[0].model_extra["prompt_logprobs"]) == len(IDS)
     finally:

@@ -106,7 +106,11 @@ def test_a_restarted_feeder_counts_the_prompts_already_in_redis_as_in_flight(
 ):
     prompts = pipeline.write_prompts(tmp_path / "train.jsonl", 6, "What is {i} + {i}?")
     config = trainer_config(
-        tiny_model_dir, hf_teacher.address, redis_url, namespace, tmp_path,
+        tiny_model_dir,
+        hf_teacher.address,
+        redis_url,
+        namespace,
+        tmp_path,
         data={"prompts": str(prompts), "max_inflight_groups": 2, "source": {"n_samples": 1}},
     )
     first = make_runtime(config)
@@ -131,7 +135,11 @@ def test_a_dead_lettered_prompt_is_fed_again_then_recorded_as_lost(
 ):
     prompts = pipeline.write_prompts(tmp_path / "train.jsonl", 2, "What is {i} + {i}?")
     config = trainer_config(
-        tiny_model_dir, hf_teacher.address, redis_url, namespace, tmp_path,
+        tiny_model_dir,
+        hf_teacher.address,
+        redis_url,
+        namespace,
+        tmp_path,
         data={"prompts": str(prompts), "max_inflight_groups": 2, "source": {"n_samples": 1}},
     )
 
@@ -160,7 +168,11 @@ def test_a_prompt_without_a_group_in_group_timeout_s_is_fed_again_then_lost(
 ):
     prompts = pipeline.write_prompts(tmp_path / "train.jsonl", 1, "What is {i} + {i}?")
     config = trainer_config(
-        tiny_model_dir, hf_teacher.address, redis_url, namespace, tmp_path,
+        tiny_model_dir,
+        hf_teacher.address,
+        redis_url,
+        namespace,
+        tmp_path,
         data={"prompts": str(prompts), "source": {"n_samples": 1}, "max_refeeds": 1, "group_timeout_s": 1.0},
     )
     worker = ScriptedWorker(redis_url, namespace, lambda record, entry_id, copy: None)  # takes it, never answers
@@ -182,7 +194,11 @@ def test_a_late_group_of_a_re_fed_prompt_completes_it_once(
     """The first copy hangs past group_timeout_s; both copies answer in the end: one group is trained."""
     prompts = pipeline.write_prompts(tmp_path / "train.jsonl", 1, "What is {i} + {i}?")
     config = trainer_config(
-        tiny_model_dir, hf_teacher.address, redis_url, namespace, tmp_path,
+        tiny_model_dir,
+        hf_teacher.address,
+        redis_url,
+        namespace,
+        tmp_path,
         data={"prompts": str(prompts), "source": {"n_samples": 2}, "group_timeout_s": 2.0},
     )
     held: list = []
@@ -217,8 +233,11 @@ def test_a_starved_trainer_says_what_it_waits_for_and_stops_when_asked(
     runtime.start()
     caplog.set_level(logging.INFO)
     step = Background(runtime.trainer.step)  # no rollout will come
-    wait_until(lambda: any("waiting" in r.getMessage() and "rollouts" in r.getMessage() for r in caplog.records),
-               30, "a log line about the wait for rollouts")
+    wait_until(
+        lambda: any("waiting" in r.getMessage() and "rollouts" in r.getMessage() for r in caplog.records),
+        30,
+        "a log line about the wait for rollouts",
+    )
     runtime.stop.request()
     assert step.result(30) is None  # interrupted: nothing trained
     assert runtime.trainer.step_no == 0
@@ -235,12 +254,15 @@ def test_a_stop_request_interrupts_the_wait_for_teacher_scores(
     push_rollouts(io, redis_url, namespace, [rollout("g0", "1-0")])
     caplog.set_level(logging.INFO)
     step = Background(runtime.trainer.step)
-    wait_until(lambda: len([r for r in caplog.records if "teacher" in r.getMessage() and "waiting" in r.getMessage()])
-               >= 3, 30, "three of them")
+    wait_until(
+        lambda: len([r for r in caplog.records if "teacher" in r.getMessage() and "waiting" in r.getMessage()]) >= 3,
+        30,
+        "three of them",
+    )
     runtime.stop.request()
     assert step.result(30) is None and runtime.trainer.step_no == 0
     lines = [r for r in caplog.records if "waiting" in r.getMessage() and "teacher" in r.getMessage()]
-    gaps = [b.created - a.created for a, b in zip(lines, lines[1:])]
+    gaps = [b.created - a.created for a, b in zip(lines, lines[1:], strict=False)]
     assert all(gap >= 0.2 for gap in gaps), gaps  # at most one line per wait_log_s
     assert pending_rollouts(io, redis_url, namespace) == 1  # not trained, not acknowledged: redelivered next time
 
@@ -252,7 +274,11 @@ def test_a_batch_that_went_stale_in_the_prefetch_queue_is_dropped_when_trained(
     tiny_model_dir, hf_teacher, redis_url, namespace, tmp_path, io, make_runtime
 ):
     config = trainer_config(
-        tiny_model_dir, hf_teacher.address, redis_url, namespace, tmp_path,
+        tiny_model_dir,
+        hf_teacher.address,
+        redis_url,
+        namespace,
+        tmp_path,
         batch={"prefetch_depth": 1, "max_staleness": 0},
     )
     push_rollouts(io, redis_url, namespace, [rollout(f"g{i}", f"{i + 1}-0", version=0) for i in range(3)])
@@ -291,8 +317,13 @@ def test_an_eval_round_keeps_only_samples_of_the_version_it_names(
 ):
     held_out = pipeline.write_prompts(tmp_path / "eval.jsonl", 2, "Compute {i} * 3.")
     config = trainer_config(
-        tiny_model_dir, hf_teacher.address, redis_url, namespace, tmp_path,
-        data={"eval_prompts": str(held_out), "source": {"n_samples": 2}}, eval={"every_steps": 5},
+        tiny_model_dir,
+        hf_teacher.address,
+        redis_url,
+        namespace,
+        tmp_path,
+        data={"eval_prompts": str(held_out), "source": {"n_samples": 2}},
+        eval={"every_steps": 5},
     )
 
     copies: collections.Counter[str] = collections.Counter()

@@ -2,9 +2,9 @@
 
 Real processes on 127.0.0.1: a private Redis, a teacher server, the trainer as `opd train` (one process) or under
 torchrun (two gloo ranks). Rollouts for two steps are pushed first; then the trainer is starved (no worker), so
-the signal finds it waiting for data (a few seconds after its last step), the wait that used to ignore it. Each test asserts the process exits (under
-a deadline: a hang fails the test), with code 0, having committed a final checkpoint of the steps it trained, on
-every rank, and acknowledged their rollouts.
+the signal finds it waiting for data (a few seconds after its last step), the wait that used to ignore it. Each
+test asserts the process exits (under a deadline: a hang fails the test), with code 0, having committed a final
+checkpoint of the steps it trained, on every rank, and acknowledged their rollouts.
 """
 
 from __future__ import annotations
@@ -38,9 +38,16 @@ def io():
 
 def _args(model: Path, teacher: str, redis_url: str, namespace: str, run: Path, groups_per_step: int) -> list[str]:
     return pipeline.train_args(
-        model, teacher, redis_url, namespace, run,
-        batch_groups_per_step=groups_per_step, batch_read_block_ms=200, batch_prefetch_depth=0,
-        checkpoint_every_steps=5, max_steps=10,
+        model,
+        teacher,
+        redis_url,
+        namespace,
+        run,
+        batch_groups_per_step=groups_per_step,
+        batch_read_block_ms=200,
+        batch_prefetch_depth=0,
+        checkpoint_every_steps=5,
+        max_steps=10,
     )
 
 
@@ -92,7 +99,10 @@ def test_sigterm_stops_a_starved_trainer_with_a_final_checkpoint(
     push_rollouts(io, redis_url, namespace, [rollout(f"g{i}", f"{i + 1}-0") for i in range(2)])
     proc = subprocess.Popen(
         _args(tiny_model_dir, hf_teacher.address, redis_url, namespace, tmp_path, groups_per_step=1),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
         output = _starved(proc)
@@ -114,15 +124,19 @@ def test_sigterm_to_one_rank_stops_every_rank_with_one_final_checkpoint(
     torchrun = Path(sys.executable).with_name("torchrun")
     proc = subprocess.Popen(
         [str(torchrun), "--nproc-per-node", "2", "-m", "student_trainer", *args[args.index("train") + 1 :]],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
     )
     try:
         output = _starved(proc)
         ranks = wait_until(
-            lambda: (found := {int(c.environ().get("RANK", -1)): c for c in psutil.Process(proc.pid).children()})
-            and {0, 1} <= found.keys()
-            and found,
+            lambda: (
+                (found := {int(c.environ().get("RANK", -1)): c for c in psutil.Process(proc.pid).children()})
+                and {0, 1} <= found.keys()
+                and found
+            ),
             30,
             "both ranks",
         )

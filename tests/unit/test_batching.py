@@ -1,4 +1,5 @@
-"""Packing rollouts: whole groups, token budgets, disjoint rank shares, and rows that predict response tokens."""
+"""Packing rollouts: groups whole when they fit and split by sequence when not, token budgets, disjoint rank
+shares, rows that predict response tokens, and the reference mask."""
 
 from __future__ import annotations
 
@@ -7,7 +8,17 @@ import pytest
 import torch
 
 from protos.records import RolloutRecord
-from student_trainer.batching import build_micro_batch, group_tokens, pack_groups, split_across_ranks
+from student_trainer.batching import (
+    SequenceTooLong,
+    build_micro_batch,
+    check_lengths,
+    dense_mask,
+    filler_record,
+    group_tokens,
+    pack_groups,
+    sequence_tokens,
+    split_across_ranks,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -46,9 +57,15 @@ def test_pack_groups_keeps_groups_whole_and_under_the_budget():
     assert len(bins) == 3  # 40+10, 30+20, 8
 
 
-def test_a_group_over_the_budget_gets_a_micro_batch_of_its_own():
-    bins = pack_groups(groups_of_sizes(100, 10), max_tokens=50)
-    assert [len(b) for b in bins] == [1, 1]
+def test_a_group_over_the_budget_is_split_by_sequence_and_a_long_sequence_gets_a_bin_of_its_own():
+    big = [record(f"b{i}", "big", [1] * 10, [2] * (5 + 10 * i)) for i in range(4)]  # 15, 25, 35, 45 tokens
+    small = groups_of_sizes(10)
+    bins = pack_groups([big, *small], max_tokens=40)
+    assert all(sum(group_tokens(g) for g in b) <= 40 or len(b) == 1 and len(b[0]) == 1 for b in bins)
+    assert [sequence_tokens(b[0][0]) for b in bins if sequence_tokens(b[0][0]) > 40] == [45]
+    packed = sorted(r.rollout_id for b in bins for g in b for r in g)
+    assert packed == sorted(r.rollout_id for g in [big, *small] for r in g)  # each sequence exactly once
+    assert any(g is small[0] for b in bins for g in b)  # a group that fits stays whole (the same list)
 
 
 def test_ranks_get_disjoint_balanced_shares():
@@ -58,12 +75,35 @@ def test_ranks_get_disjoint_balanced_shares():
     assert not set(ids[0]) & set(ids[1]) and len(ids[0]) + len(ids[1]) == 6
     loads = [sum(group_tokens(g) for g in share) for share in shares]
     assert abs(loads[0] - loads[1]) <= 10
+    assert all(any(g is h for h in groups) for share in shares for g in share)  # whole groups: same objects
+
+
+def test_a_group_larger_than_a_fair_share_is_split_across_ranks():
+    big = [record(f"b{i}", "big", [1] * 9, [2]) for i in range(8)]  # 8 x 10 tokens, one group
+    shares = split_across_ranks([big, *groups_of_sizes(20)], 2)
+    ids = [sorted(r.rollout_id for g in share for r in g) for share in shares]
+    assert not set(ids[0]) & set(ids[1]) and len(ids[0]) + len(ids[1]) == 10
+    loads = [sum(group_tokens(g) for g in share) for share in shares]
+    assert loads == [50, 50]
+    assert all(len({r.group_id for r in g}) == 1 for share in shares for g in share)  # parts stay per group
+
+
+def test_sequence_longer_than_the_context_is_refused_naming_it():
+    check_lengths([[record("ok", "g", [1] * 4, [2] * 4)]], 8)
+    with pytest.raises(SequenceTooLong, match=r"rollout 'long' has 9 tokens .* context of 8"):
+        check_lengths([[record("long", "g", [1] * 4, [2] * 5)]], 8)
+
+
+def test_filler_is_two_tokens_with_no_loss_weight():
+    f = filler_record(record("a", "g", [5, 6, 7], [8, 9]))
+    mb = build_micro_batch([[f]], {})
+    assert mb.input_ids_1T.tolist() == [[5, 8]] and mb.num_valid_tokens == 0
 
 
 def test_micro_batch_rows_predict_response_tokens_and_sequences_do_not_see_each_other():
     a = record("a", "g", [5, 6, 7], [8, 9], mask=[1, 0])
     b = record("b", "g", [10], [11, 12, 13], version=3)
-    mb = build_micro_batch([[a, b]], {"b": 0.5})
+    mb = build_micro_batch([[a, b]], {"b": 0.5}, block_mask=True)
     assert mb.input_ids_1T.tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13]]
     assert mb.position_ids_1T.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3]]
     assert mb.rows_N.tolist() == [2, 3, 5, 6, 7]  # hidden state p-1 predicts token p
@@ -73,5 +113,7 @@ def test_micro_batch_rows_predict_response_tokens_and_sequences_do_not_see_each_
     mask = mb.attention_mask_11TT[0, 0]
     assert mask[6, 5] and mask[6, 6] and not mask[6, 4]  # b attends to itself, never to a
     assert not mask[2, 3] and mask[3, 0]  # causal inside a
-    assert mb.num_valid_tokens == 4
+    assert mb.num_valid_tokens == 4 and mb.cu_tokens == (0, 5, 9)
+    assert build_micro_batch([[a, b]], {}).attention_mask_11TT is None  # packed attention: no [T, T] mask
+    assert torch.equal(dense_mask(mb.cu_tokens), mb.attention_mask_11TT)
     assert torch.equal(mb.inputs.behaviour_logprobs, torch.tensor([0.0, -0.1, 0.0, -0.1, -0.2]))

@@ -23,8 +23,14 @@ def _convert(name: str, tmp_path: Path, suffix: str = ".jsonl", **options) -> tu
 def test_math500_rows(tmp_path: Path) -> None:
     rows, stats = _convert("math500_sample.jsonl", tmp_path)
     assert stats == {"read": 3, "written": 3, "duplicates": 0}
-    assert rows[2] == {"id": "math500:test/algebra/3003.json", "prompt": "Simplify $\\sqrt{8}$.",
-                       "answer": "2\\sqrt{2}", "subject": "Algebra", "level": 3, "split": "eval"}
+    assert rows[2] == {
+        "id": "math500:test/algebra/3003.json",
+        "prompt": "Simplify $\\sqrt{8}$.",
+        "answer": "2\\sqrt{2}",
+        "subject": "Algebra",
+        "level": 3,
+        "split": "eval",
+    }
     assert all("solution" not in r for r in rows)
 
 
@@ -54,7 +60,8 @@ def test_dapo_from_parquet_with_nested_columns_equals_the_jsonl_conversion(tmp_p
     import pyarrow.parquet as pq
 
     source = list(read_rows(DATA / "dapo_sample.jsonl"))
-    pq.write_table(pa.Table.from_pylist(source), tmp_path / "dapo.parquet")  # prompt: list<struct>, reward_model: struct
+    # nested Parquet types, as published: prompt list<struct<content, role>>, reward_model struct
+    pq.write_table(pa.Table.from_pylist(source), tmp_path / "dapo.parquet")
     from_parquet = list(convert_rows(read_rows(tmp_path / "dapo.parquet"), "auto"))
     assert from_parquet == list(convert_rows(source, "dapo"))
 
@@ -64,14 +71,22 @@ def test_parquet_output_reads_back(tmp_path: Path) -> None:
     assert [r["answer"] for r in rows] == ["1", "2", "2\\sqrt{2}"]
 
 
-@pytest.mark.parametrize(("name", "layout"), [("math500_sample.jsonl", "math500"), ("aime2024_sample.jsonl", "aime2024"),
-                                              ("aime2025_sample.jsonl", "aime2025"), ("dapo_sample.jsonl", "dapo")])
+@pytest.mark.parametrize(
+    ("name", "layout"),
+    [
+        ("math500_sample.jsonl", "math500"),
+        ("aime2024_sample.jsonl", "aime2024"),
+        ("aime2025_sample.jsonl", "aime2025"),
+        ("dapo_sample.jsonl", "dapo"),
+    ],
+)
 def test_auto_detects_each_layout(name: str, layout: str) -> None:
     assert detect_format(next(read_rows(DATA / name))) == layout
 
 
-@pytest.mark.parametrize("name", ["math500_sample.jsonl", "aime2024_sample.jsonl", "aime2025_sample.jsonl",
-                                  "dapo_sample.jsonl"])
+@pytest.mark.parametrize(
+    "name", ["math500_sample.jsonl", "aime2024_sample.jsonl", "aime2025_sample.jsonl", "dapo_sample.jsonl"]
+)
 def test_converted_files_load_as_opd_prompts(name: str, tmp_path: Path) -> None:
     out = tmp_path / "p.jsonl"
     convert_file(ConvertConfig(input=str(DATA / name), output=str(out)))
@@ -96,8 +111,10 @@ def test_cli_converts_and_reports_bad_input(tmp_path: Path, capsys) -> None:
     out = tmp_path / "o.jsonl"
     assert main(["--input", str(DATA / "dapo_sample.jsonl"), "--output", str(out)]) == 0
     assert "2 prompts from 3 rows (1 repeated ids skipped)" in capsys.readouterr().out
-    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["dapo:9a3c0e1e-0001",
-                                                                                   "dapo:9a3c0e1e-0002"]
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [
+        "dapo:9a3c0e1e-0001",
+        "dapo:9a3c0e1e-0002",
+    ]
     assert main(["--input", str(tmp_path / "missing.jsonl"), "--output", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"

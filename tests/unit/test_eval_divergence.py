@@ -7,8 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from opd_apps.eval_divergence import (StudentTokenStats, TokenMeans, divergences, teacher_diagnostics,
-                                      top1_agreement)
+from opd_apps.eval_divergence import StudentTokenStats, TokenMeans, divergences, teacher_diagnostics, top1_agreement
 from teacher_server.client import TeacherScores
 
 pytestmark = pytest.mark.timeout(120)
@@ -51,8 +50,9 @@ def test_divergences_match_a_written_out_reference() -> None:
     out = divergences(_student(p, ids, sampled), _teacher(q, ids, sampled))
     for r in range(5):
         # both sides in float64: only rounding of a handful of terms separates them
-        assert out["forward_kl_topk_tail"][r] == pytest.approx(_reference_bucket_kl(q[r], p[r], list(ids[r])),
-                                                               rel=1e-10, abs=1e-12)
+        assert out["forward_kl_topk_tail"][r] == pytest.approx(
+            _reference_bucket_kl(q[r], p[r], list(ids[r])), rel=1e-10, abs=1e-12
+        )
         assert out["reverse_kl_sampled"][r] == pytest.approx(math.log(p[r, sampled[r]] / q[r, sampled[r]]), abs=1e-12)
         # merging outcomes never raises a KL (data processing): the bucket KL is at most the full one
         assert out["forward_kl_topk_tail"][r] <= float((q[r] * np.log(q[r] / p[r])).sum()) + 1e-12
@@ -91,8 +91,10 @@ def test_an_empty_teacher_tail_keeps_every_value_finite() -> None:
     q, p = _dist(rng, 3, 4), _dist(rng, 3, 4)
     ids = np.tile(np.arange(4), (3, 1))  # top-k covers the vocabulary: tail log-mass -inf on both sides
     sampled = np.array([0, 1, 2])
-    out = {**divergences(_student(p, ids, sampled), _teacher(q, ids, sampled)),
-           **teacher_diagnostics(sampled, _teacher(q, ids, sampled))}
+    out = {
+        **divergences(_student(p, ids, sampled), _teacher(q, ids, sampled)),
+        **teacher_diagnostics(sampled, _teacher(q, ids, sampled)),
+    }
     assert all(np.isfinite(v.astype(float)).all() for v in out.values())
     np.testing.assert_allclose(out["forward_kl_topk_tail"], (q * np.log(q / p)).sum(1), rtol=1e-10)
 
@@ -100,8 +102,10 @@ def test_an_empty_teacher_tail_keeps_every_value_finite() -> None:
 def test_k_zero_gives_only_the_sampled_token_metrics() -> None:
     q = np.array([[0.5, 0.25, 0.25]])
     empty = np.zeros((1, 0), np.int64)
-    out = {**divergences(_student(q, empty, np.array([1])), _teacher(q, empty, np.array([1]))),
-           **teacher_diagnostics(np.array([1]), _teacher(q, empty, np.array([1])))}
+    out = {
+        **divergences(_student(q, empty, np.array([1])), _teacher(q, empty, np.array([1]))),
+        **teacher_diagnostics(np.array([1]), _teacher(q, empty, np.array([1]))),
+    }
     assert set(out) == {"reverse_kl_sampled", "teacher_p_sampled"}
     assert out["teacher_p_sampled"][0] == pytest.approx(0.25)
     with pytest.raises(ValueError, match="k >= 1"):

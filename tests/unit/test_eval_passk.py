@@ -10,8 +10,7 @@ import pytest
 
 from opd.config import ConfigError, load_config
 from opd_apps.eval_config import EvalConfig, normalize_argv
-from opd_apps.passk import (Z_95, default_ks, distinct_n, diversity, mean_pass_at_k, pass_at_k,
-                            wilson_interval)
+from opd_apps.passk import Z_95, default_ks, distinct_n, diversity, mean_pass_at_k, pass_at_k, wilson_interval
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,8 +29,9 @@ def test_pass_at_k_equals_enumerating_every_subset(n: int) -> None:
             assert pass_at_k(n, c, k) == pytest.approx(float(brute_force_pass_at_k(n, c, k)), rel=1e-14, abs=1e-15)
 
 
-@pytest.mark.parametrize(("n", "c", "k"), [(200, 1, 1), (500, 37, 50), (1000, 3, 100), (2000, 1900, 64),
-                                           (10_000, 5, 1000)])
+@pytest.mark.parametrize(
+    ("n", "c", "k"), [(200, 1, 1), (500, 37, 50), (1000, 3, 100), (2000, 1900, 64), (10_000, 5, 1000)]
+)
 def test_pass_at_k_is_stable_for_large_n(n: int, c: int, k: int) -> None:
     exact = 1 - Fraction(math.comb(n - c, k), math.comb(n, k))  # exact big-integer binomials
     # c factors in [0, 1), each rounded once: relative error of the product <= c * 2^-53
@@ -120,7 +120,13 @@ def test_eval_flags_short_teacher_and_k_checks() -> None:
     assert config.teacher.addresses == ["h:1"] and config.pass_ks() == [1, 2, 4, 8]
     assert normalize_argv(["--teacher=h:2"]) == ["--teacher-addresses=h:2"]
     with pytest.raises(ConfigError, match="--sampling-n"):
-        load_config(EvalConfig, ["--model", "m", "--prompts", "p", "--ks", "1", "5"], prog="opd eval",
-                    description="", env_prefix="OPD_EVAL__", environ={})
+        load_config(
+            EvalConfig,
+            ["--model", "m", "--prompts", "p", "--ks", "1", "5"],
+            prog="opd eval",
+            description="",
+            env_prefix="OPD_EVAL__",
+            environ={},
+        )
     with pytest.raises(ValueError, match="max_model_len"):
         EvalConfig(model="m", prompts="p", sampling={"max_tokens": 64}, engine={"max_model_len": 64})

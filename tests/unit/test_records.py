@@ -39,7 +39,7 @@ def test_rollout_arrays_travel_as_raw_little_endian_bytes() -> None:
     fields = _fields(make_rollout(0, num_tokens=4).encode())
     assert isinstance(fields["response_ids"], bytes) and len(fields["response_ids"]) == 16
     assert len(fields["response_mask"]) == 4 and len(fields["behaviour_logprobs"]) == 16
-    assert fields["schema"] == 1
+    assert fields["schema"] == 2
 
 
 def test_prompt_round_trip_messages_and_ids() -> None:
@@ -58,7 +58,9 @@ def test_policy_round_trip() -> None:
 
 
 @pytest.mark.parametrize(("mutate", "needle"), [
-    (lambda f: f.update(schema=2), "rollout record.schema"),
+    (lambda f: f.update(schema=3), "rollout record.schema"),
+    (lambda f: f.update(teacher="no spaces"), "rollout record.teacher"),
+    (lambda f: f.update(teacher=3), "teacher: expected str"),
     (lambda f: f.pop("rollout_id"), "missing field(s) rollout_id"),
     (lambda f: f.update(policy_version="3"), "rollout record.policy_version: expected int"),
     (lambda f: f.update(policy_version=True), "policy_version: expected int"),
@@ -112,3 +114,20 @@ def test_records_import_without_torch() -> None:
     code = ("import sys, protos.records, opd.streams, opd.stream_consumer, opd.policy, opd.prompts; "
             "assert 'torch' not in sys.modules, 'torch'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_teacher_domain_travels_and_schema_1_records_still_decode() -> None:
+    prompt = PromptRecord("p", messages=[{"role": "user", "content": "2+2?"}], teacher="math")
+    assert PromptRecord.decode(prompt.encode()).teacher == "math"
+    rollout = make_rollout(1)
+    rollout.teacher = "code"
+    assert RolloutRecord.decode(rollout.encode()).teacher == "code"
+    old = _fields(make_rollout(2).encode())  # as an opd of schema 1 wrote it: no teacher field
+    old.pop("teacher")
+    old["schema"] = 1
+    decoded = RolloutRecord.decode(_pack(old))
+    assert decoded.teacher is None and decoded.rollout_id == "p/2"
+    old_prompt = {"schema": 1, "prompt_id": "p", "group_size": 1, "split": "train", "prompt_ids": b"\x01\x00\x00\x00"}
+    assert PromptRecord.decode(_pack(old_prompt)).teacher is None
+    with pytest.raises(RecordError, match="unknown field"):  # schema 1 has no teacher field
+        RolloutRecord.decode(_pack({**old, "teacher": "math"}))

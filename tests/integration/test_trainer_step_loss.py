@@ -1,0 +1,76 @@
+"""The step loss L = sum_i s_i r_i l_i / D holds however a step is cut (issue 15) and stale weights scale it
+(issue 12, defect 7).
+
+All runs are float64 (unit roundoff u = 2^-53 ~ 1.1e-16). The runs compared
+add the same per-token terms in other orders (other micro-batch shapes, other
+ranks, FSDP's reduce-scatter); reordering a sum of n terms moves it by at most
+~n u sum|t| (Higham, Accuracy and Stability, sec. 4.2). With n < 500 token
+positions per gradient element that is < 1e-12 of the gradient's scale, so
+`rtol=1e-9` (of each tensor's largest entry) has three orders of margin, while
+a group-level weight computed over part of a group, a token counted twice or a
+denominator off by one micro-batch moves gradients by >= 1e-3 of their scale.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.fixtures.split_step import step_gradients
+
+pytestmark = pytest.mark.timeout(300)
+
+UNSPLIT, SPLIT = 100_000, 60  # token budgets: the big group (~8 x 25 tokens) fits / is cut by sequence
+
+
+def assert_same_step(got: tuple[dict, dict], want: tuple[dict, dict], scale_factor: float = 1.0) -> None:
+    (stats, grads), (want_stats, want_grads) = got, want
+    assert stats["loss"] == pytest.approx(scale_factor * want_stats["loss"], rel=1e-9, abs=1e-12)
+    assert stats["tokens"] == want_stats["tokens"]
+    assert grads.keys() == want_grads.keys()
+    for name, grad in grads.items():
+        scale = want_grads[name].abs().max().item() * scale_factor
+        torch.testing.assert_close(grad, scale_factor * want_grads[name], rtol=0, atol=1e-9 * scale + 1e-15, msg=name)
+    assert any(g.abs().max() > 0 for g in grads.values())
+
+
+@pytest.mark.parametrize("normalization", ["token_mean", "sequence_mean", "sum"])
+def test_a_group_split_across_micro_batches_gives_the_unsplit_step(tiny_model_dir, normalization):
+    stats, grads, micro_split = step_gradients(str(tiny_model_dir), SPLIT, normalization)
+    want_stats, want_grads, micro_whole = step_gradients(str(tiny_model_dir), UNSPLIT, normalization)
+    assert micro_whole == 1 and micro_split >= 4  # the big group really was cut
+    assert_same_step((stats, grads), (want_stats, want_grads))
+
+
+@pytest.mark.parametrize("normalization", ["token_mean", "sequence_mean", "sum"])
+def test_a_step_of_stale_groups_at_weight_w_is_w_times_the_fresh_step(tiny_model_dir, normalization):
+    """Defect 7 of issue 12: the stale factor must not cancel in any normalisation."""
+    w = 0.25
+    stale = step_gradients(str(tiny_model_dir), SPLIT, normalization, stale_weight=w)
+    fresh = step_gradients(str(tiny_model_dir), SPLIT, normalization)
+    assert_same_step(stale[:2], fresh[:2], scale_factor=w)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("normalization", ["token_mean", "sequence_mean"])
+def test_a_group_split_across_two_ranks_gives_the_unsplit_one_rank_step(tiny_model_dir, tmp_path, normalization):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = tmp_path / "two.pt"
+    result = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "2", "-m", "tests.fixtures.split_step",
+         str(tiny_model_dir), str(out), str(SPLIT), normalization],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = torch.load(out, weights_only=False)
+    assert min(two["micro_batches"]) >= 2  # both ranks got parts of the cut group
+    want_stats, want_grads, _ = step_gradients(str(tiny_model_dir), UNSPLIT, normalization)
+    assert_same_step((two["stats"], two["grads"]), (want_stats, want_grads))
