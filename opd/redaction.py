@@ -65,8 +65,10 @@ def _redact_into(model: BaseModel, dumped: dict[str, Any]) -> dict[str, Any]:
         kind = secret_kind(field.json_schema_extra)
         if isinstance(value, BaseModel) and isinstance(dumped[name], dict):
             dumped[name] = _redact_into(value, dumped[name])
-        elif isinstance(value, dict) and isinstance(dumped[name], dict) and any(
-            isinstance(v, BaseModel) for v in value.values()
+        elif (
+            isinstance(value, dict)
+            and isinstance(dumped[name], dict)
+            and any(isinstance(v, BaseModel) for v in value.values())
         ):  # a mapping of sub-configs (e.g. the trainer's `teachers`): each one redacted as a model
             dumped[name] = {
                 k: _redact_into(v, dumped[name][k]) if isinstance(v, BaseModel) else _scrub(dumped[name][k])

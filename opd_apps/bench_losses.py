@@ -1,6 +1,6 @@
 """`opd bench losses`: peak extra memory and time of one forward+backward.
 
-Owns the losses benchmark of issue 4. For each divergence (reverse KL, JSD)
+Owns the losses benchmark of issues 4 and 15. For each divergence (reverse KL, JSD)
 and size (N tokens, vocabulary V, hidden H) it measures, each in its own
 subprocess under a memory cap (an allocation past the cap is reported as
 `out of memory` instead of taking the benchmark or the machine down):
@@ -9,13 +9,20 @@ subprocess under a memory cap (an allocation past the cap is reported as
   (b) seed:       full [N, V] logits, log_softmax + divergence over row chunks
                   (512 rows; 256 for JSD) summed, one backward at the end;
   fused:          `compute_distillation_loss`, full teacher log-probs (same input as a, b);
+                  its block math compiled on CUDA (`loss.compile=auto`);
+  fused_eager:    the same with the eager PyTorch block math (`loss.compile=off`; on CPU
+                  `fused` is already eager, so only CUDA runs it by default);
   fused_topk:     `compute_distillation_loss`, teacher top-k + tail (what the service sends).
 
 Peak extra memory is the growth of peak RSS during the step on CPU (VmHWM,
 reset through /proc/self/clear_refs) or `torch.cuda.max_memory_allocated`
 growth on CUDA; it includes the weight gradient every method produces.
 Inputs (hidden, lm-head weight, teacher scores) exist before the step and are
-not counted. It prints a markdown table and one `ratio` line per size.
+not counted. Time is the median of CUDA-event timings on CUDA (default 20
+steps after a full-size warm-up, which also compiles), the best wall time on
+CPU (default 2 steps). It prints a markdown table and one `ratio` line per
+size, each against (b) measured in the same run. Needs torch, pydantic and
+this repository only (no Redis, gRPC or HTTP packages).
 """
 
 from __future__ import annotations
@@ -32,11 +39,12 @@ import threading
 import time
 from pathlib import Path
 
-METHODS = ("full", "seed", "fused", "fused_topk")
+METHODS = ("full", "seed", "fused", "fused_eager", "fused_topk")
 LABELS = {
     "full": "(a) full logits",
     "seed": "(b) seed chunks",
     "fused": "fused (full teacher)",
+    "fused_eager": "fused eager (full teacher)",
     "fused_topk": "fused (top-k teacher)",
 }
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -49,17 +57,27 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--v", type=int, nargs="+", help="vocabulary sizes V (default 49152 151936)")
     p.add_argument("--hidden", type=int, help="hidden size H (default 1024)")
     p.add_argument("--losses", nargs="+", choices=("rkl", "jsd"), default=["rkl", "jsd"], help="divergences")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to measure")
+    p.add_argument(
+        "--methods", nargs="+", choices=METHODS, help="methods to measure (default: all; fused_eager on CUDA only)"
+    )
     p.add_argument(
         "--chunk-size",
         type=int,
         default=None,
         help="fused rows per chunk (default: LossConfig.chunk_budget_mib of fp32 per chunk)",
     )
+    p.add_argument(
+        "--block-budget-mib", type=float, default=None, help="fused block temporaries (default: LossConfig's)"
+    )
     p.add_argument("--top-k", type=int, default=64, help="teacher top-k of fused_topk")
     p.add_argument("--memory-cap-gib", type=float, default=16.0, help="cap on extra memory per configuration")
     p.add_argument("--timeout-s", type=float, default=1800.0, help="wall-clock limit per configuration")
-    p.add_argument("--repeats", type=int, help="steps per configuration: worst peak, best time (default 2)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        help="timed steps per configuration: worst peak; best wall time on CPU, median CUDA-event time on CUDA "
+        "(default 2 on CPU, 20 on CUDA)",
+    )
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="hidden/weight dtype")
     p.add_argument(
         "--quick",
@@ -68,10 +86,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    defaults = ([256], [4096, 8192], 64, 1) if args.quick else ([1024, 4096], [49152, 151936], 1024, 2)
+    repeats = 20 if args.device == "cuda" else 2
+    defaults = ([256], [4096, 8192], 64, 1) if args.quick else ([1024, 4096], [49152, 151936], 1024, repeats)
     for name, default in zip(("n", "v", "hidden", "repeats"), defaults, strict=True):
         if getattr(args, name) is None:
             setattr(args, name, default)
+    if args.methods is None:
+        args.methods = [m for m in METHODS if m != "fused_eager" or args.device == "cuda"]
     return args
 
 
@@ -80,12 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print("RESULT " + json.dumps(_worker(json.loads(args.worker))), flush=True)
         return 0
+    timing = "median CUDA-event time" if args.device == "cuda" else "best wall time"
     print(
-        f"# opd bench losses: device={args.device} H={args.hidden} dtype={args.dtype} "
+        f"# opd bench losses: device={_device_name(args.device)} H={args.hidden} dtype={args.dtype} "
         f"cap={args.memory_cap_gib} GiB; per cell {args.repeats} forward+backward steps in its own process "
-        "(worst peak, best time)"
+        f"(worst peak, {timing})"
     )
-    print("| loss | N | V | method | peak extra MiB | wall s | cpu s | memory vs (b) | wall vs (b) | cpu vs (b) |")
+    print("| loss | N | V | method | peak extra MiB | time ms | cpu s | memory vs (b) | time vs (b) | cpu vs (b) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     ratios = []
     for loss in args.losses:
@@ -109,6 +131,7 @@ def _run_isolated(args: argparse.Namespace, loss: str, n: int, v: int, method: s
         "method": method,
         "device": args.device,
         "chunk_size": args.chunk_size,
+        "block_budget_mib": args.block_budget_mib,
         "top_k": min(args.top_k, v),
         "cap_gib": args.memory_cap_gib,
         "dtype": args.dtype,
@@ -139,7 +162,7 @@ def _row(loss: str, n: int, v: int, method: str, res: dict, seed: dict | None) -
             f"{res['cpu_s'] / max(seed['cpu_s'], 1e-9):.2f}x",
         ]
     return (
-        f"| {loss} | {n} | {v} | {LABELS[method]} | {res['peak_extra_mib']:.0f} | {res['time_s']:.2f} "
+        f"| {loss} | {n} | {v} | {LABELS[method]} | {res['peak_extra_mib']:.0f} | {1000 * res['time_s']:.1f} "
         f"| {res['cpu_s']:.2f} | {' | '.join(ratios)} |"
     )
 
@@ -154,7 +177,8 @@ def _ratio_line(loss: str, n: int, v: int, results: dict) -> str:
     return (
         f"{head} fused peak extra {fused['peak_extra_mib']:.0f} MiB vs (b) {seed['peak_extra_mib']:.0f} MiB "
         f"= {seed['peak_extra_mib'] / max(fused['peak_extra_mib'], 1e-9):.1f}x less; "
-        f"time {fused['time_s']:.2f} s vs {seed['time_s']:.2f} s = {fused['time_s'] / seed['time_s']:.2f}x; "
+        f"time {1000 * fused['time_s']:.1f} ms vs {1000 * seed['time_s']:.1f} ms = "
+        f"{fused['time_s'] / seed['time_s']:.2f}x; "
         f"cpu {fused['cpu_s']:.1f} s vs {seed['cpu_s']:.1f} s = {fused['cpu_s'] / max(seed['cpu_s'], 1e-9):.2f}x"
     )
 
@@ -163,25 +187,29 @@ def _ratio_line(loss: str, n: int, v: int, results: dict) -> str:
 
 
 def _worker(spec: dict) -> dict:
+    import statistics
+
     import torch
 
     device = torch.device(spec["device"])
     inputs = _make_inputs(spec, device)
     step = _make_step(spec, inputs)
-    small = _make_inputs(dict(spec, n=64), device)
-    _make_step(spec, small)()  # warm-up: thread pools, kernels
-    del small
+    if device.type == "cuda":  # full size: kernels, cuBLAS workspaces and the compiled block math
+        step()
+        torch.cuda.synchronize()
+    else:  # a small step: thread pools, kernels
+        small = _make_inputs(dict(spec, n=64), device)
+        _make_step(spec, small)()
+        del small
     peaks, times, cpu_times = [], [], []
     for _ in range(spec["repeats"]):
         inputs["hidden"].grad = inputs["weight"].grad = None
         probe = _MemoryProbe(device, spec["cap_gib"])
         try:
             with probe:
-                start, cpu_start = time.perf_counter(), _cpu_seconds()
+                start, cpu_start = _Timer(device), _cpu_seconds()
                 step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
+                times.append(start.elapsed_s())
                 cpu_times.append(_cpu_seconds() - cpu_start)
         except (MemoryError, torch.OutOfMemoryError):
             return {"status": "out of memory"}
@@ -190,8 +218,41 @@ def _worker(spec: dict) -> dict:
                 return {"status": "out of memory"}
             raise
         peaks.append(probe.peak_extra_bytes)
-    # Worst peak, best time: other processes on the machine only ever slow a run down.
-    return {"status": "ok", "peak_extra_mib": max(peaks) / 2**20, "time_s": min(times), "cpu_s": min(cpu_times)}
+    # Worst peak; on CPU the best time (other processes on the machine only ever slow a run down), on CUDA the
+    # median of the CUDA-event timings.
+    time_s = statistics.median(times) if device.type == "cuda" else min(times)
+    return {"status": "ok", "peak_extra_mib": max(peaks) / 2**20, "time_s": time_s, "cpu_s": min(cpu_times)}
+
+
+class _Timer:
+    """Elapsed time of the enclosed work: CUDA events on CUDA (kernel time, synchronised), wall time on CPU."""
+
+    def __init__(self, device) -> None:
+        import torch
+
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def elapsed_s(self) -> float:
+        import torch
+
+        if not self.cuda:
+            return time.perf_counter() - self.t0
+        self.end.record()
+        torch.cuda.synchronize()
+        return self.start.elapsed_time(self.end) / 1000.0
+
+
+def _device_name(device: str) -> str:
+    if device != "cuda":
+        return "cpu"
+    import torch
+
+    return f"cuda ({torch.cuda.get_device_name()}, torch {torch.__version__})"
 
 
 def _cpu_seconds() -> float:
@@ -275,6 +336,7 @@ def _fused_loss(inp: dict, spec: dict, loss: str):
 
     n = inp["hidden"].shape[0]
     topk = spec["method"] == "fused_topk"
+    compile_mode = "off" if spec["method"] == "fused_eager" else "auto"
     teacher = TeacherScores(
         token_logprobs=torch.zeros(n, device=inp["hidden"].device),
         topk_ids=inp.get("topk_ids"),
@@ -287,7 +349,13 @@ def _fused_loss(inp: dict, spec: dict, loss: str):
         loss_weights=torch.ones(n, device=inp["hidden"].device),
         cu_seqlens=torch.tensor([0, n], device=inp["hidden"].device),
     )
-    config = LossConfig(divergence=loss, support="topk" if topk else "full", chunk_size=spec["chunk_size"])
+    config = LossConfig(
+        divergence=loss,
+        support="topk" if topk else "full",
+        chunk_size=spec["chunk_size"],
+        block_budget_mib=spec.get("block_budget_mib"),
+        compile=compile_mode,
+    )
     return compute_distillation_loss(inp["hidden"], inp["weight"], inputs, teacher, config, step=0)[0]
 
 

@@ -57,6 +57,11 @@ def init_distributed(config: DistConfig) -> DistInfo:
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+    else:
+        # Tiny gradients (a loss divided by ~1e5 tokens) make denormal floats in the attention backward, which
+        # x86 CPUs compute ~20x slower (measured: 90 s vs 3.4 s for one 12k-token sequence); flush them to zero.
+        # This sets the calling thread only; torch's worker threads keep their own flags.
+        torch.set_flush_denormal(True)
     backend = config.backend if config.backend != "auto" else ("nccl" if use_cuda else "gloo")
     if not dist.is_initialized():
         if launched:

@@ -51,7 +51,7 @@ class ScoreResult:
     topk_logprobs: np.ndarray  # [P, k]
     tail_logprobs: np.ndarray  # [P]
     full_logprobs: np.ndarray | None = None  # [P, V]
-    token_ranks: np.ndarray | None = None  # int32 [P], when asked: tokens at least as likely as the actual one (1 = top)
+    token_ranks: np.ndarray | None = None  # int32 [P], when asked: tokens at least as likely as the actual (1 = top)
 
 
 @dataclass(frozen=True)

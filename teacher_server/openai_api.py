@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from pathlib import Path
@@ -105,8 +106,9 @@ def _error(message: str, status: int, param: str | None = None, headers: dict | 
 
 def _teacher_error(exc: TeacherError) -> JSONResponse:
     headers = None
-    if isinstance(exc, QueueFull):  # the openai client honours Retry-After on 429
-        headers = {"Retry-After": f"{max(exc.retry_after_s, 0.001):.3f}"}
+    if isinstance(exc, QueueFull):  # the openai client retries a 429 after retry-after-ms (or Retry-After)
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s))),
+                   "retry-after-ms": str(max(1, round(exc.retry_after_s * 1000)))}  # fmt: skip
     return _error(str(exc), _HTTP_STATUS.get(exc.code.name, 500), headers=headers)
 
 

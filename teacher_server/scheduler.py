@@ -59,16 +59,8 @@ class FairScheduler:
         """Queue `work`; the future resolves to its ScoreResult. Raises QueueFull / Draining."""
         if not self._accepting:
             raise Draining("teacher is shutting down; retry on another replica")
-        if (
-            self._queued_requests >= self._cfg.max_queued_requests
-            or self._queued_tokens + work.num_tokens > self._cfg.max_queued_tokens
-        ):
-            retry = self._retry_hint_s()
-            raise QueueFull(
-                f"teacher queue is full ({self._queued_requests} requests, {self._queued_tokens} "
-                f"tokens queued); retry in {retry:.2f} s",
-                retry_after_s=retry,
-            )
+        while self._is_full(work.num_tokens):
+            self._make_room_for(client, work.num_tokens)
         queue = self._queues.setdefault(client, collections.deque())
         if not queue:  # returning from idle: no credit for the time away
             self._vtime[client] = max(self._vtime[client], self._min_active_vtime())
@@ -80,6 +72,40 @@ class FairScheduler:
         self._metrics.queue_depth.set(self._queued_requests)
         self._wakeup.set()
         return future
+
+    def _is_full(self, num_tokens: int) -> bool:
+        return (
+            self._queued_requests >= self._cfg.max_queued_requests
+            or self._queued_tokens + num_tokens > self._cfg.max_queued_tokens
+        )
+
+    def _queue_full(self) -> QueueFull:
+        retry = self._retry_hint_s()
+        return QueueFull(
+            f"teacher queue is full ({self._queued_requests} requests, {self._queued_tokens} "
+            f"tokens queued); retry in {retry:.2f} s",
+            retry_after_s=retry,
+        )
+
+    def _make_room_for(self, client: str, num_tokens: int) -> None:
+        """Per-client admission when the queue is full: push out the heaviest client's newest request.
+
+        The queue bound is shared, so without this one flooding client fills it and every other
+        client is refused too. A request is admitted by evicting the newest queued request of the
+        client holding the most queued tokens, when that client would still hold more than the
+        requester after the swap; the evicted request is answered RESOURCE_EXHAUSTED with the
+        retry hint, exactly as a refusal at intake. Raises QueueFull when no such client exists.
+        """
+        held = {c: sum(p.work.num_tokens for p in q) for c, q in self._queues.items() if q}
+        mine = held.get(client, 0) + num_tokens
+        heaviest = max(held, key=held.__getitem__, default=None)
+        if heaviest is None or heaviest == client or held[heaviest] <= mine:
+            raise self._queue_full()
+        victim = self._queues[heaviest].pop()
+        self._queued_requests -= 1
+        self._queued_tokens -= victim.work.num_tokens
+        if not victim.future.done():
+            victim.future.set_exception(self._queue_full())
 
     async def score(self, client: str, work: ScoreWork, timeout_s: float | None) -> ScoreResult:
         future = self.submit(client, work, timeout_s)

@@ -30,6 +30,9 @@ GRACE_S = 20.0  # the trainer's --stop-grace-s in these tests
 # SIGTERM -> exit may take stop_grace_s plus what the trainer cannot interrupt: process teardown on a loaded
 # 2-core box. Waiting this long tells "exits within its grace" from "hangs", without timing the trainer.
 EXIT_MARGIN_S = 30.0
+# The SIGTERM tests checkpoint only at the end: a checkpoint of the step the trainer stopped at is then the one
+# the stop wrote (not a periodic one that happened to fall on that step).
+NO_PERIODIC_CHECKPOINT = 1000
 ROLLOUT_WAIT = re.compile(r"waiting for (?!teacher)")  # the trainer's wait log, for anything but teacher scores
 
 
@@ -76,6 +79,7 @@ def test_trainer_kill9_resumes_without_loss_or_double_training(pipeline, shared_
 
 
 def test_sigterm_while_starved_exits_within_grace_after_a_final_checkpoint(pipeline, shared_teacher):
+    pipeline.run = TinyRun(checkpoint_every=NO_PERIODIC_CHECKPOINT)
     worker = pipeline.worker().start()
     trainer = pipeline.trainer(shared_teacher.address, stop_grace_s=GRACE_S, wait_log_s=1).start()
     wait_step(pipeline, trainer, 2)
@@ -100,6 +104,7 @@ def test_sigterm_while_starved_exits_within_grace_after_a_final_checkpoint(pipel
 
 
 def test_sigterm_to_one_of_two_ranks_stops_both_after_one_final_checkpoint(pipeline, shared_teacher):
+    pipeline.run = TinyRun(checkpoint_every=NO_PERIODIC_CHECKPOINT)
     pipeline.worker().start()
     trainer = pipeline.torchrun_trainer(shared_teacher.address, 2, stop_grace_s=GRACE_S).start()
     wait_step(pipeline, trainer, 2)

@@ -109,6 +109,8 @@ CASES = {  # name -> request, given ids(i, n, length): n prompts of corpus text 
     "token ids returned, tokens as ids":
         lambda ids: dict(prompt=ids(5)[0][:10], max_tokens=2, echo=True, logprobs=1, temperature=0.0,
                          extra_body={"return_token_ids": True, "return_tokens_as_token_ids": True}),
+    "ms-swift GKD teacher request (teacher_model_server)":
+        lambda ids: dict(prompt=ids(6)[0], max_tokens=0, temperature=0.0, logprobs=20, echo=True),
     "more prompt log-probs than legacy ones":
         lambda ids: dict(prompt="What is 12 + 30? The answer is 42.", max_tokens=0, echo=True, logprobs=1,
                          extra_body={"prompt_logprobs": 6}),

@@ -74,6 +74,7 @@ async def test_reload_switches_to_the_new_weights_and_version(tiny_model_dir: Pa
 async def test_worker_end_to_end_with_reward_and_policy_tag(tiny_model_dir: Path, new_weights_dir: Path,
                                                             redis_url: str, namespace: str, tmp_path: Path) -> None:
     rows = [{"id": f"q{i}", "prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(3)]
+    rows[0]["teacher"] = "math"  # the prompt's domain travels onto its rollouts (several teachers)
     records = load_prompts(write_jsonl(tmp_path / "p.jsonl", rows), PromptSourceConfig(n_samples=2))
     records.append(PromptRecord("too-long", prompt_ids=np.arange(300, dtype=np.int32) % 300))
     config = rollout_config(tiny_model_dir, redis_url, namespace, reward={"function": "math"},
@@ -87,6 +88,7 @@ async def test_worker_end_to_end_with_reward_and_policy_tag(tiny_model_dir: Path
     for r in rollouts:
         assert r.policy_version == 4 and r.reward in (0.0, 1.0) and r.group_size == 2
         assert r.rollout_id == f"{r.group_id}/{r.meta['sample_index']}" and r.meta["backend"] == "hf"
+        assert r.teacher == ("math" if r.prompt_id == "q0" else None)
         assert len(r.response_ids) == len(r.behaviour_logprobs) == r.num_generated_tokens > 0
         np.testing.assert_allclose(r.behaviour_logprobs, rescore(new_weights_dir, r.prompt_ids.tolist(),
                                                                  r.response_ids.tolist()), atol=1e-4)

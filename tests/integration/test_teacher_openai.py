@@ -169,3 +169,20 @@ def test_temperature_is_refused_on_the_vllm_backend(vllm_teacher):
         assert len(ok.choices[0].model_extra["prompt_logprobs"]) == len(IDS)
     finally:
         vllm_teacher.call(port.stop())
+
+
+def test_a_full_queue_is_429_with_a_retry_hint(tiny_model_dir):
+    # a prompt of more tokens than the queue may hold is refused at once, every time: QueueFull, not a race
+    server = start_teacher(
+        tiny_model_dir, "hf", openai={"host": "127.0.0.1", "port": 0}, scheduler={"max_queued_tokens": 4}
+    )
+    try:
+        with pytest.raises(openai.RateLimitError) as err:
+            _client(server.openai_url).completions.create(
+                model=None, prompt=IDS, max_tokens=0, extra_body={"prompt_logprobs": 1}
+            )
+        headers = err.value.response.headers
+        assert int(headers["retry-after"]) >= 1 and int(headers["retry-after-ms"]) >= 1
+        assert "queue is full" in err.value.response.json()["error"]["message"]
+    finally:
+        server.stop()

@@ -80,10 +80,11 @@ def fetch_full_scores(config: TrainerConfig, student_dir, groups) -> dict:
     io = LoopThread("test-full-vocab")
     source = TeacherServiceSource(config, io)
     try:
-        assert source.full_vocab and source.top_k == 0
+        k = config.teacher_top_k()  # 0, or 20 when TIP runs
+        assert source.full_vocab and source.top_k == k
         tokenizer = AutoTokenizer.from_pretrained(student_dir)
         source.check(tokenizer_fingerprint(tokenizer), len(tokenizer), "student")
-        assert source.bytes_per_token() == 8 + 4 * len(tokenizer)
+        assert source.bytes_per_token() == 4 * (2 + 2 * k) + 4 * len(tokenizer)  # float32 arrays + int32 ids
         return source.fetch([r for g in groups for r in g]).result(timeout=60)
     finally:
         source.close()
@@ -98,7 +99,7 @@ def reference(student_dir, groups, scores, divergence: str) -> tuple[torch.Tenso
         ids = torch.from_numpy(np.concatenate([r.prompt_ids, r.response_ids]).astype(np.int64))[None]
         p = len(r.prompt_ids)
         s = torch.log_softmax(model(ids).logits[0, p - 1 : -1], -1).clamp(min=FLOOR)
-        t = torch.from_numpy(scores[r.rollout_id].full_logprobs).double().clamp(min=FLOOR)
+        t = torch.tensor(scores[r.rollout_id].full_logprobs, dtype=torch.float64).clamp(min=FLOOR)
         if divergence == "rkl":
             rows = (s.exp() * (s - t)).sum(-1)
         else:
@@ -117,7 +118,7 @@ def runner_for(config: TrainerConfig, student_dir) -> StepRunner:
     root = StudentLoss(load_student(str(student_dir), info.device, dtype=torch.float64), config.loss)
     root = shard_student(root, config.dist, info.device)
     optimizer, scheduler = build_optimizer(root, config.optim, 10)
-    return StepRunner(root, optimizer, scheduler, config, info, top_k=0, teacher_temperature=1.0)
+    return StepRunner(root, optimizer, scheduler, config, info, config.teacher_top_k(), teacher_temperature=1.0)
 
 
 @pytest.mark.parametrize("divergence", ["rkl", "jsd"])

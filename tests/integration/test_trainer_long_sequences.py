@@ -36,6 +36,16 @@ class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, so that the denormal flush `init_distributed` sets on this thread covers every
+    kernel (torch's worker threads keep their own flags; with them the attention backward is ~20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def long_context_model(tmp_path_factory) -> str:
     from transformers import AutoModelForCausalLM, Qwen2Config
@@ -85,7 +95,7 @@ def preset_group() -> tuple[list[list[RolloutRecord]], dict]:
     return [group], scores
 
 
-def test_one_step_at_the_gpu_presets_shapes_completes_without_a_quadratic_tensor(long_context_model):
+def test_one_step_at_the_gpu_presets_shapes_completes_without_a_quadratic_tensor(long_context_model, one_thread):
     config = TrainerConfig(
         model=long_context_model,
         loss={"divergence": "fkl", "rl_weight": 0.1},
@@ -107,5 +117,5 @@ def test_one_step_at_the_gpu_presets_shapes_completes_without_a_quadratic_tensor
 
     assert stats["tokens"] == SAMPLES * RESPONSE
     assert np.isfinite(stats["loss"]) and np.isfinite(grad_norm) and grad_norm > 0
-    t = PROMPT + RESPONSE
-    assert probe.largest < t * t // 64, f"a tensor of {probe.largest} elements (T^2 = {t * t})"
+    t = PROMPT + RESPONSE  # the largest tensor is one sequence's logits chunk [rows, V]: 1/32 of T^2
+    assert probe.largest <= t * V < t * t // 16, f"a tensor of {probe.largest} elements (T^2 = {t * t})"

@@ -9,7 +9,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from protos.records import (POLICY_SCHEMA, PolicyAnnouncement, PromptRecord, RecordError, RolloutRecord)
+from protos.records import POLICY_SCHEMA, PolicyAnnouncement, PromptRecord, RecordError, RolloutRecord
 from tests.fixtures.rollout import make_rollout
 
 pytestmark = pytest.mark.timeout(60)
