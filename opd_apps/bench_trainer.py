@@ -1,4 +1,6 @@
-"""`opd bench trainer`: how much of the step waits for the teacher, at prefetch depth 0, 1 and 2.
+"""`opd bench trainer`: how much of the step waits for the teacher, at prefetch depth 0, 1 and 2;
+with `--micro-batch-tokens T1,T2,...`, peak memory and tokens/s of one step per micro-batch size instead
+(the mask vs the packed attention path; `opd_apps.bench_trainer_step`).
 
 The teacher (`opd teacher --backend hf`) and the trainer (`opd train`) run as
 separate processes pinned to different cores with `taskset`, so they behave
@@ -81,7 +83,12 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="smoke-run defaults: tiny random models, 2 timed steps of "
         "2 x 2 x (16 + 24) tokens, depths 0 and 1 (explicit flags still win)",
     )
+    from opd_apps.bench_trainer_step import add_arguments
+
+    add_arguments(p)
     args = p.parse_args(argv)
+    if args.micro_batch_tokens:
+        return args
     for name, default in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
             setattr(args, name, default)
@@ -197,6 +204,10 @@ def _run_depth(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _args(argv)
+    if args.micro_batch_tokens:  # the micro-batch step benchmark (issue 15): no teacher, no Redis
+        from opd_apps.bench_trainer_step import run
+
+        return run(args)
     teacher, student = _models(args)
     from transformers import AutoConfig
 

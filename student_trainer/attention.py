@@ -110,8 +110,12 @@ def _per_sequence_sdpa(
             continue
         parts.append(
             F.scaled_dot_product_attention(
-                q[:, :, start:end], k[:, :, start:end], v[:, :, start:end],
-                dropout_p=dropout, is_causal=True, scale=scaling,
+                q[:, :, start:end],
+                k[:, :, start:end],
+                v[:, :, start:end],
+                dropout_p=dropout,
+                is_causal=True,
+                scale=scaling,
             )
         )
     return torch.cat(parts, dim=2)

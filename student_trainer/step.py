@@ -160,4 +160,3 @@ class StepRunner:
             log.warning("optimizer step skipped: gradient norm is %s", norm)
         self.optimizer.zero_grad(set_to_none=True)
         return norm
-

@@ -129,8 +129,10 @@ class TeacherOpsConfig(OpsConfig):
 class OpenAIPortConfig(ConfigModel):
     """The OpenAI-compatible HTTP port (`teacher_server/openai_api.py`): vLLM's `/v1/completions` JSON shapes."""
 
-    port: Port | None = Field(
+    port: int | None = Field(
         None,
+        ge=0,
+        le=65535,
         description="serve the OpenAI-compatible /v1/completions and /v1/models on this port, with the gRPC "
         "service's auth, fair share and metrics (unset = off; 0 = pick a free one)",
     )

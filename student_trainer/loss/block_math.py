@@ -132,9 +132,7 @@ def block_terms(
     if rl_grad_C is not None:
         rl_grad_C = rl_grad_C * rows.rl_scale_C
         sampled_grad_C = rl_grad_C if sampled_grad_C is None else sampled_grad_C + rl_grad_C
-    dlogits_CV = dv.logits_grad(
-        student, buckets, bucket_grad_CB, rows.target_C, sampled_grad_C, settings.temperature
-    )
+    dlogits_CV = dv.logits_grad(student, buckets, bucket_grad_CB, rows.target_C, sampled_grad_C, settings.temperature)
     return BlockTerms(distill_C, rl_C, divergence_C, entropy_C, agree_C, dlogits_CV)
 
 
@@ -181,8 +179,11 @@ class BlockFunction:
             try:
                 return self._compiled(logits_CV, reverse_weight, need_grad, *rows.tensors())
             except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager path is exact
-                log.warning("compiled loss block failed (%s: %s); using the eager path from now on",
-                            type(exc).__name__, str(exc)[:300])
+                log.warning(
+                    "compiled loss block failed (%s: %s); using the eager path from now on",
+                    type(exc).__name__,
+                    str(exc)[:300],
+                )
                 self._compiled = None
         return self._eager(logits_CV, reverse_weight, need_grad, *rows.tensors())
 

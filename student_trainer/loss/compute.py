@@ -78,8 +78,9 @@ def compute_distillation_loss(
 class _ChunkLoss:
     """Chunk function: a * distill + b * rl on one chunk, block by block; d logits written into the chunk."""
 
-    def __init__(self, plan: RowPlan, inputs: LossInputs, teacher: TeacherScores, config: LossConfig, dtype,
-                 block_rows: int, fn) -> None:
+    def __init__(
+        self, plan: RowPlan, inputs: LossInputs, teacher: TeacherScores, config: LossConfig, dtype, block_rows: int, fn
+    ) -> None:
         self.plan, self.inputs, self.teacher, self.config = plan, inputs, teacher, config
         self.block_rows, self.fn = block_rows, fn
         n, device = plan.valid_N.shape[0], plan.valid_N.device

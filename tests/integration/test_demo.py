@@ -15,8 +15,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 def test_quick_demo_runs_every_component_and_writes_the_report(tmp_path):
     run_dir = tmp_path / "run"
-    out = subprocess.run([sys.executable, "-m", "opd", "demo", "--quick", "--run-dir", str(run_dir)],
-                         capture_output=True, text=True, timeout=540)
+    out = subprocess.run(
+        [sys.executable, "-m", "opd", "demo", "--quick", "--run-dir", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "live page: http://127.0.0.1:" in out.stdout
     assert "step 3/3" in out.stdout
@@ -32,8 +36,9 @@ def test_quick_demo_runs_every_component_and_writes_the_report(tmp_path):
 
 def test_supervisor_reports_a_dead_child_and_stops_the_others(tmp_path, tiny_model_dir):
     sup = Supervisor(tmp_path / "logs")
-    alive = sup.start("teacher", ["teacher", "--model", str(tiny_model_dir), "--backend", "hf", "--grpc-port", "0",
-                                  "--ops-port", "0"])
+    alive = sup.start(
+        "teacher", ["teacher", "--model", str(tiny_model_dir), "--backend", "hf", "--grpc-port", "0", "--ops-port", "0"]
+    )
     sup.start("broken", ["teacher", "--model", "/does/not/exist"])
     deadline = time.monotonic() + 60
     with pytest.raises(ChildFailed) as err:

@@ -32,9 +32,23 @@ def test_export_writes_the_checkpoint_weights_as_an_hf_model(tiny_model_dir, tmp
     from transformers import AutoModelForCausalLM
 
     subprocess.run([sys.executable, "-c", SAVE, str(tiny_model_dir), str(tmp_path / "ck")], check=True, timeout=120)
-    out = subprocess.run([sys.executable, "-m", "opd", "export", "--checkpoint", str(tmp_path / "ck"), "--model",
-                          str(tiny_model_dir), "--out", str(tmp_path / "final")], capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "opd",
+            "export",
+            "--checkpoint",
+            str(tmp_path / "ck"),
+            "--model",
+            str(tiny_model_dir),
+            "--out",
+            str(tmp_path / "final"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
@@ -44,7 +58,21 @@ def test_export_writes_the_checkpoint_weights_as_an_hf_model(tiny_model_dir, tmp
 
 
 def test_export_without_a_checkpoint_is_a_clear_error(tiny_model_dir, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "opd", "export", "--checkpoint", str(tmp_path), "--model",
-                          str(tiny_model_dir), "--out", str(tmp_path / "x")], capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "opd",
+            "export",
+            "--checkpoint",
+            str(tmp_path),
+            "--model",
+            str(tiny_model_dir),
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "no committed checkpoint" in out.stderr

@@ -50,8 +50,9 @@ async def test_behaviour_logprobs_equal_a_rescore(tiny_model_dir: Path, temperat
     assert again.token_ids == gen.token_ids  # seeded sampling is reproducible
 
 
-async def test_reload_switches_to_the_new_weights_and_version(tiny_model_dir: Path, new_weights_dir: Path,
-                                                              redis_url: str, namespace: str) -> None:
+async def test_reload_switches_to_the_new_weights_and_version(
+    tiny_model_dir: Path, new_weights_dir: Path, redis_url: str, namespace: str
+) -> None:
     from rollout_workers.reload import PolicyWatcher
 
     backend = _backend(tiny_model_dir)
@@ -71,14 +72,14 @@ async def test_reload_switches_to_the_new_weights_and_version(tiny_model_dir: Pa
     await redis.aclose()
 
 
-async def test_worker_end_to_end_with_reward_and_policy_tag(tiny_model_dir: Path, new_weights_dir: Path,
-                                                            redis_url: str, namespace: str, tmp_path: Path) -> None:
+async def test_worker_end_to_end_with_reward_and_policy_tag(
+    tiny_model_dir: Path, new_weights_dir: Path, redis_url: str, namespace: str, tmp_path: Path
+) -> None:
     rows = [{"id": f"q{i}", "prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(3)]
     rows[0]["teacher"] = "math"  # the prompt's domain travels onto its rollouts (several teachers)
     records = load_prompts(write_jsonl(tmp_path / "p.jsonl", rows), PromptSourceConfig(n_samples=2))
     records.append(PromptRecord("too-long", prompt_ids=np.arange(300, dtype=np.int32) % 300))
-    config = rollout_config(tiny_model_dir, redis_url, namespace, reward={"function": "math"},
-                            sampling={"seed": 11})
+    config = rollout_config(tiny_model_dir, redis_url, namespace, reward={"function": "math"}, sampling={"seed": 11})
     redis, keys = connect(RedisConfig(url=redis_url)), StreamKeys(namespace)
     await announce_policy(redis, keys, PolicyAnnouncement(4, str(new_weights_dir)))  # before the worker starts
     worker = await asyncio.wait_for(run_worker(config, feed=records), 60)
@@ -90,8 +91,9 @@ async def test_worker_end_to_end_with_reward_and_policy_tag(tiny_model_dir: Path
         assert r.rollout_id == f"{r.group_id}/{r.meta['sample_index']}" and r.meta["backend"] == "hf"
         assert r.teacher == ("math" if r.prompt_id == "q0" else None)
         assert len(r.response_ids) == len(r.behaviour_logprobs) == r.num_generated_tokens > 0
-        np.testing.assert_allclose(r.behaviour_logprobs, rescore(new_weights_dir, r.prompt_ids.tolist(),
-                                                                 r.response_ids.tolist()), atol=1e-4)
+        np.testing.assert_allclose(
+            r.behaviour_logprobs, rescore(new_weights_dir, r.prompt_ids.tolist(), r.response_ids.tolist()), atol=1e-4
+        )
     dead = await read_dead(redis, keys)
     assert len(dead) == 1 and b"max_model_len" in dead[0]["reason"]
     text = worker.metrics.registry.get_sample_value
@@ -121,16 +123,44 @@ async def _holder_of_pending(redis, keys: StreamKeys) -> dict[str, int]:
 
 @pytest.mark.slow
 async def test_two_worker_processes_split_prompts_and_redo_a_killed_workers_prompt(
-        tiny_model_dir: Path, redis_url: str, namespace: str, tmp_path: Path) -> None:
+    tiny_model_dir: Path, redis_url: str, namespace: str, tmp_path: Path
+) -> None:
     rows = [{"id": f"q{i}", "prompt": f"question {i}"} for i in range(6)]
     prompts = write_jsonl(tmp_path / "p.jsonl", rows)
-    common = ["--model", str(tiny_model_dir), "--backend", "hf", "--redis-url", redis_url, "--redis-namespace",
-              namespace, "--ops-port", "0", "--sampling-max-tokens", "8", "--engine-max-model-len", "128",
-              "--queue-block-ms", "200", "--queue-claim-idle-s", "1.5", "--queue-max-inflight-prompts", "1",
-              "--reward-function", "tests.fixtures.rollout:hanging_reward", "--reward-timeout-s", "300",
-              "--log-level", "WARNING"]
-    assert subprocess.run(_cli(*common, "--prompts", str(prompts), "--feed-only", "--dataset-n-samples", "2"),
-                          timeout=60).returncode == 0
+    common = [
+        "--model",
+        str(tiny_model_dir),
+        "--backend",
+        "hf",
+        "--redis-url",
+        redis_url,
+        "--redis-namespace",
+        namespace,
+        "--ops-port",
+        "0",
+        "--sampling-max-tokens",
+        "8",
+        "--engine-max-model-len",
+        "128",
+        "--queue-block-ms",
+        "200",
+        "--queue-claim-idle-s",
+        "1.5",
+        "--queue-max-inflight-prompts",
+        "1",
+        "--reward-function",
+        "tests.fixtures.rollout:hanging_reward",
+        "--reward-timeout-s",
+        "300",
+        "--log-level",
+        "WARNING",
+    ]
+    assert (
+        subprocess.run(
+            _cli(*common, "--prompts", str(prompts), "--feed-only", "--dataset-n-samples", "2"), timeout=60
+        ).returncode
+        == 0
+    )
     env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
     doomed = subprocess.Popen(_cli(*common, "--worker-id", "A"), env={**env, "OPD_TEST_HANG": "1"})
     redis, keys = connect(RedisConfig(url=redis_url)), StreamKeys(namespace)
@@ -165,15 +195,43 @@ def test_ray_flag_without_address_means_a_local_ray() -> None:
 
 
 @pytest.mark.slow
-def test_local_fleet_of_two_processes_drains_a_prompt_file(tiny_model_dir: Path, redis_url: str, namespace: str,
-                                                           tmp_path: Path) -> None:
+def test_local_fleet_of_two_processes_drains_a_prompt_file(
+    tiny_model_dir: Path, redis_url: str, namespace: str, tmp_path: Path
+) -> None:
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": f"q{i}", "prompt": f"question {i}"} for i in range(8)])
-    args = ["--model", str(tiny_model_dir), "--backend", "hf", "--workers", "2", "--prompts", str(prompts),
-            "--dataset-n-samples", "2",
-            "--exit-when-drained", "--redis-url", redis_url, "--redis-namespace", namespace, "--ops-port", "0",
-            "--sampling-max-tokens", "8", "--engine-max-model-len", "128", "--queue-block-ms", "200",
-            "--queue-max-inflight-prompts", "1", "--reward-function", "tests.fixtures.rollout:slow_reward",
-            "--worker-id", "fleet", "--log-level", "WARNING"]
+    args = [
+        "--model",
+        str(tiny_model_dir),
+        "--backend",
+        "hf",
+        "--workers",
+        "2",
+        "--prompts",
+        str(prompts),
+        "--dataset-n-samples",
+        "2",
+        "--exit-when-drained",
+        "--redis-url",
+        redis_url,
+        "--redis-namespace",
+        namespace,
+        "--ops-port",
+        "0",
+        "--sampling-max-tokens",
+        "8",
+        "--engine-max-model-len",
+        "128",
+        "--queue-block-ms",
+        "200",
+        "--queue-max-inflight-prompts",
+        "1",
+        "--reward-function",
+        "tests.fixtures.rollout:slow_reward",
+        "--worker-id",
+        "fleet",
+        "--log-level",
+        "WARNING",
+    ]
     env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
     assert subprocess.run(_cli(*args), env=env, timeout=120).returncode == 0
     rollouts = asyncio.run(read_all_rollouts(redis_url, namespace))

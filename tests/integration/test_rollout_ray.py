@@ -23,8 +23,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 @pytest.fixture(scope="module")
 def local_ray():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path.cwd())}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level="WARNING",
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(Path.cwd())}},
+    )
     yield ray
     ray.shutdown()
 
@@ -45,16 +50,25 @@ async def _pending_of(redis_url: str, namespace: str, consumer: str) -> int:
     return sum(int(c["pending"]) for c in summary["consumers"] or [] if c["name"].decode() == consumer)
 
 
-def test_killed_actor_is_restarted_by_ray_and_no_prompt_is_lost(local_ray, tiny_model_dir: Path, redis_url: str,
-                                                                namespace: str) -> None:
+def test_killed_actor_is_restarted_by_ray_and_no_prompt_is_lost(
+    local_ray, tiny_model_dir: Path, redis_url: str, namespace: str
+) -> None:
     from rollout_workers.fleet import RayFleet
 
-    records = [PromptRecord(f"q{i}", group_size=2, messages=[{"role": "user", "content": f"q {i}"}])
-               for i in range(8)]
+    records = [PromptRecord(f"q{i}", group_size=2, messages=[{"role": "user", "content": f"q {i}"}]) for i in range(8)]
     asyncio.run(_feed(redis_url, namespace, records))
-    config = rollout_config(tiny_model_dir, redis_url, namespace, workers=2, ray="local", ray_num_cpus=1,
-                            max_restarts=2, worker_id="ray", reward={"function": "tests.fixtures.rollout:slow_reward"},
-                            queue={"max_inflight_prompts": 1, "claim_idle_s": 30.0})
+    config = rollout_config(
+        tiny_model_dir,
+        redis_url,
+        namespace,
+        workers=2,
+        ray="local",
+        ray_num_cpus=1,
+        max_restarts=2,
+        worker_id="ray",
+        reward={"function": "tests.fixtures.rollout:slow_reward"},
+        queue={"max_inflight_prompts": 1, "claim_idle_s": 30.0},
+    )
     fleet = RayFleet(config).start()
     first_pid = None
     deadline = time.monotonic() + 90

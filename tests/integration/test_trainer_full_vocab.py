@@ -127,8 +127,9 @@ def test_full_vocabulary_step_matches_a_float64_reference(hf_teacher, student_di
     runner = runner_for(config, student_dir)
     groups = rollouts(runner.vocab_size)
     scores = fetch_full_scores(config, student_dir, groups)
-    assert all(scores[r.rollout_id].full_logprobs.shape == (len(r.response_ids), runner.vocab_size)
-               for g in groups for r in g)
+    assert all(
+        scores[r.rollout_id].full_logprobs.shape == (len(r.response_ids), runner.vocab_size) for g in groups for r in g
+    )
 
     stats = runner.forward_backward(groups, groups, {}, scores, step=0)
 

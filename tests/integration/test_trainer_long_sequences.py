@@ -103,7 +103,9 @@ def test_one_step_at_the_gpu_presets_shapes_completes_without_a_quadratic_tensor
         dist={"backend": "gloo"},
     )
     info = init_distributed(config.dist)
-    root = shard_student(StudentLoss(load_student(long_context_model, info.device), config.loss), config.dist, info.device)
+    root = shard_student(
+        StudentLoss(load_student(long_context_model, info.device), config.loss), config.dist, info.device
+    )
     optimizer, scheduler = build_optimizer(root, config.optim, 10)
     runner = StepRunner(root, optimizer, scheduler, config, info, top_k=K, teacher_temperature=1.0)
     groups, scores = preset_group()

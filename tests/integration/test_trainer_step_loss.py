@@ -62,8 +62,17 @@ def test_a_group_split_across_two_ranks_gives_the_unsplit_one_rank_step(tiny_mod
     torchrun = Path(sys.executable).with_name("torchrun")
     out = tmp_path / "two.pt"
     result = subprocess.run(
-        [str(torchrun), "--nproc-per-node", "2", "-m", "tests.fixtures.split_step",
-         str(tiny_model_dir), str(out), str(SPLIT), normalization],
+        [
+            str(torchrun),
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "tests.fixtures.split_step",
+            str(tiny_model_dir),
+            str(out),
+            str(SPLIT),
+            normalization,
+        ],
         capture_output=True,
         text=True,
         timeout=240,

@@ -11,8 +11,9 @@ pytestmark = pytest.mark.timeout(30)
 
 
 def _load(argv, environ=None):
-    return load_config(TeacherConfig, argv, prog="t", description="d", env_prefix="OPD_TEACHER__",
-                       environ=environ or {})
+    return load_config(
+        TeacherConfig, argv, prog="t", description="d", env_prefix="OPD_TEACHER__", environ=environ or {}
+    )
 
 
 def test_cli_overrides_env_which_overrides_yaml(tmp_path):
@@ -62,7 +63,15 @@ def test_missing_or_malformed_yaml_file(tmp_path):
 
 def test_help_documents_every_field_with_default_and_env():
     text = build_parser(TeacherConfig, prog="opd teacher", description="d", env_prefix="OPD_TEACHER__").format_help()
-    for flag in ("--model", "--backend", "--grpc-port", "--ops-port", "--engine-max-top-k", "--auth-tokens-file",
-                 "--scheduler-max-queued-requests", "--engine-allow-full-vocab"):
+    for flag in (
+        "--model",
+        "--backend",
+        "--grpc-port",
+        "--ops-port",
+        "--engine-max-top-k",
+        "--auth-tokens-file",
+        "--scheduler-max-queued-requests",
+        "--engine-allow-full-vocab",
+    ):
         assert flag in text
     assert "OPD_TEACHER__GRPC__PORT" in text and "50051" in text

@@ -78,9 +78,9 @@ def test_a_sampled_token_divergence_needs_no_top_k():
     assert _load("--loss-divergence", "rkl_sampled").teacher_top_k() == 0
 
 
-def test_full_vocabulary_support_is_refused_by_the_trainer():
-    with pytest.raises(ValidationError, match="loss.support='full' needs full-vocabulary teacher replies"):
-        TrainerConfig(model="m", loss={"divergence": "jsd", "support": "full"})
+def test_full_vocabulary_support_loads_and_asks_the_teacher_for_the_full_vocabulary():
+    config = TrainerConfig(model="m", loss={"divergence": "jsd", "support": "full"})
+    assert TeacherNeed.FULL in teacher_needs(config.loss)
 
 
 def test_a_new_row_is_validated_by_what_it_needs(monkeypatch):

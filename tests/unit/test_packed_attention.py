@@ -99,7 +99,9 @@ def step_terms(groups, config: LossConfig) -> tuple[dict, dict | None]:
         config,
     )
     ids = [r.rollout_id for r in records]
-    return dict(zip(ids, weights.tolist())), None if advantages is None else dict(zip(ids, advantages.tolist()))
+    return dict(zip(ids, weights.tolist(), strict=True)), None if advantages is None else dict(
+        zip(ids, advantages.tolist(), strict=True)
+    )
 
 
 def run(model, micro_batches, scores, config: LossConfig, path: str) -> tuple[float, dict[str, torch.Tensor]]:

@@ -13,8 +13,10 @@ from tests.fixtures.tiny_models import build_tokenizer
 
 pytestmark = pytest.mark.timeout(60)
 
-ROWS = [{"qid": "a", "question": "What is 2+2?", "solution": "4"},
-        {"qid": "b", "question": "What is 3*3?", "solution": "9", "split": "eval"}]
+ROWS = [
+    {"qid": "a", "question": "What is 2+2?", "solution": "4"},
+    {"qid": "b", "question": "What is 3*3?", "solution": "9", "split": "eval"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,28 +49,33 @@ def test_parquet_matches_jsonl(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "math.jsonl", ROWS)
     from_parquet = load_prompts(tmp_path / "math.parquet", _config())
     from_jsonl = load_prompts(tmp_path / "math.jsonl", _config())
-    assert [(r.prompt_id, r.messages, r.answer, r.split) for r in from_parquet] == \
-           [(r.prompt_id, r.messages, r.answer, r.split) for r in from_jsonl]
+    assert [(r.prompt_id, r.messages, r.answer, r.split) for r in from_parquet] == [
+        (r.prompt_id, r.messages, r.answer, r.split) for r in from_jsonl
+    ]
 
 
 def test_messages_field_custom_instruction_epochs_and_limit(tmp_path: Path) -> None:
     rows = [{"messages": [{"role": "user", "content": f"q{i}"}]} for i in range(5)]
     path = write_jsonl(tmp_path / "chat.jsonl", rows)
-    records = load_prompts(path, PromptSourceConfig(instruction_text="Answer in one word.", epochs=2, limit=3,
-                                                    shuffle=True, seed=1))
+    records = load_prompts(
+        path, PromptSourceConfig(instruction_text="Answer in one word.", epochs=2, limit=3, shuffle=True, seed=1)
+    )
     assert len(records) == 6
     assert {r.prompt_id for r in records} == {f"chat:{i}#e{e}" for i in range(3) for e in range(2)}
     assert all(r.messages[-1]["content"].endswith("Answer in one word.") for r in records)
     assert all(r.messages[-1]["content"].count("Answer in one word.") == 1 for r in records)
 
 
-@pytest.mark.parametrize(("rows", "kwargs", "needle"), [
-    ([{"text": "hi"}], {}, "needs a non-empty string field 'prompt'"),
-    ([{"prompt": "hi", "split": "test"}], {}, "field 'split' must be one of"),
-    ([{"messages": [{"role": "user"}]}], {}, "list of {role, content}"),
-    ([{"prompt": "hi", "tools": "calculator"}], {}, "list of tool names"),
-    ([], {}, "holds no rows"),
-])
+@pytest.mark.parametrize(
+    ("rows", "kwargs", "needle"),
+    [
+        ([{"text": "hi"}], {}, "needs a non-empty string field 'prompt'"),
+        ([{"prompt": "hi", "split": "test"}], {}, "field 'split' must be one of"),
+        ([{"messages": [{"role": "user"}]}], {}, "list of {role, content}"),
+        ([{"prompt": "hi", "tools": "calculator"}], {}, "list of tool names"),
+        ([], {}, "holds no rows"),
+    ],
+)
 def test_bad_rows_name_row_and_field(tmp_path: Path, rows, kwargs, needle) -> None:
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(PromptSourceError) as err:
@@ -97,9 +104,11 @@ def test_render_uses_chat_template_with_generation_prompt(tokenizer) -> None:
 
 def test_thinking_switch_reaches_the_template(tokenizer) -> None:
     tokenizer = build_tokenizer()
-    tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
-                               "{% if enable_thinking is defined and not enable_thinking %}<nothink>"
-                               "{% else %}<think>{% endif %}")
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+        "{% if enable_thinking is defined and not enable_thinking %}<nothink>"
+        "{% else %}<think>{% endif %}"
+    )
     record = PromptRecord("p", messages=[{"role": "user", "content": "hi"}])
     assert tokenizer.decode(render_prompt_ids(tokenizer, record, enable_thinking=False)).endswith("<nothink>")
     assert tokenizer.decode(render_prompt_ids(tokenizer, record, enable_thinking=True)).endswith("<think>")

@@ -27,8 +27,12 @@ def test_rollout_round_trip_keeps_arrays_and_dtypes() -> None:
     record = make_rollout(3, num_tokens=11)
     decoded = RolloutRecord.decode(record.encode())
     assert decoded.rollout_id == record.rollout_id and decoded.policy_version == 3 and decoded.reward == 1.0
-    for name, dtype in (("prompt_ids", "<i4"), ("response_ids", "<i4"), ("response_mask", "u1"),
-                        ("behaviour_logprobs", "<f4")):
+    for name, dtype in (
+        ("prompt_ids", "<i4"),
+        ("response_ids", "<i4"),
+        ("response_mask", "u1"),
+        ("behaviour_logprobs", "<f4"),
+    ):
         assert getattr(decoded, name).dtype == np.dtype(dtype)
         np.testing.assert_array_equal(getattr(decoded, name), getattr(record, name))
     assert decoded.meta == {"worker": "test"}
@@ -43,8 +47,15 @@ def test_rollout_arrays_travel_as_raw_little_endian_bytes() -> None:
 
 
 def test_prompt_round_trip_messages_and_ids() -> None:
-    chat = PromptRecord("p1", group_size=4, split="eval", messages=[{"role": "user", "content": "2+2?"}],
-                        answer="4", tools=["calculator"], meta={"row": 1})
+    chat = PromptRecord(
+        "p1",
+        group_size=4,
+        split="eval",
+        messages=[{"role": "user", "content": "2+2?"}],
+        answer="4",
+        tools=["calculator"],
+        meta={"row": 1},
+    )
     assert PromptRecord.decode(chat.encode()) == chat
     ids = PromptRecord("p2", prompt_ids=np.array([1, 2, 3], np.int32))
     decoded = PromptRecord.decode(ids.encode())
@@ -57,23 +68,26 @@ def test_policy_round_trip() -> None:
     assert PolicyAnnouncement.decode(ann.encode()) == ann
 
 
-@pytest.mark.parametrize(("mutate", "needle"), [
-    (lambda f: f.update(schema=3), "rollout record.schema"),
-    (lambda f: f.update(teacher="no spaces"), "rollout record.teacher"),
-    (lambda f: f.update(teacher=3), "teacher: expected str"),
-    (lambda f: f.pop("rollout_id"), "missing field(s) rollout_id"),
-    (lambda f: f.update(policy_version="3"), "rollout record.policy_version: expected int"),
-    (lambda f: f.update(policy_version=True), "policy_version: expected int"),
-    (lambda f: f.update(policy_version=-1), "policy_version: must be >= 0"),
-    (lambda f: f.update(group_size=0), "group_size: must be >= 1"),
-    (lambda f: f.update(split="test"), "rollout record.split"),
-    (lambda f: f.update(response_mask=b"\x01" * 3), "response arrays must have equal length"),
-    (lambda f: f.update(behaviour_logprobs=b"\x00" * 7), "behaviour_logprobs: 7 bytes"),
-    (lambda f: f.update(response_ids=[1, 2, 3, 4]), "response_ids: expected raw bytes"),
-    (lambda f: f.update(reward="high"), "reward: expected float or int or nil"),
-    (lambda f: f.update(meta=[1]), "meta: expected dict"),
-    (lambda f: f.update(extra=1), "unknown field(s) extra"),
-])
+@pytest.mark.parametrize(
+    ("mutate", "needle"),
+    [
+        (lambda f: f.update(schema=3), "rollout record.schema"),
+        (lambda f: f.update(teacher="no spaces"), "rollout record.teacher"),
+        (lambda f: f.update(teacher=3), "teacher: expected str"),
+        (lambda f: f.pop("rollout_id"), "missing field(s) rollout_id"),
+        (lambda f: f.update(policy_version="3"), "rollout record.policy_version: expected int"),
+        (lambda f: f.update(policy_version=True), "policy_version: expected int"),
+        (lambda f: f.update(policy_version=-1), "policy_version: must be >= 0"),
+        (lambda f: f.update(group_size=0), "group_size: must be >= 1"),
+        (lambda f: f.update(split="test"), "rollout record.split"),
+        (lambda f: f.update(response_mask=b"\x01" * 3), "response arrays must have equal length"),
+        (lambda f: f.update(behaviour_logprobs=b"\x00" * 7), "behaviour_logprobs: 7 bytes"),
+        (lambda f: f.update(response_ids=[1, 2, 3, 4]), "response_ids: expected raw bytes"),
+        (lambda f: f.update(reward="high"), "reward: expected float or int or nil"),
+        (lambda f: f.update(meta=[1]), "meta: expected dict"),
+        (lambda f: f.update(extra=1), "unknown field(s) extra"),
+    ],
+)
 def test_malformed_rollout_names_the_field(mutate, needle) -> None:
     fields = _fields(make_rollout(0, num_tokens=4).encode())
     mutate(fields)
@@ -111,8 +125,10 @@ def test_policy_wrong_schema_says_which_version_is_read() -> None:
 
 
 def test_records_import_without_torch() -> None:
-    code = ("import sys, protos.records, opd.streams, opd.stream_consumer, opd.policy, opd.prompts; "
-            "assert 'torch' not in sys.modules, 'torch'")
+    code = (
+        "import sys, protos.records, opd.streams, opd.stream_consumer, opd.policy, opd.prompts; "
+        "assert 'torch' not in sys.modules, 'torch'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -7,12 +7,19 @@ import importlib.util
 import pytest
 
 from protos.records import PromptRecord
-from rollout_workers.rewards import (RewardError, exact_match_reward, extract_boxed, extract_final_answer,
-                                     load_reward, math_reward)
+from rollout_workers.rewards import (
+    RewardError,
+    exact_match_reward,
+    extract_boxed,
+    extract_final_answer,
+    load_reward,
+    math_reward,
+)
 
 pytestmark = pytest.mark.timeout(120)
-needs_math_verify = pytest.mark.skipif(importlib.util.find_spec("math_verify") is None,
-                                       reason="symbolic equivalence needs the math-verify package")
+needs_math_verify = pytest.mark.skipif(
+    importlib.util.find_spec("math_verify") is None, reason="symbolic equivalence needs the math-verify package"
+)
 
 
 def _prompt(answer: str | None) -> PromptRecord:
@@ -37,15 +44,18 @@ def test_extract_final_answer_falls_back_to_answer_lines() -> None:
     assert extract_final_answer("no idea") is None
 
 
-@pytest.mark.parametrize(("response", "answer", "reward"), [
-    (r"... so \boxed{42}", "42", 1.0),
-    pytest.param(r"\boxed{0.5}", r"\frac{1}{2}", 1.0, marks=needs_math_verify),
-    pytest.param(r"\boxed{\frac{2}{4}}", "1/2", 1.0, marks=needs_math_verify),
-    pytest.param(r"\boxed{x^2+2x+1}", "(x+1)^2", 1.0, marks=needs_math_verify),
-    ("Answer: 1,000", "1000", 1.0),
-    (r"\boxed{41}", "42", 0.0),
-    ("I do not know", "42", 0.0),
-])
+@pytest.mark.parametrize(
+    ("response", "answer", "reward"),
+    [
+        (r"... so \boxed{42}", "42", 1.0),
+        pytest.param(r"\boxed{0.5}", r"\frac{1}{2}", 1.0, marks=needs_math_verify),
+        pytest.param(r"\boxed{\frac{2}{4}}", "1/2", 1.0, marks=needs_math_verify),
+        pytest.param(r"\boxed{x^2+2x+1}", "(x+1)^2", 1.0, marks=needs_math_verify),
+        ("Answer: 1,000", "1000", 1.0),
+        (r"\boxed{41}", "42", 0.0),
+        ("I do not know", "42", 0.0),
+    ],
+)
 def test_math_reward_compares_mathematically(response: str, answer: str, reward: float) -> None:
     assert math_reward(response, _prompt(answer)) == reward
 
