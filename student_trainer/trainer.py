@@ -214,10 +214,10 @@ class Trainer:
             else:
                 stale.append(group)
                 self.metrics.rollouts.labels("dropped_stale").inc(len(group))
-        dropped = {id(g) for g in stale}
+        dropped = {g[0].group_id for g in stale}  # by group id: this rank's share may hold parts of a split group
         batch.dropped_stale = sum(len(g) for g in stale)
-        trained = [g for g in batch.groups if id(g) not in dropped]
-        return trained, [g for g in batch.mine if id(g) not in dropped], stale
+        trained = [g for g in batch.groups if g[0].group_id not in dropped]
+        return trained, [g for g in batch.mine if g[0].group_id not in dropped], stale
 
     # -- the step -------------------------------------------------------------------------------
 

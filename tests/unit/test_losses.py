@@ -365,3 +365,12 @@ def test_student_logprobs_below_the_floor_get_no_gradient_and_match_the_referenc
     assert (torch.log_softmax(logits, -1) < FLOOR).any()
     got = chunked_loss(hidden, weight, bias, inputs, teacher, cfg)
     assert_matches(got[:4], reference_loss(hidden, weight, bias, inputs, teacher, cfg), **TOL64)
+
+
+@pytest.mark.parametrize("divergence,support", VARIANTS)
+def test_row_blocks_within_a_chunk_equal_the_reference(divergence, support):
+    """block_budget_mib this small makes blocks of one row: the chunk's d logits are written back block by block."""
+    hidden, weight, bias, inputs, teacher = make_batch(seed=21)
+    cfg = LossConfig(divergence=divergence, support=support, chunk_size=5, block_budget_mib=1e-4)
+    got = chunked_loss(hidden, weight, bias, inputs, teacher, cfg)
+    assert_matches(got[:4], reference_loss(hidden, weight, bias, inputs, teacher, cfg), **TOL64)
