@@ -201,7 +201,9 @@ class OpsServer:
                 f"ops port {self._host}:{self._port} is not available ({exc}); choose another with the ops port option"
             ) from exc
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off")
+        config = uvicorn.Config(
+            self.app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5
+        )
         config.load()
         if self._ssl is not None:
             config.ssl = self._ssl.context  # uvicorn passes it to create_server for the given socket
@@ -222,4 +224,9 @@ class OpsServer:
     async def stop(self) -> None:
         if self._server is not None and self._task is not None:
             self._server.should_exit = True
-            await asyncio.wait_for(self._task, timeout=10)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout=5)
+            except TimeoutError:
+                # a client still holds a kept-alive (e.g. TLS) connection: stop waiting for it to close
+                self._server.force_exit = True
+                await asyncio.wait_for(self._task, timeout=5)

@@ -3,12 +3,14 @@ SDPA and compiled flex_attention) against the same sequences one at a time. Skip
 
 Tolerances. The loss: float32 on the GPU vs the float64 reference, TOL32 of tests/unit/test_losses.py (the
 same bound the eager CPU path meets). Attention: float32, unit roundoff u = 6e-8. Each per-token term passes
-through two layers whose dot products (length 8) and softmax sums (<= 20 keys) round O(30) times, ~100 u per
+through two layers whose dot products (length 16) and softmax sums (<= 20 keys) round O(30) times, ~100 u per
 term; a gradient element sums n <= 100 of them with independent rounding errors, ~sqrt(n) * 100 u ~ 6e-5 of
 its scale. atol = 1e-4 x scale; a token attending across sequences moves its terms by O(1).
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -32,9 +34,7 @@ def _on_cuda(batch):
     hidden, weight, bias, inputs, teacher = batch
     cuda = torch.device("cuda")
     moved = type(inputs)(**{k: None if v is None else v.to(cuda) for k, v in vars(inputs).items()})
-    teacher = type(teacher)(
-        **{k: v.to(cuda) if isinstance(v, torch.Tensor) else v for k, v in vars(teacher).items()}
-    )
+    teacher = type(teacher)(**{k: v.to(cuda) if isinstance(v, torch.Tensor) else v for k, v in vars(teacher).items()})
     return hidden.float().to(cuda), weight.float().to(cuda), bias.float().to(cuda), moved, teacher
 
 
@@ -56,10 +56,8 @@ def test_compiled_loss_on_cuda_matches_the_float64_reference(divergence, support
 def test_packed_attention_on_cuda_equals_the_sequences_one_at_a_time(path):
     from student_trainer.batching import build_micro_batch
 
-    model = tiny_student("qwen2")
-    model = type(model).from_config(model.config, dtype=torch.float32).cuda()  # float32 copy on the GPU
-    model.load_state_dict({k: v.float() for k, v in tiny_student("qwen2").state_dict().items()})
-    model.config._attn_implementation = tiny_student("qwen2").config._attn_implementation
+    # a float32 copy on the GPU; head_dim 16, the smallest flex_attention's kernels take
+    model = copy.deepcopy(tiny_student("qwen2", head_dim=16)).float().cuda()
     groups, scores = rollouts()
     config = LossConfig(divergence="fkl", rl_weight=0.5, reward_softmax={"enabled": True}, chunk_size=7)
     sample_weights, advantages = step_terms(groups, config)

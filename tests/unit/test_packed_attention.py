@@ -22,7 +22,7 @@ import torch
 
 from protos.records import RolloutRecord
 from student_trainer import attention
-from student_trainer.batching import build_micro_batch, teacher_scores_for
+from student_trainer.batching import build_micro_batch, scores_to, teacher_scores_for
 from student_trainer.loss.config import LossConfig
 from student_trainer.loss.planning import Denominators, count_denominators, sequence_weights, step_denominators
 from student_trainer.model import StudentLoss
@@ -35,17 +35,17 @@ PATHS = ["mask", "sdpa"] + (["flex"] if torch.cuda.is_available() else [])  # fl
 
 
 @functools.cache
-def tiny_student(arch: str) -> torch.nn.Module:
+def tiny_student(arch: str, head_dim: int = 8) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     common = dict(
         vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=4 * head_dim,
+        intermediate_size=8 * head_dim,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=8,
+        head_dim=head_dim,
         max_position_embeddings=128,
         tie_word_embeddings=False,
     )
@@ -112,7 +112,7 @@ def run(model, micro_batches, scores, config: LossConfig, path: str) -> tuple[fl
     denominators = step_denominators(total, config)
     loss_sum = 0.0
     for mb in micro_batches:
-        teacher = teacher_scores_for(mb.records, scores)
+        teacher = scores_to(teacher_scores_for(mb.records, scores), mb.input_ids_1T.device)
         loss, _ = root(mb, teacher, 0, denominators)
         loss.backward()
         loss_sum += float(loss.detach())
