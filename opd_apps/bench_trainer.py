@@ -75,6 +75,9 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--response-len", type=int, help="response tokens per rollout (default 96)")
     p.add_argument("--top-k", type=int, default=20, help="teacher top-k the trainer asks for")
     p.add_argument("--depths", type=int, nargs="+", help="prefetch depths to measure (default 0 1 2)")
+    p.add_argument(
+        "--timeout-s", type=float, default=900.0, help="give up on a depth whose trainer has not finished by then"
+    )
     p.add_argument("--teacher-cores", default="1", help="taskset cores of the teacher")
     p.add_argument("--trainer-cores", default="0", help="taskset cores of the trainer")
     p.add_argument(
@@ -126,7 +129,7 @@ async def _push_rollouts(url: str, namespace: str, args: argparse.Namespace, voc
             n = args.response_len
             payloads.append(
                 RolloutRecord(
-                    rollout_id=f"g{g}s{s}",
+                    rollout_id=f"p{g}@bench/{s}",  # `{prompt id}@{entry}/{sample index}`, as workers name them
                     prompt_id=f"p{g}",
                     group_id=f"p{g}",
                     group_size=args.group_size,
@@ -189,7 +192,17 @@ def _run_depth(
         "--log-level",
         "WARNING",
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        out = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=args.timeout_s
+        )
+    except subprocess.TimeoutExpired as exc:
+        tail = (exc.stderr or b"")[-3000:]
+        raise RuntimeError(
+            f"opd train did not finish {steps} steps within --timeout-s {args.timeout_s:g} at depth {depth} "
+            f"(the rollouts it waits for may have been dead-lettered: see {namespace}:dead); its log:\n"
+            + (tail.decode(errors="replace") if isinstance(tail, bytes) else tail)
+        ) from None
     if out.returncode != 0:
         raise RuntimeError(f"opd train failed at depth {depth}:\n{out.stderr[-3000:]}")
     rows = [tuple(map(float, m.groups())) for m in _LINE.finditer(out.stdout)][1:]  # drop the warm-up step

@@ -190,10 +190,21 @@ class PromptFeeder:
             return False
         self.state = "feeding"
         if chunk:
-            entry_ids = await self._source.prompts.send_many([r.encode() for r in chunk])
+            # Open before the XADD: a worker can sample a prompt and the rollout source read its rollouts before
+            # this coroutine resumes (the I/O loop runs both, and a busy step delays it), and a rollout of a
+            # prompt that is not open is refused and acknowledged, never trained.
             now = time.monotonic()
+            for record in chunk:
+                self.ledger.fed(record.prompt_id, None, now)
+            try:
+                entry_ids = await self._source.prompts.send_many([r.encode() for r in chunk])
+            except BaseException:
+                for record in chunk:  # not fed (as far as we know): fed again by the next call
+                    self.ledger.open.pop(record.prompt_id, None)
+                raise
             for record, entry_id in zip(chunk, entry_ids, strict=True):
-                self.ledger.fed(record.prompt_id, entry_id, now)
+                if (opened := self.ledger.open.get(record.prompt_id)) is not None:
+                    opened.entry_id = entry_id
                 self._entry_prompt[entry_id] = record.prompt_id
         self.position = cursor
         return True

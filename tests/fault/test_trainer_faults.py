@@ -52,18 +52,10 @@ def _check_final_checkpoint(pipeline, code: int | None, fault_at: float) -> floa
     return round(exit_s, 2)
 
 
-# Open trainer defect this test catches in some runs (1 of the last 2 here, 2026-11-27): after the resume, a group
-# of an open prompt (q20, fed once by the resumed run, sampled once) was read by the trainer and acknowledged and
-# deleted in a MULTI of its own before the trainer's next read, while step 10 ran: not trained, not stale, not fed
-# again, not recorded lost; the final checkpoint still lists q20 as open with 0 refeeds (a resumed run would feed
-# it again; this run would have waited `data.group_timeout_s` for it). Read from the Redis AOF of that run. The
-# read-then-ack pattern matches `RolloutSource.poll` refusing it (`PromptFeeder.accepts` false) or the consumer's
-# duplicate path (its key already in `seen`). Failure: "2 fed keys neither trained, in flight nor recorded lost".
-@pytest.mark.xfail(
-    strict=False,
-    reason="open defect (RELIABILITY.md, Trainer): after a resume a rollout can be read and acked without being "
-    "trained, dropped, re-fed or recorded lost; failed 1 of the last 2 runs",
-)
+# Caught a defect in 1 of 2 runs (2026-11-27): a group of a prompt the resumed trainer fed was read and
+# acknowledged without being trained, dropped, re-fed or recorded lost ("2 fed keys neither trained, in flight nor
+# recorded lost"): the feeder opened the prompt only after its XADD returned, and the rollout source refused the
+# group as a late copy. Fixed in the feeder; tests/integration/test_feeder_open_before_send.py reproduces it.
 def test_trainer_kill9_resumes_without_loss_or_double_training(pipeline, shared_teacher):
     # Ten steps: after resuming from step 3 the run outlasts the backlog the dead run left (about max_inflight
     # groups), so a prompt fed a second time would be trained a second time within the run.

@@ -61,7 +61,7 @@ def test_a_killed_workers_prompt_is_reclaimed_by_its_replacement_and_trained_onc
 ):
     teacher = start_teacher(tiny_model_dir, "hf")
     # 2 steps of 4 groups train 8 prompts; the trainer's prefetch pulls one batch beyond its last step, so
-    # 4 more are fed. The killed worker's prompt is the replacement's first group: it lands in step 1 or 2.
+    # 4 more are fed. The killed worker's prompt is the replacement's first group: it lands in step 1.
     prompts = pipeline.write_prompts(tmp_path / "train.jsonl", 12, "What is {i} + {i}?")
     args = pipeline.train_args(
         tiny_model_dir, teacher.address, redis_url, namespace, tmp_path,
@@ -80,6 +80,13 @@ def test_a_killed_workers_prompt_is_reclaimed_by_its_replacement_and_trained_onc
             await asyncio.sleep(0.05)
         os.kill(doomed.pid, signal.SIGKILL)
         killed_at = time.monotonic()
+        # The replacement starts once A's heartbeat has expired, so its first read claims A's prompt before any
+        # new one: the held group is certain to be among the 8 the trainer's 2 steps take. (Started earlier, it
+        # can fill both steps with new prompts before the heartbeat TTL runs out.)
+        a_alive = alive_key(keys.prompts, PROMPT_GROUP, "A-0")
+        while await redis.exists(a_alive):
+            assert time.monotonic() < killed_at + 120, "A's heartbeat never expired"
+            await asyncio.sleep(0.05)
         replacement = _worker(tiny_model_dir, redis_url, namespace, "B", hang=False)
         b_alive, up_s = alive_key(keys.prompts, PROMPT_GROUP, "B-0"), None
         while (owner := await _owner(redis, keys, held[0])) == "A-0":
