@@ -42,10 +42,11 @@ class TeacherPrefetch:
         self.scores, self.depth, self.max_bytes = scores, depth, max_bytes
         self._pending: collections.deque[Batch] = collections.deque()
 
-    def next(self, pull: Callable[[], Batch]) -> Batch:
-        """The next batch to train; first tops the queue up to `depth` + 1 batches and requests the scores of
-        as many as fit the byte cap, in order."""
-        while len(self._pending) < self.depth + 1:
+    def next(self, pull: Callable[[], Batch], remaining: int | None = None) -> Batch:
+        """The next batch to train; first tops the queue up to `depth` + 1 batches (at most the `remaining` steps
+        of the run: a batch pulled beyond the last step would hold its groups, untrained, until the end) and
+        requests the scores of as many as fit the byte cap, in order."""
+        while len(self._pending) < min(self.depth + 1, max(1, remaining if remaining is not None else self.depth + 1)):
             self._pending.append(pull())
         head = self._pending.popleft()
         self._request(head)  # the batch about to train: always

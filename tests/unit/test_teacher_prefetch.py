@@ -74,3 +74,19 @@ def test_the_batch_about_to_train_is_requested_however_large():
     prefetch = TeacherPrefetch(source, depth=1, max_bytes=1_000)
     head = prefetch.next(puller(batch("huge", 50), batch("next", 5)))
     assert head.requested and source.requested == ["huge"]  # "next" (5 kB) is over the 1 kB cap: it waits
+
+
+def test_no_batch_is_pulled_beyond_the_runs_last_step():
+    source = FakeSource(per_token=1000)
+    prefetch = TeacherPrefetch(source, depth=2)
+    pulled: list[str] = []
+    queue = [batch(f"b{i}", 10) for i in range(5)]
+
+    def pull() -> Batch:
+        pulled.append(queue[0].mine[0][0].rollout_id)
+        return queue.pop(0)
+
+    assert prefetch.next(pull, remaining=2).mine[0][0].rollout_id == "b0"  # two steps left: b0 and b1 only
+    assert pulled == ["b0", "b1"]
+    assert prefetch.next(pull, remaining=1).mine[0][0].rollout_id == "b1"  # the last step: nothing more
+    assert pulled == ["b0", "b1"]
