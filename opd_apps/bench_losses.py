@@ -18,7 +18,9 @@ Peak extra memory is the growth of peak RSS during the step on CPU (VmHWM,
 reset through /proc/self/clear_refs) or `torch.cuda.max_memory_allocated`
 growth on CUDA; it includes the weight gradient every method produces.
 Inputs (hidden, lm-head weight, teacher scores) exist before the step and are
-not counted. Time is the median of CUDA-event timings on CUDA (default 20
+not counted. On CPU every method runs under the trainer's CPU settings
+(`student_trainer.model.tune_cpu_runtime`: denormals flushed, a fixed malloc
+mmap threshold). Time is the median of CUDA-event timings on CUDA (default 20
 steps after a full-size warm-up, which also compiles), the best wall time on
 CPU (default 2 steps). It prints a markdown table and one `ratio` line per
 size, each against (b) measured in the same run. Needs torch, pydantic and
@@ -192,6 +194,10 @@ def _worker(spec: dict) -> dict:
     import torch
 
     device = torch.device(spec["device"])
+    if device.type == "cpu":  # every method runs under the settings the trainer uses on CPU
+        from student_trainer.model import tune_cpu_runtime
+
+        tune_cpu_runtime()
     inputs = _make_inputs(spec, device)
     step = _make_step(spec, inputs)
     if device.type == "cuda":  # full size: kernels, cuBLAS workspaces and the compiled block math

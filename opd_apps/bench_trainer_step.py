@@ -206,7 +206,9 @@ def _make_step(spec: dict, device):
     root = StudentLoss(lm, loss_config, "sdpa" if spec["path"] == "mask" else spec["path"])
     optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-6)
     if device.type == "cpu":
-        torch.set_flush_denormal(True)  # as the trainer does (student_trainer.model.init_distributed)
+        from student_trainer.model import tune_cpu_runtime
+
+        tune_cpu_runtime()  # as the trainer does on CPU (student_trainer.model.init_distributed)
 
     def step(tokens: int) -> int:
         mb = build_micro_batch(_groups(tokens, spec["sequences"], vocab), {}, block_mask=spec["path"] == "mask")

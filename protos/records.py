@@ -23,10 +23,13 @@ import numpy as np
 
 # Schema 2 of prompt and rollout records added the optional `teacher` (the prompt's domain, which picks the
 # teacher that scores its rollouts); schema 1 records still decode (teacher None).
+# Schema 3 of rollout records added `sampling_temperature` and `sampling_top_p` (the worker's sampling settings,
+# which the trainer checks against its loss); schema 1 and 2 records still decode, with both None ("not
+# recorded": the trainer cannot check them and says so once in its log).
 PROMPT_SCHEMA = 2
-ROLLOUT_SCHEMA = 2
+ROLLOUT_SCHEMA = 3
 POLICY_SCHEMA = 1
-READ_SCHEMAS = {"prompt record": (1, 2), "rollout record": (1, 2), "policy announcement": (1,)}
+READ_SCHEMAS = {"prompt record": (1, 2), "rollout record": (1, 2, 3), "policy announcement": (1,)}
 SPLITS = ("train", "eval")
 _TEACHER_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -70,6 +73,21 @@ def _teacher(obj: Mapping[str, Any], kind: str) -> str | None:
     if name is not None and not _TEACHER_NAME.match(name):
         raise RecordError(f"{kind}.teacher: expected 1-64 of [A-Za-z0-9_.-], got {name!r:.80}")
     return name
+
+
+def _optional_float(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _sampling(obj: Mapping[str, Any], kind: str, name: str, upper: float | None) -> float | None:
+    """An optional sampling setting (schema >= 3): a positive number (at most `upper`), or nil."""
+    value = _typed(obj, kind, name, (float, int), nullable=True)
+    if value is None:
+        return None
+    if not value > 0 or (upper is not None and value > upper) or value != value or value == float("inf"):
+        bound = f"in (0, {upper:g}]" if upper is not None else "> 0 and finite"
+        raise RecordError(f"{kind}.{name}: must be {bound}, got {value!r}")
+    return float(value)
 
 
 def _check_keys(obj: Mapping[str, Any], kind: str, required: set[str], optional: set[str]) -> None:
@@ -214,6 +232,8 @@ class RolloutRecord:
     policy_version: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
     teacher: str | None = None  # the prompt's domain: which of several teachers scores it (None: the default)
+    sampling_temperature: float | None = None  # the sampler's temperature (None: not recorded, schema < 3)
+    sampling_top_p: float | None = None  # the sampler's nucleus mass, 1 = off (None: not recorded, schema < 3)
 
     @property
     def num_response_tokens(self) -> int:
@@ -247,6 +267,8 @@ class RolloutRecord:
                 "policy_version": int(self.policy_version),
                 "meta": self.meta,
                 "teacher": self.teacher,
+                "sampling_temperature": _optional_float(self.sampling_temperature),
+                "sampling_top_p": _optional_float(self.sampling_top_p),
             },
             use_bin_type=True,
         )
@@ -271,7 +293,9 @@ class RolloutRecord:
                 "behaviour_logprobs",
                 "policy_version",
             },
-            {"reward", "meta"} | ({"teacher"} if schema >= 2 else set()),
+            {"reward", "meta"}
+            | ({"teacher"} if schema >= 2 else set())
+            | ({"sampling_temperature", "sampling_top_p"} if schema >= 3 else set()),
         )
         arrays = {
             name: _array(obj, kind, name, dtype)
@@ -296,6 +320,8 @@ class RolloutRecord:
             policy_version=_positive_int(obj, kind, "policy_version", 0),
             meta=_typed(obj, kind, "meta", (dict,), nullable=True) or {},
             teacher=_teacher(obj, kind),
+            sampling_temperature=_sampling(obj, kind, "sampling_temperature", upper=None),
+            sampling_top_p=_sampling(obj, kind, "sampling_top_p", upper=1.0),
             **arrays,
         )
 

@@ -225,18 +225,20 @@ class RolloutWorker:
             self.backend, prompt_ids, params, request_id=f"{entry_id}/{index}", toolbox=toolbox, limits=limits
         )
 
-    async def _reward(self, text: str, record: PromptRecord) -> float | None:
+    async def _reward(self, text: str, record: PromptRecord) -> tuple[float | None, str | None]:
+        """(reward, why there is none): a reward that times out or raises is None, never 0 (the trainer leaves
+        it out of every reward-based term), with the exception's type as the reason."""
         if self.reward_fn is None:
-            return None
+            return None, None
         try:
             reward = await asyncio.wait_for(
                 asyncio.to_thread(self.reward_fn, text, record), self.config.reward.timeout_s
             )
-            return None if reward is None else float(reward)
+            return (None, None) if reward is None else (float(reward), None)
         except Exception as exc:  # noqa: BLE001 - a reward failure costs the reward, not the rollout
             self.metrics.reward_failures.inc()
             log.warning("reward failed for %s: %s: %s", record.prompt_id, type(exc).__name__, exc)
-            return None
+            return None, type(exc).__name__
 
     async def _records(
         self, entry: Entry[PromptRecord], prompt_ids: list[int], episodes: list[Episode], latency_s: float
@@ -259,6 +261,9 @@ class RolloutWorker:
             }
             if ep.tool_log:
                 meta["tools"] = [name for name, _ in ep.tool_log]
+            reward, reward_error = await self._reward(text, record)
+            if reward_error is not None:  # timed out (TimeoutError) or raised: the reward is None, not 0
+                meta["reward_error"] = reward_error
             out.append(
                 RolloutRecord(
                     rollout_id=f"{group_id}/{i}",
@@ -270,10 +275,12 @@ class RolloutWorker:
                     response_ids=np.asarray(ep.response_ids, np.int32),
                     response_mask=np.asarray(ep.response_mask, np.uint8),
                     behaviour_logprobs=np.asarray(ep.logprobs, np.float32),
-                    reward=await self._reward(text, record),
+                    reward=reward,
                     policy_version=ep.policy_version,
                     meta=meta,
                     teacher=record.teacher,  # the prompt's domain picks the teacher that scores it
+                    sampling_temperature=s.temperature,  # the trainer checks them against its loss
+                    sampling_top_p=s.top_p,
                 )
             )
         return out

@@ -36,9 +36,29 @@ def _progress(trainer, stats: dict[str, float]) -> None:
         f"step {s.step}/{s.max_steps}  loss {stats.get('loss', float('nan')):+.4f}  "
         f"kl {stats.get('mean_divergence', float('nan')):.4f}  tok/s {s.tokens_per_s:,.0f}  "
         f"teacher wait {stats['teacher_wait_s']:.2f}s  data wait {stats['data_wait_s']:.2f}s  "
-        f"compute {stats['compute_s']:.2f}s  tokens {stats.get('tokens', 0):.0f}  v{s.policy_version}",
+        f"compute {stats['compute_s']:.2f}s  tokens {stats.get('tokens', 0):.0f}  v{s.policy_version}"
+        f"{_diagnostics(stats)}",
         flush=True,
     )
+
+
+def _diagnostics(stats: dict[str, float]) -> str:
+    """The step line's recipe diagnostics: the teacher's entropy over top-k + tail (a lower bound, hence >=),
+    p_T of the sampled token, share in the teacher's top-k, pass rate and missing rewards (when measured)."""
+    parts = []
+    for key, label in (
+        ("teacher_entropy_topk_tail", "H_T>="),
+        ("teacher_p_sampled", "p_T"),
+        ("sampled_in_teacher_topk", "in_topk"),
+        ("reference_kl", "kl_ref"),
+        ("pass_rate", "pass"),
+    ):
+        value = stats.get(key)
+        if value is not None and value == value:
+            parts.append(f"{label} {value:.3f}")
+    if stats.get("rewards_missing"):
+        parts.append(f"no_reward {stats['rewards_missing']:.0f}")
+    return "  " + "  ".join(parts) if parts else ""
 
 
 def _on_sigterm(stop, grace_s: float) -> None:

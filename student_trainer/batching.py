@@ -4,7 +4,8 @@ Owns: splitting a step's groups across ranks and packing them into
 micro-batches up to a token budget (a group that fits is kept whole; a larger
 one is split by sequence, so one group of 8 x 12k tokens spreads over
 micro-batches and ranks; a single sequence longer than the budget gets a
-micro-batch of its own, one longer than the model's context is refused), and
+micro-batch of its own, one longer than the model's context is left out with
+an error that says so), and
 building one micro-batch's tensors: the packed token row, position ids
 restarting at each sequence, the sequence bounds the packed attention reads
 (or, for the reference path, a block-diagonal causal `[T, T]` mask), the rows
@@ -31,8 +32,9 @@ if TYPE_CHECKING:
 Group = list["RolloutRecord"]
 
 
-class SequenceTooLong(ValueError):
-    """A rollout longer than the student's context (it cannot be trained at all)."""
+def reward_value(record: RolloutRecord) -> float:
+    """The record's reward as a float; NaN when it has none (timed out, raised, no reference answer), never 0."""
+    return math.nan if record.reward is None else float(record.reward)
 
 
 def sequence_tokens(record: RolloutRecord) -> int:
@@ -43,17 +45,27 @@ def group_tokens(group: Group) -> int:
     return sum(sequence_tokens(r) for r in group)
 
 
-def check_lengths(groups: Iterable[Group], max_model_len: int) -> None:
-    """Raise SequenceTooLong naming the first rollout longer than `max_model_len` tokens."""
+def without_too_long(groups: Iterable[Group], max_model_len: int) -> tuple[list[Group], list[RolloutRecord]]:
+    """(the groups without rollouts longer than `max_model_len` tokens, those rollouts)."""
+    kept: list[Group] = []
+    too_long: list[RolloutRecord] = []
     for group in groups:
-        for r in group:
-            if sequence_tokens(r) > max_model_len:
-                raise SequenceTooLong(
-                    f"rollout {r.rollout_id!r} has {sequence_tokens(r)} tokens (prompt {len(r.prompt_ids)} + "
-                    f"response {len(r.response_ids)}), more than the student's context of {max_model_len}; "
-                    "cap the rollout workers' response length (sampling.max_tokens) or use a student with a "
-                    "longer max_position_embeddings"
-                )
+        long = [r for r in group if sequence_tokens(r) > max_model_len]
+        too_long += long
+        if not long:
+            kept.append(group)
+        elif len(long) < len(group):
+            kept.append([r for r in group if sequence_tokens(r) <= max_model_len])
+    return kept, too_long
+
+
+def too_long_message(record: RolloutRecord, max_model_len: int) -> str:
+    return (
+        f"rollout {record.rollout_id!r} has {sequence_tokens(record)} tokens (prompt {len(record.prompt_ids)} + "
+        f"response {len(record.response_ids)}), more than the student's context of {max_model_len}: not trained; "
+        "cap the rollout workers' response length (sampling.max_tokens) or use a student with a longer "
+        "max_position_embeddings"
+    )
 
 
 def _units(groups: Sequence[Group], limit: float) -> list[Group]:
@@ -195,7 +207,7 @@ def build_micro_batch(
         loss_weights=torch.from_numpy(np.concatenate(weights)),
         cu_seqlens=torch.tensor(cu, dtype=torch.long),
         group_ids=torch.tensor([group_index[r.group_id] for r in records], dtype=torch.long),
-        rewards=torch.tensor([0.0 if r.reward is None else float(r.reward) for r in records], dtype=torch.float32),
+        rewards=torch.tensor([reward_value(r) for r in records], dtype=torch.float32),
         behaviour_logprobs=torch.from_numpy(np.concatenate(behaviour)),
         sample_weights=per_sequence(sample_weights),
         advantages=per_sequence(advantages),

@@ -26,6 +26,12 @@ from student_trainer.loss.registry import TeacherNeed, divergence_need, selectio
 
 
 class TeacherEndpointConfig(ConfigModel):
+    enabled: bool = Field(
+        True,
+        description="false: pure RL, no teacher is asked (the `none` score source; addresses are ignored): needs "
+        "loss.distill_weight=0 and loss.rl_weight>0 (GRPO, optionally with loss.kl); eval rounds then report "
+        "rewards without a divergence",
+    )
     addresses: list[str] = Field(
         default_factory=lambda: ["127.0.0.1:50051"],
         description="teacher addresses, balanced: gRPC (host:port or dns:///name:port), or http(s)://host:port "
@@ -120,6 +126,12 @@ class BatchConfig(ConfigModel):
         description="attention over a packed micro-batch: sdpa = causal SDPA per sequence (flash kernels on CUDA, "
         "memory linear in tokens), flex = compiled flex_attention with a document mask (CUDA only), mask = dense "
         "[T, T] mask (reference; quadratic memory); auto = sdpa",
+    )
+    sampling_mismatch: Literal["refuse", "warn"] = Field(
+        "refuse",
+        description="a rollout whose recorded sampling temperature differs from loss.student_temperature, or whose "
+        "top-p is below 1: 'refuse' stops the run with an error naming both values (the rollout stays in Redis, "
+        "unacknowledged); 'warn' logs it once per setting and trains on it",
     )
     prefetch_max_mib: float = Field(
         4096.0,
@@ -269,6 +281,8 @@ class TrainerConfig(ConfigModel):
                 f"the teacher's top-k log-probs: {', or '.join(fixes)}"
             )
         _check_teacher_sources(self)
+        if not self.teacher.enabled:
+            _check_no_teacher(self)
         return self
 
     def _readers(self, need: TeacherNeed) -> str:
@@ -324,3 +338,14 @@ def _check_teacher_sources(config: TrainerConfig) -> None:
                 f"loss.divergence={config.loss.divergence!r} trains on the student's own samples (a policy "
                 f"gradient); offline scores need a top-k divergence (fkl, rkl or jsd with loss.support=topk)"
             )
+
+
+def _check_no_teacher(config: TrainerConfig) -> None:
+    """teacher.enabled=false (pure RL): nothing may need a teacher's scores."""
+    if config.loss.distill_weight != 0.0:
+        raise ValueError(
+            f"teacher.enabled=false asks no teacher, but loss.distill_weight={config.loss.distill_weight} trains on "
+            "teacher scores: set loss.distill_weight=0 and loss.rl_weight>0 (GRPO), or enable the teacher"
+        )
+    if config.teachers or config.teacher.scores_file:
+        raise ValueError("teacher.enabled=false asks no teacher: leave `teachers` and teacher.scores_file unset")

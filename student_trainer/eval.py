@@ -5,9 +5,12 @@ published last, V: it feeds the eval prompts (ids tagged `@eval{round}`), and tr
 samples are in, so no newer version is announced meanwhile. Every sample must come from V: a group with a
 sample of another version (a worker that had not loaded V yet) is rejected and its prompt fed again (tag
 `@eval{round}.{attempt}`). When every prompt has a group of V, their teacher scores are fetched and the round is
-reported: pass@1 (share of samples with reward > 0), mean reward (mean@k over the group), the per-token sampled
-reverse KL to the teacher, mean(log p_S(y) - log p_T(y)) with the student's log-probs taken at sampling time
-(the behaviour log-probs; exact for sampling temperature 1), `policy_version` V and `rejected_samples`. A round
+reported: pass@1 (share of the samples with a reward whose reward > loss.pass_threshold), mean reward (mean@k
+over the group), samples without a reward (`rewards_missing`), the per-token sampled reverse KL to the teacher,
+mean(log p_S(y) - log p_T(y)) with the student's log-probs taken at sampling time (the behaviour log-probs; exact
+for sampling temperature 1), the teacher-token diagnostics (`student_trainer.diagnostics`: teacher entropy over
+top-k + tail, a lower bound; p_T of the sampled token; share inside the teacher's top-k), the tool episodes'
+token and turn counts, `policy_version` V and `rejected_samples`. A round
 gives up (reported with `complete: false` and the reason) after `eval.round_timeout_s`, or at once when
 `{ns}:policy` announces a version newer than V (left by an earlier run: workers will not sample V again).
 
@@ -33,6 +36,7 @@ from opd.loop_thread import LoopThread
 from opd.stream_consumer import sample_key
 from protos.records import PromptRecord, RolloutRecord
 from student_trainer.data import RolloutSource
+from student_trainer.diagnostics import TEACHER_KEYS, TokenSums, record_teacher_sums, tool_stats
 from student_trainer.score_source import ScoreSource
 from student_trainer.waits import Waiter
 
@@ -40,20 +44,30 @@ log = logging.getLogger(__name__)
 _TAG = "@eval"
 
 
-def eval_report(records: list[RolloutRecord], scores: dict) -> dict[str, float]:
-    """pass@1, mean reward and the per-token sampled reverse KL of one round's rollouts."""
+def eval_report(records: list[RolloutRecord], scores: dict, pass_threshold: float = 0.0) -> dict[str, float]:
+    """pass@1, mean reward, the per-token sampled reverse KL and the teacher-token diagnostics of one round's
+    rollouts (`diagnostics`: teacher entropy over top-k + tail, a lower bound; p_T of the sampled token; share
+    inside the teacher's top-k), its tool episodes, and the samples without a reward (left out of pass@1 and
+    the mean). Rollouts without scores (no teacher: `teacher.enabled=false`) have no divergence."""
     rewards = [r.reward for r in records if r.reward is not None]
-    diffs = []
+    diffs, teacher = [], TokenSums()
     for r in records:
+        if r.rollout_id not in scores:
+            diffs.append(np.zeros(0))
+            continue
         mask = r.response_mask.astype(bool)
         diffs.append((r.behaviour_logprobs[mask] - scores[r.rollout_id].token_logprobs[mask]).astype(np.float64))
+        teacher.merge(record_teacher_sums(r, scores[r.rollout_id]))
     tokens = np.concatenate(diffs) if diffs else np.zeros(0)
     report = {
         "samples": float(len(records)),
-        "pass_at_1": float(np.mean([x > 0 for x in rewards])) if rewards else math.nan,
+        "pass_at_1": float(np.mean([x > pass_threshold for x in rewards])) if rewards else math.nan,
         "mean_reward": float(np.mean(rewards)) if rewards else math.nan,
+        "rewards_missing": float(len(records) - len(rewards)),
         "divergence": float(tokens.mean()) if tokens.size else math.nan,
         "tokens": float(tokens.size),
+        **{key: teacher.means().get(key, math.nan) for key in TEACHER_KEYS},
+        **tool_stats(records),
     }
     domains = {r.teacher for r in records if r.teacher is not None}
     for domain in sorted(domains):  # several teachers: each domain's divergence to its own teacher
@@ -113,11 +127,14 @@ class EvalRounds:
         timeout_s: float,
         mark_used: Callable[[Iterable[str]], None],
         report: Callable[[int, dict], None],
+        pass_threshold: float = 0.0,
     ) -> None:
+        """`pass_threshold`: a reward above it is correct (pass@1); the trainer passes loss.pass_threshold."""
         self._io, self._source, self._scores, self._waiter = io, source, scores, waiter
         self._prompts, self._path = prompts, Path(run_dir) / "evals.jsonl"
         self._timeout_s = timeout_s
         self._mark_used, self._report = mark_used, report
+        self._pass_threshold = pass_threshold
 
     def run(self, step: int, version: int) -> dict | None:
         """One round of policy `version` (published at or before `step`; round id = step), to its end: the
@@ -132,7 +149,7 @@ class EvalRounds:
             report = {
                 "step": step,
                 "policy_version": version,
-                **eval_report(rnd.records, scores),
+                **eval_report(rnd.records, scores, self._pass_threshold),
                 "rejected_samples": float(rnd.rejected_samples),
             }
             self._write(report, rnd, complete=True)

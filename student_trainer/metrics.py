@@ -112,6 +112,35 @@ class TrainerMetrics:
             registry=r,
         )
 
+        self.teacher = {  # per-step teacher-token diagnostics (student_trainer.diagnostics), by stats key
+            "teacher_entropy_topk_tail": Gauge(
+                "opd_trainer_teacher_entropy_topk_tail_nats",
+                "mean teacher entropy over its top-k + tail bucket on the last step's tokens: a LOWER BOUND of "
+                "the teacher's full entropy",
+                registry=r,
+            ),
+            "teacher_p_sampled": Gauge(
+                "opd_trainer_teacher_p_sampled", "mean teacher probability of the sampled token, last step", registry=r
+            ),
+            "sampled_in_teacher_topk": Gauge(
+                "opd_trainer_sampled_in_teacher_topk_ratio",
+                "share of the last step's sampled tokens inside the teacher's top-k",
+                registry=r,
+            ),
+        }
+        self.rewards_missing = Counter(
+            "opd_trainer_rewards_missing_total",
+            "trained rollouts without a reward (timed out, raised, no reference): distilled, left out of every "
+            "reward-based term",
+            registry=r,
+        )
+
+    def observe_teacher(self, stats: dict[str, float]) -> None:
+        """The step's teacher diagnostics and missing rewards (keys absent: not measured this step)."""
+        for key, gauge in self.teacher.items():
+            gauge.set(stats.get(key, float("nan")))
+        self.rewards_missing.inc(stats.get("rewards_missing", 0.0))
+
     def observe_times(self, times: StepTimes) -> None:
         self.step_time.labels("data").observe(times.data_wait_s)
         self.step_time.labels("teacher").observe(times.teacher_wait_s)

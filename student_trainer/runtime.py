@@ -125,6 +125,7 @@ class TrainerRuntime:
                 timeout_s=cfg.eval.round_timeout_s,
                 mark_used=trainer.mark_used,
                 report=trainer.record_eval,
+                pass_threshold=cfg.loss.pass_threshold,
             )
         self._ready = True
         log.info(

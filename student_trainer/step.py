@@ -17,6 +17,16 @@ ranks). Groups larger than the token budget are split by sequence
 (`batching`). Every rank runs the same number of forward/backward passes
 (FSDP's collectives), padding with two-token zero-weight fillers. Skips the
 update when the gradient norm is not finite.
+
+Around the loss, per step: the sampling check (`sampling_check`: a rollout
+sampled at another temperature than the loss's stops the run, by default,
+before anything of the step is trained); the reference policy's log-probs
+for GRPO's KL penalty (`reference`, when `loss.kl.coef` > 0), on the same
+micro-batches; and the statistics beyond the loss (`diagnostics`: teacher
+entropy over top-k + tail, p_T of the sampled token, share inside the top-k,
+summed over micro-batches and ranks; rewards missing, pass rate and tool
+episodes from the step's records, the same on every rank). Without a teacher
+(`teacher.enabled=false`) the teacher-derived statistics are left out.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import collections
 import dataclasses
 import logging
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -33,21 +44,29 @@ from student_trainer.batching import (
     Group,
     MicroBatch,
     build_micro_batch,
-    check_lengths,
     filler_record,
     pack_groups,
     placeholder_scores,
+    reward_value,
     scores_to,
     teacher_scores_for,
+    too_long_message,
+    without_too_long,
 )
 from student_trainer.config import TrainerConfig
+from student_trainer.diagnostics import TEACHER_KEYS, reward_stats, teacher_token_sums, tool_stats
 from student_trainer.loss.inputs import TeacherScores
 from student_trainer.loss.planning import Denominators, count_denominators, sequence_weights, step_denominators
 from student_trainer.loss.registry import TeacherNeed, teacher_needs
 from student_trainer.model import DistInfo, StudentLoss
+from student_trainer.sampling_check import SamplingCheck
+
+if TYPE_CHECKING:
+    from student_trainer.reference import ReferencePolicy
 
 log = logging.getLogger(__name__)
-_MEAN_KEYS = ("mean_divergence", "student_entropy", "top1_agreement", "fraction_kept")
+_MEAN_KEYS = ("mean_divergence", "student_entropy", "top1_agreement", "fraction_kept", "reference_kl")
+_TEACHER_STATS = ("mean_divergence", "top1_agreement")  # meaningless without a teacher (placeholder scores)
 
 
 class StepRunner:
@@ -60,7 +79,9 @@ class StepRunner:
         info: DistInfo,
         top_k: int,
         teacher_temperature: float,
+        reference: ReferencePolicy | None = None,
     ) -> None:
+        """`reference`: the frozen initial student, needed when `loss.kl.coef` > 0 (`reference.build_reference`)."""
         self.root, self.optimizer, self.scheduler = root, optimizer, scheduler
         self.config, self.info = config, info
         self.top_k, self.temperature = top_k, teacher_temperature
@@ -69,15 +90,23 @@ class StepRunner:
         self.vocab_size = int(root.lm.get_output_embeddings().weight.shape[0])
         self.full_vocab = TeacherNeed.FULL in teacher_needs(config.loss)
         self.reference_mask = config.batch.attention == "mask"
+        self.dropped_too_long = 0  # rollouts of the last step longer than the student's context
+        if config.loss.kl.coef > 0 and reference is None:
+            raise ValueError("loss.kl.coef > 0 needs the reference policy: pass reference=build_reference(...)")
+        self.reference = reference
+        self.has_teacher = config.teacher.enabled
+        self.sampling = SamplingCheck(config.loss.student_temperature, config.batch.sampling_mismatch)
 
     def group_terms(self, groups: list[Group]) -> tuple[dict[str, float] | None, dict[str, float] | None]:
-        """Sample weights r and GRPO advantages by rollout id, over whole groups (None when unused)."""
+        """Sample weights r and GRPO advantages by rollout id, over the whole step's groups (None when unused).
+        `groups` are every rank's (the batch-wide softmax and PACED's mean read them all); a missing reward is
+        NaN here, never 0 (`weighting`)."""
         loss = self.config.loss
-        if not (loss.reward_softmax.enabled or loss.pass_rate.enabled or loss.rl_weight > 0):
-            return None, None
         records = [r for g in groups for r in g]
+        if not records or not (loss.reward_softmax.enabled or loss.pass_rate.enabled or loss.rl_weight > 0):
+            return None, None
         group_index = {g: i for i, g in enumerate(dict.fromkeys(r.group_id for r in records))}
-        rewards_S = torch.tensor([0.0 if r.reward is None else float(r.reward) for r in records], dtype=torch.float64)
+        rewards_S = torch.tensor([reward_value(r) for r in records], dtype=torch.float64)
         group_ids_S = torch.tensor([group_index[r.group_id] for r in records])
         weights_S, advantages_S = sequence_weights(rewards_S, group_ids_S, loss)
         ids = [r.rollout_id for r in records]
@@ -85,9 +114,14 @@ class StepRunner:
         return dict(zip(ids, weights_S.tolist(), strict=True)), advantages
 
     def micro_batches(self, groups: list[Group], mine: list[Group], weights: dict[str, float]) -> list[MicroBatch]:
-        """This rank's micro-batches; every rank gets the same count, padded with two-token fillers."""
-        check_lengths(mine, self.max_model_len)
-        sample_weights, advantages = self.group_terms(groups)
+        """This rank's micro-batches; every rank gets the same count, padded with two-token fillers. A rollout
+        longer than the student's context is left out (logged as an error, counted in `dropped_too_long`)."""
+        mine, too_long = without_too_long(mine, self.max_model_len)
+        for record in too_long:  # a bad record is reported, never fatal (it would come back after a restart)
+            log.error(too_long_message(record, self.max_model_len))
+        self.dropped_too_long = len(too_long)
+        trained, _ = without_too_long(groups, self.max_model_len)  # every rank's groups, as trained
+        sample_weights, advantages = self.group_terms(trained)
         bins = pack_groups(mine, self.config.batch.max_tokens_per_micro_batch)
         count = torch.tensor([len(bins)], device=self.info.device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
@@ -116,12 +150,18 @@ class StepRunner:
     ) -> dict[str, float]:
         """Accumulate the gradients of the step loss L; returns step statistics summed over ranks
         (`loss` is L itself; the means are weighted by trained tokens)."""
+        self.sampling.check(r for g in groups for r in g)  # every rank sees `groups`: all raise together
         micro = self.micro_batches(groups, mine, weights)
         denominators = self.denominators(micro)
         sums: dict[str, float] = collections.defaultdict(float)
+        sums["dropped_too_long"] = float(self.dropped_too_long)
         for mb in micro:
             teacher = self._teacher_for(mb, scores)
             mb = mb.to(self.info.device)
+            if self.has_teacher and not mb.filler:
+                self._add_teacher_sums(sums, mb, teacher)
+            if self.reference is not None:
+                mb = self.reference.with_logprobs(mb)
             loss, stats = self.root(mb, teacher, step, denominators)
             (loss * self.info.world_size).backward()  # FSDP averages over ranks; L is already the global mean
             sums["loss"] += stats.loss
@@ -135,11 +175,33 @@ class StepRunner:
         reduced = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.info.device)
         dist.all_reduce(reduced)
         totals = dict(zip(keys, reduced.tolist(), strict=True))
-        out = {"loss": totals.get("loss", 0.0), "tokens": totals.get("tokens", 0.0)}
-        for key in _MEAN_KEYS:
+        out = {k: totals.get(k, 0.0) for k in ("loss", "tokens", "dropped_too_long")}
+        for key in _MEAN_KEYS + TEACHER_KEYS:
             if totals.get(f"{key}#n"):
                 out[key] = totals[key] / totals[f"{key}#n"]
+        if not self.has_teacher:
+            for key in _TEACHER_STATS:
+                out.pop(key, None)
+        records, _ = without_too_long(groups, self.max_model_len)  # the same on every rank: no reduction
+        records = [r for g in records for r in g]
+        out.update(reward_stats(records, self.config.loss.pass_threshold))
+        out.update(tool_stats(records))
         return out
+
+    @staticmethod
+    def _add_teacher_sums(sums: dict[str, float], mb: MicroBatch, teacher: TeacherScores) -> None:
+        """The teacher-token diagnostics of a micro-batch's trained tokens, as sums and counts."""
+        token_sums = teacher_token_sums(
+            teacher.token_logprobs,
+            mb.inputs.target_ids,
+            mb.inputs.loss_weights > 0,
+            teacher.topk_ids,
+            teacher.topk_logprobs,
+            teacher.tail_logprobs,
+        )
+        for key, value in token_sums.sums.items():
+            sums[key] += value
+            sums[f"{key}#n"] += token_sums.counts[key]
 
     def _teacher_for(self, mb: MicroBatch, scores: dict) -> TeacherScores:
         if not mb.filler and all(r.rollout_id in scores for r in mb.records):

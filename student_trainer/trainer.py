@@ -94,8 +94,13 @@ class Trainer:
         scores.check(tokenizer_fingerprint(tokenizer), int(lm.get_output_embeddings().weight.shape[0]), config.model)
         self.root = shard_student(StudentLoss(lm, config.loss, config.batch.attention), config.dist, info.device)
         self.optimizer, self.scheduler = build_optimizer(self.root, config.optim, config.max_steps)
+        reference = None
+        if config.loss.kl.coef > 0:  # GRPO's KL penalty: the frozen initial student, sharded like the student
+            from student_trainer.reference import build_reference
+
+            reference = build_reference(config, info)
         self.runner = StepRunner(
-            self.root, self.optimizer, self.scheduler, config, info, scores.top_k, scores.temperature
+            self.root, self.optimizer, self.scheduler, config, info, scores.top_k, scores.temperature, reference
         )
         self.prefetch = TeacherPrefetch(
             scores, config.batch.prefetch_depth, max_bytes=int(config.batch.prefetch_max_mib * 2**20)
@@ -226,7 +231,7 @@ class Trainer:
         times = StepTimes()
         t0 = time.perf_counter()
         try:
-            batch = self.prefetch.next(self._pull)  # 1-2
+            batch = self.prefetch.next(self._pull, self.config.max_steps - self.step_no)  # 1-2
         except StopRequested:
             return self._stopping()
         times.data_wait_s = time.perf_counter() - t0
@@ -237,7 +242,7 @@ class Trainer:
             return self._stopping()
         trained, mine, stale = self._apply_staleness(batch)  # 5
         t2 = time.perf_counter()
-        stats = self.runner.forward_backward(batch.groups, mine, batch.weights, scores, self.step_no)  # 6
+        stats = self.runner.forward_backward(trained, mine, batch.weights, scores, self.step_no)  # 6
         grad_norm = self.runner.optimizer_step()  # 7
         if not math.isfinite(grad_norm):
             self.metrics.skipped_steps.inc()
@@ -324,6 +329,7 @@ class Trainer:
         m.tokens_per_s.set(tok_s)
         m.trained_tokens.inc(stats.get("tokens", 0.0))
         m.observe_times(times)
+        m.observe_teacher(stats)
         s = self.status
         s.step, s.policy_version, s.tokens_per_s = self.step_no, self.version, tok_s
         s.last_losses = {k: stats[k] for k in ("loss", "mean_divergence", "student_entropy") if k in stats}

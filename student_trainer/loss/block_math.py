@@ -43,6 +43,8 @@ class BlockSettings:
     importance: str
     clip_low: float
     clip_high: float
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
 
     @classmethod
     def of(cls, config: LossConfig) -> BlockSettings:
@@ -56,6 +58,8 @@ class BlockSettings:
             pg.importance,
             pg.clip_low,
             pg.clip_high,
+            config.kl.coef,
+            config.kl.estimator,
         )
 
 
@@ -74,6 +78,7 @@ class BlockRows:
     distill_advantage_C: Tensor | None  # discounted sampled-token advantage
     rl_advantage_C: Tensor | None  # GRPO advantage (None: no RL term)
     behaviour_C: Tensor | None  # behaviour log-probs when the importance ratio is on
+    reference_C: Tensor | None = None  # reference policy's log-prob of the target (KL penalty)
 
     def tensors(self) -> tuple[Tensor | None, ...]:
         return tuple(getattr(self, name) for name in self.__dataclass_fields__)
@@ -86,22 +91,25 @@ class BlockTerms(NamedTuple):
     entropy_C: Tensor  # student entropy, nats
     agree_C: Tensor  # 1 where argmax p_S == argmax p_T, nan if the teacher sent no distribution
     dlogits_CV: Tensor | None  # d (sum_i distill_scale_i distill_i + rl_scale_i rl_i) / d logits
+    kl_C: Tensor  # the KL penalty's estimate of KL(p_S || p_ref) per row (0 without one; part of rl_C)
 
 
 def block_terms(
     settings: BlockSettings,
     divergence_fn,
     sampled: bool,
+    inplace: bool,
     logits_CV: Tensor,
     reverse_weight: float,
     need_grad: bool,
     *row_tensors: Tensor | None,
 ) -> BlockTerms:
-    """Terms and d logits of one block. `logits_CV` (compute dtype) is overwritten: it holds the student's
-    floored log-probs afterwards. `row_tensors` are `BlockRows.tensors()`."""
+    """Terms and d logits of one block. With `inplace`, `logits_CV` (compute dtype) is overwritten with the
+    student's floored log-probs (eager: one buffer fewer); the compiled function leaves it alone (inductor
+    fuses the math, and writing back would cost a buffer). `row_tensors` are `BlockRows.tensors()`."""
     rows = BlockRows(*row_tensors)
     args = DivergenceArgs(settings.floor, settings.jsd_beta, reverse_weight)
-    student = dv.student_chunk(logits_CV, settings.temperature, settings.floor)
+    student = dv.student_chunk(logits_CV, settings.temperature, settings.floor, inplace)
     entropy_C = dv.entropy_rows(student)
     agree_C = _top1_agreement(student, rows)
     logp_C = student.logprobs_CV.gather(1, rows.target_C.long()[:, None]).squeeze(1)
@@ -117,13 +125,17 @@ def block_terms(
         buckets = _buckets(student, rows, settings)
         distill_C, bucket_grad_CB = dv.bucket_divergence(buckets, divergence_fn, args)
         divergence_C = distill_C
-    rl_C, rl_grad_C = torch.zeros_like(logp_C), None
+    rl_C, rl_grad_C, kl_C = torch.zeros_like(logp_C), None, torch.zeros_like(logp_C)
     if rows.rl_advantage_C is not None:
         rl_C, rl_grad_C = dv.policy_gradient_rows(
             logp_C, rows.rl_advantage_C, behaviour_C, settings.clip_low, settings.clip_high
         )
+        if rows.reference_C is not None and settings.kl_coef > 0:  # GRPO's KL penalty, part of the RL term
+            kl_C, kl_grad_C = dv.kl_penalty(logp_C, rows.reference_C, settings.kl_estimator)
+            rl_C = rl_C + settings.kl_coef * kl_C
+            rl_grad_C = rl_grad_C + settings.kl_coef * kl_grad_C
     if not need_grad:
-        return BlockTerms(distill_C, rl_C, divergence_C, entropy_C, agree_C, None)
+        return BlockTerms(distill_C, rl_C, divergence_C, entropy_C, agree_C, None, kl_C)
     # Every term's gradient is linear in its row scale: scale first, chain once.
     if bucket_grad_CB is not None:
         bucket_grad_CB = bucket_grad_CB.mul_(rows.distill_scale_C[:, None])
@@ -133,7 +145,7 @@ def block_terms(
         rl_grad_C = rl_grad_C * rows.rl_scale_C
         sampled_grad_C = rl_grad_C if sampled_grad_C is None else sampled_grad_C + rl_grad_C
     dlogits_CV = dv.logits_grad(student, buckets, bucket_grad_CB, rows.target_C, sampled_grad_C, settings.temperature)
-    return BlockTerms(distill_C, rl_C, divergence_C, entropy_C, agree_C, dlogits_CV)
+    return BlockTerms(distill_C, rl_C, divergence_C, entropy_C, agree_C, dlogits_CV, kl_C)
 
 
 def _buckets(student: dv.StudentChunk, rows: BlockRows, settings: BlockSettings) -> dv.Buckets:
@@ -167,8 +179,9 @@ class BlockFunction:
     def __init__(self, settings: BlockSettings, compiled: bool) -> None:
         self.settings = settings
         row = divergence(settings.divergence)
-        self._eager = functools.partial(block_terms, settings, row.function(), row.sampled)
-        self._compiled = torch.compile(self._eager, dynamic=True) if compiled else None
+        self._eager = functools.partial(block_terms, settings, row.function(), row.sampled, True)
+        pure = functools.partial(block_terms, settings, row.function(), row.sampled, False)
+        self._compiled = torch.compile(pure, dynamic=True) if compiled else None
 
     @property
     def compiled(self) -> bool:
@@ -184,7 +197,7 @@ class BlockFunction:
                     type(exc).__name__,
                     str(exc)[:300],
                 )
-                self._compiled = None
+                self._compiled = None  # the compiled function never writes its input: the block is intact
         return self._eager(logits_CV, reverse_weight, need_grad, *rows.tensors())
 
 

@@ -8,9 +8,12 @@ per-token and per-sequence inputs (`LossInputs`) and the statistics returned
 1. validate shapes and that the teacher sent what the divergence needs;
 2. plan the rows: optional no-grad pre-pass (TIP entropy / JSD, discounted
    advantages), token selection, sample weights, per-row coefficients,
-   GRPO advantages, the schedule's reverse-KL weight;
+   GRPO advantages (over samples with a reward only), the schedule's
+   reverse-KL weight;
 3. one chunked lm-head pass (`fused_linear`) whose chunk function evaluates
-   `a * distill + b * rl` and its logits gradient block by block
+   `a * distill + b * rl` (rl: GRPO, plus its KL penalty to the reference
+   policy when `inputs.reference_logprobs` is given) and its logits gradient
+   block by block
    (`block_math`, eager or compiled, with the divergence the registry names;
    formulas in `divergences`), writing d logits back into the chunk, so the
    temporaries of the math are block-sized;
@@ -35,7 +38,7 @@ from student_trainer.loss.planning import Denominators, RowPlan, plan_rows
 
 __all__ = ["Denominators", "LossConfig", "LossInputs", "LossStats", "TeacherScores", "compute_distillation_loss"]
 
-BLOCK_BUDGET_CPU_MIB = 16.0  # block temporaries on CPU when loss.block_budget_mib is None
+BLOCK_BUDGET_CPU_MIB = 32.0  # block temporaries on CPU when loss.block_budget_mib is None (see LossConfig)
 
 
 def compute_distillation_loss(
@@ -87,6 +90,7 @@ class _ChunkLoss:
         self.divergence_N = torch.zeros(n, dtype=dtype, device=device)
         self.entropy_N = torch.zeros(n, dtype=dtype, device=device)
         self.agree_N = torch.full((n,), math.nan, dtype=dtype, device=device)
+        self.kl_N = torch.zeros(n, dtype=dtype, device=device)
         self.distill_sum = torch.zeros((), dtype=dtype, device=device)
         self.rl_sum = torch.zeros((), dtype=dtype, device=device)
         self.distill_scale_N = config.distill_weight * plan.distill_coef_N
@@ -125,6 +129,7 @@ class _ChunkLoss:
             distill_advantage_C=part(plan.distill_advantage_N),
             rl_advantage_C=part(plan.rl_advantage_N),
             behaviour_C=part(self.behaviour),
+            reference_C=part(self.inputs.reference_logprobs),
         )
 
     def _record(self, terms: BlockTerms, block: slice) -> Tensor:
@@ -132,6 +137,7 @@ class _ChunkLoss:
         self.divergence_N[block] = terms.divergence_C
         self.entropy_N[block] = terms.entropy_C
         self.agree_N[block] = terms.agree_C
+        self.kl_N[block] = terms.kl_C
         self.distill_sum += (plan.distill_coef_N[block] * terms.distill_C).sum()
         self.rl_sum += (plan.rl_coef_N[block] * terms.rl_C).sum()
         return (self.distill_scale_N[block] * terms.distill_C).sum() + (self.rl_scale_N[block] * terms.rl_C).sum()
@@ -152,6 +158,7 @@ class _ChunkLoss:
             num_tokens=num_valid,
             num_kept_tokens=num_kept,
             reverse_kl_weight=plan.reverse_weight,
+            reference_kl=_masked_mean(self.kl_N, plan.rl_coef_N != 0) if config.kl.coef > 0 else math.nan,
         )
 
 

@@ -4,7 +4,8 @@ Owns `LossConfig` and its nested sub-configs: which divergence (a name in
 `student_trainer.loss.registry`), over which support, the temperatures, the
 policy-gradient knobs shared by sampled-token divergences and the GRPO term,
 token selection (TIP), sample weighting (reward softmax, PACED pass-rate
-frontier) and the forward-then-reverse KL schedule. It does not compute
+frontier), the KL penalty to the reference policy and the
+forward-then-reverse KL schedule. It does not compute
 anything: `student_trainer.loss.compute` reads it. The trainer nests
 `LossConfig` in its own config, so YAML presets, environment variables and
 CLI flags reach it through the shared loader in `opd/`. Imports no torch.
@@ -48,19 +49,58 @@ class TokenSelectionConfig(_Strict):
 
 
 class RewardSoftmaxConfig(_Strict):
-    """Reward-weighted distillation (the seed repository's `reward_beta`)."""
+    """Reward-weighted distillation: sample weights from a softmax of rewards (`weighting`).
 
-    enabled: bool = Field(False, description="Weight samples by softmax(reward / beta) within their group.")
-    beta: float = Field(1.0, gt=0.0, description="Softmax temperature over group rewards; weights average 1.")
+    `batch_binary` (default) is the recipe's (OPSD on verl, its `reward_beta`):
+    rewards binarised (reward > `loss.pass_threshold` is 1, else 0), weights
+    softmax(reward / beta) over the whole step's scored samples, scaled to
+    mean 1 over them (= the recipe's sum w L / sum w). `group_raw` is opd's
+    earlier form: softmax(raw reward / beta) within each group, mean 1 per
+    group. Either way a sample without a reward weighs 1 and is left out of
+    the softmax.
+    """
+
+    enabled: bool = Field(False, description="Weight samples by a softmax of their rewards (form: see `form`).")
+    beta: float = Field(1.0, gt=0.0, description="Softmax temperature over rewards; weights average 1.")
+    form: Literal["batch_binary", "group_raw"] = Field(
+        "batch_binary",
+        description="'batch_binary': the recipe's softmax(binarised reward / beta) over the whole step, mean 1 "
+        "over the step; 'group_raw': softmax(raw reward / beta) within each group, mean 1 per group.",
+    )
 
 
 class PassRateConfig(_Strict):
     """Pass-rate frontier prompt weight (PACED, arXiv 2603.11178)."""
 
-    enabled: bool = Field(False, description="Weight groups by w(p) = p^alpha (1 - p)^beta, p = share with reward > 0.")
+    enabled: bool = Field(
+        False,
+        description="Weight groups by w(p) = p^alpha (1 - p)^beta, p = share of the group's scored samples with "
+        "reward > loss.pass_threshold.",
+    )
     alpha: float = Field(1.0, ge=0.0, description="Exponent of the pass rate p.")
     beta: float = Field(1.0, ge=0.0, description="Exponent of the failure rate 1 - p.")
     floor: float = Field(0.0, ge=0.0, le=1.0, description="Lower bound of w(p); 0 drops groups with p = 0 or 1.")
+    normalize: bool = Field(
+        True,
+        description="Divide w(p) by its mean over the step's samples (mean 1), so PACED reweights prompts without "
+        "cutting the effective learning rate (raw w(p) <= 1/4 for alpha = beta = 1); false: the paper's raw w(p).",
+    )
+
+
+class KlPenaltyConfig(_Strict):
+    """KL penalty of the RL term to a reference policy, the frozen initial student (verl's `use_kl_loss`)."""
+
+    coef: float = Field(
+        0.0,
+        ge=0.0,
+        description="Weight of the per-token KL(p_S || p_ref) estimate added to the GRPO term (0 = off; needs "
+        "rl_weight > 0). The trainer then holds a frozen copy of the initial student.",
+    )
+    estimator: Literal["k3", "k1", "k2"] = Field(
+        "k3",
+        description="Per-token estimate, with d = log p_ref(y) - log p_S(y) on the sampled token y: 'k3' "
+        "exp(d) - d - 1 clamped to [-10, 10] (verl's low_var_kl); 'k1' -d (verl's kl); 'k2' d^2 / 2 (mse).",
+    )
 
 
 class ScheduleConfig(_Strict):
@@ -135,6 +175,12 @@ class LossConfig(_Strict):
     logprob_floor: float = Field(
         -100.0, lt=0.0, description="Log-probs below this (including -inf) are raised to it, so KLs stay finite."
     )
+    pass_threshold: float = Field(
+        0.0,
+        description="A reward above this counts as correct (1), else 0: the binarised rewards of reward_softmax "
+        "(form batch_binary) and PACED's pass rate. A missing reward (None: timed out, raised, no reference) is "
+        "neither: left out of every reward-based term.",
+    )
     normalization: Normalization = Field(
         "token_mean", description="Reduce per-token losses by kept-token mean, per-sequence mean, or sum."
     )
@@ -151,8 +197,9 @@ class LossConfig(_Strict):
         None,
         gt=0.0,
         description="The softmax/divergence math of a chunk runs in row blocks whose [rows, V] fp32 "
-        "temporaries are this size, its d logits written back into the chunk; None: 16 on CPU, the "
-        "whole chunk on CUDA (fewer, larger kernels). Peak extra memory ~ one chunk + ~3 blocks.",
+        "temporaries are this size, its d logits written back into the chunk; None: 32 on CPU (glibc "
+        "maps blocks of 32 MiB and more directly, so freed blocks leave no heap fragments), the whole chunk "
+        "on CUDA (fewer, larger kernels). Peak extra memory ~ one chunk + ~3 blocks.",
     )
     compile: Literal["auto", "on", "off"] = Field(
         "auto",
@@ -161,6 +208,7 @@ class LossConfig(_Strict):
     )
     policy_gradient: PolicyGradientConfig = Field(default_factory=PolicyGradientConfig)
     rl: RlConfig = Field(default_factory=RlConfig)
+    kl: KlPenaltyConfig = Field(default_factory=KlPenaltyConfig)
     token_selection: TokenSelectionConfig = Field(default_factory=TokenSelectionConfig)
     reward_softmax: RewardSoftmaxConfig = Field(default_factory=RewardSoftmaxConfig)
     pass_rate: PassRateConfig = Field(default_factory=PassRateConfig)
@@ -176,6 +224,10 @@ class LossConfig(_Strict):
     def _check_combinations(self) -> LossConfig:
         if self.distill_weight == 0.0 and self.rl_weight == 0.0:
             raise ValueError("distill_weight and rl_weight are both 0: set at least one of them above 0")
+        if self.kl.coef > 0 and self.rl_weight == 0.0:
+            raise ValueError(
+                f"kl.coef={self.kl.coef} penalises the GRPO term, but rl_weight is 0: set rl_weight > 0 or kl.coef=0"
+            )
         row = DIVERGENCES[self.divergence]
         if self.discount > 0.0 and not row.sampled:
             sampled = sorted(name for name, r in DIVERGENCES.items() if r.sampled)

@@ -61,8 +61,13 @@ class Buckets:
     tail_mass_C: Tensor | None = None  # sum_j tail_probs_CV (unfloored)
 
 
-def student_chunk(logits_CV: Tensor, temperature: float, floor: float) -> StudentChunk:
-    """Floored log_softmax of `logits_CV / temperature`, computed in place on `logits_CV`."""
+def student_chunk(logits_CV: Tensor, temperature: float, floor: float, inplace: bool = True) -> StudentChunk:
+    """Floored log_softmax of `logits_CV / temperature`, computed in place on `logits_CV` (eager: one buffer
+    fewer) or out of place (`inplace=False`: under torch.compile, which fuses it and need not write back)."""
+    if not inplace:
+        z_CV = logits_CV / temperature if temperature != 1.0 else logits_CV
+        logprobs_CV = z_CV - torch.logsumexp(z_CV, dim=-1, keepdim=True)
+        return StudentChunk(logprobs_CV=logprobs_CV.clamp(min=floor), probs_CV=logprobs_CV.exp())
     if temperature != 1.0:
         logits_CV.div_(temperature)
     logits_CV.sub_(torch.logsumexp(logits_CV, dim=-1, keepdim=True))
@@ -211,6 +216,30 @@ def policy_gradient_rows(
     loss_C = -torch.minimum(unclipped_C, clipped_C)
     grad_C = torch.where(unclipped_C <= clipped_C, -unclipped_C, torch.zeros_like(unclipped_C))
     return loss_C, grad_C
+
+
+KL_CLAMP = 10.0  # k3 is clamped to [-10, 10] as verl's low_var_kl does
+
+
+def kl_penalty(logp_C: Tensor, reference_C: Tensor, estimator: str) -> tuple[Tensor, Tensor]:
+    """Per-token estimate [C] of KL(p_S || p_ref) from the sampled token y, and its gradient d/dlogp [C].
+
+    With d = log p_ref(y) - log p_S(y) (Schulman 2020, "Approximating KL divergence"; verl's `kl_penalty`):
+      k1 = -d                          d/dlogp = 1           (unbiased, high variance; verl 'kl')
+      k2 = d^2 / 2                     d/dlogp = -d          (verl 'mse')
+      k3 = exp(d) - d - 1, <= 10       d/dlogp = 1 - exp(d)  (unbiased, >= 0, low variance; verl 'low_var_kl',
+                                                              0 gradient where the clamp bites)
+    `reference_C` is the frozen reference policy's log-prob of y (a constant).
+    """
+    d_C = reference_C.to(logp_C.dtype) - logp_C
+    if estimator == "k1":
+        return -d_C, torch.ones_like(d_C)
+    if estimator == "k2":
+        return 0.5 * d_C.square(), -d_C
+    ratio_C = d_C.exp()
+    value_C = ratio_C - d_C - 1.0
+    grad_C = torch.where(value_C <= KL_CLAMP, 1.0 - ratio_C, torch.zeros_like(ratio_C))
+    return value_C.clamp(min=-KL_CLAMP, max=KL_CLAMP), grad_C
 
 
 def logits_grad(

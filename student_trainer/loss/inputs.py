@@ -44,12 +44,13 @@ class LossInputs:
     # (e.g. staleness) that scales the row's term; normalisations count rows, never sum these weights
     cu_seqlens: Tensor  # [S + 1] int: 0 = cu[0] <= ... <= cu[S] = N
     group_ids: Tensor | None = None  # [S] int, samples of one prompt share an id
-    rewards: Tensor | None = None  # [S] float
+    rewards: Tensor | None = None  # [S] float; NaN = no reward (None in the record): left out of reward terms
     behaviour_logprobs: Tensor | None = None  # [N] sampler log-probs (after temperature)
     # Group-level quantities computed over whole groups before a split (`planning.sequence_weights`);
     # None: computed here from `rewards` and `group_ids`, which then must hold whole groups.
     sample_weights: Tensor | None = None  # [S] recipe sample weight r (reward softmax x pass rate)
     advantages: Tensor | None = None  # [S] GRPO advantage of each sequence
+    reference_logprobs: Tensor | None = None  # [N] log p_ref(target) of the frozen initial student (KL penalty)
 
 
 @dataclass
@@ -66,6 +67,7 @@ class LossStats:
     num_tokens: int  # valid tokens (loss weight > 0)
     num_kept_tokens: int
     reverse_kl_weight: float  # schedule weight of reverse KL (fkl_to_rkl), else 1
+    reference_kl: float = float("nan")  # mean KL-penalty estimate of KL(p_S || p_ref) over the RL rows (nan: off)
 
 
 def check_inputs(
@@ -94,6 +96,7 @@ def _check_shapes(hidden_NH: Tensor, weight_VH: Tensor, inputs: LossInputs, teac
         ("inputs.loss_weights", inputs.loss_weights),
         ("teacher.token_logprobs", teacher.token_logprobs),
         ("inputs.behaviour_logprobs", inputs.behaviour_logprobs),
+        ("inputs.reference_logprobs", inputs.reference_logprobs),
         ("teacher.tail_logprobs", teacher.tail_logprobs),
     ):
         if tensor is not None and tuple(tensor.shape) != (n,):
@@ -157,8 +160,16 @@ def _check_sequences(inputs: LossInputs, config: LossConfig, n: int) -> None:
                     f"{name} of shape [{num_seqs}] is required by rl_weight > 0, reward_softmax or pass_rate "
                     "(or pass inputs.sample_weights / inputs.advantages computed over whole groups)"
                 )
-        if not bool(inputs.rewards.isfinite().all()):
-            raise ValueError("inputs.rewards must be finite (score every sample before training on it)")
+        if bool(inputs.rewards.isinf().any()):
+            raise ValueError(
+                "inputs.rewards must be finite, or NaN for a sample without a reward (timed out, raised, no "
+                "reference answer); got an infinite reward"
+            )
+    if config.kl.coef > 0 and inputs.reference_logprobs is None:
+        raise ValueError(
+            "loss.kl.coef > 0 needs inputs.reference_logprobs (the reference policy's log-probs of the targets); "
+            "the trainer computes them when it holds the reference policy"
+        )
     uses_pg = divergence(config.divergence).sampled or config.rl_weight > 0
     if uses_pg and config.policy_gradient.importance == "ppo_clip" and inputs.behaviour_logprobs is None:
         raise ValueError(

@@ -59,15 +59,26 @@ class Denominators:
 
 def count_denominators(inputs: LossInputs, config: LossConfig) -> Denominators:
     """What this micro-batch adds to the step's D: counted rows (token_mean; TIP's kept count, which
-    depends only on the number of valid rows) or sequences with a valid row (sequence_mean); 0 under sum."""
+    depends only on the number of valid rows) or sequences with a valid row (sequence_mean); 0 under sum.
+    The RL term counts only the rows of samples that have a reward (`rl_rows`)."""
     mode = config.normalization
     valid_N = inputs.loss_weights > 0
     num_seqs = inputs.cu_seqlens.numel() - 1
     seq_N = wt.sequence_index(inputs.cu_seqlens, valid_N.numel())
-    rl = wt.count_rows(valid_N, seq_N, num_seqs, mode)
+    distill = wt.count_rows(valid_N, seq_N, num_seqs, mode)
+    rl = wt.count_rows(rl_rows(inputs, valid_N, seq_N), seq_N, num_seqs, mode)
     ts = config.token_selection
-    distill = float(wt.num_kept(int(rl), ts.keep_fraction)) if ts.enabled and mode == "token_mean" else rl
+    if ts.enabled and mode == "token_mean":
+        distill = float(wt.num_kept(int(distill), ts.keep_fraction))
     return Denominators(distill, rl)
+
+
+def rl_rows(inputs: LossInputs, valid_N: Tensor, seq_N: Tensor) -> Tensor:
+    """[N] bool: valid rows of samples with a reward (NaN in `inputs.rewards` = none); the GRPO term and its
+    KL penalty train these only."""
+    if inputs.rewards is None or inputs.rewards.numel() == 0:
+        return valid_N
+    return valid_N & wt.scored(inputs.rewards.to(valid_N.device))[seq_N]
 
 
 def step_denominators(total: Denominators, config: LossConfig) -> Denominators:
@@ -79,15 +90,22 @@ def sequence_weights(
     rewards_S: Tensor, group_ids_S: Tensor, config: LossConfig, dtype: torch.dtype = torch.float64
 ) -> tuple[Tensor, Tensor | None]:
     """Recipe sample weights r [S] (product of the enabled weightings; ones if none) and GRPO advantages [S]
-    (None when rl_weight = 0), computed over whole groups: call it before groups are split."""
+    (None when rl_weight = 0), computed over whole groups: call it before groups are split. The batch-wide
+    reward softmax and PACED's normalisation read every sample given: pass the whole step's. A missing
+    reward is NaN (see `weighting`)."""
     num_seqs = rewards_S.numel()
     weights_S = torch.ones(num_seqs, dtype=dtype, device=rewards_S.device)
     rewards = rewards_S.to(dtype)
-    if config.reward_softmax.enabled:
-        weights_S = weights_S * wt.reward_softmax_weights(rewards, group_ids_S, config.reward_softmax.beta)
+    rs = config.reward_softmax
+    if rs.enabled and rs.form == "batch_binary":
+        weights_S = weights_S * wt.batch_reward_softmax_weights(wt.binarised(rewards, config.pass_threshold), rs.beta)
+    elif rs.enabled:
+        weights_S = weights_S * wt.reward_softmax_weights(rewards, group_ids_S, rs.beta)
     if config.pass_rate.enabled:
         pr = config.pass_rate
-        weights_S = weights_S * wt.pass_rate_weights(rewards, group_ids_S, pr.alpha, pr.beta, pr.floor)
+        weights_S = weights_S * wt.pass_rate_weights(
+            rewards, group_ids_S, pr.alpha, pr.beta, pr.floor, pr.normalize, config.pass_threshold
+        )
     advantages_S = None
     if config.rl_weight > 0:
         advantages_S = wt.grpo_advantages(rewards, group_ids_S, config.rl.scale_by_std, config.rl.std_epsilon)
@@ -138,10 +156,9 @@ def plan_rows(
         per_token_N = -row.function()(pre.logp_N, teacher.token_logprobs, DivergenceArgs(config.logprob_floor))
         distill_advantage_N = wt.discounted_returns(per_token_N * valid_N, inputs.cu_seqlens, config.discount)
     rl_coef_N = torch.zeros_like(token_w_N)
-    if config.rl_weight > 0:  # over all valid tokens: no selection, no sample weights
-        rl_coef_N = wt.row_coefficients(
-            token_w_N, valid_N.to(dtype), seq_N, num_seqs, config.normalization, denominators.rl
-        )
+    if config.rl_weight > 0:  # over the valid tokens of scored samples: no selection, no sample weights
+        rl_N = rl_rows(inputs, valid_N, seq_N).to(dtype)
+        rl_coef_N = wt.row_coefficients(token_w_N * rl_N, rl_N, seq_N, num_seqs, config.normalization, denominators.rl)
     return RowPlan(
         valid_N=valid_N,
         kept_N=kept_N,

@@ -1,11 +1,19 @@
 """Which tokens and samples count, and by how much.
 
 Owns the weighting rules, as their papers publish them: TIP token selection
-(arXiv 2604.14084), reward-softmax sample weights, the PACED (arXiv 2603.11178) pass-rate
-frontier weight and forward-then-reverse KL schedule, GRPO group advantages,
-discounted sampled-token advantages, and the reduction of per-token losses
-to per-row coefficients. All functions take small per-token `[N]` or
-per-sequence `[S]` tensors and no logits; nothing here needs a gradient.
+(arXiv 2604.14084), reward-softmax sample weights (the recipe's batch-wide
+softmax of binarised rewards, or opd's per-group softmax of raw rewards), the
+PACED (arXiv 2603.11178) pass-rate frontier weight and forward-then-reverse KL
+schedule, GRPO group advantages, discounted sampled-token advantages, and the
+reduction of per-token losses to per-row coefficients. All functions take
+small per-token `[N]` or per-sequence `[S]` tensors and no logits; nothing
+here needs a gradient.
+
+A missing reward is NaN in a rewards tensor (a reward that timed out or
+raised, or a prompt without a reference answer: `None` in the rollout
+record), never 0: such a sample is left out of every reward-based term
+(softmax, pass rate, GRPO mean and std) and gets the neutral value each rule
+documents.
 """
 
 from __future__ import annotations
@@ -35,39 +43,93 @@ def _group_sum(values_S: Tensor, inverse_S: Tensor, num_groups: int) -> Tensor:
     return torch.zeros(num_groups, dtype=values_S.dtype, device=values_S.device).index_add_(0, inverse_S, values_S)
 
 
-def reward_softmax_weights(rewards_S: Tensor, group_ids_S: Tensor, beta: float) -> Tensor:
-    """Sample weights [S]: within each group g of size n_g, w_i = n_g softmax(r / beta)_i.
+def scored(rewards_S: Tensor) -> Tensor:
+    """[S] bool: the sample has a reward. NaN marks a missing one (timed out, raised, no reference answer)."""
+    return ~rewards_S.isnan()
 
-    Reward-weighted distillation as the seed repository's `reward_beta` does
-    it; the n_g factor makes the weights of a group average 1.
+
+def binarised(rewards_S: Tensor, threshold: float) -> Tensor:
+    """[S] 1.0 where reward > `threshold` (correct), else 0.0; NaN (no reward) stays NaN."""
+    correct_S = (rewards_S > threshold).to(rewards_S.dtype)
+    return torch.where(scored(rewards_S), correct_S, rewards_S)
+
+
+def batch_reward_softmax_weights(rewards_S: Tensor, beta: float) -> Tensor:
+    """Sample weights [S] over the whole batch: w_i = n softmax(r / beta)_i over the n scored samples.
+
+    The recipe's reward-weighted distillation (OPSD on verl), fed binarised
+    rewards (`binarised`): the weights average 1 over the scored samples, so
+    sum_i w_i l_i / n equals the recipe's sum_i w_i l_i / sum_i w_i with w its
+    softmax. A sample without a reward (NaN) is left out of the softmax and
+    weighs 1, the scored samples' mean.
     """
-    inverse_S, num_groups = _groups(group_ids_S)
-    scaled_S = rewards_S.double() / beta
-    group_max_G = torch.full((num_groups,), -math.inf, dtype=scaled_S.dtype, device=scaled_S.device)
-    group_max_G = group_max_G.scatter_reduce(0, inverse_S, scaled_S, reduce="amax")
-    exp_S = (scaled_S - group_max_G[inverse_S]).exp()
-    sizes_G = _group_sum(torch.ones_like(exp_S), inverse_S, num_groups)
-    weights_S = exp_S / _group_sum(exp_S, inverse_S, num_groups)[inverse_S] * sizes_G[inverse_S]
+    ok_S = scored(rewards_S)
+    weights_S = torch.ones_like(rewards_S, dtype=torch.float64)
+    n = int(ok_S.sum().item())
+    if n:
+        scaled = rewards_S.double()[ok_S] / beta
+        weights_S[ok_S] = torch.softmax(scaled, dim=0) * n
     return weights_S.to(rewards_S.dtype)
 
 
-def pass_rates(rewards_S: Tensor, group_ids_S: Tensor) -> Tensor:
-    """Empirical pass rate [S] of each sample's group: share of the group with reward > 0."""
+def reward_softmax_weights(rewards_S: Tensor, group_ids_S: Tensor, beta: float) -> Tensor:
+    """Sample weights [S] within each group g: w_i = n_g softmax(r / beta)_i over the group's n_g scored samples.
+
+    The `group_raw` form of reward weighting (opd's first one, on raw
+    rewards); the weights of a group's scored samples average 1. A sample
+    without a reward (NaN) is left out of its group's softmax and weighs 1.
+    """
     inverse_S, num_groups = _groups(group_ids_S)
-    passed_S = (rewards_S > 0).double()
-    sizes_G = _group_sum(torch.ones_like(passed_S), inverse_S, num_groups)
-    return (_group_sum(passed_S, inverse_S, num_groups) / sizes_G)[inverse_S]
+    ok_S = scored(rewards_S)
+    scaled_S = torch.where(ok_S, rewards_S.double() / beta, -math.inf)
+    group_max_G = torch.full((num_groups,), -math.inf, dtype=scaled_S.dtype, device=scaled_S.device)
+    group_max_G = group_max_G.scatter_reduce(0, inverse_S, scaled_S, reduce="amax")
+    exp_S = torch.where(ok_S, (scaled_S - group_max_G[inverse_S]).exp(), 0.0)
+    sizes_G = _group_sum(ok_S.double(), inverse_S, num_groups)
+    total_G = _group_sum(exp_S, inverse_S, num_groups)
+    weights_S = torch.where(ok_S, exp_S / total_G[inverse_S].clamp(min=1e-300) * sizes_G[inverse_S], 1.0)
+    return weights_S.to(rewards_S.dtype)
 
 
-def pass_rate_weights(rewards_S: Tensor, group_ids_S: Tensor, alpha: float, beta: float, floor: float) -> Tensor:
+def pass_rates(rewards_S: Tensor, group_ids_S: Tensor, threshold: float = 0.0) -> Tensor:
+    """Empirical pass rate [S] of each sample's group: share of its scored samples with reward > `threshold`.
+    Samples without a reward (NaN) are not counted; a group with none scored has pass rate NaN."""
+    inverse_S, num_groups = _groups(group_ids_S)
+    ok_S = scored(rewards_S)
+    passed_S = (ok_S & (rewards_S > threshold)).double()
+    sizes_G = _group_sum(ok_S.double(), inverse_S, num_groups)
+    rates_G = _group_sum(passed_S, inverse_S, num_groups) / sizes_G  # 0 / 0 = NaN: nothing scored
+    return rates_G[inverse_S]
+
+
+def pass_rate_weights(
+    rewards_S: Tensor,
+    group_ids_S: Tensor,
+    alpha: float,
+    beta: float,
+    floor: float,
+    normalize: bool = False,
+    threshold: float = 0.0,
+) -> Tensor:
     """Prompt weights [S] of PACED (arXiv 2603.11178): w(p) = max(p^alpha (1 - p)^beta, floor).
 
-    p is the group's pass rate; a group that always or never passes (p = 1 or
-    0) gets weight 0 (for alpha, beta > 0) unless `floor` > 0.
+    p is the group's pass rate over its scored samples (`pass_rates`); a group
+    that always or never passes (p = 1 or 0) gets weight 0 (for alpha, beta > 0)
+    unless `floor` > 0. `normalize` divides the weights by their mean over the
+    batch's samples (when it is > 0), so they average 1: PACED then reshapes the
+    step across prompts instead of shrinking it (unnormalised, w <= 1/4 for
+    alpha = beta = 1, a 4x or larger cut of the effective learning rate).
+    A group with no scored sample has no p: its samples weigh the mean of the
+    others' weights (1 when normalised; 1 when no sample has a p or that mean is 0).
     """
-    p_S = pass_rates(rewards_S, group_ids_S)
-    weights_S = p_S.pow(alpha) * (1.0 - p_S).pow(beta)
-    return weights_S.clamp(min=floor).to(rewards_S.dtype)
+    p_S = pass_rates(rewards_S, group_ids_S, threshold)
+    known_S = ~p_S.isnan()
+    weights_S = (p_S.pow(alpha) * (1.0 - p_S).pow(beta)).clamp(min=floor)
+    mean = float(weights_S[known_S].mean().item()) if bool(known_S.any()) else 0.0
+    if normalize and mean > 0:
+        weights_S, mean = weights_S / mean, 1.0
+    weights_S = torch.where(known_S, weights_S, mean if mean > 0 else 1.0)
+    return weights_S.to(rewards_S.dtype)
 
 
 def grpo_advantages(rewards_S: Tensor, group_ids_S: Tensor, scale_by_std: bool, std_epsilon: float) -> Tensor:
@@ -76,12 +138,16 @@ def grpo_advantages(rewards_S: Tensor, group_ids_S: Tensor, scale_by_std: bool, 
         A_i = (r_i - mean_g(r)) / (std_g(r) + eps)     (std: unbiased, as TRL)
         A_i = r_i - mean_g(r)                            (scale_by_std=False, Dr. GRPO)
 
-    A group of one sample has advantage 0.
+    over each group's scored samples; a sample without a reward (NaN) has
+    advantage 0 and does not enter its group's mean or std. A group of one
+    scored sample has advantage 0.
     """
     inverse_S, num_groups = _groups(group_ids_S)
-    r_S = rewards_S.double()
-    sizes_G = _group_sum(torch.ones_like(r_S), inverse_S, num_groups)
-    centred_S = r_S - (_group_sum(r_S, inverse_S, num_groups) / sizes_G)[inverse_S]
+    ok_S = scored(rewards_S)
+    r_S = torch.where(ok_S, rewards_S.double(), 0.0)
+    sizes_G = _group_sum(ok_S.double(), inverse_S, num_groups)
+    means_G = _group_sum(r_S, inverse_S, num_groups) / sizes_G.clamp(min=1)
+    centred_S = torch.where(ok_S, r_S - means_G[inverse_S], 0.0)
     if scale_by_std:
         var_G = _group_sum(centred_S.square(), inverse_S, num_groups) / (sizes_G - 1).clamp(min=1)
         centred_S = centred_S / (var_G.sqrt()[inverse_S] + std_epsilon)

@@ -10,7 +10,9 @@ which one a config asks for (`special_score_source`, called by
 - `offline.OfflineScoreSource`: `teacher.scores_file`, scores written by
   `opd score`, with no teacher running;
 - `multi.MultiTeacherSource`: `teachers` (several teachers, one per prompt
-  domain), each of them any of the above or a gRPC teacher.
+  domain), each of them any of the above or a gRPC teacher;
+- `no_teacher.NoTeacherSource`: `teacher.enabled=false`, pure RL (GRPO) that
+  asks no teacher.
 """
 
 from __future__ import annotations
@@ -41,7 +43,12 @@ def endpoint_source(config: TrainerConfig, endpoint: TeacherEndpointConfig, io: 
 
 
 def special_score_source(config: TrainerConfig, io: LoopThread) -> ScoreSource | None:
-    """The source for several teachers, an HTTP teacher or offline scores; None for the one gRPC teacher."""
+    """The source for no teacher, several teachers, an HTTP teacher or offline scores; None for the one gRPC
+    teacher."""
+    if not config.teacher.enabled:
+        from student_trainer.score_sources.no_teacher import NoTeacherSource
+
+        return NoTeacherSource(config)
     if config.teachers:
         from student_trainer.score_sources.multi import MultiTeacherSource
 

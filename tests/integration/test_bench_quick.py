@@ -119,3 +119,20 @@ def test_trainer_prints_the_teacher_wait_share_per_prefetch_depth(bench_cache):
     for share, tok_s, ratio in rows.values():  # share to 0.1 %, rates to a whole token/s, ratio to 2 decimals
         assert 0.0 <= share <= 100.0
         assert ratio == pytest.approx(tok_s / rows[0][1], abs=0.005 + 0.5 * (1 + ratio) / rows[0][1]), out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_trainer_micro_batch_mode_prints_mask_and_packed_rows_and_skips_the_mask_past_its_cap():
+    # the mask path's [T, T] tensors (5 T^2 bytes): 1.3 MB at T = 512 (under a 2.1 MB cap), 5.2 MB at T = 1024
+    out = run_bench("trainer", "--micro-batch-tokens", "512,1024", "--mask-cap-gib", "0.002", timeout_s=380)
+    rows = {
+        (int(m.group(1)), m.group(2)): [c.strip() for c in m.group(3).split("|")]
+        for m in re.finditer(r"^\| (\d+) \| (mask|sdpa) \| (.*) \|$", out, re.M)
+    }
+    assert set(rows) == {(512, "mask"), (512, "sdpa"), (1024, "mask"), (1024, "sdpa")}, out
+    assert rows[(1024, "mask")][0].startswith("skipped: its [T, T] mask tensors need"), out
+    for cells in (rows[(512, "mask")], rows[(512, "sdpa")], rows[(1024, "sdpa")]):
+        assert all(positive(v) for v in cells[:3]), out  # peak MiB, step s, tokens/s
+    less, ratio = rows[(512, "sdpa")][3:5]  # against the mask path measured in the same run
+    assert positive(less.removesuffix(" less")) and positive(ratio), out

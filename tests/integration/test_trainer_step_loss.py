@@ -13,15 +13,17 @@ denominator off by one micro-batch moves gradients by >= 1e-3 of their scale.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from tests.fixtures.split_step import step_gradients
+from tests.fixtures.split_step import make_runner, step_gradients, synthetic_groups
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -54,6 +56,20 @@ def test_a_step_of_stale_groups_at_weight_w_is_w_times_the_fresh_step(tiny_model
     stale = step_gradients(str(tiny_model_dir), SPLIT, normalization, stale_weight=w)
     fresh = step_gradients(str(tiny_model_dir), SPLIT, normalization)
     assert_same_step(stale[:2], fresh[:2], scale_factor=w)
+
+
+def test_a_rollout_longer_than_the_context_is_left_out_and_counted_not_fatal(tiny_model_dir, caplog):
+    runner = make_runner(str(tiny_model_dir), SPLIT, "token_mean")
+    groups, scores = synthetic_groups(runner.vocab_size)
+    long = groups[1][0]
+    long.response_ids = np.resize(long.response_ids, runner.max_model_len)  # prompt + response > the context
+    long.response_mask = np.ones(runner.max_model_len, np.uint8)
+    long.behaviour_logprobs = np.zeros(runner.max_model_len, np.float32)
+    with caplog.at_level(logging.ERROR, logger="student_trainer.step"):
+        stats = runner.forward_backward(groups, groups, {}, scores, step=0)
+    assert stats["dropped_too_long"] == 1 and f"rollout {long.rollout_id!r} has" in caplog.text
+    trained = sum(int(r.response_mask.sum()) for g in groups for r in g if r is not long)
+    assert stats["tokens"] == trained and np.isfinite(stats["loss"])
 
 
 @pytest.mark.slow

@@ -9,15 +9,15 @@ import torch
 
 from protos.records import RolloutRecord
 from student_trainer.batching import (
-    SequenceTooLong,
     build_micro_batch,
-    check_lengths,
     dense_mask,
     filler_record,
     group_tokens,
     pack_groups,
     sequence_tokens,
     split_across_ranks,
+    too_long_message,
+    without_too_long,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -88,10 +88,12 @@ def test_a_group_larger_than_a_fair_share_is_split_across_ranks():
     assert all(len({r.group_id for r in g}) == 1 for share in shares for g in share)  # parts stay per group
 
 
-def test_sequence_longer_than_the_context_is_refused_naming_it():
-    check_lengths([[record("ok", "g", [1] * 4, [2] * 4)]], 8)
-    with pytest.raises(SequenceTooLong, match=r"rollout 'long' has 9 tokens .* context of 8"):
-        check_lengths([[record("long", "g", [1] * 4, [2] * 5)]], 8)
+def test_a_sequence_longer_than_the_context_is_left_out_with_a_message_naming_it():
+    ok, long = record("ok", "g", [1] * 4, [2] * 4), record("long", "g", [1] * 4, [2] * 5)
+    other = [record("x", "h", [1], [2])]
+    kept, too_long = without_too_long([[ok, long], other], 8)
+    assert kept == [[ok], other] and kept[1] is other and too_long == [long]
+    assert "rollout 'long' has 9 tokens" in too_long_message(long, 8) and "context of 8" in too_long_message(long, 8)
 
 
 def test_filler_is_two_tokens_with_no_loss_weight():

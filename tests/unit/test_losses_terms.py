@@ -184,10 +184,12 @@ def test_discounted_sampled_advantage_sums_future_terms_within_each_sequence():
 
 
 def test_reward_softmax_and_pass_rate_scale_each_sequence_without_renormalising():
+    """The named non-default forms: per-group softmax of raw rewards, raw PACED weights (issue 16 made the
+    recipe's batch-wide binarised softmax and mean-1 PACED weights the defaults: tests/unit/test_recipe_*.py)."""
     hidden, weight, inputs, teacher = make_batch(seed=4)
     cfg = LossConfig(
-        reward_softmax={"enabled": True, "beta": 0.5},
-        pass_rate={"enabled": True, "alpha": 1.0, "beta": 1.0, "floor": 0.1},
+        reward_softmax={"enabled": True, "beta": 0.5, "form": "group_raw"},
+        pass_rate={"enabled": True, "alpha": 1.0, "beta": 1.0, "floor": 0.1, "normalize": False},
         chunk_size=5,
     )
     softmax = torch.cat([torch.softmax(REWARDS[:2] / 0.5, 0) * 2, torch.softmax(REWARDS[2:] / 0.5, 0) * 2])

@@ -43,7 +43,7 @@ def test_rollout_arrays_travel_as_raw_little_endian_bytes() -> None:
     fields = _fields(make_rollout(0, num_tokens=4).encode())
     assert isinstance(fields["response_ids"], bytes) and len(fields["response_ids"]) == 16
     assert len(fields["response_mask"]) == 4 and len(fields["behaviour_logprobs"]) == 16
-    assert fields["schema"] == 2
+    assert fields["schema"] == 3
 
 
 def test_prompt_round_trip_messages_and_ids() -> None:
@@ -71,7 +71,10 @@ def test_policy_round_trip() -> None:
 @pytest.mark.parametrize(
     ("mutate", "needle"),
     [
-        (lambda f: f.update(schema=3), "rollout record.schema"),
+        (lambda f: f.update(schema=4), "rollout record.schema"),
+        (lambda f: f.update(sampling_temperature=0.0), "sampling_temperature: must be > 0"),
+        (lambda f: f.update(sampling_top_p=1.5), "sampling_top_p: must be in (0, 1]"),
+        (lambda f: f.update(sampling_top_p="1"), "sampling_top_p: expected float or int or nil"),
         (lambda f: f.update(teacher="no spaces"), "rollout record.teacher"),
         (lambda f: f.update(teacher=3), "teacher: expected str"),
         (lambda f: f.pop("rollout_id"), "missing field(s) rollout_id"),
@@ -140,6 +143,7 @@ def test_the_teacher_domain_travels_and_schema_1_records_still_decode() -> None:
     assert RolloutRecord.decode(rollout.encode()).teacher == "code"
     old = _fields(make_rollout(2).encode())  # as an opd of schema 1 wrote it: no teacher field
     old.pop("teacher")
+    old.pop("sampling_temperature"), old.pop("sampling_top_p")  # schema 3's fields
     old["schema"] = 1
     decoded = RolloutRecord.decode(_pack(old))
     assert decoded.teacher is None and decoded.rollout_id == "p/2"
