@@ -197,9 +197,9 @@ class LossConfig(_Strict):
         None,
         gt=0.0,
         description="The softmax/divergence math of a chunk runs in row blocks whose [rows, V] fp32 "
-        "temporaries are this size, its d logits written back into the chunk; None: 32 on CPU (glibc "
-        "maps blocks of 32 MiB and more directly, so freed blocks leave no heap fragments), the whole chunk "
-        "on CUDA (fewer, larger kernels). Peak extra memory ~ one chunk + ~3 blocks.",
+        "temporaries are this size, its d logits written back into the chunk; None: 32 on CPU (16 saves "
+        "~36 MiB at V = 151,936 for ~1.3x the loss's CPU time; BENCHMARKS.md), the whole chunk on CUDA "
+        "(fewer, larger kernels). Peak extra memory ~ one chunk + ~3 blocks.",
     )
     compile: Literal["auto", "on", "off"] = Field(
         "auto",
