@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.deploy import kube
-from tests.deploy.test_kustomize import CRD_FIELDS, TREE_IDS, _check_fields, objects, processes
+from tests.deploy import crd_check, kube
+from tests.deploy.test_kustomize import TREE_IDS, objects, processes
 
 pytestmark = [
     pytest.mark.timeout(300),
@@ -126,9 +126,7 @@ def test_kueue_component_queues_the_jobset_as_one_workload(tmp_path):
     plain = objects("gpu-overlay")
     queued = _render_with(tmp_path, kube.K8S / "overlays" / "gpu", kube.K8S / "components" / "kueue", "opd")
     (queue,) = kube.find(queued, "LocalQueue")
-    problems: list[str] = []
-    _check_fields(queue["spec"], CRD_FIELDS["LocalQueue"]["spec"], "LocalQueue", problems)
-    assert problems == [] and queue["metadata"]["namespace"] == "opd"
+    assert crd_check.problems(queue) == [] and queue["metadata"]["namespace"] == "opd"
     jobset = kube.one(queued, "JobSet", "opd-trainer")
     assert jobset["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == queue["metadata"]["name"]
     before = copy.deepcopy(kube.one(plain, "JobSet", "opd-trainer"))
