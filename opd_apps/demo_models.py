@@ -1,10 +1,16 @@
 """The demo's models, built without a model hub.
 
-- `truncated_student(teacher_dir, keep_layers)`: the teacher with most decoder
-  layers removed, initialised from the teacher's own layers (evenly spaced,
-  first and last kept) and sharing its tokenizer — a student that starts close
-  enough to the teacher to sample sensible text and far enough to have
-  something to learn.
+- `truncated_student(teacher_dir, target, keep_first, keep_last)`: the
+  teacher with its middle decoder layers removed, keeping its first
+  `keep_first` and last `keep_last` layers (copied from the teacher) and its
+  tokenizer. Removing a contiguous middle block keeps the embedding-side and
+  the output-side layers that fit each other. The demo keeps 12 + 12 of 30:
+  measured greedy on the 120 held-out plural prompts, that student writes
+  sentences in the teacher's format ("The plural of the word baby is a
+  baby.") yet scores 0/120 (the teacher 99/120); 4 + 8, 6 + 10, 10 + 10,
+  11 + 11 and 4 + 14 also score 0 but start from word salad (further from
+  the teacher than the demo's budget was tried on); 14 + 14 already scores
+  28/120. Evenly spaced layers gave word salad at every depth tried.
 - `tiny_pair(dir)`: a random tiny teacher and student (Qwen2-style, head_dim
   64, float32) with an offline byte-level BPE tokenizer, for `opd demo --quick`
   and the tests.
@@ -98,17 +104,17 @@ def tiny_pair(root: Path) -> tuple[Path, Path]:
     return teacher, student
 
 
-def kept_layers(total: int, keep: int) -> list[int]:
-    """`keep` evenly spaced layer indices of `total`, the first and the last included."""
-    if keep >= total:
+def kept_layers(total: int, keep_first: int, keep_last: int) -> list[int]:
+    """Indices of the first `keep_first` and the last `keep_last` of `total` layers (all when they cover it)."""
+    if keep_first < 0 or keep_last < 0 or keep_first + keep_last < 1:
+        raise ValueError(f"keep at least one layer (got keep_first={keep_first}, keep_last={keep_last})")
+    if keep_first + keep_last >= total:
         return list(range(total))
-    if keep == 1:
-        return [total - 1]
-    return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
+    return [*range(keep_first), *range(total - keep_last, total)]
 
 
-def truncated_student(teacher_dir: Path, target: Path, keep_layers: int) -> Path:
-    """Write the teacher with only `keep_layers` decoder layers (copied from the teacher) to `target`, once."""
+def truncated_student(teacher_dir: Path, target: Path, keep_first: int, keep_last: int) -> Path:
+    """Write the teacher with only its first `keep_first` and last `keep_last` decoder layers to `target`, once."""
     if (target / "config.json").is_file():
         return target
     import torch
@@ -116,7 +122,7 @@ def truncated_student(teacher_dir: Path, target: Path, keep_layers: int) -> Path
 
     model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
     layers = model.get_decoder().layers
-    keep = kept_layers(len(layers), keep_layers)
+    keep = kept_layers(len(layers), keep_first, keep_last)
     model.get_decoder().layers = torch.nn.ModuleList([layers[i] for i in keep])
     for new_index, layer in enumerate(model.get_decoder().layers):
         if hasattr(layer, "self_attn") and hasattr(layer.self_attn, "layer_idx"):

@@ -1,10 +1,11 @@
-"""The demo's closing report: before/after on held-out prompts, samples, throughput, and a plot.
+"""The demo's closing report: did the skill move from teacher to student, how fast, and a plot.
 
 Reads what the trainer wrote beside its checkpoints (`evals.jsonl`,
-`steps.jsonl`), asks the still-running teacher for its answers (`Generate`),
-samples the student before and after training (greedy, transformers), scrapes
-the teacher's and rollout workers' metrics, and writes `report.md` and
-`curves.png` into the run directory.
+`steps.jsonl`), scrapes the teacher's and rollout workers' metrics, runs the
+before/after evaluation of `opd_apps.demo_eval` on the held-out prompts
+(teacher as the ceiling, student before and after training), checks the
+demo's two goals, and writes `report.md`, `report.json` and `curves.png`
+into the run directory.
 """
 
 from __future__ import annotations
@@ -12,18 +13,24 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+SCORE_GOAL = 0.5  # the trained student closes at least this share of the gap from its start to the teacher
+DIVERGENCE_GOAL = -0.5  # held-out divergence change (after / before - 1) at or below this
+TRAIN_BUDGET_S = 600  # training (all processes ready -> trainer done) on an idle 2-core machine
+
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def _metric_sum(url: str, name: str) -> float:
+def metric_sum(url: str, name: str) -> float:
+    """Sum of a Prometheus metric's samples at `url` (NaN when the endpoint does not answer)."""
     try:
         text = httpx.get(url, timeout=5).text
     except httpx.HTTPError:
@@ -35,62 +42,131 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-SAMPLE_TEMPERATURE, SAMPLE_SEED = 0.7, 0
+def _interval(value: float | None, low: float, high: float) -> str:
+    return f"{_fmt(value)} [{_fmt(low)}, {_fmt(high)}]"
 
 
-def _sample(model_dir: Path, prompt_ids: list[int], max_tokens: int) -> list[int]:
-    """One sample at SAMPLE_TEMPERATURE with a fixed seed (greedy decoding of a small student mostly repeats one
-    token, which says little about what it learned)."""
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    torch.manual_seed(SAMPLE_SEED)
-    config = GenerationConfig(
-        do_sample=True, temperature=SAMPLE_TEMPERATURE, top_k=0, top_p=1.0, max_new_tokens=max_tokens
-    )
-    with torch.no_grad():
-        mask = torch.ones(1, len(prompt_ids), dtype=torch.long)
-        out = model.generate(torch.tensor([prompt_ids]), attention_mask=mask, generation_config=config)
-    return out[0, len(prompt_ids) :].tolist()
-
-
-def _samples(plan, ports: dict[str, int], final_weights: Path | None, n: int = 3) -> list[dict[str, str]]:
-    from importlib.resources import files
-
+def evaluate(plan, ports: dict[str, int], final_weights: Path | None) -> dict[str, Any]:
+    """The held-out evaluation of teacher, student before and student after (`opd_apps.demo_eval`)."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-    from teacher_server.client import TeacherClientSync
+    from opd_apps.demo_eval import (
+        agreement_per_item,
+        evaluate_model,
+        fetch_teacher_scores,
+        forced_sequences,
+        load_items,
+    )
 
+    hf_logging.disable_progress_bar()  # no "Loading weights" bars in the printed report
     tokenizer = AutoTokenizer.from_pretrained(plan.student)
-    rows = [json.loads(line) for line in (files("opd_apps") / "data" / "demo_eval.jsonl").read_text().splitlines()]
-    rows = rows[:n]
-    out = []
-    with TeacherClientSync(f"127.0.0.1:{ports['grpc']}", client_name="demo-report") as teacher:
-        for row in rows:
-            ids = tokenizer.apply_chat_template(
-                [{"role": "user", "content": row["prompt"]}],
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=False,
-            )
-            gen = teacher.generate(ids, max_tokens=plan.max_tokens, temperature=SAMPLE_TEMPERATURE, seed=SAMPLE_SEED)
-            before = _sample(plan.student, ids, plan.max_tokens)
-            after = _sample(final_weights, ids, plan.max_tokens) if final_weights else []
-            out.append(
-                {
-                    "prompt": row["prompt"],
-                    **{
-                        k: tokenizer.decode(v, skip_special_tokens=True).strip()
-                        for k, v in (
-                            ("teacher", gen.token_ids.tolist()),
-                            ("student before", before),
-                            ("student after", after),
-                        )
-                    },
-                }
-            )
+    items = load_items(plan.heldout, tokenizer, plan.heldout_limit)
+    teacher, answers, _ = evaluate_model("teacher", plan.teacher, tokenizer, items, plan.max_tokens, plan.shown)
+    sequences = forced_sequences(items, answers)
+    replies = fetch_teacher_scores(f"127.0.0.1:{ports['grpc']}", sequences)
+    models = {"teacher": teacher}
+    students = [("student before", plan.student)] + ([("student after", final_weights)] if final_weights else [])
+    for label, path in students:
+        result, _, model = evaluate_model(label, path, tokenizer, items, plan.max_tokens, plan.shown)
+        result.agreement = agreement_per_item(model, replies, sequences)
+        models[label] = result
+    return {"items": items, "models": models}
+
+
+def goals(models: dict, first: dict, last: dict) -> dict[str, Any]:
+    """The demo's two goals, from the held-out numbers: task score halfway to the teacher, divergence -50%."""
+    out: dict[str, Any] = {}
+    if "student after" in models:
+        start, end = models["student before"].score()["score"], models["student after"].score()["score"]
+        ceiling = models["teacher"].score()["score"]
+        target = start + SCORE_GOAL * (ceiling - start)
+        gap = ceiling - start
+        out["score"] = {
+            "start": start,
+            "end": end,
+            "teacher": ceiling,
+            "target": target,
+            "share_of_gap": (end - start) / gap if gap > 0 else math.nan,
+            "met": gap > 0 and end >= target,
+        }
+    if first.get("divergence") and last.get("divergence") is not None and last is not first:
+        change = last["divergence"] / first["divergence"] - 1
+        out["divergence"] = {
+            "before": first["divergence"],
+            "after": last["divergence"],
+            "change": change,
+            "met": change <= DIVERGENCE_GOAL,
+        }
     return out
+
+
+def _model_table(models: dict) -> list[str]:
+    lines = [
+        "| model | task score [95% CI] | top-1 agreement with the teacher [95% CI] | distinct answers | distinct-1 "
+        "| distinct-2 |",
+        "| --- | --- | --- | ---: | ---: | ---: |",
+    ]
+    for label, result in models.items():
+        s, agreement, d = result.score(), result.top1_agreement(), result.diversity()
+        agree = (
+            "(its own answers)"
+            if agreement is None
+            else _interval(agreement["value"], agreement["low"], agreement["high"])
+        )
+        label = "teacher (ceiling)" if label == "teacher" else label
+        lines.append(
+            f"| {label} | {s['correct']}/{s['items']} = {_interval(s['score'], s['low'], s['high'])} | {agree} "
+            f"| {_fmt(d['distinct_answers'], 2)} | {_fmt(d['distinct_1'], 2)} | {_fmt(d['distinct_2'], 2)} |"
+        )
+    return lines
+
+
+def _goal_lines(g: dict) -> list[str]:
+    lines = []
+    if "score" in g:
+        s = g["score"]
+        closed = (
+            f"the student closed {_fmt(100 * s['share_of_gap'], 0)}% of the gap"
+            if s["teacher"] > s["start"]
+            else "the teacher does not score above the student's start: there is no gap to close"
+        )
+        lines.append(
+            f"- Task score: {_fmt(s['start'])} -> {_fmt(s['end'])} (teacher {_fmt(s['teacher'])}); {closed}; goal "
+            f"at least {100 * SCORE_GOAL:.0f}% (score >= {_fmt(s['target'])}): **{'met' if s['met'] else 'NOT met'}**."
+        )
+    if "divergence" in g:
+        d = g["divergence"]
+        lines.append(
+            f"- Divergence: {_fmt(d['before'])} -> {_fmt(d['after'])} nats/token ({_fmt(100 * d['change'], 1)}%); "
+            f"goal {100 * DIVERGENCE_GOAL:.0f}% or better: **{'met' if d['met'] else 'NOT met'}**."
+        )
+    if "training_time" in g:
+        t = g["training_time"]
+        lines.append(
+            f"- Training time: {_fmt(t['train_s'], 0)} s (start-up and model conversion apart); budget "
+            f"{t['budget_s']} s on an idle 2-core machine: **{'met' if t['met'] else 'NOT met'}** "
+            "(see the load average above)."
+        )
+    return lines
+
+
+def _sample_lines(evaluation: dict, temperature: float, seeds: tuple[int, ...]) -> list[str]:
+    lines = [
+        f"Greedy, and sampled at temperature {temperature} with seeds {', '.join(map(str, seeds))} (top-k and top-p "
+        "off), with transformers.",
+        "",
+    ]
+    models = evaluation["models"]
+    for item in evaluation["items"]:
+        if item.prompt_id not in models["teacher"].samples:
+            continue
+        lines += [f"**{item.prompt}** (reference: {item.answer})", ""]
+        for label, result in models.items():
+            for kind, text in result.samples.get(item.prompt_id, {}).items():
+                lines.append(f"- {label}, {kind}: {text!r}")
+        lines.append("")
+    return lines
 
 
 def _plot(steps: list[dict], evals: list[dict], path: Path) -> None:
@@ -104,25 +180,20 @@ def _plot(steps: list[dict], evals: list[dict], path: Path) -> None:
     series = [
         ("divergence to the teacher (train)", [s["stats"].get("mean_divergence") for s in steps]),
         ("loss", [s["stats"].get("loss") for s in steps]),
-        ("trained tokens / s", [s.get("tokens_per_s") for s in steps]),
     ]
     for ax, (title, ys) in zip(axes.flat, series, strict=False):
         ax.plot(xs, [math.nan if y is None else y for y in ys], marker=".")
         ax.set_title(title)
         ax.set_xlabel("step")
+    eval_steps = [e["step"] for e in evals]
+    ax = axes.flat[2]
+    ax.plot(eval_steps, [e.get("divergence") or math.nan for e in evals], marker="o")
+    ax.set_title("held-out divergence (nats/token, sampled reverse KL)")
+    ax.set_xlabel("step")
     ax = axes.flat[3]
-    ax.plot(
-        [e["step"] for e in evals],
-        [e.get("divergence") or math.nan for e in evals],
-        marker="o",
-        label="divergence (nats/token)",
-    )
-    rewards = [e.get("mean_reward") for e in evals]
-    if any(r is not None for r in rewards):
-        ax.plot(
-            [e["step"] for e in evals], [math.nan if r is None else r for r in rewards], marker="s", label="mean reward"
-        )
-    ax.set_title("held-out prompts")
+    ax.plot(eval_steps, [_nan(e.get("pass_at_1")) for e in evals], marker="s", label="pass@1 (temperature 1)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("held-out task score (eval rounds)")
     ax.set_xlabel("step")
     ax.legend()
     fig.tight_layout()
@@ -130,58 +201,86 @@ def _plot(steps: list[dict], evals: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(run_dir: Path, plan, ports: dict[str, int], wall_s: float) -> Path:
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
+def write_report(run_dir: Path, plan, ports: dict[str, int], timings: dict[str, float]) -> Path:
+    """Evaluate, write report.md / report.json / curves.png under `run_dir`, print the report; returns its path."""
+    from opd_apps.demo_eval import SAMPLE_SEEDS, SAMPLE_TEMPERATURE
+
+    started = time.monotonic()
     steps = _jsonl(run_dir / "checkpoints" / "steps.jsonl")
-    evals = _jsonl(run_dir / "checkpoints" / "evals.jsonl")
+    evals = [e for e in _jsonl(run_dir / "checkpoints" / "evals.jsonl") if e.get("divergence") is not None]
     weights = sorted((run_dir / "weights").glob("v*"))
     first, last = (evals[0], evals[-1]) if evals else ({}, {})
-    drop = (1 - last["divergence"] / first["divergence"]) if evals and first.get("divergence") else math.nan
-    teacher_tokens = _metric_sum(f"http://127.0.0.1:{ports['teacher_ops']}/metrics", "opd_teacher_scored_tokens_total")
-    rollout_tokens = _metric_sum(
-        f"http://127.0.0.1:{ports['worker_ops']}/metrics", "opd_rollout_generated_tokens_total"
-    )
-    step_s = sum(
-        (s["stats"].get("teacher_wait_s") or 0)
-        + (s["stats"].get("data_wait_s") or 0)
-        + (s["stats"].get("compute_s") or 0)
-        for s in steps
-    )
-    trained = sum(s["stats"].get("tokens") or 0 for s in steps)
+    teacher_tokens = metric_sum(f"http://127.0.0.1:{ports['teacher_ops']}/metrics", "opd_teacher_scored_tokens_total")
+    rollout_tokens = metric_sum(f"http://127.0.0.1:{ports['worker_ops']}/metrics", "opd_rollout_generated_tokens_total")
+    evaluation = evaluate(plan, ports, weights[-1] if weights else None)
+    models = evaluation["models"]
+    g = goals(models, first, last)
+    timings = {**timings, "report_s": time.monotonic() - started}
+    train_s = timings.get("train_s", math.nan)
+    g["training_time"] = {"train_s": train_s, "budget_s": TRAIN_BUDGET_S, "met": train_s <= TRAIN_BUDGET_S}
     lines = [
         "# opd demo report",
         "",
-        f"{len(steps)} steps in {wall_s:.0f} s (wall, start-up included) on {os.cpu_count()} CPU cores "
-        f"(load average {os.getloadavg()[0]:.1f} at the end); run directory `{run_dir}`.",
+        f"{len(steps)} steps on {os.cpu_count()} CPU cores; run directory `{run_dir}`.",
         "",
-        "## Held-out prompts, before and after",
+        f"- teacher: `{plan.teacher}`",
+        f"- student: `{plan.student}`",
+        f"- recipe: {plan.groups_per_step} prompts x {plan.samples} samples per step, up to {plan.max_tokens} "
+        f"tokens, forward KL over the teacher's top-{plan.top_k} + tail, lr {plan.lr:g} "
+        f"({plan.warmup_steps} warm-up steps), eval rounds every {plan.eval_every} steps",
         "",
-        "| | step | divergence to teacher (nats/token) | pass@1 | mean reward |",
+        "| phase | seconds |",
+        "| --- | ---: |",
+        *(
+            f"| {name} | {timings[key]:.0f} |"
+            for key, name in (
+                ("prepare_s", "preparing the models (conversion, cached after the first run)"),
+                ("startup_s", "starting Redis, teacher, rollout workers, trainer (until all report ready)"),
+                ("train_s", "training (ready -> trainer done, its eval rounds included)"),
+                ("report_s", "this report's evaluation"),
+            )
+            if key in timings
+        ),
+        "",
+        f"Load average (1 min): {timings.get('load_start', math.nan):.1f} at the start, "
+        f"{timings.get('load_train_max', math.nan):.1f} at most while training, {os.getloadavg()[0]:.1f} at the end "
+        "(the demo's own three processes alone make about 2).",
+        "",
+        "## Goals",
+        "",
+        *_goal_lines(g),
+        "",
+        f"## Held-out prompts: teacher, student before, student after ({len(evaluation['items'])} prompts, greedy)",
+        "",
+        "Task score: share of greedy answers whose first line holds the reference plural (95% Wilson interval). "
+        "Top-1 agreement: under teacher forcing on the teacher's own greedy answers, the share of answer positions "
+        "where the model's most likely token is the teacher's (95% bootstrap over prompts). Diversity across "
+        "prompts: share of distinct answers (first line), distinct-1/2 over their words.",
+        "",
+        *_model_table(models),
+        "",
+        "## Divergence on the eval-round prompts (trainer, samples at temperature 1)",
+        "",
+        "| | step | divergence to teacher (nats/token) | pass@1 | samples |",
         "| --- | ---: | ---: | ---: | ---: |",
-    ]
-    for label, e in (("before", first), ("after", last)):
-        lines.append(
-            f"| {label} | {e.get('step', 'n/a')} | {_fmt(e.get('divergence'))} "
-            f"| {_fmt(e.get('pass_at_1'), 2)} | {_fmt(e.get('mean_reward'), 2)} |"
-        )
-    lines += [
+        *(
+            f"| {label} | {e.get('step', 'n/a')} | {_fmt(e.get('divergence'))} | {_fmt(e.get('pass_at_1'), 2)} "
+            f"| {_fmt(e.get('samples'), 0)} |"
+            for label, e in (("before", first), ("after", last))
+        ),
         "",
-        f"Divergence change: {_fmt(-100 * drop, 1)}% (goal: at least -30%).",
+        "## Samples",
         "",
-        f"## Samples (temperature {SAMPLE_TEMPERATURE}, seed {SAMPLE_SEED}; the teacher's through its `Generate` RPC)",
+        *_sample_lines(evaluation, SAMPLE_TEMPERATURE, SAMPLE_SEEDS),
+        "## Throughput (over the training phase)",
         "",
-    ]
-    for sample in _samples(plan, ports, weights[-1] if weights else None):
-        lines += (
-            [f"**{sample['prompt']}**", ""]
-            + [f"- {k}: {sample[k]!r}" for k in ("teacher", "student before", "student after")]
-            + [""]
-        )
-    lines += [
-        "## Throughput (over the whole run)",
-        "",
-        f"- teacher: {teacher_tokens / wall_s:,.0f} positions scored / s",
-        f"- rollout workers: {rollout_tokens / wall_s:,.0f} tokens sampled / s",
-        f"- trainer: {trained / max(step_s, 1e-9):,.0f} trained tokens / s of step time",
+        f"- teacher: {teacher_tokens / train_s:,.0f} positions scored / s",
+        f"- rollout workers: {rollout_tokens / train_s:,.0f} tokens sampled / s",
+        f"- trainer: {sum(s['stats'].get('tokens') or 0 for s in steps) / train_s:,.0f} trained tokens / s",
         "",
     ]
     if steps:
@@ -189,5 +288,18 @@ def write_report(run_dir: Path, plan, ports: dict[str, int], wall_s: float) -> P
         lines += ["![curves](curves.png)", ""]
     report = run_dir / "report.md"
     report.write_text("\n".join(lines))
+    (run_dir / "report.json").write_text(json.dumps(_summary(models, g, timings, first, last), indent=2))
     print("\n".join(lines), flush=True)
     return report
+
+
+def _summary(models: dict, g: dict, timings: dict, first: dict, last: dict) -> dict[str, Any]:
+    return {
+        "timings_s": timings,
+        "goals": g,
+        "divergence": {"before": first, "after": last},
+        "models": {
+            label: {"task_score": r.score(), "top1_agreement": r.top1_agreement(), "diversity": r.diversity()}
+            for label, r in models.items()
+        },
+    }

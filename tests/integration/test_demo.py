@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -25,8 +26,39 @@ def test_quick_demo_runs_every_component_and_writes_the_report(tmp_path):
     assert "live page: http://127.0.0.1:" in out.stdout
     assert "step 3/3" in out.stdout
     report = (run_dir / "report.md").read_text()
-    assert "| before | 0 |" in report and "Divergence change" in report
-    assert report.count("- student after: ") == 3 and "positions scored / s" in report
+    for section in (
+        "## Goals",
+        "## Held-out prompts: teacher, student before, student after (8 prompts, greedy)",
+        "## Divergence on the eval-round prompts",
+        "## Samples",
+        "## Throughput",
+    ):
+        assert section in report, section
+    assert "| before | 0 |" in report and "Divergence:" in report and "Task score:" in report
+    assert "| training (ready -> trainer done" in report and "positions scored / s" in report
+    # two prompts shown, each with greedy + two seeded samples per model
+    for label in ("teacher", "student before", "student after"):
+        for kind in ("greedy", "seed 0", "seed 1"):
+            assert report.count(f"- {label}, {kind}: ") == 2, (label, kind)
+    summary = json.loads((run_dir / "report.json").read_text())
+    assert set(summary["models"]) == {"teacher", "student before", "student after"}
+    for label, m in summary["models"].items():
+        s = m["task_score"]
+        assert s["items"] == 8 and 0 <= s["correct"] <= 8 and 0 <= s["low"] <= s["score"] <= s["high"] <= 1
+        d = m["diversity"]
+        assert 0 < d["distinct_answers"] <= 1 and 0 < d["distinct_1"] <= 1, (label, d)
+        a = m["top1_agreement"]
+        if label == "teacher":
+            assert a is None
+        else:
+            assert a["positions"] > 0 and 0 <= a["low"] <= a["value"] <= a["high"] <= 1, (label, a)
+    t = summary["timings_s"]
+    assert t["startup_s"] > 0 and t["train_s"] > 0 and t["report_s"] > 0 and t["prepare_s"] >= 0
+    budget = summary["goals"]["training_time"]
+    assert budget["train_s"] == t["train_s"] and budget["met"] == (t["train_s"] <= budget["budget_s"] == 600)
+    assert "- student: `" in report and "Training time:" in report and "at most while training" in report
+    div = summary["goals"]["divergence"]
+    assert div["before"] > 0 and div["after"] > 0 and div["met"] == (div["change"] <= -0.5)
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {p.name for p in (run_dir / "logs").iterdir()} == {"teacher.log", "rollout.log", "trainer.log"}
     assert sorted(p.name for p in (run_dir / "weights").iterdir())[-1] == "v00000003"

@@ -1,0 +1,239 @@
+"""The demo's before/after evaluation on held-out prompts: task score, agreement with the teacher, diversity, samples.
+
+For each model (the teacher as the ceiling, the student before training, the
+student after) on the held-out prompts (`opd_apps/data/demo_heldout.jsonl`,
+never trained on):
+
+- **task score**: greedy answers checked by the task's reward
+  (`opd_apps.demo_task.is_correct`), with a 95% Wilson interval;
+- **top-1 agreement under teacher forcing**: on the teacher's own greedy
+  answers (prompt + answer, its end-of-turn token included), the share of
+  answer positions where the student's most likely next token is the
+  teacher's; 95% interval by a bootstrap over prompts (positions of one answer
+  are not independent, so a Wilson interval over positions would be too
+  narrow);
+- **diversity across prompts**: the share of distinct answers (first lines,
+  case and spacing normalised) and distinct-1/2 over the answers' words, so a
+  model that answers every prompt alike shows it;
+- **samples**: greedy and sampled (fixed temperature and seeds) answers to a
+  few prompts.
+
+Every model answers in this process with transformers (batched greedy
+decoding; the teacher from the same directory the teacher service serves,
+with the same code, so its answers are the service's); the teacher's top-1
+for the agreement comes from the running teacher service's `Score` RPC, asked
+once for all answers. The statistics are `opd_apps.eval`'s. Does not train,
+and does not compute the divergence (the trainer's eval rounds do).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from opd_apps.demo_task import is_correct
+from opd_apps.eval import diversity, teacher_forced_agreement, wilson_interval
+
+SAMPLE_TEMPERATURE = 0.7
+SAMPLE_SEEDS = (0, 1)  # sampled answers shown per prompt and model
+BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 2000, 0
+GREEDY_BATCH = 16
+
+
+@dataclass(frozen=True)
+class Item:
+    """One held-out prompt, rendered with the chat template."""
+
+    prompt_id: str
+    prompt: str
+    answer: str
+    prompt_ids: list[int]
+
+
+@dataclass
+class ModelResult:
+    """One model's greedy answers on the items, and what they score."""
+
+    label: str
+    texts: list[str]
+    correct: list[bool]
+    agreement: list[tuple[int, int]] | None = None  # per item: (positions agreeing, positions), students only
+    samples: dict[str, dict[str, str]] = field(default_factory=dict)  # prompt_id -> {"greedy"|"seed N": text}
+
+    def score(self) -> dict[str, float]:
+        k, n = sum(self.correct), len(self.correct)
+        low, high = wilson_interval(k, n)
+        return {"correct": k, "items": n, "score": k / n, "low": low, "high": high}
+
+    def top1_agreement(self) -> dict[str, float] | None:
+        if not self.agreement:
+            return None
+        agree, total = (sum(col) for col in zip(*self.agreement, strict=True))
+        low, high = bootstrap_ratio_interval(self.agreement)
+        return {"value": agree / total if total else float("nan"), "positions": total, "low": low, "high": high}
+
+    def diversity(self) -> dict[str, Any]:
+        d = diversity(self.texts, [answer_key(t) for t in self.texts])
+        return {"distinct_answers": d.distinct_answers_share, "distinct_1": d.distinct_1, "distinct_2": d.distinct_2}
+
+
+def answer_key(text: str) -> str | None:
+    """The answer's first non-empty line, lower-cased with spacing normalised (None for an empty answer)."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return re.sub(r"\s+", " ", lines[0].strip().lower()) if lines else None
+
+
+def bootstrap_ratio_interval(pairs: Sequence[tuple[int, int]], level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap over items of sum(agree) / sum(total); `pairs` holds one (agree, total) per item."""
+    rng = random.Random(BOOTSTRAP_SEED)
+    n = len(pairs)
+    ratios = []
+    for _ in range(BOOTSTRAP_RESAMPLES):
+        draw = [pairs[rng.randrange(n)] for _ in range(n)]
+        total = sum(t for _, t in draw)
+        if total:
+            ratios.append(sum(a for a, _ in draw) / total)
+    if not ratios:
+        return float("nan"), float("nan")
+    ratios.sort()
+    tail = (1 - level) / 2
+    return ratios[int(tail * (len(ratios) - 1))], ratios[int(round((1 - tail) * (len(ratios) - 1)))]
+
+
+def load_items(path: Path, tokenizer: Any, limit: int | None = None) -> list[Item]:
+    """The held-out prompt file (id, prompt, answer) rendered with the tokenizer's chat template."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    items = []
+    for row in rows[:limit]:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": row["prompt"]}], add_generation_prompt=True, tokenize=False
+        )
+        ids = list(tokenizer.encode(text, add_special_tokens=False))
+        items.append(Item(row["id"], row["prompt"], row["answer"], ids))
+    return items
+
+
+def load_model(model_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def greedy(model: Any, tokenizer: Any, items: Sequence[Item], max_tokens: int) -> list[list[int]]:
+    """Greedy answers (token ids, up to and including the end-of-turn token), batched with left padding."""
+    import torch
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out: list[list[int]] = []
+    for start in range(0, len(items), GREEDY_BATCH):
+        batch = items[start : start + GREEDY_BATCH]
+        width = max(len(it.prompt_ids) for it in batch)
+        ids_BL = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask_BL = torch.zeros_like(ids_BL)
+        for i, it in enumerate(batch):
+            ids_BL[i, width - len(it.prompt_ids) :] = torch.tensor(it.prompt_ids)
+            mask_BL[i, width - len(it.prompt_ids) :] = 1
+        with torch.no_grad():
+            gen = model.generate(
+                input_ids=ids_BL, attention_mask=mask_BL, do_sample=False, max_new_tokens=max_tokens, pad_token_id=pad
+            )
+        out += [_until_stop(row[width:].tolist(), model) for row in gen]
+    return out
+
+
+def sample(model: Any, item: Item, max_tokens: int, seed: int) -> list[int]:
+    """One answer sampled at SAMPLE_TEMPERATURE (top-k and top-p off) with `seed`."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        gen = model.generate(
+            input_ids=torch.tensor([item.prompt_ids]),
+            attention_mask=torch.ones(1, len(item.prompt_ids), dtype=torch.long),
+            do_sample=True,
+            temperature=SAMPLE_TEMPERATURE,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_tokens,
+        )
+    return _until_stop(gen[0, len(item.prompt_ids) :].tolist(), model)
+
+
+def _until_stop(ids: list[int], model: Any) -> list[int]:
+    """Cut after the first end-of-sequence token (the rest is padding)."""
+    eos = model.generation_config.eos_token_id
+    stops = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+    for i, t in enumerate(ids):
+        if t in stops:
+            return ids[: i + 1]
+    return ids
+
+
+def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+
+
+def evaluate_model(
+    label: str, model_dir: Path, tokenizer: Any, items: Sequence[Item], max_tokens: int, shown: int
+) -> tuple[ModelResult, list[list[int]], Any]:
+    """(a model's ModelResult, its greedy answers' token ids, the loaded model): greedy answers on every item,
+    their task score, and greedy + seeded samples on the first `shown` items."""
+    model = load_model(model_dir)
+    answers = greedy(model, tokenizer, items, max_tokens)
+    texts = [_decode(tokenizer, ids) for ids in answers]
+    result = ModelResult(label, texts, [is_correct(t, it.answer) for t, it in zip(texts, items, strict=True)])
+    for it, text in zip(items[:shown], texts, strict=False):
+        result.samples[it.prompt_id] = {"greedy": text}
+        for seed in SAMPLE_SEEDS:
+            result.samples[it.prompt_id][f"seed {seed}"] = _decode(tokenizer, sample(model, it, max_tokens, seed))
+    return result, answers, model
+
+
+def forced_sequences(items: Sequence[Item], teacher_answers: Sequence[Sequence[int]]) -> list[tuple[list[int], int]]:
+    """(prompt + the teacher's greedy answer, where the answer starts) per item; items without an answer are left
+    out."""
+    return [
+        (it.prompt_ids + list(ans), len(it.prompt_ids)) for it, ans in zip(items, teacher_answers, strict=True) if ans
+    ]
+
+
+def fetch_teacher_scores(teacher_address: str, sequences: Sequence[tuple[list[int], int]]) -> TeacherReplies:
+    """The teacher's top-1 on every sequence through its `Score` RPC, asked once (the server batches them)."""
+    from teacher_server.client import TeacherClientSync
+
+    with TeacherClientSync(teacher_address, client_name="demo-report") as client:
+        return TeacherReplies(sequences, client.score_many(list(sequences), top_k=1))
+
+
+def agreement_per_item(
+    model: Any, teacher: TeacherReplies, sequences: Sequence[tuple[list[int], int]]
+) -> list[tuple[int, int]]:
+    """(positions where the student's top-1 is the teacher's, positions) per sequence, under teacher forcing
+    (`opd_apps.eval.teacher_forced_agreement`, one call per sequence: the bootstrap needs per-prompt counts)."""
+    from opd_apps.eval import StudentScorer
+
+    async def per_item() -> list[tuple[int, int]]:
+        scorer, out = StudentScorer(model), []
+        for seq in sequences:
+            share, positions = await teacher_forced_agreement(scorer, teacher, [seq])
+            out.append((round((share or 0.0) * positions), positions))
+        return out
+
+    return asyncio.run(per_item())
+
+
+class TeacherReplies:
+    """The teacher's `Score` replies, fetched once, answered per sequence (the `score_many` of a teacher client)."""
+
+    def __init__(self, sequences: Sequence[tuple[list[int], int]], replies: Sequence[Any]) -> None:
+        self._by_key = {(tuple(ids), start): r for (ids, start), r in zip(sequences, replies, strict=True)}
+
+    async def score_many(self, sequences: Sequence[tuple[list[int], int]], top_k: int = 1) -> list[Any]:
+        return [self._by_key[(tuple(ids), start)] for ids, start in sequences]
