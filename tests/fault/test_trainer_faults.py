@@ -2,7 +2,7 @@
 
 Each test: a teacher (`opd teacher`, hf), a rollout worker (`opd rollout`,
 hf), the trainer (`opd train`, or two ranks under torchrun) feeding prompts
-of 2 samples for 6 (or 10) steps of 2 groups, checkpointing every 3 steps
+of 2 samples for 6 steps of 2 groups (10 or 12 in some tests), checkpointing every 3 steps
 (the shape is `tests.fixtures.faults.TinyRun`). Mid-run the trainer is killed
 (-9) or sent SIGTERM; it is started again with `--checkpoint-resume`. At the
 end the run has trained every step once, every (prompt id, sample index)
@@ -33,6 +33,9 @@ EXIT_MARGIN_S = 30.0
 # The SIGTERM tests checkpoint only at the end: a checkpoint of the step the trainer stopped at is then the one
 # the stop wrote (not a periodic one that happened to fall on that step).
 NO_PERIODIC_CHECKPOINT = 1000
+# The SIGTERM tests stop at step 2 or a little later; the trainer keeps up to 8 groups (4 steps) in flight, which a
+# fast worker may have sampled already. 12 steps leave the stop to land well before the run's natural end.
+SIGTERM_STEPS = 12
 ROLLOUT_WAIT = re.compile(r"waiting for (?!teacher)")  # the trainer's wait log, for anything but teacher scores
 
 
@@ -83,7 +86,7 @@ def test_trainer_kill9_resumes_without_loss_or_double_training(pipeline, shared_
 
 
 def test_sigterm_while_starved_exits_within_grace_after_a_final_checkpoint(pipeline, shared_teacher):
-    pipeline.run = TinyRun(checkpoint_every=NO_PERIODIC_CHECKPOINT)
+    pipeline.run = TinyRun(max_steps=SIGTERM_STEPS, checkpoint_every=NO_PERIODIC_CHECKPOINT)
     worker = pipeline.worker().start()
     trainer = pipeline.trainer(shared_teacher.address, stop_grace_s=GRACE_S, wait_log_s=1).start()
     wait_step(pipeline, trainer, 2)
@@ -108,7 +111,7 @@ def test_sigterm_while_starved_exits_within_grace_after_a_final_checkpoint(pipel
 
 
 def test_sigterm_to_one_of_two_ranks_stops_both_after_one_final_checkpoint(pipeline, shared_teacher):
-    pipeline.run = TinyRun(checkpoint_every=NO_PERIODIC_CHECKPOINT)
+    pipeline.run = TinyRun(max_steps=SIGTERM_STEPS, checkpoint_every=NO_PERIODIC_CHECKPOINT)
     pipeline.worker().start()
     trainer = pipeline.torchrun_trainer(shared_teacher.address, 2, stop_grace_s=GRACE_S).start()
     wait_step(pipeline, trainer, 2)
@@ -135,6 +138,7 @@ def _wait_starved(pipeline, trainer, log_offset: int) -> int:
     stream = f"{pipeline.namespace}:rollouts"
 
     def starved() -> bool:
+        assert trainer.alive(), f"the trainer ended its run before it starved\n{pipeline.tails()}"
         groups = {g["name"].decode(): g for g in client.xinfo_groups(stream)}
         # `lag` 0: nothing in the stream the trainer has not read; then its wait log (every --wait-log-s)
         waiting = ROLLOUT_WAIT.search(trainer.log()[log_offset:])
