@@ -28,7 +28,7 @@ from opd.streams import (
     undelivered,
 )
 from protos.records import ROLLOUT_SCHEMA, PolicyAnnouncement, RolloutRecord
-from tests.fixtures.rollout import make_rollout, redis_on_port
+from tests.fixtures.rollout import make_rollout
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -232,12 +232,12 @@ async def test_connection_loss_is_retried_until_redis_returns(namespace: str) ->
     keys = StreamKeys(namespace)
     redis = connect(RedisConfig(url=f"redis://127.0.0.1:{port}/0", retry_for_s=30))
     producer = StreamProducer(redis, keys.rollouts, ROLLOUT_GROUP)
-    with redis_on_port(port):
+    with redis_server(port=port):
         await producer.send(make_rollout(0).encode())
     send = asyncio.create_task(producer.send(make_rollout(1).encode()))  # server down: retried with backoff
     await asyncio.sleep(1.0)
     assert not send.done()
-    with redis_on_port(port):  # a fresh, empty server on the same port
+    with redis_server(port=port):  # a fresh, empty server on the same port
         await asyncio.wait_for(send, 15)
         entries = await _drain(_consumer(redis, keys, "c"))
         assert [e.value.rollout_id for e in entries] == ["p/1"]
