@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from pydantic import Field, model_validator
 
-from opd.config import ConfigError
+from opd.config import ConfigError, ConfigModel
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,23 @@ def check_cert_options(cert_file: str | None, key_file: str | None, where: str) 
         raise ValueError(
             f"{where}.tls_cert_file and {where}.tls_key_file go together: give both to serve TLS, or neither"
         )
+
+
+class TeacherTLSOptions(ConfigModel):
+    """How a client (the trainer, `opd eval`) reaches a teacher over TLS: the fields every teacher config shares."""
+
+    tls: bool = Field(False, description="connect over TLS, trusting the system's CAs (implied by tls_ca_file)")
+    tls_ca_file: str | None = Field(None, description="TLS: PEM CA bundle that issued the teacher's certificate")
+    tls_cert_file: str | None = Field(None, description="mutual TLS: PEM client certificate presented to the teacher")
+    tls_key_file: str | None = Field(None, description="mutual TLS: PEM private key of tls_cert_file")
+    tls_server_name: str | None = Field(
+        None, description="TLS: name to check in the teacher's certificate (default: the address's host)"
+    )
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> TeacherTLSOptions:
+        check_cert_options(self.tls_cert_file, self.tls_key_file, "teacher")
+        return self
 
 
 def _read(path: str, option: str) -> bytes:

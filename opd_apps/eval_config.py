@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 from opd.config import ConfigModel
 from opd.prompts import PromptSourceConfig
 from opd.redaction import SECRET
-from opd.tls import check_cert_options
+from opd.tls import TeacherTLSOptions
 from rollout_workers.config import EngineConfig
 
 # Flags the command line accepts as a short form of a nested flag.
@@ -62,7 +62,7 @@ class EvalPromptsConfig(ConfigModel):
         return PromptSourceConfig(**self.model_dump(), split="eval")
 
 
-class EvalTeacherConfig(ConfigModel):
+class EvalTeacherConfig(TeacherTLSOptions):
     addresses: list[str] = Field(
         default_factory=list,
         description="teacher gRPC address(es) (`--teacher HOST:PORT`); unset = no divergence or teacher diagnostics",
@@ -72,13 +72,6 @@ class EvalTeacherConfig(ConfigModel):
         description="bearer token (prefer the env variable OPD_EVAL__TEACHER__TOKEN); shown as <redacted>",
         json_schema_extra=SECRET,
     )
-    tls: bool = Field(False, description="connect over TLS, trusting the system's CAs (implied by tls_ca_file)")
-    tls_ca_file: str | None = Field(None, description="TLS: PEM CA bundle that issued the teacher's certificate")
-    tls_cert_file: str | None = Field(None, description="mutual TLS: PEM client certificate presented to the teacher")
-    tls_key_file: str | None = Field(None, description="mutual TLS: PEM private key of tls_cert_file")
-    tls_server_name: str | None = Field(
-        None, description="TLS: name to check in the teacher's certificate (default: the address's host)"
-    )
     client_name: str = Field("eval", description="client name for the teacher's fair share and metrics")
     timeout_s: float = Field(300.0, gt=0, description="deadline of one scoring request, retries included")
     top_k: int | None = Field(
@@ -86,11 +79,6 @@ class EvalTeacherConfig(ConfigModel):
     )
     logprob_dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="wire dtype")
     concurrency: int = Field(16, ge=1, description="scoring requests in flight at once")
-
-    @model_validator(mode="after")
-    def _check_tls(self) -> EvalTeacherConfig:
-        check_cert_options(self.tls_cert_file, self.tls_key_file, "teacher")
-        return self
 
 
 class EvalConfig(ConfigModel):

@@ -20,12 +20,12 @@ from opd.ops_app import OpsConfig
 from opd.prompts import PromptSourceConfig
 from opd.redaction import SECRET
 from opd.streams import RedisConfig
-from opd.tls import check_cert_options
+from opd.tls import TeacherTLSOptions
 from student_trainer.loss.config import LossConfig
 from student_trainer.loss.registry import TeacherNeed, divergence_need, selection_need, teacher_needs
 
 
-class TeacherEndpointConfig(ConfigModel):
+class TeacherEndpointConfig(TeacherTLSOptions):
     enabled: bool = Field(
         True,
         description="false: pure RL, no teacher is asked (the `none` score source; addresses are ignored): needs "
@@ -41,13 +41,6 @@ class TeacherEndpointConfig(ConfigModel):
         None,
         description="bearer token (prefer the env variable OPD_TRAIN__TEACHER__TOKEN); shown as <redacted>",
         json_schema_extra=SECRET,
-    )
-    tls: bool = Field(False, description="connect over TLS, trusting the system's CAs (implied by tls_ca_file)")
-    tls_ca_file: str | None = Field(None, description="TLS: PEM CA bundle that issued the teacher's certificate")
-    tls_cert_file: str | None = Field(None, description="mutual TLS: PEM client certificate presented to the teacher")
-    tls_key_file: str | None = Field(None, description="mutual TLS: PEM private key of tls_cert_file")
-    tls_server_name: str | None = Field(
-        None, description="TLS: name to check in the teacher's certificate (default: the address's host)"
     )
     client_name: str = Field(
         "trainer", description="client name for the teacher's fair share and metrics when its auth is off"
@@ -73,11 +66,6 @@ class TeacherEndpointConfig(ConfigModel):
         description="train on offline teacher scores from this Parquet file (`opd score`) instead of a live "
         "teacher: the trainer feeds the file's sequences as rollouts itself (run no rollout workers)",
     )
-
-    @model_validator(mode="after")
-    def _check_tls(self) -> TeacherEndpointConfig:
-        check_cert_options(self.tls_cert_file, self.tls_key_file, "teacher")
-        return self
 
     @model_validator(mode="after")
     def _check_kind(self) -> TeacherEndpointConfig:
