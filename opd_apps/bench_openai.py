@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing as mp
 import os
 import time
@@ -26,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from opd_apps.bench_teacher import WIRE_TOP_KS, _Gate, _grpc_wire, _model_dir, _service_tok_s
+from opd_apps.bench_teacher import WIRE_TOP_KS, _Gate, _grpc_wire, _model_dir, _service_tok_s, json_wire
 
 FULL = {"model": "embedded", "backend": "vllm", "num_seqs": 32, "seq_len": 256, "repeats": 3, "wire_len": 1000}
 QUICK = {"model": "tiny", "backend": "hf", "num_seqs": 8, "seq_len": 64, "repeats": 1, "wire_len": 128}
@@ -101,15 +100,7 @@ def _openai_tok_s(url: str, model: str, seqs: list[np.ndarray], top_k: int, clie
 
 
 def _openai_wire(url: str, model: str, ids: np.ndarray) -> dict[int, tuple[int, int]]:
-    import httpx
-
-    out = {}
-    for k in WIRE_TOP_KS:
-        body = json.dumps({"model": model, "prompt": ids.tolist(), "max_tokens": 0, "echo": True, "prompt_logprobs": k})
-        r = httpx.post(f"{url}/completions", content=body, headers={"content-type": "application/json"}, timeout=600)
-        r.raise_for_status()
-        out[k] = (len(body), len(r.content))
-    return out
+    return json_wire(f"{url}/completions", {"model": model, "prompt": ids.tolist(), "max_tokens": 0, "echo": True})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

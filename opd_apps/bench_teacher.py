@@ -218,6 +218,19 @@ def _wire_bytes(ids: np.ndarray, k: int, dtype: int, reply) -> tuple[int, int]:
     return request.ByteSize() + 5, reply.ByteSize() + 5  # + the 5-byte gRPC message frame
 
 
+def json_wire(endpoint: str, request: dict) -> dict[int, tuple[int, int]]:
+    """k -> (request bytes, reply bytes) of `request` with `prompt_logprobs: k` POSTed as JSON to `endpoint`."""
+    import httpx
+
+    out = {}
+    for k in WIRE_TOP_KS:
+        body = json.dumps({**request, "prompt_logprobs": k})
+        r = httpx.post(endpoint, content=body, headers={"content-type": "application/json"}, timeout=600)
+        r.raise_for_status()
+        out[k] = (len(body), len(r.content))
+    return out
+
+
 def _grpc_wire(address: str, ids: np.ndarray) -> dict[tuple[int, str], tuple[int, int]]:
     import grpc
 
@@ -269,15 +282,8 @@ def _json_wire(model_dir: str, ids: np.ndarray, dtype: str) -> dict[int, tuple[i
             if proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError("vLLM's OpenAI server did not start (run it by hand to see why)")
             time.sleep(1)
-        out = {}
-        for k in WIRE_TOP_KS:
-            body = json.dumps({"model": model_dir, "prompt": ids.tolist(), "max_tokens": 1, "prompt_logprobs": k})
-            r = httpx.post(
-                f"{url}/v1/completions", content=body, headers={"content-type": "application/json"}, timeout=600
-            )
-            r.raise_for_status()
-            out[k] = (len(body), len(r.content))
-        return out
+        request = {"model": model_dir, "prompt": ids.tolist(), "max_tokens": 1}
+        return json_wire(f"{url}/v1/completions", request)
     finally:
         stop_process(proc)
 
