@@ -17,23 +17,11 @@ from student_trainer.config import TrainerConfig
 from student_trainer.model import StudentLoss, init_distributed, load_student, shard_student
 from student_trainer.optim import build_optimizer
 from student_trainer.step import StepRunner
+from tests.fixtures.largest_tensor import LargestTensor
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 V, K, PROMPT, RESPONSE, SAMPLES, BUDGET = 384, 4, 16, 12_288, 8, 16_384
-
-
-class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the largest tensor any op produces."""
-
-    largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ import torch
 
 from student_trainer.loss.compute import LossInputs, TeacherScores, compute_distillation_loss
 from student_trainer.loss.config import LossConfig
+from tests.fixtures.largest_tensor import LargestTensor
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -330,19 +331,6 @@ def test_statistics_are_the_means_over_kept_tokens():
 # ----------------------------------------------------------------------------- memory bound
 
 
-class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the largest tensor any op produces."""
-
-    largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("divergence,support", [("rkl_sampled", "topk"), ("jsd", "topk"), ("rkl", "topk")])
 def test_no_tensor_of_n_by_v_elements_exists_in_forward_or_backward(divergence, support):
     n, v, chunk = 64, 50, 4
@@ -350,7 +338,7 @@ def test_no_tensor_of_n_by_v_elements_exists_in_forward_or_backward(divergence, 
     teacher = TeacherScores(teacher.token_logprobs, teacher.topk_ids, teacher.topk_logprobs, teacher.tail_logprobs)
     h, w = hidden.requires_grad_(), weight.requires_grad_()
     cfg = LossConfig(divergence=divergence, support=support, chunk_size=chunk)
-    with _LargestTensor() as probe:
+    with LargestTensor() as probe:
         loss, _ = compute_distillation_loss(h, w, inputs, teacher, cfg, 0)
         loss.backward()
     assert probe.largest <= max(v * H, n * H, chunk * v) < n * v  # params, activations, one chunk
