@@ -14,7 +14,6 @@ counted twice.
 from __future__ import annotations
 
 import functools
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -26,6 +25,7 @@ from student_trainer.batching import build_micro_batch, scores_to, teacher_score
 from student_trainer.loss.config import LossConfig
 from student_trainer.loss.planning import Denominators, count_denominators, sequence_weights, step_denominators
 from student_trainer.model import StudentLoss
+from tests.fixtures.rollout import synthetic_top_k_scores
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -78,13 +78,7 @@ def rollouts(seed: int = 0) -> tuple[list[list[RolloutRecord]], dict]:
                     reward=float(rng.integers(0, 2)),
                 )
             )
-            topk = np.sort(-rng.random((n, K)) * 4, axis=1)[:, ::-1] - 1.0
-            scores[rid] = SimpleNamespace(
-                token_logprobs=-rng.random(n) * 4,
-                topk_ids=rng.choice(V, (n, K)).astype(np.int32),
-                topk_logprobs=topk,
-                tail_logprobs=np.log(-np.expm1(np.logaddexp.reduce(topk, 1))),
-            )
+            scores[rid] = synthetic_top_k_scores(rng, n, V, K, spread=4)
         groups.append(group)
     return groups, scores
 
