@@ -46,7 +46,8 @@ class TeacherPrefetch:
         """The next batch to train; first tops the queue up to `depth` + 1 batches (at most the `remaining` steps
         of the run: a batch pulled beyond the last step would hold its groups, untrained, until the end) and
         requests the scores of as many as fit the byte cap, in order."""
-        while len(self._pending) < min(self.depth + 1, max(1, remaining if remaining is not None else self.depth + 1)):
+        queued = self.depth + 1 if remaining is None else max(1, min(self.depth + 1, remaining))
+        while len(self._pending) < queued:
             self._pending.append(pull())
         head = self._pending.popleft()
         self._request(head)  # the batch about to train: always
