@@ -30,14 +30,15 @@ DESCRIPTION = (
 )
 
 
-def _progress(trainer, stats: dict[str, float]) -> None:
-    s = trainer.status
+def _progress(report, max_steps: int) -> None:
+    """The step line on stdout, from the step's `StepReport`."""
+    t = report.times
     print(
-        f"step {s.step}/{s.max_steps}  loss {stats.get('loss', float('nan')):+.4f}  "
-        f"kl {stats.get('mean_divergence', float('nan')):.4f}  tok/s {s.tokens_per_s:,.0f}  "
-        f"teacher wait {stats['teacher_wait_s']:.2f}s  data wait {stats['data_wait_s']:.2f}s  "
-        f"compute {stats['compute_s']:.2f}s  tokens {stats.get('tokens', 0):.0f}  v{s.policy_version}"
-        f"{_diagnostics(stats)}",
+        f"step {report.step}/{max_steps}  loss {report.loss:+.4f}  "
+        f"kl {report.get('mean_divergence'):.4f}  tok/s {report.tokens_per_s:,.0f}  "
+        f"teacher wait {t.teacher_wait_s:.2f}s  data wait {t.data_wait_s:.2f}s  "
+        f"compute {t.compute_s:.2f}s  tokens {report.tokens:.0f}  v{report.version}"
+        f"{_diagnostics(report.measured())}",
         flush=True,
     )
 
@@ -92,12 +93,12 @@ def run(config: TrainerConfig) -> int:
         runtime.start()
         trainer = runtime.trainer
         while trainer.step_no < config.max_steps:
-            stats = trainer.step()
-            if stats is None:  # every rank agreed to stop
+            report = trainer.step()
+            if report is None:  # every rank agreed to stop
                 break
             runtime.after_step()
             if info.is_main:
-                _progress(trainer, stats)
+                _progress(report, config.max_steps)
         if trainer.stopped and trainer.step_no > trainer.last_checkpoint_step:
             log.info("stop requested: checkpointing step %d before exit", trainer.step_no)
             trainer.checkpoint()

@@ -7,8 +7,9 @@ the checkpoint that used them is committed), assembling complete groups
 (`group_size` distinct samples of one prompt id, so samples of two copies of a
 prompt fed twice complete one group, never two), separating eval rollouts from
 training ones, refusing rollouts of this run's prompts that are no longer open
-(`accepts`, from the prompt feeder: a late copy of a prompt already trained or
-lost), and announcing published weight versions. Its transport counters are
+(its `Admission`, the prompt feeder, `accepts` them or not: a late copy of a
+prompt already trained or lost is refused) and telling the admission which
+prompts' groups a step took, and announcing published weight versions. Its transport counters are
 `stats`. Feeding prompts is `student_trainer.feeder`'s. Runs on the trainer's
 I/O loop; the training loop never touches Redis directly.
 """
@@ -19,6 +20,7 @@ import dataclasses
 import logging
 import socket
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from opd.policy import announce_policy, read_policy
 from opd.stream_consumer import StreamConsumer, rollout_consumer, sample_key
@@ -28,6 +30,29 @@ from student_trainer.config import TrainerConfig
 
 log = logging.getLogger(__name__)
 Group = list[RolloutRecord]
+
+
+class Admission(Protocol):
+    """Which training rollouts may join a group, and what becomes of the groups taken (the prompt feeder)."""
+
+    def accepts(self, prompt_id: str) -> bool: ...
+
+    async def on_taken(self, prompt_ids: Iterable[str]) -> None: ...
+
+    def describe(self) -> str: ...
+
+
+class _AcceptAll:
+    """Without a prompt feeder: every rollout may join a group."""
+
+    def accepts(self, prompt_id: str) -> bool:
+        return True
+
+    async def on_taken(self, prompt_ids: Iterable[str]) -> None:
+        return None
+
+    def describe(self) -> str:
+        return ""
 
 
 class RolloutSource:
@@ -44,7 +69,11 @@ class RolloutSource:
         self._ready: list[Group] = []
         self._ready_ids: set[str] = set()
         self.eval_records: list[RolloutRecord] = []
-        self.accepts: Callable[[str], bool] = lambda prompt_id: True  # the prompt feeder sets its own
+        self._admission: Admission = _AcceptAll()
+
+    def admit_with(self, admission: Admission) -> None:
+        """Rank 0's runtime hands the prompt feeder over once both are built (each needs the other)."""
+        self._admission = admission
 
     @property
     def stats(self) -> StreamStats:
@@ -66,7 +95,7 @@ class RolloutSource:
             if record.split == "eval":
                 self.eval_records.append(record)
                 continue
-            if not self.accepts(record.prompt_id):
+            if not self._admission.accepts(record.prompt_id):
                 refused.append(entry.entry_id)
                 continue
             members = self._partial.setdefault(record.prompt_id, [])
@@ -81,11 +110,13 @@ class RolloutSource:
             await self.consumer.ack(refused)
 
     async def next_groups(self, n_groups: int) -> list[Group]:
-        """Block until `n_groups` complete training groups arrived (in arrival order)."""
+        """Block until `n_groups` complete training groups arrived (in arrival order); the admission learns their
+        prompts were taken (no longer in flight, and a late copy of one is refused from now on)."""
         while len(self._ready) < n_groups:
             await self.poll()
         taken, self._ready = self._ready[:n_groups], self._ready[n_groups:]
         self._ready_ids.difference_update(g[0].prompt_id for g in taken)
+        await self._admission.on_taken([g[0].prompt_id for g in taken])
         return taken
 
     def has_group(self, prompt_id: str) -> bool:
@@ -93,10 +124,12 @@ class RolloutSource:
         return prompt_id in self._ready_ids
 
     def waiting_for(self, n_groups: int) -> str:
-        return (
+        text = (
             f"rollouts ({len(self._ready)} of {n_groups} whole groups in, {len(self._partial)} groups partly in, "
             f"{len(self.consumer.held)} rollouts held)"
         )
+        feeder = self._admission.describe()
+        return f"{text}; {feeder}" if feeder else text
 
     def take_eval(self, accept: Callable[[str], bool]) -> list[RolloutRecord]:
         """Remove and return the eval rollouts whose prompt id `accept`s."""

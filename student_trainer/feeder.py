@@ -59,7 +59,6 @@ class PromptFeeder:
         self._wake: asyncio.Event | None = None
         self._audit = Path(config.checkpoint.dir) / "prompts.jsonl"
         self.state = "starting"
-        source.accepts = self.accepts
 
     # -- what the trainer and the rollout source ask -------------------------------------------------------------
 

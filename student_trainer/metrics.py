@@ -1,5 +1,8 @@
 """The trainer's Prometheus metrics (`opd_trainer_*`) and the `/status` snapshot; exported on the ops port.
 
+Both read a step's `report.StepReport` (`observe`) and an eval round's report (`observe_eval`); neither computes
+a statistic.
+
 Besides the training metrics, the registry exports rank 0's transport
 counters (`opd_trainer_dead_lettered_records_total`, duplicates, retries,
 reclaims: the rollout source's `StreamStats`) through the shared
@@ -10,6 +13,7 @@ prompt feeder's `FeedStats` (`opd_trainer_prompts_refed_total` and
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -20,21 +24,10 @@ from prometheus_client.registry import Collector
 from opd.stream_metrics import StreamStatsCollector
 from opd.streams import StreamStats
 from student_trainer.prompt_ledger import REASONS, FeedStats
+from student_trainer.report import StepReport
 
 _STEP_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-
-
-@dataclass
-class StepTimes:
-    """Where one step's wall time went (seconds)."""
-
-    data_wait_s: float = 0.0
-    teacher_wait_s: float = 0.0
-    compute_s: float = 0.0
-
-    @property
-    def total_s(self) -> float:
-        return self.data_wait_s + self.teacher_wait_s + self.compute_s
+_LOSSES = ("loss", "mean_divergence", "student_entropy")  # the status page's last losses
 
 
 @dataclass
@@ -52,6 +45,19 @@ class TrainerStatus:
 
     def snapshot(self) -> dict:
         return asdict(self)
+
+    def observe(self, report: StepReport) -> None:
+        self.step, self.policy_version, self.tokens_per_s = report.step, report.version, report.tokens_per_s
+        measured = report.measured()
+        self.last_losses = {k: measured[k] for k in _LOSSES if k in measured}
+        self.step_time = asdict(report.times)
+        self.history.append({"step": report.step, "tokens_per_s": report.tokens_per_s, **self.last_losses})
+        self.history[-1].update(self.step_time)
+        del self.history[:-1000]
+
+    def observe_eval(self, report: dict[str, float]) -> None:
+        self.eval = report
+        self.evals.append(report)
 
 
 class FeedStatsCollector(Collector):
@@ -135,13 +141,29 @@ class TrainerMetrics:
             registry=r,
         )
 
-    def observe_teacher(self, stats: dict[str, float]) -> None:
-        """The step's teacher diagnostics and missing rewards (keys absent: not measured this step)."""
+    def observe(self, report: StepReport) -> None:
+        """A trained step: its gauges, counters and histograms (a statistic not measured: NaN gauge)."""
+        for lag in report.staleness:
+            self.staleness.observe(lag)
+        if report.dropped_stale:
+            self.rollouts.labels("dropped_stale").inc(report.dropped_stale)
+        if not math.isfinite(report.grad_norm):
+            self.skipped_steps.inc()
+        self.step.set(report.step)
+        self.loss.set(report.loss)
+        self.divergence.set(report.get("mean_divergence"))
+        self.entropy.set(report.get("student_entropy"))
+        self.grad_norm.set(report.grad_norm)
+        self.tokens_per_s.set(report.tokens_per_s)
+        self.trained_tokens.inc(report.tokens)
         for key, gauge in self.teacher.items():
-            gauge.set(stats.get(key, float("nan")))
-        self.rewards_missing.inc(stats.get("rewards_missing", 0.0))
+            gauge.set(report.get(key))
+        self.rewards_missing.inc(report.rewards_missing or 0.0)
+        self.step_time.labels("data").observe(report.times.data_wait_s)
+        self.step_time.labels("teacher").observe(report.times.teacher_wait_s)
+        self.step_time.labels("compute").observe(report.times.compute_s)
 
-    def observe_times(self, times: StepTimes) -> None:
-        self.step_time.labels("data").observe(times.data_wait_s)
-        self.step_time.labels("teacher").observe(times.teacher_wait_s)
-        self.step_time.labels("compute").observe(times.compute_s)
+    def observe_eval(self, report: dict[str, float]) -> None:
+        self.eval_reward.set(report["mean_reward"])
+        self.eval_pass_at_1.set(report["pass_at_1"])
+        self.eval_divergence.set(report["divergence"])

@@ -8,8 +8,10 @@ run left in flight in Redis and starts feeding prompts, serves `/metrics`,
 `/healthz`, `/readyz` and `/status`, and runs the eval rounds
 (`eval.EvalRounds`: once before the first step, then every
 `eval.every_steps`, training paused meanwhile). It holds the run's
-`StopSignal` (SIGTERM), reads what the trainer publishes (status, metrics,
-step) and never its internals. No training math.
+`StopSignal` (SIGTERM) and the `Waiter` every part waits through, and is the
+one place the parts are wired together (the rollout source gets its prompt
+feeder here); it reads what the trainer publishes (status, metrics, step) and
+never its internals. No training math.
 """
 
 from __future__ import annotations
@@ -24,15 +26,19 @@ from fastapi.responses import HTMLResponse
 from opd.loop_thread import LoopThread
 from opd.ops_app import OpsAuth, OpsServer, create_ops_app, ops_auth
 from opd.prompts import load_prompts
+from opd.retry_metrics import RetryStatsCollector
 from protos.records import PromptRecord
+from student_trainer.batches import BatchProducer
 from student_trainer.config import TrainerConfig
 from student_trainer.data import RolloutSource
 from student_trainer.eval import EvalRounds
 from student_trainer.feeder import PromptFeeder
+from student_trainer.metrics import TrainerMetrics
 from student_trainer.model import DistInfo
 from student_trainer.score_source import ScoreSource, create_score_source
+from student_trainer.settlement import Settlement
 from student_trainer.trainer import Trainer
-from student_trainer.waits import StopRequested, StopSignal
+from student_trainer.waits import StopRequested, StopSignal, Waiter
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
@@ -58,6 +64,18 @@ def trainer_ops_app(status: Callable[[], dict], registry, ready: Callable[[], bo
     return create_ops_app("trainer", registry, ready=ready, routers=[router], auth=auth)
 
 
+def trainer_metrics(scores: ScoreSource, source: RolloutSource | None, feeder) -> TrainerMetrics:
+    """The run's metrics registry: the trainer's own, rank 0's transport and feeder counters, and the score
+    source's (its client's retries; per-teacher counters of several teachers)."""
+    metrics = TrainerMetrics(source.stats if source is not None else None, feeder.stats if feeder is not None else None)
+    if (retry_stats := getattr(scores, "retry_stats", None)) is not None:
+        doc = "teacher calls retried (server down, queue full), by target and status code"
+        metrics.registry.register(RetryStatsCollector(retry_stats, "opd_trainer_teacher_retries", doc))
+    for collector in getattr(scores, "collectors", ()):  # a score source's own metrics (e.g. per teacher)
+        metrics.registry.register(collector)
+    return metrics
+
+
 def train_records(config: TrainerConfig) -> list[PromptRecord]:
     data = config.data
     return load_prompts(data.prompts, data.source) if data.prompts else []
@@ -79,7 +97,7 @@ class TrainerRuntime:
         self.stop = stop or StopSignal()
         self.trainer: Trainer | None = None
         self.ops_port: int | None = None
-        self._scores: ScoreSource | None = None
+        self.scores: ScoreSource | None = None
         self._source: RolloutSource | None = None
         self._feeder: PromptFeeder | None = None
         self._feed_task = None
@@ -90,7 +108,8 @@ class TrainerRuntime:
     def start(self) -> None:
         cfg = self.config
         self.stop.attach_store()
-        self._scores = create_score_source(cfg, self.io)
+        waiter = Waiter(self.stop, cfg.wait_log_s)
+        self.scores = create_score_source(cfg, self.io)
         if self.info.is_main:
             self._source = RolloutSource(cfg)
             self._feeder = PromptFeeder(self._source, cfg, train_records(cfg)) if cfg.data.prompts else None
@@ -98,8 +117,17 @@ class TrainerRuntime:
                 from student_trainer.score_sources.offline import OfflineRolloutFeeder
 
                 self._feeder = OfflineRolloutFeeder(self._source, cfg)
+            if self._feeder is not None:
+                self._source.admit_with(self._feeder)
+        settlement = Settlement(self.io, waiter, cfg.checkpoint.dir, self._source, self._feeder)
         self.trainer = trainer = Trainer(
-            cfg, self.info, self.io, scores=self._scores, source=self._source, feeder=self._feeder, stop=self.stop
+            cfg,
+            self.info,
+            scores=self.scores,
+            batches=BatchProducer(cfg.batch, self.info, self.io, self.scores, waiter, self._source),
+            settlement=settlement,
+            waiter=waiter,
+            metrics=trainer_metrics(self.scores, self._source, self._feeder),
         )
         trainer.resume()
         if not self.info.is_main:
@@ -118,12 +146,12 @@ class TrainerRuntime:
             self._evals = EvalRounds(
                 self.io,
                 self._source,
-                self._scores,
+                self.scores,
                 eval_records(cfg),
                 cfg.checkpoint.dir,
-                trainer.waiter,
+                waiter,
                 timeout_s=cfg.eval.round_timeout_s,
-                mark_used=trainer.mark_used,
+                mark_used=settlement.mark_used,
                 report=trainer.record_eval,
                 pass_threshold=cfg.loss.pass_threshold,
             )
@@ -156,8 +184,8 @@ class TrainerRuntime:
             self.trainer.close()
         if self._feed_task is not None:
             self._feed_task.cancel()
-        if self._scores is not None:
-            self._scores.close()
+        if self.scores is not None:
+            self.scores.close()
         if self._ops is not None:
             self.io.call(self._ops.stop())
         if self._source is not None:

@@ -151,6 +151,10 @@ class OfflineRolloutFeeder:
     def checkpoint_state(self) -> dict[str, Any]:
         return {"position": self.position}
 
+    def accepts(self, prompt_id: str) -> bool:
+        """Every rollout of `{ns}:rollouts` may join a group (the consumer drops copies)."""
+        return True
+
     async def snapshot(self) -> dict[str, Any]:
         return self.checkpoint_state()
 

@@ -51,6 +51,7 @@ def test_rollouts_pushed_before_the_feeders_xadd_returns_make_a_group(redis_url,
     async def run() -> None:
         source = RolloutSource(config)
         feeder = PromptFeeder(source, config, prompts)
+        source.admit_with(feeder)
         send_many = source.prompts.send_many
         pushed = RolloutSource(config)  # another connection, as a worker's
 

@@ -93,7 +93,7 @@ def test_each_teacher_scores_exactly_its_own_domains_tokens(
         runtime.trainer.step()
         trainer_metrics = scrape(runtime.ops_port)
         code = next(r for r in rollouts if r.teacher == "code")
-        received = runtime.trainer.scores.fetch([code]).result(60)[code.rollout_id]
+        received = runtime.scores.fetch([code]).result(60)[code.rollout_id]
     finally:
         runtime.close()
     tokens: dict[str, int] = {"default": 0, "math": 0, "code": 0}
@@ -102,7 +102,7 @@ def test_each_teacher_scores_exactly_its_own_domains_tokens(
     hf_after = _counters(hf_teacher.ops_url, "opd_teacher_scored_tokens_total")
     llama_after = _counters(llama_teacher.ops_url, "opd_teacher_scored_tokens_total")
     delta = lambda after, before, client: after.get(client, 0) - before.get(client, 0)  # noqa: E731
-    assert np.isfinite(first["loss"])
+    assert np.isfinite(first.loss)
     assert delta(hf_after, hf_before, "route-default") == tokens["default"]
     assert delta(hf_after, hf_before, "route-math") == tokens["math"]
     assert delta(llama_after, llama_before, "route-code") == tokens["code"] + len(code.response_ids)  # + the fetch

@@ -156,7 +156,7 @@ def test_the_trainer_trains_from_the_file_with_no_teacher_running(score_file, ti
         for _ in range(4):
             stats = runtime.trainer.step()
             runtime.after_step()
-            losses.append(stats["loss"])
+            losses.append(stats.loss)
     finally:
         runtime.close()
     steps = [json.loads(line) for line in (tmp_path / "ck" / "steps.jsonl").read_text().splitlines()]

@@ -71,8 +71,8 @@ def test_grpo_with_kl_trains_without_a_teacher(tiny_model_dir, redis_url, namesp
     try:
         runtime.start()
         assert runtime.trainer.runner.reference is not None
-        first = runtime.trainer.step()
-        second = runtime.trainer.step()
+        first = runtime.trainer.step().stats()
+        second = runtime.trainer.step().stats()
     finally:
         runtime.close()
     # step 1: the policy is its own reference, so the k3 estimate is exactly 0; one update later it is not
@@ -110,7 +110,8 @@ def test_a_rollout_sampled_at_another_temperature_stops_the_run_and_stays_in_red
     runtime = TrainerRuntime(warned.model_copy(update={"max_steps": 1}), init_distributed(config.dist), io)
     try:
         runtime.start()
-        stats = runtime.trainer.step()  # allowed by the switch: trained
+        report = runtime.trainer.step()  # allowed by the switch: trained
+        stats = report.stats() if report is not None else None
     finally:
         runtime.close()
     assert stats is not None and stats["tokens"] == 2 * 12

@@ -8,7 +8,7 @@ import pytest
 
 from opd.stream_consumer import sample_key
 from protos.records import RecordError
-from student_trainer.trainer import _key_of_rollout_id
+from student_trainer.settlement import key_of_rollout_id as _key_of_rollout_id
 from tests.fixtures.rollout import make_rollout
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from protos.records import RolloutRecord
-from student_trainer.teacher_prefetch import Batch, TeacherPrefetch
+from student_trainer.batches import Batch, TeacherPrefetch
 
 pytestmark = pytest.mark.timeout(30)
 
