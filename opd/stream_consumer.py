@@ -403,12 +403,14 @@ def rollout_consumer(
     name: str,
     *,
     used_ids: Iterable[str] = (),
+    seen: SeenSet | None = None,
     claim_idle_ms: int = 600_000,
     retry: RedisRetry | None = None,
 ) -> StreamConsumer[RolloutRecord]:
     """The trainer's reader of `{ns}:rollouts`: dedupe by `sample_key` (prompt id, sample index), keeping the
-    first, seeded with the keys a checkpoint used (`used_ids`). Ack entries only after the checkpoint that
-    used them is committed; call `keepalive()` more often than `claim_idle_ms` while holding them."""
+    first, seeded with the keys a checkpoint used (`used_ids`), in `seen` when the caller keeps the set. Ack
+    entries only after the checkpoint that used them is committed; call `keepalive()` more often than
+    `claim_idle_ms` while holding them."""
     keys = StreamKeys(namespace)
     return StreamConsumer(
         redis,
@@ -418,7 +420,7 @@ def rollout_consumer(
         decode=_decode_rollout,
         dead_stream=keys.dead,
         key_of=sample_key,
-        seen=SeenSet(initial=used_ids),
+        seen=seen if seen is not None else SeenSet(initial=used_ids),
         claim_idle_ms=claim_idle_ms,
         retry=retry,
     )

@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"opd train: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_level)
-    from student_trainer.score_source import TeacherMismatch
+    from student_trainer.score_sources.base import TeacherMismatch
 
     started = time.time()
     try:

@@ -31,8 +31,9 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from opd.loop_thread import LoopThread
-from student_trainer.batching import Group, split_across_ranks
+from student_trainer.batching import split_across_ranks
 from student_trainer.config import BatchConfig
+from student_trainer.groups import Group
 from student_trainer.model import DistInfo
 from student_trainer.waits import StopRequested, Waiter, agree_stop, broadcast_flag
 
@@ -139,15 +140,15 @@ class BatchProducer:
         stop. `remaining`: steps left in the run (no batch is pulled beyond them)."""
         t0 = time.perf_counter()
         try:
-            batch = self.prefetch.next(self._pull, remaining)  # 1-2
+            batch = self.prefetch.next(self._pull, remaining)  # pull, split across ranks, prefetch
         except StopRequested:
             return None
         t1 = time.perf_counter()
-        scores, interrupted = self._teacher_scores(batch)  # 3
+        scores, interrupted = self._teacher_scores(batch)  # this batch's scores
         t2 = time.perf_counter()
-        if agree_stop(interrupted or self.waiter.stop.is_set(), self.waiter, self.info.device):  # 4
+        if agree_stop(interrupted or self.waiter.stop.is_set(), self.waiter, self.info.device):  # step boundary
             return None
-        ready = self._judge_staleness(batch, scores, version)  # 5
+        ready = self._judge_staleness(batch, scores, version)
         ready.data_wait_s, ready.teacher_wait_s = t1 - t0, t2 - t1
         return ready
 
@@ -155,7 +156,7 @@ class BatchProducer:
         """What rank 0 waits for while it waits for rollouts (the source adds its prompt feeder's state)."""
         return self.source.waiting_for(self.config.groups_per_step)
 
-    # -- 1-2: pull whole groups (rank 0), broadcast, split across ranks --------------------------------------------
+    # -- pull whole groups (rank 0), broadcast, split across ranks --------------------------------------------------
 
     def _pull(self) -> Batch:
         """Rank 0 waits for the groups (a stop request ends the wait), then every rank learns whether there are
@@ -174,7 +175,7 @@ class BatchProducer:
         dist.broadcast_object_list(box, src=0)
         return Batch(box[0], split_across_ranks(box[0], self.info.world_size)[self.info.rank], weights={})
 
-    # -- 3: this rank's teacher scores ------------------------------------------------------------------------------
+    # -- this rank's teacher scores ---------------------------------------------------------------------------------
 
     def _teacher_scores(self, batch: Batch) -> tuple[dict, bool]:
         """This rank's scores, and whether a stop request ended the wait for them."""
@@ -186,7 +187,7 @@ class BatchProducer:
         except StopRequested:
             return {}, True
 
-    # -- 5: staleness, judged when the batch is trained --------------------------------------------------------------
+    # -- staleness, judged when the batch is trained -----------------------------------------------------------------
 
     def _judge_staleness(self, batch: Batch, scores: dict, version: int) -> ReadyBatch:
         cfg = self.config

@@ -24,12 +24,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from student_trainer.groups import Group
 from student_trainer.loss.inputs import LossInputs, TeacherScores
 
 if TYPE_CHECKING:
     from protos.records import RolloutRecord
-
-Group = list["RolloutRecord"]
 
 
 def reward_value(record: RolloutRecord) -> float:

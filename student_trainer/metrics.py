@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 
 from opd.stream_metrics import StreamStatsCollector
 from opd.streams import StreamStats
-from student_trainer.prompt_ledger import REASONS, FeedStats
+from student_trainer.groups.ledger import REASONS, FeedStats
 from student_trainer.report import StepReport
 
 _STEP_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)

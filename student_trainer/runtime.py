@@ -30,12 +30,13 @@ from opd.retry_metrics import RetryStatsCollector
 from protos.records import PromptRecord
 from student_trainer.batches import BatchProducer
 from student_trainer.config import TrainerConfig
-from student_trainer.data import RolloutSource
-from student_trainer.eval import EvalRounds
-from student_trainer.feeder import PromptFeeder
+from student_trainer.groups.eval import EvalRounds
+from student_trainer.groups.feeder import PromptFeeder
+from student_trainer.groups.source import RolloutSource
 from student_trainer.metrics import TrainerMetrics
 from student_trainer.model import DistInfo
-from student_trainer.score_source import ScoreSource, create_score_source
+from student_trainer.score_sources.base import ScoreSource
+from student_trainer.score_sources.factory import create_score_source
 from student_trainer.settlement import Settlement
 from student_trainer.trainer import Trainer
 from student_trainer.waits import StopRequested, StopSignal, Waiter

@@ -41,7 +41,6 @@ import torch
 import torch.distributed as dist
 
 from student_trainer.batching import (
-    Group,
     MicroBatch,
     build_micro_batch,
     filler_record,
@@ -55,6 +54,7 @@ from student_trainer.batching import (
 )
 from student_trainer.config import TrainerConfig
 from student_trainer.diagnostics import TEACHER_KEYS, reward_stats, teacher_token_sums, tool_stats
+from student_trainer.groups import Group
 from student_trainer.loss.inputs import TeacherScores
 from student_trainer.loss.planning import Denominators, count_denominators, sequence_weights, step_denominators
 from student_trainer.loss.registry import TeacherNeed, teacher_needs

@@ -7,14 +7,14 @@ against the student once, at start-up) and the run's `Waiter`. It owns the model
 published version and the checkpoints, and reports each step once (`report.StepReport`) to every sink. The step,
 as `step()` reads (the README's numbered list):
 
- 1-5. the next ready batch (`BatchProducer.next`): `groups_per_step` whole groups pulled (rank 0) and broadcast,
-      `prefetch_depth` batches ahead with their teacher scores in flight, this batch's scores awaited, the ranks
-      agreed at the step boundary that none is stopping (else `step()` returns None, nothing trained), groups
-      sampled more than `max_staleness` versions before this step dropped or down-weighted;
- 6. forward each micro-batch to final hidden states, chunked loss, backward (`step.StepRunner`);
- 7. clip; skip the update when the gradient norm is not finite; AdamW step;
- 8. publish weights every `publish.every_steps`, checkpoint every `checkpoint.every_steps`, and only then
-    acknowledge the rollouts used (`_finish`, with every other effect of the step, in that order).
+ 1-3. the next ready batch (`BatchProducer.next`): `groups_per_step` whole groups pulled (rank 0) and shared out
+      across the ranks; `prefetch_depth` batches ahead with their teacher scores in flight (this batch's awaited;
+      then the ranks agree at the step boundary that none is stopping, else `step()` returns None and nothing is
+      trained); groups sampled more than `max_staleness` versions before this step dropped or down-weighted;
+ 4-5. pack this rank's share into micro-batches, forward each to final hidden states, chunked loss, backward;
+      clip, skip the update when the gradient norm is not finite, AdamW (`step.StepRunner`);
+ 6. publish weights every `publish.every_steps`, checkpoint every `checkpoint.every_steps`, and only then
+    acknowledge the rollouts used (`_finish`, with every other effect of the step, in the order that needs).
 
 Every wait (rollouts, teacher scores, other ranks, checkpoint barriers) goes through `waits.Waiter`: it logs what
 it waits for every `wait_log_s`, and a stop request (SIGTERM on any rank) ends the waits for rollouts and scores.
@@ -117,15 +117,15 @@ class Trainer:
 
     def step(self) -> StepReport | None:
         """One optimizer step; None, with nothing trained, when the ranks agreed to stop."""
-        batch = self.batches.next(self.version, self.config.max_steps - self.step_no)  # 1-5
+        batch = self.batches.next(self.version, self.config.max_steps - self.step_no)  # 1-3: pull, prefetch, stale
         if batch is None:
             return self._stopping()
         t0 = time.perf_counter()
-        stats = self.runner.forward_backward(batch.groups, batch.mine, batch.weights, batch.scores, self.step_no)  # 6
-        grad_norm = self.runner.optimizer_step()  # 7
+        stats = self.runner.forward_backward(batch.groups, batch.mine, batch.weights, batch.scores, self.step_no)  # 4-5
+        grad_norm = self.runner.optimizer_step()  # 5: clip, AdamW (skipped when the norm is not finite)
         times = StepTimes(batch.data_wait_s, batch.teacher_wait_s, time.perf_counter() - t0)
         self.step_no += 1
-        return self._finish(batch, stats, grad_norm, times)  # 8
+        return self._finish(batch, stats, grad_norm, times)  # 6: publish, checkpoint, then ack; report
 
     def _finish(self, batch: ReadyBatch, stats: dict[str, float], grad_norm: float, times: StepTimes) -> StepReport:
         """Every effect of a trained step, in the order exactly-once needs: samples used and prompts settled,

@@ -27,8 +27,7 @@ from opd.loop_thread import LoopThread
 from protos.records import RolloutRecord
 from protos.tokenizer_fingerprint import tokenizer_fingerprint
 from student_trainer.config import TeacherEndpointConfig, TrainerConfig
-from student_trainer.score_source import TeacherMismatch, reply_bytes_per_token
-from student_trainer.score_sources.checks import check_against_student
+from student_trainer.score_sources.base import TeacherMismatch, check_teacher, reply_bytes_per_token
 from student_trainer.score_sources.openai_client import OpenAIScoreClient, TeacherHTTPError
 from teacher_server.client import TeacherInfo, TeacherScores
 
@@ -109,8 +108,14 @@ class HttpTeacherSource:
             server_version="",
             dtype="unknown",
         )
-        check_against_student(
-            self._info, tokenizer_fingerprint, vocab_size, student_name, self.top_k, self.temperature, where
+        check_teacher(
+            self._info,
+            tokenizer_fingerprint,
+            vocab_size,
+            student_name,
+            top_k=self.top_k,
+            temperature=self.temperature,
+            where=where,
         )
         try:  # one request of the configured k: a server that refuses it fails the start, not the first step
             self._io.call(self._client.score(self._model, [0, 0], 1, self.top_k, self._endpoint.timeout_s))

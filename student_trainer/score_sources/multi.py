@@ -18,16 +18,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
 from prometheus_client import Counter
 
 from opd.loop_thread import LoopThread
 from protos.records import RolloutRecord
-from student_trainer.config import TrainerConfig
-from student_trainer.score_source import ScoreSource, TeacherMismatch
-from student_trainer.score_sources import endpoint_source
+from student_trainer.config import TeacherEndpointConfig, TrainerConfig
+from student_trainer.score_sources.base import ScoreSource, TeacherMismatch
 from teacher_server.client import TeacherInfo, TeacherScores
 
 log = logging.getLogger(__name__)
@@ -37,7 +36,15 @@ DEFAULT = "default"  # the metrics label of the default teacher
 class MultiTeacherSource:
     """The default `teacher` plus one source per name of `teachers` (a `ScoreSource`)."""
 
-    def __init__(self, config: TrainerConfig, io: LoopThread) -> None:
+    def __init__(
+        self,
+        config: TrainerConfig,
+        io: LoopThread,
+        build: Callable[[TeacherEndpointConfig], ScoreSource],
+        endpoints: dict[str, TeacherEndpointConfig],
+    ) -> None:
+        """`endpoints`: the default teacher (`DEFAULT`) and each domain's; `build`: one endpoint's source
+        (`factory.endpoint_source`), called here so that a failed start closes the ones already built."""
         if DEFAULT in config.teachers:
             raise TeacherMismatch(f"teachers: {DEFAULT!r} names the default teacher (`teacher`); rename that domain")
         self._io = io
@@ -45,8 +52,8 @@ class MultiTeacherSource:
         self.temperature = config.loss.teacher_temperature
         self._sources: dict[str, ScoreSource] = {}
         try:
-            for name, endpoint in {DEFAULT: config.teacher, **config.teachers}.items():
-                self._sources[name] = endpoint_source(config, endpoint, io)
+            for name, endpoint in endpoints.items():
+                self._sources[name] = build(endpoint)
         except BaseException:
             self.close()
             raise

@@ -35,9 +35,8 @@ from opd.policy import read_policy
 from opd.streams import ROLLOUT_GROUP, StreamProducer
 from protos.records import RolloutRecord
 from student_trainer.config import TrainerConfig
-from student_trainer.prompt_ledger import FeedStats
-from student_trainer.score_source import TeacherMismatch, reply_bytes_per_token
-from student_trainer.score_sources.checks import check_against_student
+from student_trainer.groups.ledger import FeedStats
+from student_trainer.score_sources.base import TeacherMismatch, check_teacher, reply_bytes_per_token
 from student_trainer.score_sources.score_file import ScoreFileReader
 from teacher_server.client import TeacherInfo, TeacherScores
 
@@ -93,7 +92,9 @@ class OfflineScoreSource:
 
     def check(self, tokenizer_fingerprint: str, vocab_size: int, student_name: str) -> None:
         where = f"the score file {str(self._reader.path)!r} of teacher"
-        check_against_student(self._info, tokenizer_fingerprint, vocab_size, student_name, self.top_k, 1.0, where)
+        check_teacher(
+            self._info, tokenizer_fingerprint, vocab_size, student_name, top_k=self.top_k, temperature=1.0, where=where
+        )
         if self.temperature != self._reader.meta.temperature:
             raise TeacherMismatch(
                 f"loss.teacher_temperature={self.temperature} but {where} {self._info.model_name!r} was scored at "

@@ -17,8 +17,8 @@ import pytest
 from opd.streams import PAYLOAD, RedisConfig
 from protos.records import PromptRecord, RolloutRecord
 from student_trainer.config import TrainerConfig
-from student_trainer.data import RolloutSource
-from student_trainer.feeder import PromptFeeder
+from student_trainer.groups.feeder import PromptFeeder
+from student_trainer.groups.source import RolloutSource
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -16,7 +16,7 @@ import pytest
 from opd.loop_thread import LoopThread
 from protos.tokenizer_fingerprint import tokenizer_fingerprint
 from student_trainer.config import TrainerConfig
-from student_trainer.score_source import TeacherMismatch
+from student_trainer.score_sources.base import TeacherMismatch
 from student_trainer.score_sources.http_teacher import HttpTeacherSource
 from teacher_server.client import TeacherClientSync
 from tests.fixtures.rollout import make_rollout

@@ -20,7 +20,7 @@ from opd.loop_thread import LoopThread
 from student_trainer.config import TrainerConfig
 from student_trainer.model import init_distributed
 from student_trainer.runtime import TrainerRuntime
-from student_trainer.score_source import TeacherMismatch
+from student_trainer.score_sources.base import TeacherMismatch
 from teacher_server.client import TeacherClientSync
 from tests.fixtures.rollout import make_rollout
 from tests.fixtures.teacher import start_teacher

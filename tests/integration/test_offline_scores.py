@@ -16,7 +16,7 @@ from opd_apps.score import main as score_main
 from student_trainer.config import TrainerConfig
 from student_trainer.model import init_distributed
 from student_trainer.runtime import TrainerRuntime
-from student_trainer.score_source import TeacherMismatch
+from student_trainer.score_sources.base import TeacherMismatch
 from student_trainer.score_sources.offline import OfflineScoreSource
 from student_trainer.score_sources.score_file import ScoreFileReader
 from teacher_server.client import TeacherClientSync

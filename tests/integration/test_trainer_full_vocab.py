@@ -21,7 +21,8 @@ from student_trainer.config import TrainerConfig
 from student_trainer.loss import weighting as wt
 from student_trainer.model import StudentLoss, init_distributed, load_student, shard_student
 from student_trainer.optim import build_optimizer
-from student_trainer.score_source import TeacherMismatch, TeacherServiceSource
+from student_trainer.score_sources.base import TeacherMismatch
+from student_trainer.score_sources.grpc_teacher import TeacherServiceSource
 from student_trainer.step import StepRunner
 from tests.fixtures.teacher import start_teacher
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from student_trainer.prompt_ledger import PromptLedger
+from student_trainer.groups.ledger import PromptLedger
 
 
 def test_a_failing_prompt_is_fed_again_max_refeeds_times_then_lost() -> None:

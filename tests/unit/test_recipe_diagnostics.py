@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from student_trainer.diagnostics import reward_stats, teacher_token_sums, tool_stats
-from student_trainer.eval import eval_report
+from student_trainer.groups.eval import eval_report
 from tests.fixtures.rollout import make_rollout
 
 pytestmark = pytest.mark.timeout(60)

@@ -30,8 +30,8 @@ from opd.stream_consumer import sample_key
 from opd.streams import PAYLOAD
 from protos.records import PromptRecord, RecordError, RolloutRecord
 from student_trainer.config import TrainerConfig
-from student_trainer.data import RolloutSource
-from student_trainer.prompt_ledger import FeedStats, Outcome, PromptLedger, Reason
+from student_trainer.groups.ledger import FeedStats, Outcome, PromptLedger, Reason
+from student_trainer.groups.source import RolloutSource
 
 log = logging.getLogger(__name__)
 _CHUNK = 16  # prompts per XADD MULTI

@@ -10,7 +10,7 @@ training ones, refusing rollouts of this run's prompts that are no longer open
 (its `Admission`, the prompt feeder, `accepts` them or not: a late copy of a
 prompt already trained or lost is refused) and telling the admission which
 prompts' groups a step took, and announcing published weight versions. Its transport counters are
-`stats`. Feeding prompts is `student_trainer.feeder`'s. Runs on the trainer's
+`stats`. Feeding prompts is `student_trainer.groups.feeder`'s. Runs on the trainer's
 I/O loop; the training loop never touches Redis directly.
 """
 
@@ -23,13 +23,13 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from opd.policy import announce_policy, read_policy
-from opd.stream_consumer import StreamConsumer, rollout_consumer, sample_key
+from opd.stream_consumer import SeenSet, StreamConsumer, rollout_consumer, sample_key
 from opd.streams import PROMPT_GROUP, RedisRetry, StreamKeys, StreamProducer, StreamStats, connect, redis_address
 from protos.records import PolicyAnnouncement, RolloutRecord
 from student_trainer.config import TrainerConfig
+from student_trainer.groups import Group
 
 log = logging.getLogger(__name__)
-Group = list[RolloutRecord]
 
 
 class Admission(Protocol):
@@ -61,8 +61,9 @@ class RolloutSource:
         self.keys = StreamKeys(config.redis.namespace)
         self.redis = connect(config.redis)
         self.retry = RedisRetry(config.redis.retry_for_s, address=redis_address(config.redis.url))
+        self.seen_keys = SeenSet()  # sample keys read or used before: the consumer acks and skips a copy
         self.consumer: StreamConsumer[RolloutRecord] = rollout_consumer(
-            self.redis, config.redis.namespace, f"trainer-{socket.gethostname()}", retry=self.retry
+            self.redis, config.redis.namespace, f"trainer-{socket.gethostname()}", seen=self.seen_keys, retry=self.retry
         )
         self.prompts = StreamProducer(self.redis, self.keys.prompts, PROMPT_GROUP, retry=self.retry)
         self._partial: dict[str, list[RolloutRecord]] = {}  # prompt id -> samples so far, one per sample index
@@ -82,10 +83,10 @@ class RolloutSource:
 
     def skip_used(self, keys: Iterable[str]) -> None:
         """Samples (`sample_key`) a committed checkpoint already used: skipped (and acked) if delivered again."""
-        self.consumer.seen.update(keys)
+        self.seen_keys.update(keys)
 
     def is_used(self, key: str) -> bool:
-        return key in self.consumer.seen
+        return key in self.seen_keys
 
     async def poll(self) -> None:
         """One read: complete groups go to the ready list, eval rollouts aside, the rest wait for their group."""
@@ -147,7 +148,7 @@ class RolloutSource:
         await self.consumer.ack_keys(keys)
         if forget:
             for key in keys:
-                self.consumer.seen.discard(key)
+                self.seen_keys.discard(key)
 
     async def discard_partial(self, prompt_id: str) -> None:
         """A lost prompt: acknowledge the samples of it that came in (they will never make a group)."""

@@ -35,9 +35,9 @@ import numpy as np
 from opd.loop_thread import LoopThread
 from opd.stream_consumer import sample_key
 from protos.records import PromptRecord, RolloutRecord
-from student_trainer.data import RolloutSource
 from student_trainer.diagnostics import TEACHER_KEYS, TokenSums, record_teacher_sums, tool_stats
-from student_trainer.score_source import ScoreSource
+from student_trainer.groups.source import RolloutSource
+from student_trainer.score_sources.base import ScoreSource
 from student_trainer.waits import Waiter
 
 log = logging.getLogger(__name__)
