@@ -150,7 +150,7 @@ class StepRunner:
     ) -> dict[str, float]:
         """Accumulate the gradients of the step loss L; returns step statistics summed over ranks
         (`loss` is L itself; the means are weighted by trained tokens)."""
-        self.sampling.check(r for g in groups for r in g)  # every rank sees `groups`: all raise together
+        self.sampling.check([r for g in groups for r in g])  # every rank sees `groups`: all raise together
         micro = self.micro_batches(groups, mine, weights)
         denominators = self.denominators(micro)
         sums: dict[str, float] = collections.defaultdict(float)

@@ -22,6 +22,7 @@ it waits for every `wait_log_s`, and a stop request (SIGTERM on any rank) ends t
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -105,13 +106,10 @@ class Trainer:
             self.runner.optimizer,
             state,
             self.config.checkpoint.keep_last,
-            barrier=self._barrier,
+            barrier=functools.partial(barrier, self.waiter),
         )
         self.last_checkpoint_step = self.step_no
         self.metrics.rollouts.labels("trained").inc(self.settlement.committed())
-
-    def _barrier(self, what: str) -> None:
-        barrier(self.waiter, what)
 
     # -- the step -------------------------------------------------------------------------------------------------
 
