@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
@@ -36,6 +37,10 @@ from student_trainer.config import BatchConfig
 from student_trainer.groups import Group
 from student_trainer.model import DistInfo
 from student_trainer.waits import StopRequested, Waiter, agree_stop, broadcast_flag
+
+if TYPE_CHECKING:
+    from student_trainer.groups.source import RolloutSource
+    from student_trainer.score_sources.base import ScoreSource
 
 
 @dataclass
@@ -80,7 +85,7 @@ class TeacherPrefetch:
     unrequested, until the batches before it have trained (backpressure); the batch about to train is always
     requested, however large."""
 
-    def __init__(self, scores, depth: int, max_bytes: int | None = None) -> None:
+    def __init__(self, scores: ScoreSource, depth: int, max_bytes: int | None = None) -> None:
         self.scores, self.depth, self.max_bytes = scores, depth, max_bytes
         self._pending: collections.deque[Batch] = collections.deque()
 
@@ -127,7 +132,13 @@ class BatchProducer:
     """Every rank's source of ready batches (see the module docstring); `source` on rank 0 only."""
 
     def __init__(
-        self, config: BatchConfig, info: DistInfo, io: LoopThread, scores, waiter: Waiter, source=None
+        self,
+        config: BatchConfig,
+        info: DistInfo,
+        io: LoopThread,
+        scores: ScoreSource,
+        waiter: Waiter,
+        source: RolloutSource | None = None,
     ) -> None:
         """`scores`: this rank's `ScoreSource`; `source`: rank 0's `RolloutSource`, None on the other ranks;
         `waiter`: the run's waiter (its stop signal ends the interruptible waits)."""

@@ -1,12 +1,13 @@
 """Everything around the training loop: builds the trainer's parts, starts them, serves the ops port.
 
 `TrainerRuntime.start()` builds the score source (every rank) and, on rank
-0, the rollout source and the prompt feeder; hands them to the `Trainer`;
-resumes it when asked (the trainer restores the feeder's position and ledger
+0, the rollout source and the prompt feeder; builds the `BatchProducer` and
+the `Settlement` from them and hands those to the `Trainer`; resumes it when
+asked (the trainer restores the feeder's position and ledger
 and the samples its checkpoint used); then on rank 0 counts what a previous
 run left in flight in Redis and starts feeding prompts, serves `/metrics`,
 `/healthz`, `/readyz` and `/status`, and runs the eval rounds
-(`eval.EvalRounds`: once before the first step, then every
+(`groups.eval.EvalRounds`: once before the first step, then every
 `eval.every_steps`, training paused meanwhile). It holds the run's
 `StopSignal` (SIGTERM) and the `Waiter` every part waits through, and is the
 one place the parts are wired together (the rollout source gets its prompt

@@ -27,7 +27,7 @@ import math
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opd.loop_thread import LoopThread
 from opd.stream_consumer import sample_key
@@ -35,9 +35,21 @@ from student_trainer.batches import ReadyBatch
 from student_trainer.report import StepReport
 from student_trainer.waits import Waiter
 
+if TYPE_CHECKING:
+    from student_trainer.groups.feeder import PromptFeeder
+    from student_trainer.groups.source import RolloutSource
+    from student_trainer.score_sources.offline import OfflineRolloutFeeder
+
 
 class Settlement:
-    def __init__(self, io: LoopThread, waiter: Waiter, run_dir: str | Path, source=None, feeder=None) -> None:
+    def __init__(
+        self,
+        io: LoopThread,
+        waiter: Waiter,
+        run_dir: str | Path,
+        source: RolloutSource | None = None,
+        feeder: PromptFeeder | OfflineRolloutFeeder | None = None,
+    ) -> None:
         """`source`: rank 0's `RolloutSource`; `feeder`: rank 0's prompt feeder when this run feeds prompts."""
         self.io, self.waiter, self.source, self.feeder = io, waiter, source, feeder
         self.steps_file = Path(run_dir) / "steps.jsonl"

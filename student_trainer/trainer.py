@@ -36,6 +36,7 @@ from student_trainer.model import DistInfo, StudentLoss, load_student, shard_stu
 from student_trainer.optim import build_optimizer
 from student_trainer.publish import publish_weights
 from student_trainer.report import StepReport, StepTimes
+from student_trainer.score_sources.base import ScoreSource
 from student_trainer.settlement import Settlement
 from student_trainer.step import StepRunner
 from student_trainer.waits import Waiter, barrier
@@ -49,7 +50,7 @@ class Trainer:
         config: TrainerConfig,
         info: DistInfo,
         *,
-        scores,
+        scores: ScoreSource,
         batches: BatchProducer,
         settlement: Settlement,
         waiter: Waiter,
