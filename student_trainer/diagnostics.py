@@ -13,7 +13,7 @@ ranks (`TokenSums`) or to numbers of the step's records:
   `teacher_entropy_topk_tail`), the mean teacher probability of the sampled
   token (`teacher_p_sampled`), and the share of sampled tokens inside the
   teacher's top-k (`sampled_in_teacher_topk`). The names and formulas are
-  those of `opd eval` (`opd_apps/eval_divergence.py`);
+  those of `opd eval` (`opd_apps/eval/divergence.py`);
 - `tool_stats`: the episodes with tool calls (worker's `meta.tool_calls`),
   their tool tokens (response mask 0) and turns (`meta.turns`).
 

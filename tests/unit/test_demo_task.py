@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from opd_apps.demo_eval import (
+from opd_apps.demo.heldout import (
     Item,
     ModelResult,
     TeacherReplies,
@@ -19,8 +19,8 @@ from opd_apps.demo_eval import (
     forced_sequences,
     load_model,
 )
-from opd_apps.demo_models import kept_layers
-from opd_apps.demo_task import HELDOUT_SIZE, NOUNS, ROUND_SIZE, is_correct, plural, reward, split_nouns, write_files
+from opd_apps.demo.models import kept_layers
+from opd_apps.demo.task import HELDOUT_SIZE, NOUNS, ROUND_SIZE, is_correct, plural, reward, split_nouns, write_files
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -85,10 +85,10 @@ def test_shipped_prompt_files_are_what_the_generator_writes(tmp_path):
         "demo_heldout.jsonl": HELDOUT_SIZE,
         "demo_eval.jsonl": ROUND_SIZE,
     }
-    shipped = files("opd_apps") / "data"
+    shipped = files("opd_apps.demo") / "data"
     for name in counts:
         assert (shipped / name).read_text() == (tmp_path / name).read_text(), (
-            f"opd_apps/data/{name} is stale: run `python -m opd_apps.demo_task`"
+            f"opd_apps/demo/data/{name} is stale: run `python -m opd_apps.demo.task`"
         )
     train = {json.loads(line)["meta_noun"] for line in (tmp_path / "demo_train.jsonl").read_text().splitlines()}
     held = [json.loads(line) for line in (tmp_path / "demo_heldout.jsonl").read_text().splitlines()]
@@ -136,7 +136,7 @@ def test_forced_sequences_join_prompt_and_teacher_answer_and_skip_empty_answers(
 
 def test_agreement_per_item_counts_each_answer_against_the_teacher_replies_fetched_once(tiny_model_dir):
     """A teacher whose top-1 is the student's own argmax agrees everywhere; one that never is agrees nowhere."""
-    from opd_apps.eval import StudentScorer
+    from opd_apps.eval.student import StudentScorer
 
     model = load_model(tiny_model_dir)
     sequences = [([5, 17, 40, 41, 42, 43], 3), ([9, 8, 7, 6, 5], 2)]

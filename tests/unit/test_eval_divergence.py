@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from opd_apps.eval_divergence import StudentTokenStats, TokenMeans, divergences, teacher_diagnostics, top1_agreement
+from opd_apps.eval.divergence import StudentTokenStats, TokenMeans, divergences, teacher_diagnostics, top1_agreement
 from teacher_server.client import TeacherScores
 
 pytestmark = pytest.mark.timeout(120)
@@ -132,7 +132,7 @@ def test_student_scorer_matches_a_full_forward(tiny_model_dir, monkeypatch) -> N
     import torch
     from transformers import AutoModelForCausalLM
 
-    import opd_apps.eval_student as eval_student
+    import opd_apps.eval.student as eval_student
 
     monkeypatch.setattr(eval_student, "CHUNK_POSITIONS", 3)  # several chunks over 8 positions
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()

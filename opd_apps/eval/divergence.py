@@ -4,7 +4,7 @@ For each response position p (the distribution of token p given tokens < p),
 with the teacher's reply (`teacher_server.client.TeacherScores`: the sampled
 token's log-prob t(y), the top-k ids and log-probs t_1..t_k, the tail
 log-mass t_tail) and the student's teacher-forced log-probs at temperature 1
-(`StudentTokenStats`, from `opd_apps.eval_student`):
+(`StudentTokenStats`, from `opd_apps.eval.student`):
 
 - `reverse_kl_sampled`: log p_S(y) - max(t(y), f), the sampled-token estimate
   of KL(p_S || p_T) (its mean is unbiased when y was sampled from p_S itself:

@@ -28,12 +28,12 @@ from opd.config import ConfigError, load_config
 from opd.logs import setup_logging
 from opd.model_source import load_tokenizer
 from opd.prompts import PromptSourceError, load_prompts, render_prompt_ids
-from opd_apps.eval_config import EvalConfig, normalize_argv
-from opd_apps.eval_divergence import top1_agreement
-from opd_apps.eval_model import EvalError, ResolvedModel, resolve_student
-from opd_apps.eval_run import EvalSample, TeacherScoring, sample_all
-from opd_apps.eval_student import StudentScorer, teacher_forced_agreement
-from opd_apps.passk import distinct_n, diversity, mean_pass_at_k, pass_at_k, wilson_interval
+from opd_apps.eval.config import EvalConfig, normalize_argv
+from opd_apps.eval.divergence import top1_agreement
+from opd_apps.eval.model import EvalError, ResolvedModel, resolve_student
+from opd_apps.eval.passk import distinct_n, diversity, mean_pass_at_k, pass_at_k, wilson_interval
+from opd_apps.eval.run import EvalSample, TeacherScoring, sample_all
+from opd_apps.eval.student import StudentScorer, teacher_forced_agreement
 from protos.records import PromptRecord
 from protos.tokenizer_fingerprint import tokenizer_fingerprint
 from rollout_workers.engine import BackendError
@@ -152,7 +152,7 @@ async def _score(
 
 async def evaluate(config: EvalConfig) -> Path:
     """Run one evaluation; returns the report directory."""
-    from opd_apps.eval_report import build_report, write_report
+    from opd_apps.eval.report import build_report, write_report
 
     started = time.monotonic()
     out = Path(config.out or time.strftime("runs/eval-%Y%m%d-%H%M%S"))

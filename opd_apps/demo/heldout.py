@@ -1,11 +1,11 @@
 """The demo's before/after evaluation on held-out prompts: task score, agreement with the teacher, diversity, samples.
 
 For each model (the teacher as the ceiling, the student before training, the
-student after) on the held-out prompts (`opd_apps/data/demo_heldout.jsonl`,
+student after) on the held-out prompts (`opd_apps/demo/data/demo_heldout.jsonl`,
 never trained on):
 
 - **task score**: greedy answers checked by the task's reward
-  (`opd_apps.demo_task.is_correct`), with a 95% Wilson interval;
+  (`opd_apps.demo.task.is_correct`), with a 95% Wilson interval;
 - **top-1 agreement under teacher forcing**: on the teacher's own greedy
   answers (prompt + answer, its end-of-turn token included), the share of
   answer positions where the student's most likely next token is the
@@ -37,8 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from opd_apps.demo_task import is_correct
-from opd_apps.eval import diversity, teacher_forced_agreement, wilson_interval
+from opd_apps.demo.task import is_correct
+from opd_apps.eval.passk import diversity, wilson_interval
+from opd_apps.eval.student import teacher_forced_agreement
 
 SAMPLE_TEMPERATURE = 0.7
 SAMPLE_SEEDS = (0, 1)  # sampled answers shown per prompt and model
@@ -217,7 +218,7 @@ def agreement_per_item(
 ) -> list[tuple[int, int]]:
     """(positions where the student's top-1 is the teacher's, positions) per sequence, under teacher forcing
     (`opd_apps.eval.teacher_forced_agreement`, one call per sequence: the bootstrap needs per-prompt counts)."""
-    from opd_apps.eval import StudentScorer
+    from opd_apps.eval.student import StudentScorer
 
     async def per_item() -> list[tuple[int, int]]:
         scorer, out = StudentScorer(model), []

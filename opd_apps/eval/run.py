@@ -10,11 +10,11 @@
 2. `TeacherScoring`: checks the teacher's `Info` before any sampling (same
    tokenizer fingerprint as the student, the top-k it allows), then asks it
    for every response's scores (`TeacherClient.score`, several in flight)
-   while the student's teacher-forced forward (`eval_student.StudentScorer`)
+   while the student's teacher-forced forward (`opd_apps.eval.student.StudentScorer`)
    runs, and reduces the per-token divergences and diagnostics
-   (`eval_divergence`) to token means.
+   (`opd_apps.eval.divergence`) to token means.
 
-Does not build the report (`eval_report`) or parse flags (`eval_config`).
+Does not build the report (`opd_apps.eval.report`) or parse flags (`opd_apps.eval.config`).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from opd_apps.eval_config import EvalConfig
-from opd_apps.eval_divergence import TokenMeans, divergences, teacher_diagnostics
-from opd_apps.eval_model import EvalError
+from opd_apps.eval.config import EvalConfig
+from opd_apps.eval.divergence import TokenMeans, divergences, teacher_diagnostics
+from opd_apps.eval.model import EvalError
 from opd_apps.progress import Progress
 from protos.records import PromptRecord
 from rollout_workers.engine import GenerationBackend, SampleParams, sample_seed
