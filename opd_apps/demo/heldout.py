@@ -22,7 +22,8 @@ Every model answers in this process with transformers (batched greedy
 decoding; the teacher from the same directory the teacher service serves,
 with the same code, so its answers are the service's); the teacher's top-1
 for the agreement comes from the running teacher service's `Score` RPC, asked
-once for all answers. The statistics are `opd_apps.eval`'s. Does not train,
+once for all answers. The statistics are the evaluation core's
+(`student_trainer.evaluation`, as in `opd eval`). Does not train,
 and does not compute the divergence (the trainer's eval rounds do).
 """
 
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from opd_apps.demo.task import is_correct
-from opd_apps.eval.passk import diversity, wilson_interval
 from opd_apps.eval.student import teacher_forced_agreement
+from student_trainer.evaluation import bootstrap_ratio_interval, diversity, wilson_interval
 
 SAMPLE_TEMPERATURE = 0.7
 SAMPLE_SEEDS = (0, 1)  # sampled answers shown per prompt and model
@@ -76,7 +76,7 @@ class ModelResult:
         if not self.agreement:
             return None
         agree, total = (sum(col) for col in zip(*self.agreement, strict=True))
-        low, high = bootstrap_ratio_interval(self.agreement)
+        low, high = bootstrap_ratio_interval(self.agreement, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED)
         return {"value": agree / total if total else float("nan"), "positions": total, "low": low, "high": high}
 
     def diversity(self) -> dict[str, Any]:
@@ -88,23 +88,6 @@ def answer_key(text: str) -> str | None:
     """The answer's first non-empty line, lower-cased with spacing normalised (None for an empty answer)."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return re.sub(r"\s+", " ", lines[0].strip().lower()) if lines else None
-
-
-def bootstrap_ratio_interval(pairs: Sequence[tuple[int, int]], level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap over items of sum(agree) / sum(total); `pairs` holds one (agree, total) per item."""
-    rng = random.Random(BOOTSTRAP_SEED)
-    n = len(pairs)
-    ratios = []
-    for _ in range(BOOTSTRAP_RESAMPLES):
-        draw = [pairs[rng.randrange(n)] for _ in range(n)]
-        total = sum(t for _, t in draw)
-        if total:
-            ratios.append(sum(a for a, _ in draw) / total)
-    if not ratios:
-        return float("nan"), float("nan")
-    ratios.sort()
-    tail = (1 - level) / 2
-    return ratios[int(tail * (len(ratios) - 1))], ratios[int(round((1 - tail) * (len(ratios) - 1)))]
 
 
 def load_items(path: Path, tokenizer: Any, limit: int | None = None) -> list[Item]:

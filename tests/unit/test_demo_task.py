@@ -15,12 +15,12 @@ from opd_apps.demo.heldout import (
     TeacherReplies,
     agreement_per_item,
     answer_key,
-    bootstrap_ratio_interval,
     forced_sequences,
     load_model,
 )
 from opd_apps.demo.models import kept_layers
 from opd_apps.demo.task import HELDOUT_SIZE, NOUNS, ROUND_SIZE, is_correct, plural, reward, split_nouns, write_files
+from student_trainer.evaluation import bootstrap_ratio_interval
 
 pytestmark = pytest.mark.timeout(60)
 
