@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from opd_apps.demo.heldout import (
+    SAMPLE_SEEDS,
     Item,
     ModelResult,
     TeacherReplies,
@@ -148,3 +149,28 @@ def test_agreement_per_item_counts_each_answer_against_the_teacher_replies_fetch
 
     replies = TeacherReplies(sequences, [reply(argmax[0]), reply((argmax[1] + 1) % vocab)])
     assert agreement_per_item(model, replies, sequences) == [(3, 3), (0, 3)]
+
+
+def test_the_report_answers_through_the_rollout_engine_greedy_as_top1_and_samples_by_seed(tiny_model_dir):
+    """Greedy through the engine (top-k 1) is transformers' argmax decoding; a seeded sample draws the same again."""
+    import asyncio
+
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from opd_apps.demo.heldout import answer_engine, answers, stop_ids
+
+    model, tokenizer = load_model(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    items = [Item("a", "p", "x", [5, 17, 40]), Item("b", "q", "y", [9, 8, 7, 6])]
+    stops = stop_ids(model)
+    greedy, sampled = asyncio.run(answers(answer_engine(model, tokenizer), items, 6, stops, shown=1))
+    for it, got in zip(items, greedy, strict=True):
+        config = GenerationConfig(
+            do_sample=False, max_new_tokens=6, eos_token_id=list(stops) or None, pad_token_id=(list(stops) or [0])[0]
+        )
+        with torch.inference_mode():
+            want = model.generate(torch.tensor([it.prompt_ids]), generation_config=config)[0, len(it.prompt_ids) :]
+        assert got == want.tolist() and 1 <= len(got) <= 6
+    assert set(sampled) == {"a"} and set(sampled["a"]) == set(SAMPLE_SEEDS)
+    again = asyncio.run(answers(answer_engine(model, tokenizer), items[:1], 6, stops, shown=1))[1]
+    assert again == sampled
