@@ -18,23 +18,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "teacher": ("teacher_server.__main__", "serve a teacher model's log-probs over gRPC"),
     "rollout": ("rollout_workers.__main__", "sample from the student and push rollouts to Redis"),
     "train": ("student_trainer.__main__", "train the student on rollouts and teacher scores"),
-    "demo": ("opd_apps.demo", "run the whole pipeline on one machine"),
-    "score": ("opd_apps.score", "score a file of sequences with a teacher once, into Parquet (offline scores)"),
+    "demo": ("opd_apps.demo.pipeline", "run the whole pipeline on one machine"),
+    "score": ("opd_apps.score.command", "score a file of sequences with a teacher once, into Parquet (offline scores)"),
     "export": ("student_trainer.export", "write a consolidated Hugging Face model from a trainer checkpoint"),
-    "eval": ("opd_apps.eval", "pass@k of a model or checkpoint on a prompt file, with divergence to a teacher"),
-    "convert-prompts": ("opd_apps.prompt_convert", "MATH-500 / AIME / DAPO files to opd's prompt schema"),
-    "queue": ("opd_apps.queue", "list dead-lettered prompts and rollouts with reasons; requeue or drop them"),
+    "eval": ("opd_apps.eval.command", "pass@k of a model or checkpoint on a prompt file, with divergence to a teacher"),
+    "convert-prompts": ("opd_apps.tools.prompt_convert", "MATH-500 / AIME / DAPO files to opd's prompt schema"),
+    "queue": ("opd_apps.tools.queue", "list dead-lettered prompts and rollouts with reasons; requeue or drop them"),
     "bench": ("opd.cli", "benchmarks; see `opd bench --help`"),
 }
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
-    "teacher": ("opd_apps.bench_teacher", "teacher service vs in-process backend; wire bytes vs vLLM's JSON API"),
-    "openai": ("opd_apps.bench_openai", "one teacher's gRPC service vs its OpenAI-compatible port: bytes, positions/s"),
-    "losses": ("opd_apps.bench_losses", "chunked losses vs full-logits baselines (memory, time)"),
-    "queue": ("opd_apps.bench_queue", "rollout records through Redis Streams vs raw XADD/XREADGROUP"),
-    "trainer": ("opd_apps.bench_trainer", "teacher wait share of the step at prefetch depth 0, 1, 2"),
-    "tenants": ("opd_apps.bench_tenants", "four students on one pinned teacher: a flood, then saturation shares"),
-    "fuzz": ("opd_apps.bench_fuzz", "property-based fuzzing of the teacher's RPCs, /v1/score and the record decoder"),
+    "teacher": ("opd_apps.bench.teacher", "teacher service vs in-process backend; wire bytes vs vLLM's JSON API"),
+    "openai": ("opd_apps.bench.openai", "one teacher's gRPC service vs its OpenAI-compatible port: bytes, positions/s"),
+    "losses": ("opd_apps.bench.losses", "chunked losses vs full-logits baselines (memory, time)"),
+    "queue": ("opd_apps.bench.queue", "rollout records through Redis Streams vs raw XADD/XREADGROUP"),
+    "trainer": ("opd_apps.bench.trainer", "teacher wait share of the step at prefetch depth 0, 1, 2"),
+    "tenants": ("opd_apps.bench.tenants", "four students on one pinned teacher: a flood, then saturation shares"),
+    "fuzz": ("opd_apps.bench.fuzz", "property-based fuzzing of the teacher's RPCs, /v1/score and the record decoder"),
 }
 
 

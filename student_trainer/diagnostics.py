@@ -12,49 +12,29 @@ ranks (`TokenSums`) or to numbers of the step's records:
   an entropy, so this is a LOWER BOUND of the full entropy, hence the name
   `teacher_entropy_topk_tail`), the mean teacher probability of the sampled
   token (`teacher_p_sampled`), and the share of sampled tokens inside the
-  teacher's top-k (`sampled_in_teacher_topk`). The names and formulas are
-  those of `opd eval` (`opd_apps/eval_divergence.py`);
+  teacher's top-k (`sampled_in_teacher_topk`). The formulas are the evaluation
+  core's (`student_trainer.evaluation.teacher_diagnostics`, which `opd eval`
+  uses too); this module only takes the trained rows of the step's tensors;
 - `tool_stats`: the episodes with tool calls (worker's `meta.tool_calls`),
   their tool tokens (response mask 0) and turns (`meta.turns`).
 
 Does not compute the loss or touch the model; log-probs are floored at the
-loss's floor (-100) so a probability-0 bucket adds 0 to the entropy.
+evaluation core's floor (-100, the loss's default) so a probability-0 bucket
+adds 0 to the entropy.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from protos.records import RolloutRecord
+from student_trainer.evaluation import TEACHER_KEYS, TokenSums, teacher_diagnostics
 
-FLOOR = -100.0
-TEACHER_KEYS = ("teacher_entropy_topk_tail", "teacher_p_sampled", "sampled_in_teacher_topk")
-
-
-@dataclass
-class TokenSums:
-    """Sums and token counts of per-token diagnostics; `means()` gives the token-weighted means."""
-
-    sums: dict[str, float] = field(default_factory=dict)
-    counts: dict[str, float] = field(default_factory=dict)
-
-    def add(self, name: str, values_N: Tensor) -> None:
-        self.sums[name] = self.sums.get(name, 0.0) + float(values_N.double().sum().item())
-        self.counts[name] = self.counts.get(name, 0.0) + float(values_N.numel())
-
-    def merge(self, other: TokenSums) -> None:
-        for name, value in other.sums.items():
-            self.sums[name] = self.sums.get(name, 0.0) + value
-            self.counts[name] = self.counts.get(name, 0.0) + other.counts[name]
-
-    def means(self) -> dict[str, float]:
-        return {name: self.sums[name] / n for name, n in self.counts.items() if n}
+__all__ = ["TEACHER_KEYS", "TokenSums", "record_teacher_sums", "reward_stats", "teacher_token_sums", "tool_stats"]
 
 
 def teacher_token_sums(
@@ -67,34 +47,36 @@ def teacher_token_sums(
 ) -> TokenSums:
     """The teacher diagnostics of the `valid_N` rows: log p_T of the sampled tokens [N], the sampled ids [N]
     and, when the teacher sent a top-k (k >= 1), its ids and log-probs [N, k] and tail log-mass [N]."""
-    out = TokenSums()
     valid_N = valid_N.bool()
-    out.add("teacher_p_sampled", token_logprobs_N[valid_N].double().exp())
-    if topk_ids_NK is None or topk_ids_NK.shape[-1] == 0 or tail_logprobs_N is None:
-        return out
-    buckets_NB = torch.cat([topk_logprobs_NK[valid_N], tail_logprobs_N[valid_N][:, None]], dim=1)
-    t_NB = buckets_NB.double().clamp(min=FLOOR)
-    out.add("teacher_entropy_topk_tail", -(t_NB.exp() * t_NB).sum(dim=1))
-    inside_N = (topk_ids_NK[valid_N].long() == target_ids_N[valid_N].long()[:, None]).any(dim=1)
-    out.add("sampled_in_teacher_topk", inside_N.double())
+
+    def rows(t: Tensor | None) -> np.ndarray | None:  # the valid rows, on the CPU (float64 keeps every value)
+        if t is None:
+            return None
+        t = t[valid_N]
+        return (t.double() if t.is_floating_point() else t.long()).cpu().numpy()
+
+    has_topk = topk_ids_NK is not None and topk_ids_NK.shape[-1] > 0 and tail_logprobs_N is not None
+    out = TokenSums()
+    per_token = teacher_diagnostics(
+        rows(target_ids_N),
+        rows(token_logprobs_N),
+        rows(topk_ids_NK) if has_topk else None,
+        rows(topk_logprobs_NK) if has_topk else None,
+        rows(tail_logprobs_N) if has_topk else None,
+    )
+    out.add_all(per_token)
     return out
 
 
 def record_teacher_sums(record: RolloutRecord, scores) -> TokenSums:
-    """`teacher_token_sums` of one rollout's model-generated tokens; `scores` is the client's TeacherScores."""
+    """The teacher diagnostics of one rollout's model-generated tokens; `scores` is the client's TeacherScores."""
+    mask = np.asarray(record.response_mask).astype(bool)
     k = scores.topk_ids.shape[1] if getattr(scores, "topk_ids", None) is not None else 0
-
-    def tensor(array) -> Tensor:  # a copy: the client's arrays may be read-only views of the reply
-        return torch.tensor(np.asarray(array))
-
-    return teacher_token_sums(
-        tensor(scores.token_logprobs),
-        tensor(record.response_ids),
-        tensor(record.response_mask),
-        tensor(scores.topk_ids) if k else None,
-        tensor(scores.topk_logprobs) if k else None,
-        tensor(scores.tail_logprobs) if k else None,
-    )
+    topk = [np.asarray(a)[mask] for a in (scores.topk_ids, scores.topk_logprobs, scores.tail_logprobs)] if k else []
+    out = TokenSums()
+    sampled = np.asarray(record.response_ids)[mask]
+    out.add_all(teacher_diagnostics(sampled, np.asarray(scores.token_logprobs)[mask], *topk))
+    return out
 
 
 def reward_stats(records: Iterable[RolloutRecord], threshold: float) -> dict[str, float]:

@@ -8,7 +8,8 @@ sample of another version (a worker that had not loaded V yet) is rejected and i
 reported: pass@1 (share of the samples with a reward whose reward > loss.pass_threshold), mean reward (mean@k
 over the group), samples without a reward (`rewards_missing`), the per-token sampled reverse KL to the teacher,
 mean(log p_S(y) - log p_T(y)) with the student's log-probs taken at sampling time (the behaviour log-probs; exact
-for sampling temperature 1), the teacher-token diagnostics (`student_trainer.diagnostics`: teacher entropy over
+for sampling temperature 1), both floored as everywhere (`student_trainer.evaluation.sampled_reverse_kl`), the
+teacher-token diagnostics (`student_trainer.evaluation.teacher_diagnostics`: teacher entropy over
 top-k + tail, a lower bound; p_T of the sampled token; share inside the teacher's top-k), the tool episodes'
 token and turn counts, `policy_version` V and `rejected_samples`. A round
 gives up (reported with `complete: false` and the reason) after `eval.round_timeout_s`, or at once when
@@ -35,7 +36,8 @@ import numpy as np
 from opd.loop_thread import LoopThread
 from opd.stream_consumer import sample_key
 from protos.records import PromptRecord, RolloutRecord
-from student_trainer.diagnostics import TEACHER_KEYS, TokenSums, record_teacher_sums, tool_stats
+from student_trainer.diagnostics import record_teacher_sums, tool_stats
+from student_trainer.evaluation import TEACHER_KEYS, TokenSums, sampled_reverse_kl
 from student_trainer.groups.source import RolloutSource
 from student_trainer.score_sources.base import ScoreSource
 from student_trainer.waits import Waiter
@@ -46,34 +48,33 @@ _TAG = "@eval"
 
 def eval_report(records: list[RolloutRecord], scores: dict, pass_threshold: float = 0.0) -> dict[str, float]:
     """pass@1, mean reward, the per-token sampled reverse KL and the teacher-token diagnostics of one round's
-    rollouts (`diagnostics`: teacher entropy over top-k + tail, a lower bound; p_T of the sampled token; share
-    inside the teacher's top-k), its tool episodes, and the samples without a reward (left out of pass@1 and
-    the mean). Rollouts without scores (no teacher: `teacher.enabled=false`) have no divergence."""
+    rollouts (`student_trainer.evaluation`: the sampled reverse KL with its log-prob floor; teacher entropy over
+    top-k + tail, a lower bound; p_T of the sampled token; share inside the teacher's top-k), its tool episodes,
+    and the samples without a reward (left out of pass@1 and the mean). Rollouts without scores (no teacher:
+    `teacher.enabled=false`) have no divergence."""
     rewards = [r.reward for r in records if r.reward is not None]
-    diffs, teacher = [], TokenSums()
+    sums = TokenSums()
     for r in records:
         if r.rollout_id not in scores:
-            diffs.append(np.zeros(0))
             continue
         mask = r.response_mask.astype(bool)
-        diffs.append((r.behaviour_logprobs[mask] - scores[r.rollout_id].token_logprobs[mask]).astype(np.float64))
-        teacher.merge(record_teacher_sums(r, scores[r.rollout_id]))
-    tokens = np.concatenate(diffs) if diffs else np.zeros(0)
+        rkl = sampled_reverse_kl(r.behaviour_logprobs[mask], scores[r.rollout_id].token_logprobs[mask])
+        sums.add("divergence", rkl)
+        if r.teacher is not None:  # several teachers: each domain's divergence to its own teacher
+            sums.add(f"divergence/{r.teacher}", rkl)
+        sums.merge(record_teacher_sums(r, scores[r.rollout_id]))
     report = {
         "samples": float(len(records)),
         "pass_at_1": float(np.mean([x > pass_threshold for x in rewards])) if rewards else math.nan,
         "mean_reward": float(np.mean(rewards)) if rewards else math.nan,
         "rewards_missing": float(len(records) - len(rewards)),
-        "divergence": float(tokens.mean()) if tokens.size else math.nan,
-        "tokens": float(tokens.size),
-        **{key: teacher.means().get(key, math.nan) for key in TEACHER_KEYS},
+        "divergence": sums.mean("divergence", math.nan),
+        "tokens": float(sums.counts.get("divergence", 0)),
+        **{key: sums.mean(key, math.nan) for key in TEACHER_KEYS},
         **tool_stats(records),
     }
-    domains = {r.teacher for r in records if r.teacher is not None}
-    for domain in sorted(domains):  # several teachers: each domain's divergence to its own teacher
-        mine = [d for r, d in zip(records, diffs, strict=True) if r.teacher == domain]
-        joined = np.concatenate(mine) if mine else np.zeros(0)
-        report[f"divergence/{domain}"] = float(joined.mean()) if joined.size else math.nan
+    for domain in sorted({r.teacher for r in records if r.teacher is not None}):
+        report[f"divergence/{domain}"] = sums.mean(f"divergence/{domain}", math.nan)
     return report
 
 

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, settings
 
-from opd_apps.bench_fuzz import fuzz_teacher_config, limits_of, still_serving
+from opd_apps.bench.fuzz import fuzz_teacher_config, limits_of, still_serving
 from teacher_server.server import ServerThread
 
 settings.register_profile(

@@ -1,12 +1,12 @@
-"""Fuzzing `Score`, `ScoreStream`, `Generate` and raw request bytes over real gRPC (oracles: opd_apps.fuzz_grpc)."""
+"""Fuzzing `Score`, `ScoreStream`, `Generate` and raw request bytes over real gRPC (oracles: `oracles.teacher_rpcs`)."""
 
 from __future__ import annotations
 
 import pytest
 from hypothesis import given, settings
 
-from opd_apps import fuzz_grpc as g
 from protos import teacher_pb2_grpc as pb_grpc
+from tests.fuzz.oracles import teacher_rpcs as g
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from opd_apps import fuzz_http
+from tests.fuzz.oracles import ops_http as fuzz_http
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -6,7 +6,7 @@ import msgpack
 import pytest
 from hypothesis import example, given, settings
 
-from opd_apps.fuzz_records import record_payloads, run_decoders
+from tests.fuzz.oracles.records import record_payloads, run_decoders
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -23,7 +23,7 @@ def _reference(model_dir, ids: np.ndarray, start: int) -> np.ndarray:
 # float32 on CUDA (no TF32 by default) rounds like the CPU to ~1e-5
 @pytest.mark.parametrize(("dtype", "tol", "agree"), [("float32", 1e-4, 1.0), ("bfloat16", 0.5, 0.9)])
 def test_student_scorer_on_cuda_matches_a_cpu_reference(tiny_model_dir, monkeypatch, dtype, tol, agree):
-    import opd_apps.eval_student as eval_student
+    import opd_apps.eval.student as eval_student
 
     monkeypatch.setattr(eval_student, "CHUNK_POSITIONS", 16)  # several chunks per sequence
     scorer = eval_student.StudentScorer.load(tiny_model_dir, device="cuda", dtype=dtype)

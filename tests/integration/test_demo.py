@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from opd_apps.supervisor import ChildFailed, Supervisor
+from opd_apps.demo.supervisor import ChildFailed, Supervisor
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

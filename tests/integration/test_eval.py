@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from opd_apps.eval import main
+from opd_apps.eval.command import main
 from protos.records import PromptRecord
 
 pytestmark = pytest.mark.timeout(240)

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from opd.loop_thread import LoopThread
-from opd_apps.score import main as score_main
+from opd_apps.score.command import main as score_main
 from student_trainer.config import TrainerConfig
 from student_trainer.model import init_distributed
 from student_trainer.runtime import TrainerRuntime

@@ -9,18 +9,19 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from opd_apps.demo_eval import (
+from opd_apps.demo.heldout import (
+    SAMPLE_SEEDS,
     Item,
     ModelResult,
     TeacherReplies,
     agreement_per_item,
     answer_key,
-    bootstrap_ratio_interval,
     forced_sequences,
     load_model,
 )
-from opd_apps.demo_models import kept_layers
-from opd_apps.demo_task import HELDOUT_SIZE, NOUNS, ROUND_SIZE, is_correct, plural, reward, split_nouns, write_files
+from opd_apps.demo.models import kept_layers
+from opd_apps.demo.task import HELDOUT_SIZE, NOUNS, ROUND_SIZE, is_correct, plural, reward, split_nouns, write_files
+from student_trainer.evaluation import bootstrap_ratio_interval
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -85,10 +86,10 @@ def test_shipped_prompt_files_are_what_the_generator_writes(tmp_path):
         "demo_heldout.jsonl": HELDOUT_SIZE,
         "demo_eval.jsonl": ROUND_SIZE,
     }
-    shipped = files("opd_apps") / "data"
+    shipped = files("opd_apps.demo") / "data"
     for name in counts:
         assert (shipped / name).read_text() == (tmp_path / name).read_text(), (
-            f"opd_apps/data/{name} is stale: run `python -m opd_apps.demo_task`"
+            f"opd_apps/demo/data/{name} is stale: run `python -m opd_apps.demo.task`"
         )
     train = {json.loads(line)["meta_noun"] for line in (tmp_path / "demo_train.jsonl").read_text().splitlines()}
     held = [json.loads(line) for line in (tmp_path / "demo_heldout.jsonl").read_text().splitlines()]
@@ -136,7 +137,7 @@ def test_forced_sequences_join_prompt_and_teacher_answer_and_skip_empty_answers(
 
 def test_agreement_per_item_counts_each_answer_against_the_teacher_replies_fetched_once(tiny_model_dir):
     """A teacher whose top-1 is the student's own argmax agrees everywhere; one that never is agrees nowhere."""
-    from opd_apps.eval import StudentScorer
+    from opd_apps.eval.student import StudentScorer
 
     model = load_model(tiny_model_dir)
     sequences = [([5, 17, 40, 41, 42, 43], 3), ([9, 8, 7, 6, 5], 2)]
@@ -148,3 +149,28 @@ def test_agreement_per_item_counts_each_answer_against_the_teacher_replies_fetch
 
     replies = TeacherReplies(sequences, [reply(argmax[0]), reply((argmax[1] + 1) % vocab)])
     assert agreement_per_item(model, replies, sequences) == [(3, 3), (0, 3)]
+
+
+def test_the_report_answers_through_the_rollout_engine_greedy_as_top1_and_samples_by_seed(tiny_model_dir):
+    """Greedy through the engine (top-k 1) is transformers' argmax decoding; a seeded sample draws the same again."""
+    import asyncio
+
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from opd_apps.demo.heldout import answer_engine, answers, stop_ids
+
+    model, tokenizer = load_model(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    items = [Item("a", "p", "x", [5, 17, 40]), Item("b", "q", "y", [9, 8, 7, 6])]
+    stops = stop_ids(model)
+    greedy, sampled = asyncio.run(answers(answer_engine(model, tokenizer), items, 6, stops, shown=1))
+    for it, got in zip(items, greedy, strict=True):
+        config = GenerationConfig(
+            do_sample=False, max_new_tokens=6, eos_token_id=list(stops) or None, pad_token_id=(list(stops) or [0])[0]
+        )
+        with torch.inference_mode():
+            want = model.generate(torch.tensor([it.prompt_ids]), generation_config=config)[0, len(it.prompt_ids) :]
+        assert got == want.tolist() and 1 <= len(got) <= 6
+    assert set(sampled) == {"a"} and set(sampled["a"]) == set(SAMPLE_SEEDS)
+    again = asyncio.run(answers(answer_engine(model, tokenizer), items[:1], 6, stops, shown=1))[1]
+    assert again == sampled

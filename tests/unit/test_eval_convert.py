@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from opd.prompts import PromptSourceConfig, load_prompts, read_rows
-from opd_apps.prompt_convert import ConvertConfig, ConvertError, convert_file, convert_rows, detect_format, main
+from opd_apps.tools.prompt_convert import ConvertConfig, ConvertError, convert_file, convert_rows, detect_format, main
 
 pytestmark = pytest.mark.timeout(60)
 DATA = Path(__file__).resolve().parents[1] / "fixtures" / "data"

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from opd_apps.eval_divergence import StudentTokenStats, TokenMeans, divergences, teacher_diagnostics, top1_agreement
+from student_trainer.evaluation import StudentTokenStats, TokenSums, divergences, reply_diagnostics, top1_agreement
 from teacher_server.client import TeacherScores
 
 pytestmark = pytest.mark.timeout(120)
@@ -77,7 +77,7 @@ def test_teacher_entropy_over_k_plus_one_is_a_lower_bound_and_exact_when_the_tai
     full = -(q * np.log(q)).sum(1)
     for k in (1, 3, 6):
         ids = np.argsort(-q, axis=1)[:, :k]
-        diag = teacher_diagnostics(sampled, _teacher(q, ids, sampled))
+        diag = reply_diagnostics(sampled, _teacher(q, ids, sampled))
         assert (diag["teacher_entropy_topk_tail"] <= full + 1e-12).all()
         assert (diag["teacher_entropy_topk_tail"] <= math.log(k + 1) + 1e-12).all()
         if k == 6:  # the tail bucket is a single token: nothing is merged
@@ -93,7 +93,7 @@ def test_an_empty_teacher_tail_keeps_every_value_finite() -> None:
     sampled = np.array([0, 1, 2])
     out = {
         **divergences(_student(p, ids, sampled), _teacher(q, ids, sampled)),
-        **teacher_diagnostics(sampled, _teacher(q, ids, sampled)),
+        **reply_diagnostics(sampled, _teacher(q, ids, sampled)),
     }
     assert all(np.isfinite(v.astype(float)).all() for v in out.values())
     np.testing.assert_allclose(out["forward_kl_topk_tail"], (q * np.log(q / p)).sum(1), rtol=1e-10)
@@ -104,7 +104,7 @@ def test_k_zero_gives_only_the_sampled_token_metrics() -> None:
     empty = np.zeros((1, 0), np.int64)
     out = {
         **divergences(_student(q, empty, np.array([1])), _teacher(q, empty, np.array([1]))),
-        **teacher_diagnostics(np.array([1]), _teacher(q, empty, np.array([1]))),
+        **reply_diagnostics(np.array([1]), _teacher(q, empty, np.array([1]))),
     }
     assert set(out) == {"reverse_kl_sampled", "teacher_p_sampled"}
     assert out["teacher_p_sampled"][0] == pytest.approx(0.25)
@@ -120,10 +120,10 @@ def test_top1_agreement_reads_the_teachers_best_not_its_first_column() -> None:
 
 
 def test_token_means_weigh_every_token_the_same() -> None:
-    means = TokenMeans()
-    first = means.add({"x": np.array([1.0, 1.0, 1.0])})
-    means.add({"x": np.array([5.0])})
-    means.add({"x": np.array([])})
+    means = TokenSums()
+    first = means.add_all({"x": np.array([1.0, 1.0, 1.0])})
+    means.add_all({"x": np.array([5.0])})
+    means.add_all({"x": np.array([])})
     assert first == {"x": 1.0}
     assert means.means()["x"] == pytest.approx(2.0) and means.tokens == 4
 
@@ -132,7 +132,7 @@ def test_student_scorer_matches_a_full_forward(tiny_model_dir, monkeypatch) -> N
     import torch
     from transformers import AutoModelForCausalLM
 
-    import opd_apps.eval_student as eval_student
+    import opd_apps.eval.student as eval_student
 
     monkeypatch.setattr(eval_student, "CHUNK_POSITIONS", 3)  # several chunks over 8 positions
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()

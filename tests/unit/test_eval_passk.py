@@ -9,8 +9,16 @@ from fractions import Fraction
 import pytest
 
 from opd.config import ConfigError, load_config
-from opd_apps.eval_config import EvalConfig, normalize_argv
-from opd_apps.passk import Z_95, default_ks, distinct_n, diversity, mean_pass_at_k, pass_at_k, wilson_interval
+from opd_apps.eval.config import EvalConfig, normalize_argv
+from student_trainer.evaluation.stats import (
+    Z_95,
+    default_ks,
+    distinct_n,
+    diversity,
+    mean_pass_at_k,
+    pass_at_k,
+    wilson_interval,
+)
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from opd.prompts import PromptSourceConfig, PromptSourceError, row_to_record
-from opd_apps.score_input import InputError, sequence
+from opd_apps.score.input import InputError, sequence
 from student_trainer.config import TrainerConfig
 from student_trainer.score_sources.offline import fewer_topk
 from student_trainer.score_sources.openai_client import (

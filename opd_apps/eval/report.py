@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from opd import __version__
-from opd_apps.eval_config import EvalConfig
-from opd_apps.eval_divergence import METRICS
-from opd_apps.eval_run import EvalSample
-from opd_apps.passk import diversity, mean_pass_at_k, pass_at_k, wilson_interval
+from opd_apps.eval.config import EvalConfig
+from opd_apps.eval.run import EvalSample
 from protos.records import PromptRecord
+from student_trainer.evaluation import METRICS, diversity, mean_pass_at_k, pass_at_k, wilson_interval
 
 SCHEMA = 1
 MAX_PROMPT_ROWS = 50

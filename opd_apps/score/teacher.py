@@ -21,7 +21,7 @@ from student_trainer.score_sources.score_file import ScoreFileMeta
 from teacher_server.client import TeacherClient, TeacherClientError
 
 if TYPE_CHECKING:
-    from opd_apps.score import ScoreConfig
+    from opd_apps.score.command import ScoreConfig
 
 
 class ScoringError(RuntimeError):

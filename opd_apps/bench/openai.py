@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from opd_apps.bench_teacher import WIRE_TOP_KS, _Gate, _grpc_wire, _model_dir, _service_tok_s, json_wire
+from opd_apps.bench.common import WIRE_TOP_KS, Gate, bench_model_dir, grpc_wire, json_wire, service_tok_s
 
 FULL = {"model": "embedded", "backend": "vllm", "num_seqs": 32, "seq_len": 256, "repeats": 3, "wire_len": 1000}
 QUICK = {"model": "tiny", "backend": "hf", "num_seqs": 8, "seq_len": 64, "repeats": 1, "wire_len": 128}
@@ -81,7 +81,7 @@ def _openai_tok_s(url: str, model: str, seqs: list[np.ndarray], top_k: int, clie
     starts = [ctx.Event() for _ in range(repeats)]
     procs = [
         ctx.Process(
-            target=_openai_client_proc, args=(url, model, seqs[i::clients], top_k, repeats, _Gate(starts), ready, done)
+            target=_openai_client_proc, args=(url, model, seqs[i::clients], top_k, repeats, Gate(starts), ready, done)
         )
         for i in range(clients)
     ]
@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from teacher_server.server import ServerThread
 
     setup_logging("WARNING")
-    model_dir = _model_dir(args)
+    model_dir = bench_model_dir(args)
     engine = {"max_top_k": max(WIRE_TOP_KS), "dtype": args.dtype, "max_model_len": max(args.seq_len, args.wire_len) + 8}
     local = {"host": "127.0.0.1", "port": 0}
     config = TeacherConfig(model=model_dir, backend=args.backend, engine=engine, grpc=local, ops=local, openai=local)
@@ -125,10 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"best of {args.repeats}"
     )
     try:
-        grpc_tok_s = _service_tok_s(thread.address, seqs, args.top_k, args.clients, args.repeats)
+        grpc_tok_s = service_tok_s(thread.address, seqs, args.top_k, args.clients, args.repeats)
         http_tok_s = _openai_tok_s(thread.openai_url, info.model_name, seqs, args.top_k, args.clients, args.repeats)
         wire_ids = rng.integers(0, info.vocab_size, size=args.wire_len).astype(np.int32)
-        grpc_bytes = _grpc_wire(thread.address, wire_ids)
+        grpc_bytes = grpc_wire(thread.address, wire_ids)
         json_bytes = _openai_wire(thread.openai_url, info.model_name, wire_ids)
     finally:
         thread.stop()

@@ -49,7 +49,7 @@ LABELS = {
     "fused_eager": "fused eager (full teacher)",
     "fused_topk": "fused (top-k teacher)",
 }
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -140,7 +140,7 @@ def _run_isolated(args: argparse.Namespace, loss: str, n: int, v: int, method: s
         "repeats": args.repeats,
     }
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "opd_apps.bench_losses", "--worker", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "opd_apps.bench.losses", "--worker", json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s, cwd=REPO_ROOT, env=env)
     except subprocess.TimeoutExpired:

@@ -4,10 +4,10 @@ Owns the task's items (a fixed list of common nouns with regular plurals:
 `-s`, `-es` after s/x/z/ch/sh, `-ies` after a consonant + y; no irregular or
 `-o`/`-f` nouns, so that the reference is never in doubt), the prompt text,
 the split into training and held-out nouns, the reward plug-in the rollout
-workers load (`--reward-function opd_apps.demo_task:reward`) and the writer
-of the prompt files shipped in `opd_apps/data/`:
+workers load (`--reward-function opd_apps.demo.task:reward`) and the writer
+of the prompt files shipped in `opd_apps/demo/data/`:
 
-    python -m opd_apps.demo_task [--out DIR]
+    python -m opd_apps.demo.task [--out DIR]
 
 SmolLM2-135M-Instruct answers "What is the plural of the word cat?" with a
 sentence such as `The plural of the word "cat" is cats.`; the reward scores 1
@@ -111,7 +111,7 @@ def write_files(out: Path) -> dict[str, int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m opd_apps.demo_task", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m opd_apps.demo.task", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "data", help="directory for the prompt files")
     for name, count in write_files(p.parse_args(argv).out).items():

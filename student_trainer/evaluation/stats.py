@@ -1,15 +1,19 @@
-"""Evaluation statistics that need no model: pass@k, the Wilson interval, diversity.
+"""Evaluation statistics that need no model: pass@k, Wilson and bootstrap intervals, diversity.
 
 - `pass_at_k(n, c, k)`: the unbiased estimator of Chen et al. (2021, "Evaluating
   Large Language Models Trained on Code", eq. 1), 1 - C(n-c, k) / C(n, k), in
   its product form so that no binomial coefficient is ever formed;
   `mean_pass_at_k` averages it over prompts.
 - `wilson_interval(successes, trials)`: the Wilson score interval of a
-  proportion (Wilson 1927), 95 % by default.
+  proportion (Wilson 1927), 95 % by default, from scipy
+  (`scipy.stats.binomtest(...).proportion_ci(method="wilson")`).
+- `bootstrap_ratio_interval(pairs)`: the percentile bootstrap over items of
+  sum(a) / sum(b), e.g. agreeing positions over positions per prompt, from
+  scipy (`scipy.stats.bootstrap`, paired, fixed seed).
 - `distinct_n` and `diversity`: distinct-n (Li et al. 2016: unique n-grams /
   all n-grams) and the share of distinct final answers.
 
-Pure Python: no torch, no numpy, no I/O. `opd_apps.eval` re-exports these.
+No torch and no I/O; scipy is imported by the two intervals only.
 """
 
 from __future__ import annotations
@@ -61,20 +65,53 @@ def default_ks(n: int) -> list[int]:
 
 
 def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval (lower, upper) of a proportion: successes out of independent trials.
+    """Wilson score interval (lower, upper) of a proportion: successes out of independent trials, at the
+    two-sided confidence level of the normal quantile `z` (1.96: 95 %)."""
+    from scipy.stats import binomtest, norm
 
-    center = (p + z^2 / 2n) / (1 + z^2 / n), half width = z / (1 + z^2 / n) * sqrt(p (1 - p) / n + z^2 / 4n^2).
-    """
     if trials < 1 or not 0 <= successes <= trials:
         raise ValueError(
             f"a Wilson interval needs 0 <= successes <= trials and trials >= 1 (got {successes} of {trials})"
         )
-    p, n, z2 = successes / trials, trials, z * z
-    denominator = 1.0 + z2 / n
-    center = (p + z2 / (2 * n)) / denominator
-    half = z / denominator * math.sqrt(p * (1.0 - p) / n + z2 / (4 * n * n))
-    # At p = 0 (or 1) the bound is exactly 0 (or 1); clamp the float rounding of center - half.
-    return (0.0 if successes == 0 else max(0.0, center - half), 1.0 if successes == trials else min(1.0, center + half))
+    ci = binomtest(successes, trials).proportion_ci(confidence_level=2 * norm.cdf(z) - 1, method="wilson")
+    # At p = 0 (or 1) the bound is exactly 0 (or 1); clamp the float rounding.
+    low = 0.0 if successes == 0 else max(0.0, float(ci.low))
+    return low, 1.0 if successes == trials else min(1.0, float(ci.high))
+
+
+def bootstrap_ratio_interval(
+    pairs: Sequence[tuple[float, float]], level: float = 0.95, *, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of sum(a) / sum(b) over items; `pairs` holds one (a, b) per item, b >= 0.
+
+    Items are resampled whole (the positions of one answer are not independent, so an interval over
+    positions would be too narrow); items with b = 0 carry nothing and are left out. (NaN, NaN) when no item
+    has b > 0; the ratio itself, twice, for one item.
+    """
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    kept = np.asarray([(a, b) for a, b in pairs if b], dtype=np.float64).reshape(-1, 2)
+    if len(kept) == 0:
+        return math.nan, math.nan
+    if len(kept) == 1:
+        ratio = float(kept[0, 0] / kept[0, 1])
+        return ratio, ratio
+
+    def ratio_of_sums(a, b, axis=-1):
+        return np.sum(a, axis=axis) / np.sum(b, axis=axis)
+
+    result = bootstrap(
+        (kept[:, 0], kept[:, 1]),
+        ratio_of_sums,
+        paired=True,
+        vectorized=True,
+        n_resamples=resamples,
+        confidence_level=level,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 def distinct_n(sequences: Iterable[Sequence[Hashable]], n: int) -> float | None:

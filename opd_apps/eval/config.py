@@ -122,7 +122,7 @@ class EvalConfig(ConfigModel):
         return self
 
     def pass_ks(self) -> list[int]:
-        from opd_apps.passk import default_ks
+        from student_trainer.evaluation import default_ks
 
         return sorted(set(self.ks)) or default_ks(self.sampling.n)
 

@@ -5,7 +5,7 @@
 The teacher is an opd teacher over gRPC (`host:port`) or any OpenAI-compatible
 server (`http(s)://...`: vLLM's, or an opd teacher's --openai-port; needs
 --tokenizer for the tokenizer fingerprint). Input rows are token ids or chat
-turns (`opd_apps/score_input.py`); the output is the score file the trainer
+turns (`opd_apps/score/input.py`); the output is the score file the trainer
 reads with `teacher.scores_file` (`student_trainer/score_sources/score_file.py`:
 per-token top-k ids, log-probs and tail mass, with the metadata the trainer
 checks). Batches of `batch_size` sequences are scored concurrently and written
@@ -37,8 +37,8 @@ from opd.config import ConfigError, ConfigModel, load_config
 from opd.logs import setup_logging
 from opd.redaction import SECRET
 from opd_apps.progress import Progress
-from opd_apps.score_input import InputError, count_rows, read_sequences
-from opd_apps.score_teacher import ScoringError, open_scorer
+from opd_apps.score.input import InputError, count_rows, read_sequences
+from opd_apps.score.teacher import ScoringError, open_scorer
 from student_trainer.score_sources.score_file import ScoreFileError, ScoreFileMeta, rows_table
 
 log = logging.getLogger("opd_apps.score")

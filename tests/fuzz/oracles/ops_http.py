@@ -16,7 +16,7 @@ import schemathesis
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from opd_apps.fuzz_grpc import FuzzViolation
+from tests.fuzz.oracles.teacher_rpcs import FuzzViolation
 
 
 def load_schema(ops_url: str):

@@ -14,8 +14,8 @@ import msgpack
 import numpy as np
 from hypothesis import strategies as st
 
-from opd_apps.fuzz_grpc import FuzzViolation
 from protos.records import DECODERS, PolicyAnnouncement, PromptRecord, RecordError, RolloutRecord
+from tests.fuzz.oracles.teacher_rpcs import FuzzViolation
 
 _INT_EDGES = st.sampled_from([0, 1, -1, 2**31 - 1, -(2**31), 2**63 - 1, -(2**63), 2**64 - 1])
 _SCALARS = st.one_of(

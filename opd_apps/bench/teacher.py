@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import multiprocessing as mp
 import os
 import subprocess
 import sys
@@ -29,6 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from opd.processes import free_port, stop_process
+from opd_apps.bench.common import WIRE_TOP_KS, bench_model_dir, grpc_wire, json_wire, service_tok_s
 
 # Sizes of a full run and of `--quick` (a tiny random model and a few short sequences: the smoke test).
 FULL = {
@@ -49,7 +48,6 @@ QUICK = {
     "wire_len": 128,
     "clients": [1, 2],
 }
-WIRE_TOP_KS = (0, 20, 64)
 
 
 def _args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -97,91 +95,6 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _model_dir(args: argparse.Namespace) -> str:
-    if args.random_model:
-        return _random_qwen2_half_b()
-    from opd.model_source import cache_dir, resolve_model_dir
-
-    if args.model == "tiny":
-        from opd_apps.demo_models import tiny_pair
-
-        return str(tiny_pair(cache_dir() / "demo")[0])
-    return str(resolve_model_dir(args.model))
-
-
-def _random_qwen2_half_b() -> str:
-    """Save a random-weight model with Qwen2.5-0.5B's shape (bf16) and a tokenizer; return its directory."""
-    import tempfile
-
-    import torch
-    from tokenizers import Tokenizer, models
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
-
-    path = tempfile.mkdtemp(prefix="opd-bench-qwen2-")
-    config = Qwen2Config(
-        vocab_size=151936,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-    )
-    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
-    vocab = {f"t{i}": i for i in range(151936)}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), eos_token="t1")
-    tok.save_pretrained(path)
-    return path
-
-
-def _client_proc(address: str, seqs: list[np.ndarray], top_k: int, repeats: int, start, ready, done) -> None:
-    from teacher_server.client import TeacherClientSync
-
-    with TeacherClientSync(address, timeout_s=600) as client:
-        client.score_many([(s, 1) for s in seqs[:2]], top_k=top_k)  # connect + warm up
-        ready.put(os.getpid())
-        for _ in range(repeats):
-            start.wait()
-            client.score_many([(s, 1) for s in seqs], top_k=top_k)
-            done.put(time.time())
-
-
-def _service_tok_s(address: str, seqs: list[np.ndarray], top_k: int, clients: int, repeats: int) -> float:
-    ctx = mp.get_context("spawn")
-    ready, done = ctx.Queue(), ctx.Queue()
-    starts = [ctx.Event() for _ in range(repeats)]
-    shares = [seqs[i::clients] for i in range(clients)]
-    procs = []
-    for i in range(clients):
-        gate = _Gate(starts)
-        procs.append(ctx.Process(target=_client_proc, args=(address, shares[i], top_k, repeats, gate, ready, done)))
-    for proc in procs:
-        proc.start()
-    for _ in range(clients):  # every client connected and warmed up before the first timed pass
-        ready.get(timeout=900)
-    best = float("inf")
-    for r in range(repeats):
-        t0 = time.time()
-        starts[r].set()
-        ends = [done.get(timeout=900) for _ in range(clients)]
-        best = min(best, max(ends) - t0)
-    for proc in procs:
-        proc.join(60)
-    return sum(len(s) - 1 for s in seqs) / best
-
-
-class _Gate:
-    """Each client waits on the event of its next pass (picklable for spawn)."""
-
-    def __init__(self, events) -> None:
-        self._events, self._i = events, 0
-
-    def wait(self) -> None:
-        self._events[self._i].wait()
-        self._i += 1
-
-
 def _inprocess_tok_s(thread, seqs: list[np.ndarray], top_k: int, repeats: int, batch_tokens: int) -> float:
     from teacher_server.engine import ScoreWork
 
@@ -206,48 +119,6 @@ def _inprocess_tok_s(thread, seqs: list[np.ndarray], top_k: int, repeats: int, b
     thread.call(one_pass())  # warm-up
     best = min(thread.call(one_pass()) for _ in range(repeats))
     return sum(w.num_positions for w in works) / best
-
-
-def _wire_bytes(ids: np.ndarray, k: int, dtype: int, reply) -> tuple[int, int]:
-    from protos import teacher_pb2 as pb
-    from protos.arrays import pack
-
-    request = pb.ScoreRequest(
-        request_id="0" * 32, token_ids=pack(ids, pb.INT32), score_from=1, top_k=k, logprob_dtype=dtype
-    )
-    return request.ByteSize() + 5, reply.ByteSize() + 5  # + the 5-byte gRPC message frame
-
-
-def json_wire(endpoint: str, request: dict) -> dict[int, tuple[int, int]]:
-    """k -> (request bytes, reply bytes) of `request` with `prompt_logprobs: k` POSTed as JSON to `endpoint`."""
-    import httpx
-
-    out = {}
-    for k in WIRE_TOP_KS:
-        body = json.dumps({**request, "prompt_logprobs": k})
-        r = httpx.post(endpoint, content=body, headers={"content-type": "application/json"}, timeout=600)
-        r.raise_for_status()
-        out[k] = (len(body), len(r.content))
-    return out
-
-
-def _grpc_wire(address: str, ids: np.ndarray) -> dict[tuple[int, str], tuple[int, int]]:
-    import grpc
-
-    from protos import teacher_pb2 as pb
-    from protos import teacher_pb2_grpc as pb_grpc
-    from protos.arrays import pack
-
-    out = {}
-    with grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 1 << 28)]) as ch:
-        stub = pb_grpc.TeacherStub(ch)
-        for k in WIRE_TOP_KS:
-            for name, dtype in (("float32", pb.FLOAT32), ("bfloat16", pb.BFLOAT16)):
-                req = pb.ScoreRequest(
-                    request_id="0" * 32, token_ids=pack(ids, pb.INT32), score_from=1, top_k=k, logprob_dtype=dtype
-                )
-                out[(k, name)] = _wire_bytes(ids, k, dtype, stub.Score(req, timeout=600))
-    return out
 
 
 def _json_wire(model_dir: str, ids: np.ndarray, dtype: str) -> dict[int, tuple[int, int]]:
@@ -296,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from teacher_server.server import ServerThread
 
     setup_logging("WARNING")
-    model_dir = _model_dir(args)
+    model_dir = bench_model_dir(args)
     engine = {"max_top_k": max(WIRE_TOP_KS), "dtype": args.dtype, "max_model_len": max(args.seq_len, args.wire_len) + 8}
     config = TeacherConfig(
         model=model_dir,
@@ -318,10 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n{'setting':<28}{'positions/s':>14}{'vs in-process':>16}")
         print(f"{'in-process backend':<28}{base:>14.0f}{1.0:>15.2f}x")
         for clients in args.clients:
-            tok_s = _service_tok_s(thread.address, seqs, args.top_k, clients, args.repeats)
+            tok_s = service_tok_s(thread.address, seqs, args.top_k, clients, args.repeats)
             print(f"{f'gRPC service, {clients} client(s)':<28}{tok_s:>14.0f}{tok_s / base:>15.2f}x")
         wire_ids = rng.integers(0, info.vocab_size, size=args.wire_len).astype(np.int32)
-        grpc_bytes = _grpc_wire(thread.address, wire_ids)
+        grpc_bytes = grpc_wire(thread.address, wire_ids)
     finally:
         thread.stop()
     json_bytes = {} if args.skip_json else _json_wire(model_dir, wire_ids, args.dtype)

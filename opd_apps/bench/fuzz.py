@@ -7,8 +7,12 @@ max_top_k 16, full vocabulary allowed, 4 MiB messages) on 127.0.0.1 and runs
 valid message, or one byte over the size limit, sent through a generic channel
 method) over real gRPC; `http` (every operation of the ops app's OpenAPI
 document, `/v1/score` included, with `schemathesis`); and `records` (the Redis
-record decoders, in process). The oracles are in `fuzz_grpc.py`,
-`fuzz_http.py` and `fuzz_records.py`. After each target the server must still
+record decoders, in process). The oracles are test code, in
+`tests/fuzz/oracles/` (`teacher_rpcs.py`, `ops_http.py`, `records.py`), which
+the wheel does not ship: this command runs from a source checkout (the
+repository root on the import path) and says so when they are missing. It is
+a fuzzing run with counts, not a timing benchmark; it sits under `opd bench`
+because it drives a live server at a budget. After each target the server must still
 be serving (gRPC health, Info, a valid Score). Prints per target the cases run,
 the count of each status code, the violations and whether the server still
 served; exits 1 if any oracle was violated. `--quick` runs 30 cases per target
@@ -25,6 +29,22 @@ from collections.abc import Callable, Sequence
 FULL = {"score": 2500, "stream": 800, "generate": 1200, "raw": 1500, "http": 1000, "records": 4000}
 QUICK = dict.fromkeys(FULL, 30)
 LIMITS = {"max_model_len": 64, "max_top_k": 16, "max_message_mb": 4}
+
+
+ORACLES_MISSING = (
+    "opd bench fuzz: the fuzz oracles (tests/fuzz/oracles/) are test code and are not installed with the wheel; "
+    "run it from a source checkout, at the repository root: `cd opd && python -m opd bench fuzz`"
+)
+
+
+def oracles_available() -> bool:
+    """Whether `tests.fuzz.oracles` (test code, not in the wheel) imports: a source checkout on the import path."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("tests.fuzz.oracles") is not None
+    except ModuleNotFoundError:  # no `tests` package at all
+        return False
 
 
 def _args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -49,7 +69,7 @@ def fuzz(strategy, run: Callable[[object], list[str]], cases: int, seed: int) ->
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import seed as fixed_seed
 
-    from opd_apps.fuzz_grpc import FuzzViolation
+    from tests.fuzz.oracles.teacher_rpcs import FuzzViolation
 
     counts: Counter[str] = Counter()
     violations: list[str] = []
@@ -112,7 +132,7 @@ def fuzz_teacher_config(model_dir: str):
 
 
 def limits_of(server) -> object:
-    from opd_apps.fuzz_grpc import Limits
+    from tests.fuzz.oracles.teacher_rpcs import Limits
 
     info = server.server.engine.info
     return Limits(info.vocab_size, info.max_model_len, info.max_top_k, server.server.config.grpc.max_message_mb << 20)
@@ -120,9 +140,10 @@ def limits_of(server) -> object:
 
 def targets(server, channel, limits) -> dict[str, tuple[object, Callable[[object], list[str]]]]:
     """target name -> (hypothesis strategy, run one case)."""
-    from opd_apps import fuzz_grpc as g
-    from opd_apps import fuzz_http, fuzz_records
     from protos import teacher_pb2_grpc as pb_grpc
+    from tests.fuzz.oracles import ops_http as fuzz_http
+    from tests.fuzz.oracles import records as fuzz_records
+    from tests.fuzz.oracles import teacher_rpcs as g
 
     stub = pb_grpc.TeacherStub(channel)
     schema = fuzz_http.load_schema(server.ops_url)
@@ -144,11 +165,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as exc:
         print(f"opd bench fuzz: needs {exc.name!r}; install opd with the `dev` extra", flush=True)
         return 2
+    if not oracles_available():
+        print(ORACLES_MISSING, flush=True)
+        return 2
     import grpc
 
     from opd.logs import setup_logging
     from opd.model_source import cache_dir
-    from opd_apps.demo_models import tiny_pair
+    from opd_apps.demo.models import tiny_pair
     from teacher_server.server import ServerThread
 
     setup_logging("ERROR")

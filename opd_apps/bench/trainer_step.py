@@ -29,7 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PROMPT_TOKENS = 16
 TOP_K = 20
 # Small random Qwen2-style students: (hidden, layers, heads, kv heads, intermediate, vocab).
@@ -121,7 +121,7 @@ def _row(tokens: int, path: str, res: dict, mask: dict | None) -> str:
 
 def _run_isolated(spec: dict, timeout_s: float) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "opd_apps.bench_trainer_step", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "opd_apps.bench.trainer_step", json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=REPO_ROOT, env=env)
     except subprocess.TimeoutExpired:
@@ -142,7 +142,7 @@ def _worker(spec: dict) -> dict:
 
     import torch
 
-    from opd_apps.bench_losses import _MemoryProbe, _Timer
+    from opd_apps.bench.losses import _MemoryProbe, _Timer
 
     device = torch.device(spec["device"])
     torch.manual_seed(0)

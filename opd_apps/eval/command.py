@@ -10,9 +10,9 @@ math-verify, `exact`, or a `module:function` plug-in); with a teacher, score
 every response and compare it with the student's own teacher-forced
 log-probs; write `eval.json`, `eval.md` and `samples.jsonl` to `--out`.
 
-Also the import point of the statistics other tools reuse (the demo's
-report): `pass_at_k`, `wilson_interval`, `diversity`, `distinct_n`,
-`top1_agreement`, `teacher_forced_agreement`, `StudentScorer`.
+The statistics (pass@k, intervals, divergences, teacher diagnostics) are the
+evaluation core's, `student_trainer.evaluation`, shared with the trainer's
+eval rounds and the demo's report.
 """
 
 from __future__ import annotations
@@ -28,28 +28,14 @@ from opd.config import ConfigError, load_config
 from opd.logs import setup_logging
 from opd.model_source import load_tokenizer
 from opd.prompts import PromptSourceError, load_prompts, render_prompt_ids
-from opd_apps.eval_config import EvalConfig, normalize_argv
-from opd_apps.eval_divergence import top1_agreement
-from opd_apps.eval_model import EvalError, ResolvedModel, resolve_student
-from opd_apps.eval_run import EvalSample, TeacherScoring, sample_all
-from opd_apps.eval_student import StudentScorer, teacher_forced_agreement
-from opd_apps.passk import distinct_n, diversity, mean_pass_at_k, pass_at_k, wilson_interval
+from opd_apps.eval.config import EvalConfig, normalize_argv
+from opd_apps.eval.model import EvalError, ResolvedModel, resolve_student
+from opd_apps.eval.run import EvalSample, TeacherScoring, sample_all
+from opd_apps.eval.student import StudentScorer
 from protos.records import PromptRecord
 from protos.tokenizer_fingerprint import tokenizer_fingerprint
 from rollout_workers.engine import BackendError
 from rollout_workers.rewards import BUILTIN_REWARDS, RewardError, load_reward
-
-__all__ = [
-    "StudentScorer",
-    "distinct_n",
-    "diversity",
-    "main",
-    "mean_pass_at_k",
-    "pass_at_k",
-    "teacher_forced_agreement",
-    "top1_agreement",
-    "wilson_interval",
-]
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +138,7 @@ async def _score(
 
 async def evaluate(config: EvalConfig) -> Path:
     """Run one evaluation; returns the report directory."""
-    from opd_apps.eval_report import build_report, write_report
+    from opd_apps.eval.report import build_report, write_report
 
     started = time.monotonic()
     out = Path(config.out or time.strftime("runs/eval-%Y%m%d-%H%M%S"))

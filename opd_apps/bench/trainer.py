@@ -1,6 +1,6 @@
 """`opd bench trainer`: how much of the step waits for the teacher, at prefetch depth 0, 1 and 2;
 with `--micro-batch-tokens T1,T2,...`, peak memory and tokens/s of one step per micro-batch size instead
-(the mask vs the packed attention path; `opd_apps.bench_trainer_step`).
+(the mask vs the packed attention path; `opd_apps.bench.trainer_step`).
 
 The teacher (`opd teacher --backend hf`) and the trainer (`opd train`) run as
 separate processes pinned to different cores with `taskset`, so they behave
@@ -86,7 +86,7 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="smoke-run defaults: tiny random models, 2 timed steps of "
         "2 x 2 x (16 + 24) tokens, depths 0 and 1 (explicit flags still win)",
     )
-    from opd_apps.bench_trainer_step import add_arguments
+    from opd_apps.bench.trainer_step import add_arguments
 
     add_arguments(p)
     args = p.parse_args(argv)
@@ -108,7 +108,7 @@ def _models(args: argparse.Namespace) -> tuple[str, str]:
     from opd.model_source import cache_dir, resolve_model_dir
 
     if args.teacher == "tiny":
-        from opd_apps.demo_models import tiny_pair
+        from opd_apps.demo.models import tiny_pair
 
         teacher, student = tiny_pair(cache_dir() / "demo")
         return str(teacher), args.student or str(student)
@@ -218,7 +218,7 @@ def _run_depth(
 def main(argv: Sequence[str] | None = None) -> int:
     args = _args(argv)
     if args.micro_batch_tokens:  # the micro-batch step benchmark (issue 15): no teacher, no Redis
-        from opd_apps.bench_trainer_step import run
+        from opd_apps.bench.trainer_step import run
 
         return run(args)
     teacher, student = _models(args)

@@ -1,11 +1,11 @@
 """The demo's before/after evaluation on held-out prompts: task score, agreement with the teacher, diversity, samples.
 
 For each model (the teacher as the ceiling, the student before training, the
-student after) on the held-out prompts (`opd_apps/data/demo_heldout.jsonl`,
+student after) on the held-out prompts (`opd_apps/demo/data/demo_heldout.jsonl`,
 never trained on):
 
 - **task score**: greedy answers checked by the task's reward
-  (`opd_apps.demo_task.is_correct`), with a 95% Wilson interval;
+  (`opd_apps.demo.task.is_correct`), with a 95% Wilson interval;
 - **top-1 agreement under teacher forcing**: on the teacher's own greedy
   answers (prompt + answer, its end-of-turn token included), the share of
   answer positions where the student's most likely next token is the
@@ -18,11 +18,14 @@ never trained on):
 - **samples**: greedy and sampled (fixed temperature and seeds) answers to a
   few prompts.
 
-Every model answers in this process with transformers (batched greedy
-decoding; the teacher from the same directory the teacher service serves,
-with the same code, so its answers are the service's); the teacher's top-1
+Every model answers in this process through the rollout workers' engine
+(`rollout_workers.engine_hf.HFBackend` around the loaded model, the code the
+`hf` rollout backend runs): greedy as top-k 1, samples at a fixed temperature
+and seed, each answer ending at the model's end-of-turn token. The teacher
+loads from the same directory the teacher service serves; its top-1
 for the agreement comes from the running teacher service's `Score` RPC, asked
-once for all answers. The statistics are `opd_apps.eval`'s. Does not train,
+once for all answers. The statistics are the evaluation core's
+(`student_trainer.evaluation`, as in `opd eval`). Does not train,
 and does not compute the divergence (the trainer's eval rounds do).
 """
 
@@ -30,20 +33,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from opd_apps.demo_task import is_correct
-from opd_apps.eval import diversity, teacher_forced_agreement, wilson_interval
+from opd_apps.demo.task import is_correct
+from opd_apps.eval.student import teacher_forced_agreement
+from student_trainer.evaluation import bootstrap_ratio_interval, diversity, wilson_interval
 
 SAMPLE_TEMPERATURE = 0.7
 SAMPLE_SEEDS = (0, 1)  # sampled answers shown per prompt and model
 BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 2000, 0
-GREEDY_BATCH = 16
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class ModelResult:
         if not self.agreement:
             return None
         agree, total = (sum(col) for col in zip(*self.agreement, strict=True))
-        low, high = bootstrap_ratio_interval(self.agreement)
+        low, high = bootstrap_ratio_interval(self.agreement, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED)
         return {"value": agree / total if total else float("nan"), "positions": total, "low": low, "high": high}
 
     def diversity(self) -> dict[str, Any]:
@@ -87,23 +89,6 @@ def answer_key(text: str) -> str | None:
     """The answer's first non-empty line, lower-cased with spacing normalised (None for an empty answer)."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return re.sub(r"\s+", " ", lines[0].strip().lower()) if lines else None
-
-
-def bootstrap_ratio_interval(pairs: Sequence[tuple[int, int]], level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap over items of sum(agree) / sum(total); `pairs` holds one (agree, total) per item."""
-    rng = random.Random(BOOTSTRAP_SEED)
-    n = len(pairs)
-    ratios = []
-    for _ in range(BOOTSTRAP_RESAMPLES):
-        draw = [pairs[rng.randrange(n)] for _ in range(n)]
-        total = sum(t for _, t in draw)
-        if total:
-            ratios.append(sum(a for a, _ in draw) / total)
-    if not ratios:
-        return float("nan"), float("nan")
-    ratios.sort()
-    tail = (1 - level) / 2
-    return ratios[int(tail * (len(ratios) - 1))], ratios[int(round((1 - tail) * (len(ratios) - 1)))]
 
 
 def load_items(path: Path, tokenizer: Any, limit: int | None = None) -> list[Item]:
@@ -126,54 +111,38 @@ def load_model(model_dir: Path):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
-def greedy(model: Any, tokenizer: Any, items: Sequence[Item], max_tokens: int) -> list[list[int]]:
-    """Greedy answers (token ids, up to and including the end-of-turn token), batched with left padding."""
-    import torch
+def answer_engine(model: Any, tokenizer: Any) -> Any:
+    """The rollout workers' transformers engine around a loaded model (its context length as max_model_len)."""
+    from rollout_workers.engine_hf import HFBackend
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out: list[list[int]] = []
-    for start in range(0, len(items), GREEDY_BATCH):
-        batch = items[start : start + GREEDY_BATCH]
-        width = max(len(it.prompt_ids) for it in batch)
-        ids_BL = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask_BL = torch.zeros_like(ids_BL)
-        for i, it in enumerate(batch):
-            ids_BL[i, width - len(it.prompt_ids) :] = torch.tensor(it.prompt_ids)
-            mask_BL[i, width - len(it.prompt_ids) :] = 1
-        with torch.no_grad():
-            gen = model.generate(
-                input_ids=ids_BL, attention_mask=mask_BL, do_sample=False, max_new_tokens=max_tokens, pad_token_id=pad
-            )
-        out += [_until_stop(row[width:].tolist(), model) for row in gen]
-    return out
+    return HFBackend(model, tokenizer, int(model.config.max_position_embeddings))
 
 
-def sample(model: Any, item: Item, max_tokens: int, seed: int) -> list[int]:
-    """One answer sampled at SAMPLE_TEMPERATURE (top-k and top-p off) with `seed`."""
-    import torch
-
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        gen = model.generate(
-            input_ids=torch.tensor([item.prompt_ids]),
-            attention_mask=torch.ones(1, len(item.prompt_ids), dtype=torch.long),
-            do_sample=True,
-            temperature=SAMPLE_TEMPERATURE,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=max_tokens,
-        )
-    return _until_stop(gen[0, len(item.prompt_ids) :].tolist(), model)
-
-
-def _until_stop(ids: list[int], model: Any) -> list[int]:
-    """Cut after the first end-of-sequence token (the rest is padding)."""
+def stop_ids(model: Any) -> tuple[int, ...]:
+    """The model's end-of-sequence ids (its generation config's; an answer ends with one of them)."""
     eos = model.generation_config.eos_token_id
-    stops = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-    for i, t in enumerate(ids):
-        if t in stops:
-            return ids[: i + 1]
-    return ids
+    return tuple(eos if isinstance(eos, list) else [eos]) if eos is not None else ()
+
+
+async def answers(
+    engine: Any, items: Sequence[Item], max_tokens: int, stops: tuple[int, ...], shown: int
+) -> tuple[list[list[int]], dict[str, dict[int, list[int]]]]:
+    """(greedy answers of every item, {prompt_id: {seed: sampled answer}} for the first `shown` items), as token
+    ids up to and including the stop token. Greedy is top-k 1; samples are at SAMPLE_TEMPERATURE, top-k and
+    top-p off, with each seed of SAMPLE_SEEDS."""
+    from rollout_workers.engine import SampleParams
+
+    greedy_params = SampleParams(max_tokens, temperature=1.0, top_k=1, stop_token_ids=stops)
+    greedy = [
+        list((await engine.generate(it.prompt_ids, greedy_params, f"demo-{it.prompt_id}")).token_ids) for it in items
+    ]
+    sampled: dict[str, dict[int, list[int]]] = {}
+    for it in items[:shown]:
+        for seed in SAMPLE_SEEDS:
+            params = SampleParams(max_tokens, temperature=SAMPLE_TEMPERATURE, seed=seed, stop_token_ids=stops)
+            out = await engine.generate(it.prompt_ids, params, f"demo-{it.prompt_id}-{seed}")
+            sampled.setdefault(it.prompt_id, {})[seed] = list(out.token_ids)
+    return greedy, sampled
 
 
 def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
@@ -186,14 +155,14 @@ def evaluate_model(
     """(a model's ModelResult, its greedy answers' token ids, the loaded model): greedy answers on every item,
     their task score, and greedy + seeded samples on the first `shown` items."""
     model = load_model(model_dir)
-    answers = greedy(model, tokenizer, items, max_tokens)
-    texts = [_decode(tokenizer, ids) for ids in answers]
+    greedy, sampled = asyncio.run(answers(answer_engine(model, tokenizer), items, max_tokens, stop_ids(model), shown))
+    texts = [_decode(tokenizer, ids) for ids in greedy]
     result = ModelResult(label, texts, [is_correct(t, it.answer) for t, it in zip(texts, items, strict=True)])
     for it, text in zip(items[:shown], texts, strict=False):
         result.samples[it.prompt_id] = {"greedy": text}
-        for seed in SAMPLE_SEEDS:
-            result.samples[it.prompt_id][f"seed {seed}"] = _decode(tokenizer, sample(model, it, max_tokens, seed))
-    return result, answers, model
+        for seed, ids in sampled[it.prompt_id].items():
+            result.samples[it.prompt_id][f"seed {seed}"] = _decode(tokenizer, ids)
+    return result, greedy, model
 
 
 def forced_sequences(items: Sequence[Item], teacher_answers: Sequence[Sequence[int]]) -> list[tuple[list[int], int]]:
@@ -217,7 +186,7 @@ def agreement_per_item(
 ) -> list[tuple[int, int]]:
     """(positions where the student's top-1 is the teacher's, positions) per sequence, under teacher forcing
     (`opd_apps.eval.teacher_forced_agreement`, one call per sequence: the bootstrap needs per-prompt counts)."""
-    from opd_apps.eval import StudentScorer
+    from opd_apps.eval.student import StudentScorer
 
     async def per_item() -> list[tuple[int, int]]:
         scorer, out = StudentScorer(model), []

