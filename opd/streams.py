@@ -28,8 +28,8 @@ from urllib.parse import urlsplit, urlunsplit
 import redis.asyncio as aioredis
 import redis.exceptions as rex
 from pydantic import Field, field_validator, model_validator
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from opd.config import ConfigError, ConfigModel
 from opd.redaction import SECRET_URL

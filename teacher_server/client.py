@@ -27,15 +27,15 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
 import grpc
 import numpy as np
 
 from opd.loop_thread import LoopThread
-from opd.retry import Backoff, RetryLog, RetryStats
+from opd.retry import Backoff, RetryLog, RetryStats, retry_async
 from opd.tls import grpc_channel_credentials
 from protos import teacher_pb2 as pb
 from protos import teacher_pb2_grpc as pb_grpc
@@ -60,6 +60,17 @@ __all__ = [
 _DTYPES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "bfloat16": pb.BFLOAT16}
 _BACKOFF = Backoff(initial_s=0.05, max_s=2.0)  # frozen: one shared default
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class _Routed(Protocol):
+    """Where one attempt goes (a stream lane or a unary stub): its target names it in retry reports."""
+
+    @property
+    def target(self) -> str: ...
+
+
+L = TypeVar("L", bound=_Routed)
 
 
 # -- errors: status codes mapped back to exceptions ------------------------------------------
@@ -323,13 +334,17 @@ class TeacherClient:
         for channel in self._channels:
             await channel.close()
 
-    async def _with_retries(self, route, attempt_fn, timeout_s: float | None):
+    async def _with_retries(
+        self, route: Callable[[], L], attempt_fn: Callable[[L, float], Awaitable[T]], timeout_s: float | None
+    ) -> T:
         """Call `attempt_fn(target, remaining_s)` on `route()`'s next target until it succeeds, fails for good
-        or the deadline passes; retryable failures wait a capped, jittered backoff (or the server's hint)."""
+        or the deadline passes; retryable failures wait a capped, jittered backoff, or the server's hint when
+        longer (`opd.retry.retry_async`)."""
         deadline = time.monotonic() + (timeout_s or self._timeout_s)
-        attempt = 0
-        while True:
-            attempt += 1
+        target: L | None = None
+
+        async def attempt() -> T:
+            nonlocal target
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExceeded("DEADLINE_EXCEEDED: teacher did not answer within the deadline")
@@ -337,18 +352,23 @@ class TeacherClient:
             try:
                 return await attempt_fn(target, remaining)
             except grpc.aio.AioRpcError as err:
-                exc = _from_rpc_error(err)
-            except TeacherClientError as err:
-                exc = err
-            if not exc.retryable:
-                raise exc
-            if isinstance(exc, _StreamEnded) and attempt == 1:
-                continue  # a stream that reached its age: resend now (the lane reopens it)
-            delay = max(self._backoff.delay_s(attempt), getattr(exc, "retry_after_s", 0.0))
-            if time.monotonic() + delay >= deadline:
-                raise exc
-            self._retries.note(target.target, attempt, delay, str(exc), reason=exc.code.name)
-            await asyncio.sleep(delay)
+                raise _from_rpc_error(err) from None
+
+        def note(attempt_no: int, exc: BaseException, delay_s: float) -> None:
+            code = exc.code.name if isinstance(exc, TeacherClientError) else type(exc).__name__
+            self._retries.note(target.target if target is not None else "", attempt_no, delay_s, str(exc), code)
+
+        return await retry_async(
+            attempt,
+            retryable=lambda exc: isinstance(exc, TeacherClientError) and exc.retryable,
+            backoff=self._backoff,
+            max_attempts=None,
+            deadline_s=deadline,
+            on_retry=note,
+            min_delay_s=lambda exc: getattr(exc, "retry_after_s", 0.0),
+            # a stream that reached its maximum age: resent at once (the lane reopens it)
+            resend_at_once=lambda exc: isinstance(exc, _StreamEnded),
+        )
 
     async def score(
         self,
