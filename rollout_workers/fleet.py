@@ -153,7 +153,7 @@ class RolloutActor:
         try:
             asyncio.run(go())
             self.state = "done"
-        except BaseException:  # noqa: BLE001
+        except BaseException:  # any failure, even SystemExit: exit so that Ray restarts the actor
             log.exception("worker %d failed; exiting so that Ray restarts it", self.config.worker_index)
             os._exit(1)
 

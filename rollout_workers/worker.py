@@ -182,7 +182,7 @@ class RolloutWorker:
             await self.rollouts.send_many([r.encode() for r in records], then_ack=(self.prompts, [entry.entry_id]))
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001 - one bad group must not stop the worker; the prompt is retried
+        except Exception:  # one bad group must not stop the worker; the prompt is retried
             self.metrics.prompts.labels("failed").inc()
             self.prompts.release([entry.entry_id])  # stays pending: reclaimed after claim_idle_s
             log.exception("prompt %s failed; it stays pending and will be retried", record.prompt_id)

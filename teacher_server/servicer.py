@@ -137,9 +137,9 @@ class TeacherServicer(pb_grpc.TeacherServicer):
             await self._abort(context, exc)
             raise
 
-    async def ScoreStream(
+    async def ScoreStream(  # noqa: N802
         self,
-        request_iterator: AsyncIterator[pb.ScoreRequest],  # noqa: N802
+        request_iterator: AsyncIterator[pb.ScoreRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ScoreReply]:
         # A failed authentication is answered per request, like any other per-request error: aborting the
@@ -216,9 +216,9 @@ class TeacherServicer(pb_grpc.TeacherServicer):
             await self._abort(context, exc)
         return self._engine.info.to_reply()
 
-    async def Generate(
+    async def Generate(  # noqa: N802
         self,
-        request: pb.GenerateRequest,  # noqa: N802
+        request: pb.GenerateRequest,
         context: grpc.aio.ServicerContext,
     ) -> pb.GenerateReply:
         client = await self._identify(context, "Generate")
