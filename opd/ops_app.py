@@ -42,15 +42,15 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 class OpsConfig(ConfigModel):
     """The ops HTTP port of one process (`--ops-host`, `--ops-port`); components set the default port."""
 
-    host: str = Field("0.0.0.0", description="ops HTTP bind address")
-    port: Port = Field(0, description="ops HTTP port: /metrics /healthz /readyz (0 = pick a free one)")
+    host: str = Field(default="0.0.0.0", description="ops HTTP bind address")
+    port: Port = Field(default=0, description="ops HTTP port: /metrics /healthz /readyz (0 = pick a free one)")
     tokens_file: str | None = Field(
-        None,
+        default=None,
         description="YAML mapping `client_name: token`; when set, every ops route except /healthz /readyz "
         "/metrics needs `Authorization: Bearer <token>` (re-read when the file changes)",
     )
-    tls_cert_file: str | None = Field(None, description="serve HTTPS with this PEM certificate (chain)")
-    tls_key_file: str | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_cert_file: str | None = Field(default=None, description="serve HTTPS with this PEM certificate (chain)")
+    tls_key_file: str | None = Field(default=None, description="PEM private key of tls_cert_file")
 
     @model_validator(mode="after")
     def _check_tls(self) -> OpsConfig:

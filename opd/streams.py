@@ -47,28 +47,28 @@ ROLLOUT_GROUP = "trainer"  # consumer group of {ns}:rollouts
 
 class RedisConfig(ConfigModel):
     url: str = Field(
-        "redis://127.0.0.1:6379/0",
+        default="redis://127.0.0.1:6379/0",
         description="Redis URL: redis://[user:password@]host:port/db, "
         "rediss:// for TLS, unix:///path.sock (put secrets in the env variable or password_file, not a preset)",
         json_schema_extra=SECRET_URL,
     )
     password_file: str | None = Field(
-        None,
+        default=None,
         description="file holding the Redis password (e.g. a mounted Secret), read at connect; "
         "the URL then carries no password (a user name in it selects an ACL user)",
     )
     namespace: str = Field(
-        "opd",
+        default="opd",
         pattern=r"^[A-Za-z0-9_.{}\-]+$",
         description="key prefix: streams are "
         "{ns}:prompts, {ns}:rollouts, {ns}:dead; several students can share one Redis",
     )
-    tls_ca_file: str | None = Field(None, description="rediss://: CA bundle to verify the server with")
-    tls_cert_file: str | None = Field(None, description="rediss://: client certificate (mutual TLS)")
-    tls_key_file: str | None = Field(None, description="rediss://: client private key (mutual TLS)")
-    tls_verify: bool = Field(True, description="rediss://: verify the server certificate")
-    socket_timeout_s: float = Field(30.0, gt=0, description="socket read timeout; must exceed block_ms")
-    retry_for_s: float = Field(300.0, gt=0, description="keep retrying a lost connection this long, then fail")
+    tls_ca_file: str | None = Field(default=None, description="rediss://: CA bundle to verify the server with")
+    tls_cert_file: str | None = Field(default=None, description="rediss://: client certificate (mutual TLS)")
+    tls_key_file: str | None = Field(default=None, description="rediss://: client private key (mutual TLS)")
+    tls_verify: bool = Field(default=True, description="rediss://: verify the server certificate")
+    socket_timeout_s: float = Field(default=30.0, gt=0, description="socket read timeout; must exceed block_ms")
+    retry_for_s: float = Field(default=300.0, gt=0, description="keep retrying a lost connection this long, then fail")
 
     @field_validator("url")
     @classmethod

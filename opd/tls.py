@@ -48,12 +48,16 @@ def check_cert_options(cert_file: str | None, key_file: str | None, where: str) 
 class TeacherTLSOptions(ConfigModel):
     """How a client (the trainer, `opd eval`) reaches a teacher over TLS: the fields every teacher config shares."""
 
-    tls: bool = Field(False, description="connect over TLS, trusting the system's CAs (implied by tls_ca_file)")
-    tls_ca_file: str | None = Field(None, description="TLS: PEM CA bundle that issued the teacher's certificate")
-    tls_cert_file: str | None = Field(None, description="mutual TLS: PEM client certificate presented to the teacher")
-    tls_key_file: str | None = Field(None, description="mutual TLS: PEM private key of tls_cert_file")
+    tls: bool = Field(default=False, description="connect over TLS, trusting the system's CAs (implied by tls_ca_file)")
+    tls_ca_file: str | None = Field(
+        default=None, description="TLS: PEM CA bundle that issued the teacher's certificate"
+    )
+    tls_cert_file: str | None = Field(
+        default=None, description="mutual TLS: PEM client certificate presented to the teacher"
+    )
+    tls_key_file: str | None = Field(default=None, description="mutual TLS: PEM private key of tls_cert_file")
     tls_server_name: str | None = Field(
-        None, description="TLS: name to check in the teacher's certificate (default: the address's host)"
+        default=None, description="TLS: name to check in the teacher's certificate (default: the address's host)"
     )
 
     @model_validator(mode="after")

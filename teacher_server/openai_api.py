@@ -85,12 +85,12 @@ class CompletionBody(BaseModel):
 
     model: str | None = None
     prompt: list[int] | list[list[int]] | str | list[str]
-    max_tokens: int | None = Field(16, ge=0)
+    max_tokens: int | None = Field(default=16, ge=0)
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0)
-    prompt_logprobs: int | None = Field(None, ge=0)
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
+    logprobs: int | None = Field(default=None, ge=0)
+    prompt_logprobs: int | None = Field(default=None, ge=0)
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = None
     stop_token_ids: list[int] | None = None
     n: int = 1
