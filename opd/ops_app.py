@@ -200,7 +200,7 @@ class OpsServer:
             raise OSError(
                 f"ops port {self._host}:{self._port} is not available ({exc}); choose another with the ops port option"
             ) from exc
-        self.port = sock.getsockname()[1]
+        self.port = port = int(sock.getsockname()[1])
         config = uvicorn.Config(
             self.app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5
         )
@@ -216,10 +216,10 @@ class OpsServer:
             await asyncio.sleep(0.01)
         if self._warn_open:
             warn_if_open(
-                getattr(self.app.state, "opd_component", "ops"), [("ops", self._host, self.port, self.authenticated)]
+                getattr(self.app.state, "opd_component", "ops"), [("ops", self._host, port, self.authenticated)]
             )
-        log.info("ops port listening on %s://%s:%d", self.scheme, self._host, self.port)
-        return self.port
+        log.info("ops port listening on %s://%s:%d", self.scheme, self._host, port)
+        return port
 
     async def stop(self) -> None:
         if self._server is not None and self._task is not None:

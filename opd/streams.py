@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -330,5 +330,6 @@ def prompt_producer(
 async def read_dead(redis: aioredis.Redis, keys: StreamKeys, count: int = 100) -> list[dict[str, bytes]]:
     """The oldest `count` dead-lettered entries for inspection: source, entry_id, reason, consumer, d (at most
     64 KiB of the payload), truncated (b"1" when d was cut) and payload_bytes (the original size)."""
-    entries = await redis.xrange(keys.dead, count=count)
+    # redis-py types replies as bytes or str; opd's clients never decode responses (`connect`)
+    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], await redis.xrange(keys.dead, count=count))
     return [{k.decode(): v for k, v in fields.items()} for _, fields in entries]

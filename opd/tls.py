@@ -179,7 +179,10 @@ def grpc_server_credentials(files: CertFiles) -> grpc.ServerCredentials:
         return configuration(material) if material is not None else None
 
     return grpc.dynamic_ssl_server_credentials(
-        configuration(watch.current), fetch, require_client_authentication=files.client_ca_file is not None
+        configuration(watch.current),
+        # grpc's stub says the fetcher returns a configuration; gRPC documents None as "keep the current one"
+        fetch,  # pyright: ignore[reportArgumentType]
+        require_client_authentication=files.client_ca_file is not None,
     )
 
 
@@ -189,8 +192,9 @@ def grpc_channel_credentials(
     """Client credentials: trust `ca_file` (default: the system's CAs); present cert/key for mutual TLS."""
     if bool(cert_file) != bool(key_file):
         raise ConfigError(f"{option}_cert_file and {option}_key_file go together: give both for mutual TLS, or neither")
-    ca = _read(ca_file, f"{option}_ca_file") if ca_file else None
-    if ca is not None:
+    ca = None
+    if ca_file:
+        ca = _read(ca_file, f"{option}_ca_file")
         _check_ca(ca, ca_file, f"{option}_ca_file")
     cert = key = None
     if cert_file and key_file:

@@ -190,10 +190,11 @@ class _Lane:
         self._reader: asyncio.Task[None] | None = None
 
     def _open(self) -> grpc.aio.StreamStreamCall:
-        if self._call is None or self._call.done():
-            self._call = self._stub.ScoreStream(metadata=self._metadata)
-            self._reader = asyncio.create_task(self._read(self._call))
-        return self._call
+        call = self._call
+        if call is None or call.done():
+            call = self._call = self._stub.ScoreStream(metadata=self._metadata)
+            self._reader = asyncio.create_task(self._read(call))
+        return call
 
     async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
         failure: TeacherClientError = _StreamEnded("UNAVAILABLE: score stream ended by the server")
@@ -222,8 +223,8 @@ class _Lane:
                 try:
                     await asyncio.wait_for(call.write(request), timeout_s)
                 except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as err:
-                    if future.done() and future.exception() is not None:
-                        raise future.exception() from None
+                    if future.done() and (failure := future.exception()) is not None:
+                        raise failure from None
                     why = err.details() if isinstance(err, grpc.aio.AioRpcError) else err
                     raise Unavailable(f"UNAVAILABLE: cannot write to the score stream ({why})") from None
             return await asyncio.wait_for(asyncio.shield(future), timeout_s)

@@ -257,4 +257,4 @@ def add_to_server(servicer: TeacherServicer, server: grpc.aio.Server) -> None:
     }
     service = pb.DESCRIPTOR.services_by_name["Teacher"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
-    server.add_registered_method_handlers(service, handlers)
+    server.add_registered_method_handlers(service, handlers)  # pyright: ignore[reportAttributeAccessIssue]  # not in grpc's stub yet
