@@ -1,6 +1,6 @@
 # The two commands of the README:
 #   make demo   - install everything into .venv and run the main job on the embedded default
-#   make test   - install everything into .venv, lint (import layers, ruff) and run the whole test suite
+#   make test   - install everything into .venv, lint (import layers, ruff, pyright) and run the whole test suite
 # Both create their own virtual environment and install the system packages they need.
 
 PYTHON ?= python3
@@ -40,11 +40,13 @@ system-deps:
 demo: venv system-deps
 	$(VENV)/bin/opd demo
 
-# The import layers (protos < opd < components < opd_apps; see pyproject.toml) and the code style, before any test.
+# The import layers (protos < opd < components < opd_apps; see pyproject.toml), the code style and the types
+# (pyright, basic mode, over the packages [tool.pyright] lists), before any test.
 lint: venv
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pyright --pythonpath $(PY)
 
 test: venv system-deps lint
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -172,7 +172,7 @@ def env_name(env_prefix: str, path: Path_) -> str:
 def _describe_default(field: FieldInfo) -> str:
     if field.default_factory is not None:
         try:
-            return repr(field.default_factory())
+            return repr(field.get_default(call_default_factory=True, validated_data={}))
         except TypeError:
             return "computed"
     return "required" if field.is_required() else repr(field.default)

@@ -49,9 +49,10 @@ def embedded_model_dir() -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_NAME)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_NAME, dtype="float32")
-    model.hf_quantizer = None
+    # nn.Module.__setattr__ is typed for tensors and modules; hf_quantizer is a plain attribute
+    model.hf_quantizer = None  # pyright: ignore[reportArgumentType]
     if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+        delattr(model.config, "quantization_config")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))  # unique even across containers
     model.save_pretrained(tmp, safe_serialization=True)

@@ -42,15 +42,15 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 class OpsConfig(ConfigModel):
     """The ops HTTP port of one process (`--ops-host`, `--ops-port`); components set the default port."""
 
-    host: str = Field("0.0.0.0", description="ops HTTP bind address")
-    port: Port = Field(0, description="ops HTTP port: /metrics /healthz /readyz (0 = pick a free one)")
+    host: str = Field(default="0.0.0.0", description="ops HTTP bind address")
+    port: Port = Field(default=0, description="ops HTTP port: /metrics /healthz /readyz (0 = pick a free one)")
     tokens_file: str | None = Field(
-        None,
+        default=None,
         description="YAML mapping `client_name: token`; when set, every ops route except /healthz /readyz "
         "/metrics needs `Authorization: Bearer <token>` (re-read when the file changes)",
     )
-    tls_cert_file: str | None = Field(None, description="serve HTTPS with this PEM certificate (chain)")
-    tls_key_file: str | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_cert_file: str | None = Field(default=None, description="serve HTTPS with this PEM certificate (chain)")
+    tls_key_file: str | None = Field(default=None, description="PEM private key of tls_cert_file")
 
     @model_validator(mode="after")
     def _check_tls(self) -> OpsConfig:
@@ -200,7 +200,7 @@ class OpsServer:
             raise OSError(
                 f"ops port {self._host}:{self._port} is not available ({exc}); choose another with the ops port option"
             ) from exc
-        self.port = sock.getsockname()[1]
+        self.port = port = int(sock.getsockname()[1])
         config = uvicorn.Config(
             self.app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5
         )
@@ -216,10 +216,10 @@ class OpsServer:
             await asyncio.sleep(0.01)
         if self._warn_open:
             warn_if_open(
-                getattr(self.app.state, "opd_component", "ops"), [("ops", self._host, self.port, self.authenticated)]
+                getattr(self.app.state, "opd_component", "ops"), [("ops", self._host, port, self.authenticated)]
             )
-        log.info("ops port listening on %s://%s:%d", self.scheme, self._host, self.port)
-        return self.port
+        log.info("ops port listening on %s://%s:%d", self.scheme, self._host, port)
+        return port
 
     async def stop(self) -> None:
         if self._server is not None and self._task is not None:

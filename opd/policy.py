@@ -10,6 +10,8 @@ Lua script). The announcement's fields and codec are `protos.records`'.
 
 from __future__ import annotations
 
+from typing import cast
+
 import redis.asyncio as aioredis
 
 from opd.streams import RedisRetry, StreamKeys
@@ -43,7 +45,8 @@ async def read_policy(
     """The latest announcement, or None when no policy was announced in this namespace."""
 
     async def run() -> bytes | None:
-        return await redis.hget(keys.policy, "record")
+        # redis-py types replies as bytes or str; opd's clients never decode responses (`connect`)
+        return cast(bytes | None, await redis.hget(keys.policy, "record"))
 
     payload = await (retry or RedisRetry()).run(run, f"HGET {keys.policy}")
     return None if payload is None else PolicyAnnouncement.decode(payload)

@@ -40,32 +40,37 @@ class PromptSourceError(ValueError):
 
 class PromptSourceConfig(ConfigModel):
     format: Literal["auto", "jsonl", "parquet"] = Field(
-        "auto", description="file format; auto = by extension (.jsonl/.json lines, .parquet)"
+        default="auto", description="file format; auto = by extension (.jsonl/.json lines, .parquet)"
     )
-    id_field: str = Field("id", description="row field with a stable prompt id (else FILE_STEM:ROW)")
+    id_field: str = Field(default="id", description="row field with a stable prompt id (else FILE_STEM:ROW)")
     prompt_field: str = Field(
-        "prompt", description="row field with the user prompt text (used when the messages field is absent)"
+        default="prompt", description="row field with the user prompt text (used when the messages field is absent)"
     )
-    messages_field: str = Field("messages", description="row field with chat turns [{role, content}]")
-    answer_field: str = Field("answer", description="row field with the reference answer for the reward (optional)")
-    tools_field: str = Field("tools", description="row field listing the tool names allowed for this prompt (optional)")
-    split_field: str = Field("split", description="row field overriding the split per row (train/eval)")
+    messages_field: str = Field(default="messages", description="row field with chat turns [{role, content}]")
+    answer_field: str = Field(
+        default="answer", description="row field with the reference answer for the reward (optional)"
+    )
+    tools_field: str = Field(
+        default="tools", description="row field listing the tool names allowed for this prompt (optional)"
+    )
+    split_field: str = Field(default="split", description="row field overriding the split per row (train/eval)")
     teacher_field: str = Field(
-        "teacher", description="row field naming the prompt's domain teacher (optional; see the trainer's `teachers`)"
+        default="teacher",
+        description="row field naming the prompt's domain teacher (optional; see the trainer's `teachers`)",
     )
-    split: Literal["train", "eval"] = Field("train", description="split of rows that do not say")
-    system_prompt: str | None = Field(None, description="system message prepended when the row has none")
+    split: Literal["train", "eval"] = Field(default="train", description="split of rows that do not say")
+    system_prompt: str | None = Field(default=None, description="system message prepended when the row has none")
     instruction: Literal["none", "boxed", "answer-line", "concise"] = Field(
-        "none",
+        default="none",
         description="instruction variant appended to the last user turn (boxed = math: put the final "
         "answer in \\boxed{})",
     )
-    instruction_text: str | None = Field(None, description="custom instruction text (overrides --instruction)")
-    n_samples: int = Field(1, ge=1, le=4096, description="samples per prompt (one group)")
-    limit: int | None = Field(None, ge=1, description="use only the first N rows")
-    epochs: int = Field(1, ge=1, description="feed the prompt set this many times (ids get a #eN suffix)")
-    shuffle: bool = Field(False, description="shuffle the prompts (per epoch)")
-    seed: int = Field(0, description="shuffle seed")
+    instruction_text: str | None = Field(default=None, description="custom instruction text (overrides --instruction)")
+    n_samples: int = Field(default=1, ge=1, le=4096, description="samples per prompt (one group)")
+    limit: int | None = Field(default=None, ge=1, description="use only the first N rows")
+    epochs: int = Field(default=1, ge=1, description="feed the prompt set this many times (ids get a #eN suffix)")
+    shuffle: bool = Field(default=False, description="shuffle the prompts (per epoch)")
+    seed: int = Field(default=0, description="shuffle seed")
 
 
 def _detect_format(path: Path, fmt: str) -> str:

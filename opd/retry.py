@@ -1,13 +1,15 @@
-"""Capped exponential backoff with jitter, the one retry helper every remote call uses, and how retries
-are reported.
+"""The one retry loop of opd, its backoff policy, and how retries are reported.
 
-Retry policy is a small object passed in (redis-py style). Only idempotent
-operations may be retried; the caller says which exceptions are retryable.
-`RetryLog` is how every retry loop (the teacher client, the Redis transport,
-the workers' policy watcher) reports: a WARNING naming the address, the
-attempt and the next delay, at most once per `interval_s` per address (an
-outage of many concurrent calls is a few lines, not thousands), and a count
-per (address, reason) in `RetryStats`, which `opd.retry_metrics` exports.
+Owns `Backoff` (capped exponential delays with jitter, a small frozen object
+passed in, redis-py style), `retry_async` (the loop every retried remote call
+runs through: the teacher client, the Redis transport's `RedisRetry`, the
+rollout workers' policy watcher, the OpenAI-compatible score client) and
+`RetryLog`/`RetryStats`: a WARNING naming the address, the attempt and the
+next delay, at most once per `interval_s` per address (an outage of many
+concurrent calls is a few lines, not thousands), and a count per (address,
+reason), which `opd.retry_metrics` exports. Does not decide what may be
+retried: only idempotent operations are, and the caller says which errors
+are retryable.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import collections
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -38,12 +40,6 @@ class Backoff:
         r = (rng or random).random()
         return base * (1.0 - self.jitter * r)
 
-    def delays(self) -> Iterator[float]:
-        attempt = 1
-        while True:
-            yield self.delay_s(attempt)
-            attempt += 1
-
 
 async def retry_async(
     op: Callable[[], Awaitable[T]],
@@ -53,20 +49,31 @@ async def retry_async(
     max_attempts: int | None = 5,
     deadline_s: float | None = None,
     on_retry: Callable[[int, BaseException, float], None] | None = None,
+    min_delay_s: Callable[[BaseException], float] | None = None,
+    resend_at_once: Callable[[BaseException], bool] | None = None,
 ) -> T:
     """Run `op` until it succeeds, a non-retryable error is raised, attempts or the deadline run out.
 
-    `deadline_s` is an absolute `time.monotonic()` value; the last error is re-raised on give-up.
+    `deadline_s` is an absolute `time.monotonic()` value; the last error is re-raised on give-up (also when
+    the next delay would end past the deadline). `on_retry(attempt, error, delay_s)` is called before each
+    wait. `min_delay_s(error)` is a floor on the next delay (a server's own hint, such as the teacher's
+    `retry-after-s`). A first attempt that fails with an error for which `resend_at_once(error)` holds (an
+    expected event, not an outage: a stream the server closed at its maximum age) is retried at once,
+    without a delay and without `on_retry`.
     """
     attempt = 0
     while True:
         attempt += 1
         try:
             return await op()
-        except BaseException as exc:  # noqa: BLE001 - filtered by `retryable`
+        except BaseException as exc:  # filtered by `retryable`; everything else is re-raised as it is
             if not retryable(exc) or (max_attempts is not None and attempt >= max_attempts):
                 raise
+            if attempt == 1 and resend_at_once is not None and resend_at_once(exc):
+                continue
             delay = backoff.delay_s(attempt)
+            if min_delay_s is not None:
+                delay = max(delay, min_delay_s(exc))
             if deadline_s is not None and time.monotonic() + delay >= deadline_s:
                 raise
             if on_retry is not None:

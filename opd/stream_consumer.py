@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import redis.asyncio as aioredis
+from redis.typing import StreamIdT
 
 from opd.stream_heartbeat import Heartbeat, alive_key, dead_consumers
 from opd.streams import PAYLOAD, ROLLOUT_GROUP, RedisRetry, StreamKeys, StreamStats, ensure_group
@@ -369,9 +370,9 @@ class StreamConsumer(Generic[T]):
         """Reset the idle time of held entries, so long holds (until a checkpoint) are not reclaimed."""
         held = sorted(self.held)
         for i in range(0, len(held), 1000):
-            chunk = held[i : i + 1000]
+            chunk: list[StreamIdT] = list(held[i : i + 1000])  # redis-py's list type is invariant
 
-            async def claim(chunk: list[str] = chunk) -> Any:
+            async def claim(chunk: list[StreamIdT] = chunk) -> Any:
                 return await self.redis.xclaim(self.stream, self.group, self.consumer, 0, chunk, justid=True)
 
             await self.retry.run(claim, f"XCLAIM {self.stream}")

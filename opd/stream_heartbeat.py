@@ -82,7 +82,7 @@ async def dead_consumers(
     """
     registry = registry_key(stream, group)
 
-    async def query() -> tuple[Any, list[bytes]]:
+    async def query() -> tuple[Any, list[str]]:
         async with redis.pipeline(transaction=False) as pipe:
             pipe.xpending(stream, group)
             pipe.smembers(registry)

@@ -22,14 +22,14 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as rex
 from pydantic import Field, field_validator, model_validator
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from opd.config import ConfigError, ConfigModel
 from opd.redaction import SECRET_URL
@@ -47,28 +47,28 @@ ROLLOUT_GROUP = "trainer"  # consumer group of {ns}:rollouts
 
 class RedisConfig(ConfigModel):
     url: str = Field(
-        "redis://127.0.0.1:6379/0",
+        default="redis://127.0.0.1:6379/0",
         description="Redis URL: redis://[user:password@]host:port/db, "
         "rediss:// for TLS, unix:///path.sock (put secrets in the env variable or password_file, not a preset)",
         json_schema_extra=SECRET_URL,
     )
     password_file: str | None = Field(
-        None,
+        default=None,
         description="file holding the Redis password (e.g. a mounted Secret), read at connect; "
         "the URL then carries no password (a user name in it selects an ACL user)",
     )
     namespace: str = Field(
-        "opd",
+        default="opd",
         pattern=r"^[A-Za-z0-9_.{}\-]+$",
         description="key prefix: streams are "
         "{ns}:prompts, {ns}:rollouts, {ns}:dead; several students can share one Redis",
     )
-    tls_ca_file: str | None = Field(None, description="rediss://: CA bundle to verify the server with")
-    tls_cert_file: str | None = Field(None, description="rediss://: client certificate (mutual TLS)")
-    tls_key_file: str | None = Field(None, description="rediss://: client private key (mutual TLS)")
-    tls_verify: bool = Field(True, description="rediss://: verify the server certificate")
-    socket_timeout_s: float = Field(30.0, gt=0, description="socket read timeout; must exceed block_ms")
-    retry_for_s: float = Field(300.0, gt=0, description="keep retrying a lost connection this long, then fail")
+    tls_ca_file: str | None = Field(default=None, description="rediss://: CA bundle to verify the server with")
+    tls_cert_file: str | None = Field(default=None, description="rediss://: client certificate (mutual TLS)")
+    tls_key_file: str | None = Field(default=None, description="rediss://: client private key (mutual TLS)")
+    tls_verify: bool = Field(default=True, description="rediss://: verify the server certificate")
+    socket_timeout_s: float = Field(default=30.0, gt=0, description="socket read timeout; must exceed block_ms")
+    retry_for_s: float = Field(default=300.0, gt=0, description="keep retrying a lost connection this long, then fail")
 
     @field_validator("url")
     @classmethod
@@ -330,5 +330,6 @@ def prompt_producer(
 async def read_dead(redis: aioredis.Redis, keys: StreamKeys, count: int = 100) -> list[dict[str, bytes]]:
     """The oldest `count` dead-lettered entries for inspection: source, entry_id, reason, consumer, d (at most
     64 KiB of the payload), truncated (b"1" when d was cut) and payload_bytes (the original size)."""
-    entries = await redis.xrange(keys.dead, count=count)
+    # redis-py types replies as bytes or str; opd's clients never decode responses (`connect`)
+    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], await redis.xrange(keys.dead, count=count))
     return [{k.decode(): v for k, v in fields.items()} for _, fields in entries]

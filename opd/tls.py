@@ -48,12 +48,16 @@ def check_cert_options(cert_file: str | None, key_file: str | None, where: str) 
 class TeacherTLSOptions(ConfigModel):
     """How a client (the trainer, `opd eval`) reaches a teacher over TLS: the fields every teacher config shares."""
 
-    tls: bool = Field(False, description="connect over TLS, trusting the system's CAs (implied by tls_ca_file)")
-    tls_ca_file: str | None = Field(None, description="TLS: PEM CA bundle that issued the teacher's certificate")
-    tls_cert_file: str | None = Field(None, description="mutual TLS: PEM client certificate presented to the teacher")
-    tls_key_file: str | None = Field(None, description="mutual TLS: PEM private key of tls_cert_file")
+    tls: bool = Field(default=False, description="connect over TLS, trusting the system's CAs (implied by tls_ca_file)")
+    tls_ca_file: str | None = Field(
+        default=None, description="TLS: PEM CA bundle that issued the teacher's certificate"
+    )
+    tls_cert_file: str | None = Field(
+        default=None, description="mutual TLS: PEM client certificate presented to the teacher"
+    )
+    tls_key_file: str | None = Field(default=None, description="mutual TLS: PEM private key of tls_cert_file")
     tls_server_name: str | None = Field(
-        None, description="TLS: name to check in the teacher's certificate (default: the address's host)"
+        default=None, description="TLS: name to check in the teacher's certificate (default: the address's host)"
     )
 
     @model_validator(mode="after")
@@ -175,7 +179,10 @@ def grpc_server_credentials(files: CertFiles) -> grpc.ServerCredentials:
         return configuration(material) if material is not None else None
 
     return grpc.dynamic_ssl_server_credentials(
-        configuration(watch.current), fetch, require_client_authentication=files.client_ca_file is not None
+        configuration(watch.current),
+        # grpc's stub says the fetcher returns a configuration; gRPC documents None as "keep the current one"
+        fetch,  # pyright: ignore[reportArgumentType]
+        require_client_authentication=files.client_ca_file is not None,
     )
 
 
@@ -185,8 +192,9 @@ def grpc_channel_credentials(
     """Client credentials: trust `ca_file` (default: the system's CAs); present cert/key for mutual TLS."""
     if bool(cert_file) != bool(key_file):
         raise ConfigError(f"{option}_cert_file and {option}_key_file go together: give both for mutual TLS, or neither")
-    ca = _read(ca_file, f"{option}_ca_file") if ca_file else None
-    if ca is not None:
+    ca = None
+    if ca_file:
+        ca = _read(ca_file, f"{option}_ca_file")
         _check_ca(ca, ca_file, f"{option}_ca_file")
     cert = key = None
     if cert_file and key_file:

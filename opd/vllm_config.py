@@ -20,13 +20,13 @@ from opd.config import ConfigModel
 
 class VllmConfig(ConfigModel):
     gpu_memory_utilization: float = Field(
-        0.85, gt=0, le=1, description="vllm on GPU: share of GPU memory for weights + KV cache"
+        default=0.85, gt=0, le=1, description="vllm on GPU: share of GPU memory for weights + KV cache"
     )
     kv_cache_gib: int = Field(
-        1, ge=1, description="vllm CPU build: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE, when that is unset)"
+        default=1, ge=1, description="vllm CPU build: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE, when that is unset)"
     )
-    enforce_eager: bool = Field(False, description="vllm: disable CUDA graphs / compilation")
-    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine (tensor parallel)")
+    enforce_eager: bool = Field(default=False, description="vllm: disable CUDA graphs / compilation")
+    tensor_parallel_size: int = Field(default=1, ge=1, description="vllm: GPUs per engine (tensor parallel)")
 
     def engine_args(self) -> dict[str, Any]:
         """The knobs as `AsyncEngineArgs` keyword arguments (all but the CPU KV-cache size, an env variable)."""

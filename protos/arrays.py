@@ -9,6 +9,7 @@ never a silently reshaped array.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import numpy as np
 
@@ -51,7 +52,8 @@ def pack(array: np.ndarray, dtype: int) -> pb.PackedArray:
         data = np.ascontiguousarray(array, dtype=_NUMPY_DTYPES[dtype]).tobytes()
     else:
         raise ArrayError(f"cannot pack dtype {dtype_name(dtype)}")
-    return pb.PackedArray(dtype=dtype, shape=list(np.shape(array)), data=data)
+    # `dtype` is one of the enum's values (checked above); the stub types the field as the enum
+    return pb.PackedArray(dtype=cast("pb.DType", dtype), shape=list(np.shape(array)), data=data)
 
 
 def unpack(packed: pb.PackedArray, *, field: str = "array") -> np.ndarray:

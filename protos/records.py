@@ -55,6 +55,13 @@ def _unpack_map(data: bytes, kind: str) -> dict[str, Any]:
     return obj
 
 
+def _pack_map(obj: dict[str, Any]) -> bytes:
+    """`obj` as msgpack bytes (str as str, bytes as bin)."""
+    data = msgpack.packb(obj, use_bin_type=True)
+    assert data is not None  # packb returns None only for a Packer built with autoreset=False
+    return data
+
+
 def _check_schema(obj: Mapping[str, Any], kind: str) -> int:
     """The record's schema version, one of those this build reads (READ_SCHEMAS); RecordError otherwise."""
     schema, readable = obj.get("schema"), READ_SCHEMAS[kind]
@@ -184,7 +191,7 @@ class PromptRecord:
             obj["messages"] = self.messages
         else:
             obj["prompt_ids"] = _to_bytes(self.prompt_ids, _INT32)
-        return msgpack.packb(obj, use_bin_type=True)
+        return _pack_map(obj)
 
     @classmethod
     def decode(cls, data: bytes) -> PromptRecord:
@@ -251,7 +258,7 @@ class RolloutRecord:
                 f"({len(self.response_mask)}) and behaviour_logprobs "
                 f"({len(self.behaviour_logprobs)}) must have equal length"
             )
-        return msgpack.packb(
+        return _pack_map(
             {
                 "schema": ROLLOUT_SCHEMA,
                 "rollout_id": self.rollout_id,
@@ -269,8 +276,7 @@ class RolloutRecord:
                 "teacher": self.teacher,
                 "sampling_temperature": _optional_float(self.sampling_temperature),
                 "sampling_top_p": _optional_float(self.sampling_top_p),
-            },
-            use_bin_type=True,
+            }
         )
 
     @classmethod
@@ -340,15 +346,14 @@ class PolicyAnnouncement:
     created_at: float = 0.0
 
     def encode(self) -> bytes:
-        return msgpack.packb(
+        return _pack_map(
             {
                 "schema": POLICY_SCHEMA,
                 "version": int(self.version),
                 "uri": self.uri,
                 "step": int(self.step),
                 "created_at": float(self.created_at),
-            },
-            use_bin_type=True,
+            }
         )
 
     @classmethod

@@ -24,23 +24,23 @@ from opd.vllm_config import VllmConfig
 
 class SamplingConfig(ConfigModel):
     temperature: float = Field(
-        1.0, gt=0, le=10, description="sampling temperature (behaviour log-probs are taken after it)"
+        default=1.0, gt=0, le=10, description="sampling temperature (behaviour log-probs are taken after it)"
     )
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass (1 = off)")
-    top_k: int = Field(-1, ge=-1, description="top-k sampling (-1 = off)")
-    max_tokens: int = Field(1024, ge=1, description="tokens generated per model turn")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="nucleus sampling mass (1 = off)")
+    top_k: int = Field(default=-1, ge=-1, description="top-k sampling (-1 = off)")
+    max_tokens: int = Field(default=1024, ge=1, description="tokens generated per model turn")
     max_response_tokens: int = Field(
-        4096, ge=1, description="response budget across all turns (generated + tool tokens)"
+        default=4096, ge=1, description="response budget across all turns (generated + tool tokens)"
     )
     seed: int | None = Field(
-        None,
+        default=None,
         description="base seed; each sample gets a seed derived from it, the "
         "prompt id and the sample index (None = random)",
     )
 
 
 class RolloutVllmConfig(VllmConfig):
-    max_num_seqs: int = Field(64, ge=1, description="vllm: sequences batched at once")
+    max_num_seqs: int = Field(default=64, ge=1, description="vllm: sequences batched at once")
 
 
 class EngineConfig(ConfigModel):
@@ -50,34 +50,36 @@ class EngineConfig(ConfigModel):
     }
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="compute dtype; auto = bfloat16 on GPU, float32 on CPU"
+        default="auto", description="compute dtype; auto = bfloat16 on GPU, float32 on CPU"
     )
-    device: str = Field("auto", description="hf backend device: auto, cpu, cuda, cuda:N")
-    max_model_len: int = Field(4096, ge=16, description="longest prompt + response in tokens")
+    device: str = Field(default="auto", description="hf backend device: auto, cpu, cuda, cuda:N")
+    max_model_len: int = Field(default=4096, ge=16, description="longest prompt + response in tokens")
     vllm: RolloutVllmConfig = Field(default_factory=RolloutVllmConfig)
 
 
 class QueueConfig(ConfigModel):
     max_pending_rollouts: int = Field(
-        4096, ge=1, description="stop producing while more rollouts than this are undelivered to the trainer"
+        default=4096, ge=1, description="stop producing while more rollouts than this are undelivered to the trainer"
     )
     max_pending_prompts: int = Field(
-        1024, ge=1, description="the prompt feeder waits while more prompts than this are undelivered to the workers"
+        default=1024,
+        ge=1,
+        description="the prompt feeder waits while more prompts than this are undelivered to the workers",
     )
-    max_inflight_prompts: int = Field(8, ge=1, description="prompt groups one worker samples at once")
+    max_inflight_prompts: int = Field(default=8, ge=1, description="prompt groups one worker samples at once")
     heartbeat_ttl_s: float = Field(
-        15.0,
+        default=15.0,
         ge=0,
         description="each worker renews a heartbeat key with this TTL every third of it; the prompts of a "
         "worker whose heartbeat expired are taken over at once, however long a live worker takes (0 = off)",
     )
     claim_idle_s: float = Field(
-        300.0,
+        default=300.0,
         gt=0,
         description="fallback for workers without a heartbeat: a prompt pending this long is taken over",
     )
-    max_deliveries: int = Field(3, ge=1, description="a prompt delivered more often than this is dead-lettered")
-    block_ms: int = Field(1000, ge=1, description="how long one read waits for new prompts")
+    max_deliveries: int = Field(default=3, ge=1, description="a prompt delivered more often than this is dead-lettered")
+    block_ms: int = Field(default=1000, ge=1, description="how long one read waits for new prompts")
 
 
 class ToolsConfig(ConfigModel):
@@ -86,33 +88,36 @@ class ToolsConfig(ConfigModel):
         description="tools the model may call: built-in "
         "`calculator` or `module:attribute` plug-ins; empty = single-turn",
     )
-    max_turns: int = Field(4, ge=1, description="model turns per episode (tool answers in between)")
-    max_tool_response_tokens: int = Field(256, ge=1, description="tokens of tool output appended per turn")
-    timeout_s: float = Field(5.0, gt=0, description="time limit of one tool call")
+    max_turns: int = Field(default=4, ge=1, description="model turns per episode (tool answers in between)")
+    max_tool_response_tokens: int = Field(default=256, ge=1, description="tokens of tool output appended per turn")
+    timeout_s: float = Field(default=5.0, gt=0, description="time limit of one tool call")
     turn_prefix: str = Field(
-        "\n<|im_start|>user\n", description="text before the tool answers (ChatML / Qwen / Hermes format)"
+        default="\n<|im_start|>user\n", description="text before the tool answers (ChatML / Qwen / Hermes format)"
     )
     turn_suffix: str = Field(
-        "<|im_end|>\n<|im_start|>assistant\n", description="text after the tool answers, opening the next model turn"
+        default="<|im_end|>\n<|im_start|>assistant\n",
+        description="text after the tool answers, opening the next model turn",
     )
 
 
 class RewardConfig(ConfigModel):
     function: str | None = Field(
-        None,
+        default=None,
         description="reward: `math` (final/boxed answer, math-verify), "
         "`exact` (exact match) or `module:function`; unset = no reward",
     )
-    timeout_s: float = Field(10.0, gt=0, description="time limit of one reward call (reward is null past it)")
+    timeout_s: float = Field(default=10.0, gt=0, description="time limit of one reward call (reward is null past it)")
 
 
 class ReloadConfig(ConfigModel):
-    poll_s: float = Field(5.0, gt=0, description="re-read the policy hash this often (pub/sub is the fast path)")
+    poll_s: float = Field(
+        default=5.0, gt=0, description="re-read the policy hash this often (pub/sub is the fast path)"
+    )
 
 
 class RolloutOpsConfig(OpsConfig):
     port: Port = Field(
-        9102,
+        default=9102,
         description="ops HTTP port of worker 0 (/metrics /healthz /readyz); worker i uses "
         "port + i (0 = pick free ports)",
     )
@@ -120,42 +125,43 @@ class RolloutOpsConfig(OpsConfig):
 
 class RolloutConfig(ConfigModel):
     model: str = Field(..., description="student model: a Hugging Face directory (config.json + safetensors)")
-    tokenizer: str | None = Field(None, description="tokenizer directory if not the model's")
-    backend: Literal["vllm", "hf"] = Field("vllm", description="generation engine (hf = transformers generate)")
+    tokenizer: str | None = Field(default=None, description="tokenizer directory if not the model's")
+    backend: Literal["vllm", "hf"] = Field(default="vllm", description="generation engine (hf = transformers generate)")
     prompts: str | None = Field(
-        None,
+        default=None,
         description="JSONL/Parquet file fed to the {ns}:prompts stream before and "
         "while the workers run (unset: the trainer feeds prompts)",
     )
-    feed_only: bool = Field(False, description="only feed --prompts to the stream, start no worker")
+    feed_only: bool = Field(default=False, description="only feed --prompts to the stream, start no worker")
     exit_when_drained: bool = Field(
-        False,
+        default=False,
         description="exit once the prompt stream has nothing undelivered "
         "or pending (a standalone run over one prompt file)",
     )
-    workers: int = Field(1, ge=1, description="worker processes on this machine")
+    workers: int = Field(default=1, ge=1, description="worker processes on this machine")
     ray: str | None = Field(
-        None,
+        default=None,
         description="run the workers as Ray actors: `local` starts a local Ray, "
         "else a cluster address (auto, ray://HOST:PORT); `--ray` alone means local",
     )
-    ray_num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves per worker actor")
-    ray_num_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves per worker actor")
-    max_restarts: int = Field(3, ge=0, description="restarts of a crashed worker (process or Ray actor)")
-    worker_index: int = Field(0, ge=0, description="this worker's index in its fleet (set by the fleet)")
+    ray_num_cpus: float = Field(default=1.0, gt=0, description="CPUs Ray reserves per worker actor")
+    ray_num_gpus: float = Field(default=0.0, ge=0, description="GPUs Ray reserves per worker actor")
+    max_restarts: int = Field(default=3, ge=0, description="restarts of a crashed worker (process or Ray actor)")
+    worker_index: int = Field(default=0, ge=0, description="this worker's index in its fleet (set by the fleet)")
     worker_id: str | None = Field(
-        None,
+        default=None,
         description="name prefix in Redis (default: the host name); worker i is "
         "`ID-i`, and a restarted worker resumes its own pending prompts first",
     )
     enable_thinking: bool | None = Field(
-        None, description="chat template thinking switch (Qwen3-style templates); unset = the template's default"
+        default=None,
+        description="chat template thinking switch (Qwen3-style templates); unset = the template's default",
     )
     policy_version: int = Field(
-        0, ge=0, description="version of the weights in --model (announced newer versions are loaded live)"
+        default=0, ge=0, description="version of the weights in --model (announced newer versions are loaded live)"
     )
-    drain_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, time given to in-flight prompts")
-    log_level: str = Field("INFO", description="logging level")
+    drain_grace_s: float = Field(default=30.0, ge=0, description="on SIGTERM, time given to in-flight prompts")
+    log_level: str = Field(default="INFO", description="logging level")
     redis: RedisConfig = Field(default_factory=RedisConfig)
     dataset: PromptSourceConfig = Field(default_factory=PromptSourceConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from rollout_workers.engine import BackendError, Generation, GenerationBackend, SampleParams
 
@@ -26,7 +26,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _dtype(requested: str) -> str:
+_Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def _dtype(requested: _Dtype) -> _Dtype:
     import torch
 
     if requested != "auto":
@@ -38,7 +41,8 @@ class VLLMBackend(GenerationBackend):
     name = "vllm"
 
     def __init__(self, engine: Any, tokenizer: Any, max_model_len: int, policy_version: int = 0) -> None:
-        self.engine, self.tokenizer, self.max_model_len = engine, tokenizer, max_model_len
+        self.engine: Any = engine  # vllm's AsyncLLM (imported lazily); None once closed
+        self.tokenizer, self.max_model_len = tokenizer, max_model_len
         self.policy_version = policy_version
         self._ready = asyncio.Event()  # cleared while weights are being swapped
         self._ready.set()

@@ -153,7 +153,7 @@ class RolloutActor:
         try:
             asyncio.run(go())
             self.state = "done"
-        except BaseException:  # noqa: BLE001
+        except BaseException:  # any failure, even SystemExit: exit so that Ray restarts the actor
             log.exception("worker %d failed; exiting so that Ray restarts it", self.config.worker_index)
             os._exit(1)
 
@@ -200,6 +200,7 @@ class RayFleet:
     def statuses(self, timeout_s: float = 30.0) -> list[dict[str, Any] | None]:
         """Each actor's status; None for an actor that is restarting or gone."""
         import ray
+        import ray.exceptions
 
         out: list[dict[str, Any] | None] = []
         for actor in self.actors:
@@ -230,6 +231,7 @@ class RayFleet:
     def stop(self) -> None:
         """Ask every actor to drain (up to `drain_grace_s`), then kill them without restart."""
         import ray
+        import ray.exceptions
 
         for actor in self.actors:
             with contextlib.suppress(ray.exceptions.RayError, TimeoutError):

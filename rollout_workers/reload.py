@@ -18,12 +18,13 @@ import time
 import redis.asyncio as aioredis
 
 from opd.policy import read_policy
-from opd.retry import Backoff
+from opd.retry import Backoff, retry_async
 from opd.streams import RedisRetry, StreamKeys, is_retryable
 from rollout_workers.engine import BackendError, GenerationBackend, resolve_weights_dir
 from rollout_workers.metrics import RolloutMetrics
 
 log = logging.getLogger(__name__)
+_RESUBSCRIBE_BACKOFF = Backoff(initial_s=0.1, max_s=5.0)
 
 
 class PolicyWatcher:
@@ -81,19 +82,23 @@ class PolicyWatcher:
                     await self.check_once()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Watch until `stop` is set; a lost connection is re-established with backoff."""
-        backoff, attempt = Backoff(0.1, 5.0), 0
-        while not stop.is_set():
-            try:
+        """Watch until `stop` is set; a lost connection is re-established with backoff (`opd.retry`)."""
+
+        async def watch() -> None:
+            if not stop.is_set():
                 await self._listen(stop)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the watcher must outlive Redis hiccups
-                attempt += 1
-                delay = backoff.delay_s(attempt)
-                self.retry.note_retry(f"policy watch {self.keys.policy_events}", attempt, exc, delay)
-                if attempt == 1 and not is_retryable(exc) and not is_retryable(exc.__cause__ or exc):
-                    log.warning("policy watcher failed with more than a lost connection", exc_info=exc)
-                await asyncio.sleep(delay)
-            else:
-                attempt = 0
+
+        def note(attempt: int, exc: BaseException, delay_s: float) -> None:
+            self.retry.note_retry(f"policy watch {self.keys.policy_events}", attempt, exc, delay_s)
+            if attempt == 1 and not is_retryable(exc) and not is_retryable(exc.__cause__ or exc):
+                log.warning("policy watcher failed with more than a lost connection", exc_info=exc)
+
+        await retry_async(
+            watch,
+            # Any failure, not only a lost connection: the watcher must outlive Redis hiccups. Cancellation
+            # (a BaseException) ends it.
+            retryable=lambda exc: isinstance(exc, Exception),
+            backoff=_RESUBSCRIBE_BACKOFF,
+            max_attempts=None,
+            on_retry=note,
+        )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable
+from typing import Any, cast
 
 from protos.records import PromptRecord
 from rollout_workers.plugins import import_attribute
@@ -80,7 +81,9 @@ def _math_verify(gold: str, predicted: str) -> bool | None:
         from math_verify import parse, verify
     except ImportError:
         return None
-    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    # math_verify's timeout is signal-based (main thread only); it documents None as "no timeout" but
+    # annotates the parameter as int
+    timeout: Any = 5 if threading.current_thread() is threading.main_thread() else None
     gold_parsed = parse(f"${gold}$", parsing_timeout=timeout) or parse(gold, parsing_timeout=timeout)
     predicted_parsed = parse(f"\\boxed{{{predicted}}}", parsing_timeout=timeout)
     if not gold_parsed or not predicted_parsed:
@@ -123,4 +126,4 @@ def load_reward(spec: str | None) -> RewardFn | None:
     )
     if not callable(fn):
         raise RewardError(f"reward {spec!r} is not callable")
-    return fn
+    return cast(RewardFn, fn)  # a plug-in: its signature is checked by calling it, its result by float()

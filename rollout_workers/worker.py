@@ -45,7 +45,7 @@ from rollout_workers.episode import Episode, EpisodeLimits, run_episode
 from rollout_workers.metrics import RolloutMetrics
 from rollout_workers.reload import PolicyWatcher
 from rollout_workers.rewards import RewardFn, load_reward
-from rollout_workers.tools import ToolBox
+from rollout_workers.tools import Tool, ToolBox
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class RolloutWorker:
             await self.rollouts.send_many([r.encode() for r in records], then_ack=(self.prompts, [entry.entry_id]))
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001 - one bad group must not stop the worker; the prompt is retried
+        except Exception:  # one bad group must not stop the worker; the prompt is retried
             self.metrics.prompts.labels("failed").inc()
             self.prompts.release([entry.entry_id])  # stays pending: reclaimed after claim_idle_s
             log.exception("prompt %s failed; it stays pending and will be retried", record.prompt_id)
@@ -207,7 +207,7 @@ class RolloutWorker:
     def _toolbox_for(self, record: PromptRecord) -> ToolBox | None:
         if self.toolbox is None or record.tools is None:
             return self.toolbox
-        allowed = {name: tool for name, tool in self.toolbox.tools.items() if name in record.tools}
+        allowed: dict[str, Tool] = {name: tool for name, tool in self.toolbox.tools.items() if name in record.tools}
         return ToolBox(allowed, self.toolbox.timeout_s) if allowed else None
 
     async def _episode(self, record: PromptRecord, prompt_ids: list[int], entry_id: str, index: int) -> Episode:
@@ -310,6 +310,8 @@ async def feed_from_config(
     backpressure at `queue.max_pending_prompts`."""
     keys = StreamKeys(config.redis.namespace)
     if records is None:
+        if config.prompts is None:
+            raise ValueError("no prompts to feed: give a prompt file (--prompts FILE) or the records")
         records = await asyncio.to_thread(load_prompts, config.prompts, config.dataset)
     producer = StreamProducer(
         redis,
@@ -355,7 +357,7 @@ async def run_worker(
         redis, worker.keys, backend, metrics=metrics, retry=worker.retry, poll_s=config.reload.poll_s
     )
     await watcher.check_once()  # never sample a stale policy that was announced before we started
-    background = [asyncio.create_task(watcher.run(stop))]
+    background: list[asyncio.Task[Any]] = [asyncio.create_task(watcher.run(stop))]
     if feed:
         await redis.set(worker.keys.feeder, "1", ex=30)  # before the loop can see an empty stream and exit
         background.append(asyncio.create_task(feed_from_config(config, redis, feed)))

@@ -12,14 +12,14 @@ tokens never reach a log line or an error message.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 from opd.auth import NAME_RE, AuthError, TokenTable, parse_tokens_env, parse_tokens_file, presented_token
 from teacher_server.config import AuthConfig
 from teacher_server.errors import Unauthenticated
 
 Headers = Iterable[tuple[str, str | bytes]]
-AuthContext = Mapping[str, Sequence[bytes]]
+AuthContext = Mapping[str, Iterable[bytes]]
 _CERT_KEYS = ("x509_common_name", "x509_subject_alternative_name")
 
 

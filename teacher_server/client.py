@@ -27,15 +27,15 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
 import grpc
 import numpy as np
 
 from opd.loop_thread import LoopThread
-from opd.retry import Backoff, RetryLog, RetryStats
+from opd.retry import Backoff, RetryLog, RetryStats, retry_async
 from opd.tls import grpc_channel_credentials
 from protos import teacher_pb2 as pb
 from protos import teacher_pb2_grpc as pb_grpc
@@ -60,6 +60,17 @@ __all__ = [
 _DTYPES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "bfloat16": pb.BFLOAT16}
 _BACKOFF = Backoff(initial_s=0.05, max_s=2.0)  # frozen: one shared default
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class _Routed(Protocol):
+    """Where one attempt goes (a stream lane or a unary stub): its target names it in retry reports."""
+
+    @property
+    def target(self) -> str: ...
+
+
+L = TypeVar("L", bound=_Routed)
 
 
 # -- errors: status codes mapped back to exceptions ------------------------------------------
@@ -179,10 +190,11 @@ class _Lane:
         self._reader: asyncio.Task[None] | None = None
 
     def _open(self) -> grpc.aio.StreamStreamCall:
-        if self._call is None or self._call.done():
-            self._call = self._stub.ScoreStream(metadata=self._metadata)
-            self._reader = asyncio.create_task(self._read(self._call))
-        return self._call
+        call = self._call
+        if call is None or call.done():
+            call = self._call = self._stub.ScoreStream(metadata=self._metadata)
+            self._reader = asyncio.create_task(self._read(call))
+        return call
 
     async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
         failure: TeacherClientError = _StreamEnded("UNAVAILABLE: score stream ended by the server")
@@ -211,8 +223,8 @@ class _Lane:
                 try:
                     await asyncio.wait_for(call.write(request), timeout_s)
                 except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as err:
-                    if future.done() and future.exception() is not None:
-                        raise future.exception() from None
+                    if future.done() and (failure := future.exception()) is not None:
+                        raise failure from None
                     why = err.details() if isinstance(err, grpc.aio.AioRpcError) else err
                     raise Unavailable(f"UNAVAILABLE: cannot write to the score stream ({why})") from None
             return await asyncio.wait_for(asyncio.shield(future), timeout_s)
@@ -323,13 +335,17 @@ class TeacherClient:
         for channel in self._channels:
             await channel.close()
 
-    async def _with_retries(self, route, attempt_fn, timeout_s: float | None):
+    async def _with_retries(
+        self, route: Callable[[], L], attempt_fn: Callable[[L, float], Awaitable[T]], timeout_s: float | None
+    ) -> T:
         """Call `attempt_fn(target, remaining_s)` on `route()`'s next target until it succeeds, fails for good
-        or the deadline passes; retryable failures wait a capped, jittered backoff (or the server's hint)."""
+        or the deadline passes; retryable failures wait a capped, jittered backoff, or the server's hint when
+        longer (`opd.retry.retry_async`)."""
         deadline = time.monotonic() + (timeout_s or self._timeout_s)
-        attempt = 0
-        while True:
-            attempt += 1
+        target: L | None = None
+
+        async def attempt() -> T:
+            nonlocal target
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExceeded("DEADLINE_EXCEEDED: teacher did not answer within the deadline")
@@ -337,18 +353,23 @@ class TeacherClient:
             try:
                 return await attempt_fn(target, remaining)
             except grpc.aio.AioRpcError as err:
-                exc = _from_rpc_error(err)
-            except TeacherClientError as err:
-                exc = err
-            if not exc.retryable:
-                raise exc
-            if isinstance(exc, _StreamEnded) and attempt == 1:
-                continue  # a stream that reached its age: resend now (the lane reopens it)
-            delay = max(self._backoff.delay_s(attempt), getattr(exc, "retry_after_s", 0.0))
-            if time.monotonic() + delay >= deadline:
-                raise exc
-            self._retries.note(target.target, attempt, delay, str(exc), reason=exc.code.name)
-            await asyncio.sleep(delay)
+                raise _from_rpc_error(err) from None
+
+        def note(attempt_no: int, exc: BaseException, delay_s: float) -> None:
+            code = exc.code.name if isinstance(exc, TeacherClientError) else type(exc).__name__
+            self._retries.note(target.target if target is not None else "", attempt_no, delay_s, str(exc), code)
+
+        return await retry_async(
+            attempt,
+            retryable=lambda exc: isinstance(exc, TeacherClientError) and exc.retryable,
+            backoff=self._backoff,
+            max_attempts=None,
+            deadline_s=deadline,
+            on_retry=note,
+            min_delay_s=lambda exc: getattr(exc, "retry_after_s", 0.0),
+            # a stream that reached its maximum age: resent at once (the lane reopens it)
+            resend_at_once=lambda exc: isinstance(exc, _StreamEnded),
+        )
 
     async def score(
         self,

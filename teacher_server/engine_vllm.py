@@ -25,6 +25,7 @@ import copy
 import logging
 import os
 import uuid
+from typing import Any, Literal
 
 import numpy as np
 
@@ -36,7 +37,7 @@ from teacher_server.info import TeacherInfo
 log = logging.getLogger(__name__)
 
 
-def _cpu_defaults(config: TeacherConfig) -> str:
+def _cpu_defaults(config: TeacherConfig) -> Literal["float32", "bfloat16", "float16"]:
     """vLLM's CPU build reads these at engine start; defaults that work on small machines. Returns the dtype."""
     from vllm.platforms import current_platform
 
@@ -45,6 +46,13 @@ def _cpu_defaults(config: TeacherConfig) -> str:
     config.engine.vllm.apply_cpu_env()
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{max(0, (os.cpu_count() or 1) - 1)}")
     return "float32" if config.engine.dtype == "auto" else config.engine.dtype
+
+
+def _sampled_logprob(position: Any, token: int) -> float:
+    """The log-prob of the sampled `token` at one position of a vLLM sample (logprobs=0 gives exactly it)."""
+    if position is None:
+        raise RuntimeError("vLLM returned a sampled token without its log-prob (SamplingParams.logprobs unset?)")
+    return float(position[token].logprob)
 
 
 def _engine_max_model_len(args, requested: int | None) -> int | None:
@@ -72,12 +80,13 @@ class VLLMEngine(TeacherEngine):
             model=str(path),
             tokenizer=config.tokenizer or str(path),
             dtype=dtype,
-            max_model_len=eng.max_model_len,
+            max_model_len=eng.max_model_len,  # pyright: ignore[reportArgumentType]  # vLLM reads None as the model's
             max_logprobs=-1 if eng.allow_full_vocab else max(1, eng.max_top_k),
             logprobs_mode="raw_logprobs",
             **eng.vllm.engine_args(),
         )
-        args.max_model_len = _engine_max_model_len(args, eng.max_model_len)
+        # vLLM annotates max_model_len as int but reads None as "the model's own limit"
+        args.max_model_len = _engine_max_model_len(args, eng.max_model_len)  # pyright: ignore[reportAttributeAccessIssue]
         self._engine = AsyncLLM.from_engine_args(args)
         model_config = self._engine.model_config
         fingerprint, eos = tokenizer_facts(config.tokenizer, path)
@@ -139,7 +148,8 @@ class VLLMEngine(TeacherEngine):
         sample = final.outputs[0]
         ids = np.asarray(sample.token_ids, dtype=np.int32)
         logprobs = np.asarray(
-            [pos[int(t)].logprob for pos, t in zip(sample.logprobs or [], ids, strict=False)], dtype=np.float32
+            [_sampled_logprob(pos, int(t)) for pos, t in zip(sample.logprobs or [], ids, strict=False)],
+            dtype=np.float32,
         )
         return GenerateResult(
             token_ids=ids, logprobs=logprobs, finish_reason="stop" if sample.finish_reason == "stop" else "length"

@@ -32,7 +32,7 @@ import math
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -85,12 +85,12 @@ class CompletionBody(BaseModel):
 
     model: str | None = None
     prompt: list[int] | list[list[int]] | str | list[str]
-    max_tokens: int | None = Field(16, ge=0)
+    max_tokens: int | None = Field(default=16, ge=0)
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0)
-    prompt_logprobs: int | None = Field(None, ge=0)
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
+    logprobs: int | None = Field(default=None, ge=0)
+    prompt_logprobs: int | None = Field(default=None, ge=0)
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = None
     stop_token_ids: list[int] | None = None
     n: int = 1
@@ -152,7 +152,9 @@ class OpenAICompletions:
         prompt = body.prompt
         batch = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
         out = []
-        for i, item in enumerate(prompt if batch else [prompt]):
+        # a batch is a list of prompts, else the body holds one prompt: token ids or text either way
+        items = cast("list[list[int] | str]", prompt if batch else [prompt])
+        for i, item in enumerate(items):
             ids = self._tok.encode(item, add_special_tokens=body.add_special_tokens) if isinstance(item, str) else item
             if not ids:
                 raise InvalidRequest(f"prompt {i} is empty; send token ids or text")
@@ -228,7 +230,7 @@ class OpenAICompletions:
             result = await self._score(full, first, k, body, client)
             if k_prompt is not None:
                 prompt_entries += fmt.positions(full, 1, length, first, result, k_prompt, self.text, 1)
-            if want_gen:
+            if want_gen and body.logprobs is not None:  # want_gen implies it; said again for the type checker
                 gen_entries = fmt.positions(full, length, len(full), first, result, body.logprobs, self.text, length)
         return (
             self._choice_json(index, ids, text, gen_ids, finish, body, prompt_entries, gen_entries, k_prompt),

@@ -33,11 +33,11 @@ _HTTP_STATUS = {
 class ScoreJSON(BaseModel):
     token_ids: list[int] = Field(description="the whole sequence")
     score_from: int = Field(ge=0, le=2**32 - 1, description="first position to score")
-    top_k: int = Field(0, ge=0, le=2**32 - 1)
+    top_k: int = Field(default=0, ge=0, le=2**32 - 1)
     full_vocab: bool = False
     temperature: float | None = None
     request_id: str = ""
-    timeout_s: float | None = Field(None, gt=0)
+    timeout_s: float | None = Field(default=None, gt=0)
 
 
 def _has_surrogate(text: str) -> bool:

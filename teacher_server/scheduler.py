@@ -172,7 +172,7 @@ class FairScheduler:
         self._metrics.batch_tokens.observe(sum(p.work.num_tokens for p in batch))
         try:
             results = await self._engine.score_batch([p.work for p in batch])
-        except Exception as exc:  # noqa: BLE001 - the engine failed: every request in the batch gets the error
+        except Exception as exc:  # the engine failed: every request in the batch gets the error
             log.exception("engine failed on a batch of %d requests", len(batch))
             results = [EngineFailed(f"teacher engine error: {exc}")] * len(batch)
         finally:

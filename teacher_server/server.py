@@ -55,7 +55,8 @@ class TeacherServer:
         self._ops: OpsServer | None = None
         self._openai = None  # teacher_server.openai_api.OpenAIPort when openai.port is set
         self.openai_port: int | None = None
-        self._health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        # grpcio-health-checking's stubs leave out its aio module
+        self._health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()  # pyright: ignore[reportAttributeAccessIssue]
         self.scheduler: FairScheduler | None = None
         self.grpc_port: int | None = None
         self.ops_port: int | None = None

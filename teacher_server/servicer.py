@@ -137,9 +137,9 @@ class TeacherServicer(pb_grpc.TeacherServicer):
             await self._abort(context, exc)
             raise
 
-    async def ScoreStream(
+    async def ScoreStream(  # noqa: N802
         self,
-        request_iterator: AsyncIterator[pb.ScoreRequest],  # noqa: N802
+        request_iterator: AsyncIterator[pb.ScoreRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ScoreReply]:
         # A failed authentication is answered per request, like any other per-request error: aborting the
@@ -216,9 +216,9 @@ class TeacherServicer(pb_grpc.TeacherServicer):
             await self._abort(context, exc)
         return self._engine.info.to_reply()
 
-    async def Generate(
+    async def Generate(  # noqa: N802
         self,
-        request: pb.GenerateRequest,  # noqa: N802
+        request: pb.GenerateRequest,
         context: grpc.aio.ServicerContext,
     ) -> pb.GenerateReply:
         client = await self._identify(context, "Generate")
@@ -257,4 +257,4 @@ def add_to_server(servicer: TeacherServicer, server: grpc.aio.Server) -> None:
     }
     service = pb.DESCRIPTOR.services_by_name["Teacher"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
-    server.add_registered_method_handlers(service, handlers)
+    server.add_registered_method_handlers(service, handlers)  # pyright: ignore[reportAttributeAccessIssue]  # not in grpc's stub yet
