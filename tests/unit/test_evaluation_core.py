@@ -14,7 +14,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from student_trainer.groups.eval import eval_report
 from student_trainer.evaluation import (
     LOGPROB_FLOOR,
     StudentTokenStats,
@@ -23,6 +22,7 @@ from student_trainer.evaluation import (
     sampled_reverse_kl,
     wilson_interval,
 )
+from student_trainer.groups.eval import eval_report
 from student_trainer.loss.config import LossConfig
 from tests.fixtures.rollout import make_rollout
 
