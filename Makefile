@@ -26,7 +26,8 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# redis-server for the private Redis servers of the demo and the tests; chromium for the live-page test.
+# redis-server for the private Redis servers of the demo and the tests; chromium for the live-page test; promtool
+# (Debian's prometheus package) for the alert rule tests.
 system-deps:
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  echo "installing redis-server (Debian package)"; \
@@ -36,6 +37,10 @@ system-deps:
 	  echo "installing chromium (Debian package) for the live-page test"; \
 	  (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null || \
 	  echo "warning: could not install chromium; the live-page test will be skipped"; }
+	@command -v promtool >/dev/null 2>&1 || { \
+	  echo "installing promtool (Debian package prometheus) for the alert rule tests"; \
+	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus) >/dev/null || \
+	  echo "warning: could not install prometheus; the promtool alert tests will be skipped"; }
 
 demo: venv system-deps
 	$(VENV)/bin/opd demo

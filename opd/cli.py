@@ -25,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert-prompts": ("opd_apps.tools.prompt_convert", "MATH-500 / AIME / DAPO files to opd's prompt schema"),
     "queue": ("opd_apps.tools.queue", "list dead-lettered prompts and rollouts with reasons; requeue or drop them"),
     "bench": ("opd.cli", "benchmarks; see `opd bench --help`"),
+    "certs": (
+        "opd.certs",
+        "make a CA, the teacher's and the students' TLS certificates (Kubernetes without cert-manager)",
+    ),
 }
 
 BENCHMARKS: dict[str, tuple[str, str]] = {

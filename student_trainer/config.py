@@ -10,12 +10,13 @@ against the divergence registry when the config loads.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from opd.auth import NAME_RE
-from opd.config import ConfigModel, Port
+from opd.config import ConfigError, ConfigModel, Port
 from opd.ops_app import OpsConfig
 from opd.prompts import PromptSourceConfig
 from opd.redaction import SECRET
@@ -41,6 +42,11 @@ class TeacherEndpointConfig(TeacherTLSOptions):
         None,
         description="bearer token (prefer the env variable OPD_TRAIN__TEACHER__TOKEN); shown as <redacted>",
         json_schema_extra=SECRET,
+    )
+    token_file: str | None = Field(
+        None,
+        description="file holding the bearer token (e.g. a mounted Kubernetes Secret), read when the client is "
+        "made; instead of teacher.token",
     )
     client_name: str = Field(
         "trainer", description="client name for the teacher's fair share and metrics when its auth is off"
@@ -69,6 +75,8 @@ class TeacherEndpointConfig(TeacherTLSOptions):
 
     @model_validator(mode="after")
     def _check_kind(self) -> TeacherEndpointConfig:
+        if self.token and self.token_file:
+            raise ValueError("teacher.token and teacher.token_file are both set; keep one of them")
         http = [a.startswith(("http://", "https://")) for a in self.addresses]
         if any(http) and not all(http):
             raise ValueError("teacher.addresses mixes http(s):// and gRPC addresses; list one kind of teacher")
@@ -78,6 +86,20 @@ class TeacherEndpointConfig(TeacherTLSOptions):
                 "(its OpenAI API does not expose the vocabulary the start-up check compares)"
             )
         return self
+
+    def bearer_token(self) -> str | None:
+        """teacher.token, or the content of teacher.token_file (one trailing newline dropped); ConfigError naming
+        the option, never the content, when the file cannot be read or is empty."""
+        if not self.token_file:
+            return self.token
+        try:
+            token = Path(self.token_file).read_text().removesuffix("\n").removesuffix("\r")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            raise ConfigError(f"teacher.token_file {self.token_file!r} cannot be read: {reason}") from None
+        if not token.strip():
+            raise ConfigError(f"teacher.token_file {self.token_file!r} is empty; write the teacher token into it")
+        return token
 
     @property
     def is_http(self) -> bool:

@@ -61,6 +61,8 @@ class TeacherServer:
         self.grpc_port: int | None = None
         self.ops_port: int | None = None
         self._stopped = asyncio.Event()
+        # /readyz answers what gRPC health answers: ready only between SERVING (end of start) and NOT_SERVING (drain).
+        self._grpc_serving = False
 
     async def start(self) -> None:
         if self.engine is None:
@@ -94,7 +96,7 @@ class TeacherServer:
         app = create_ops_app(
             "teacher",
             self.metrics.registry,
-            ready=lambda: not self._stopped.is_set(),
+            ready=lambda: self._grpc_serving,
             routers=[teacher_router(servicer)],
             auth=self._ops_auth,
         )
@@ -124,6 +126,7 @@ class TeacherServer:
         )
 
     async def _set_health(self, status: int) -> None:
+        self._grpc_serving = status == health_pb2.HealthCheckResponse.SERVING
         for name in ("", SERVICE_NAME):
             result = self._health.set(name, status)
             if asyncio.iscoroutine(result):

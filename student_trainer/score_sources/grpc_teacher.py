@@ -42,7 +42,7 @@ class TeacherServiceSource:
         t = config.teacher
         return TeacherClient(
             t.addresses,
-            token=t.token,
+            token=t.bearer_token(),
             client_name=t.client_name,
             timeout_s=t.timeout_s,
             logprob_dtype=t.logprob_dtype,

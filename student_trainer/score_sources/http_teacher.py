@@ -65,7 +65,7 @@ class HttpTeacherSource:
     async def _make(e: TeacherEndpointConfig) -> OpenAIScoreClient:
         return OpenAIScoreClient(
             e.addresses,
-            token=e.token,
+            token=e.bearer_token(),
             client_name=e.client_name,
             timeout_s=e.timeout_s,
             tls_ca_file=e.tls_ca_file,

@@ -158,3 +158,21 @@ def mount_for(service: Mapping[str, Any], path: str) -> tuple[str, str, bool] | 
         if holds and (best is None or len(target) > len(best[1])):
             best = (source, target, read_only)
     return best
+
+
+def secret_mounts(service: Mapping[str, Any]) -> dict[str, str]:
+    """Container path -> Compose secret name, for the service's `secrets:` (short form: /run/secrets/NAME)."""
+    out = {}
+    for item in service.get("secrets") or []:
+        if isinstance(item, str):
+            out[f"/run/secrets/{item}"] = item
+        else:
+            target = item.get("target", item["source"])
+            out[target if target.startswith("/") else f"/run/secrets/{target}"] = item["source"]
+    return out
+
+
+def secret_source(model: Mapping[str, Any], service: Mapping[str, Any], path: str) -> str | None:
+    """The file (relative to deploy/compose) behind the secret mounted at `path`, or None."""
+    name = secret_mounts(service).get(path)
+    return None if name is None else model["secrets"][name]["file"]

@@ -31,8 +31,24 @@ TREES = [
     ("gpu-overlay", K8S / "overlays" / "gpu"),
     ("ray-overlay", K8S / "overlays" / "ray"),
 ]
+# The long-lived bundle applied once beside each tree (Namespace, PriorityClasses, PVCs): `kubectl delete -k` of the
+# tree must not reach these objects, but the tree's pods refer to them.
+BUNDLES = {
+    "base": K8S / "cluster",
+    "cpu-demo": K8S / "overlays" / "cpu-demo" / "cluster",
+    "gpu-overlay": K8S / "overlays" / "gpu" / "cluster",
+    "ray-overlay": K8S / "overlays" / "ray" / "cluster",
+}
+LONG_LIVED_KINDS = {"Namespace", "PriorityClass", "PersistentVolumeClaim"}
 KUBERNETES_VERSION = "1.32"  # the kubectl/kustomize on the build machines; manifests validate against its API
-EXTERNAL_SECRET = "opd-secrets"  # created by the operator (see deploy/k8s/base/kustomization.yaml)
+# Created by the operator (see deploy/k8s/base/kustomization.yaml), each mounted as files: name -> keys read.
+EXTERNAL_SECRETS = {
+    "opd-redis": {"password"},
+    "opd-teacher-tokens": {"tokens.yaml"},
+    "opd-student-tokens": None,  # one key per student name
+    "opd-teacher-tls": {"tls.crt", "tls.key", "ca.crt"},
+    "opd-grafana": {"admin-password"},
+}
 _REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 JOB_INDEX_FIELD = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 
@@ -244,6 +260,20 @@ def volume_source(volume: Mapping[str, Any], mount: Mapping[str, Any]) -> tuple[
         if kind in volume:
             return kind, volume[kind][key], mount.get("subPath", "")
     return next(k for k in volume if k != "name"), volume["name"], mount.get("subPath", "")
+
+
+def secret_file(template: PodTemplate, container: Mapping[str, Any], path: str) -> tuple[str, str] | None:
+    """(Secret name, key) of the file at `path` in the container, when a Secret volume puts it there."""
+    found = mount_for(template, container, path)
+    if found is None or "secret" not in found[0]:
+        return None
+    volume, mount = found
+    relative = (mount.get("subPath", "") + "/" + path[len(mount["mountPath"].rstrip("/")) :]).strip("/")
+    items = volume["secret"].get("items")
+    if items is None:
+        return volume["secret"]["secretName"], relative
+    keys = [item["key"] for item in items if item["path"] == relative]
+    return (volume["secret"]["secretName"], keys[0]) if keys else None
 
 
 def container_port(container: Mapping[str, Any], name: str) -> int | None:

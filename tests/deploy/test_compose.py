@@ -84,9 +84,16 @@ def test_env_example_provides_every_variable_the_files_require():
         required |= set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*):?\?", path.read_text()))
     env = cp.read_env_file()
     assert required <= set(env), f"set in .env.example: {sorted(required - set(env))}"
-    assert {"OPD_REDIS_PASSWORD", "OPD_TOKEN_STUDENT_A", "OPD_GRAFANA_ADMIN_PASSWORD"} <= required
-    with pytest.raises(cp.InterpolationError, match="OPD_REDIS_PASSWORD"):
-        cp.load(cp.BASE_FILE, env={})  # secrets have no defaults: Compose refuses to start without them
+
+
+def test_make_secrets_writes_every_secret_file_the_compose_files_mount(compose_secrets):
+    model = merged()
+    used = {name for svc in model["services"].values() for name in cp.secret_mounts(svc).values()}
+    assert used == set(model["secrets"]), "declare exactly the secrets the services mount"
+    for name, secret in model["secrets"].items():
+        assert secret["file"].startswith("./secrets/"), f"{name}: secret files live in deploy/compose/secrets"
+        assert (compose_secrets / secret["file"]).read_text().strip(), f"make-secrets.sh did not write {name}"
+    assert "deploy/compose/secrets/" in (REPO / ".gitignore").read_text().splitlines()
 
 
 @pytest.mark.parametrize(
@@ -173,8 +180,10 @@ def test_profile_runs_the_whole_pipeline(profile):
 
 
 @pytest.mark.parametrize("profile", PROFILES, ids=PROFILE_IDS)
-def test_trainers_reach_a_teacher_that_knows_their_token(profile, monkeypatch):
-    services = merged()["services"]
+def test_trainers_reach_a_teacher_that_knows_their_token(profile, compose_secrets):
+    """Through the files make-secrets.sh writes: the trainer's token file names its student in the teacher's."""
+    model = merged()
+    services = model["services"]
     teachers = _by_component("merged", profile, "teacher")
     for name, trainer in _by_component("merged", profile, "train").items():
         for address in trainer.config.teacher.addresses:
@@ -183,12 +192,12 @@ def test_trainers_reach_a_teacher_that_knows_their_token(profile, monkeypatch):
             assert target, f"{name}: no teacher service answers to {host!r}"
             teacher = teachers[target[0]].config
             assert port == teacher.grpc.port, f"{name}: teacher port {port}, teacher listens on {teacher.grpc.port}"
-            env = cp.environment(services[target[0]])
-            for key, value in env.items():
-                monkeypatch.setenv(key, value)
-            tokens = load_tokens(teacher.auth)
-            assert tokens, f"{target[0]}: auth is off; the deployments turn it on"
-            client = tokens.get(trainer.config.teacher.token or "")
+            tokens_file = cp.secret_source(model, services[target[0]], teacher.auth.tokens_file)
+            assert tokens_file, f"{target[0]}: auth is off or its tokens file is not a mounted secret"
+            tokens = load_tokens(teacher.auth.model_copy(update={"tokens_file": str(compose_secrets / tokens_file)}))
+            token_file = cp.secret_source(model, services[name], trainer.config.teacher.token_file)
+            assert token_file and trainer.config.teacher.token is None, f"{name}: its token is not a secret file"
+            client = tokens.get((compose_secrets / token_file).read_text().strip())
             assert client == trainer.config.redis.namespace, (
                 f"{name}: its token names client {client!r} at the teacher, expected its namespace "
                 f"{trainer.config.redis.namespace!r}"
@@ -198,14 +207,18 @@ def test_trainers_reach_a_teacher_that_knows_their_token(profile, monkeypatch):
 
 @pytest.mark.parametrize("profile", PROFILES, ids=PROFILE_IDS)
 def test_redis_clients_use_the_redis_service_and_its_password(profile):
-    services = merged()["services"]
-    password = cp.environment(services["opd-redis"])["REDIS_PASSWORD"]  # written into auth.conf at start
-    assert password == cp.read_env_file()["OPD_REDIS_PASSWORD"]
+    model = merged()
+    services = model["services"]
+    script = services["opd-redis"]["entrypoint"][-1]  # copies the file into auth.conf at start
+    server_file = re.search(r"cat (\S+)\)", script)[1]
+    password = cp.secret_source(model, services["opd-redis"], server_file)
+    assert password, "opd-redis reads its password from a mounted secret"
     for component in ("rollout", "train"):
         for name, result in _by_component("merged", profile, component).items():
             host, port, url_password = redis_endpoint(result.config.redis.url)
             assert host in cp.aliases("opd-redis", services["opd-redis"]) and port == 6379, name
-            assert url_password == password, f"{name}: Redis password differs from opd-redis --requirepass"
+            assert url_password is None, f"{name}: no password in the Redis URL"
+            assert cp.secret_source(model, services[name], result.config.redis.password_file) == password, name
             assert services[name]["depends_on"]["opd-redis"]["condition"] == "service_healthy"
 
 

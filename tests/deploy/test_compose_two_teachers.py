@@ -33,7 +33,7 @@ def test_the_file_validates_and_needs_no_variable_the_env_example_lacks():
     assert set(cp.project(TWO_TEACHERS_FILE)["services"]) == {"opd-teacher-code", "opd-trainer-cpu"}
 
 
-def test_the_trainer_routes_each_domain_of_its_prompts_to_a_teacher_that_knows_its_token(monkeypatch):
+def test_the_trainer_routes_each_domain_of_its_prompts_to_a_teacher_that_knows_its_token(compose_secrets):
     services = model()["services"]
     trainer = _parsed("opd-trainer-cpu").config
     teachers = {n: _parsed(n).config for n in cp.services_in_profile(model(), "cpu") if n.startswith("opd-teacher")}
@@ -46,9 +46,13 @@ def test_the_trainer_routes_each_domain_of_its_prompts_to_a_teacher_that_knows_i
             assert port == teachers[name].grpc.port, (
                 f"{domain}: port {port}, {name} listens on {teachers[name].grpc.port}"
             )
-            for key, value in cp.environment(services[name]).items():
-                monkeypatch.setenv(key, value)
-            assert load_tokens(teachers[name].auth).get(endpoint.token or "") == trainer.redis.namespace, domain
+            auth = teachers[name].auth
+            tokens_file = compose_secrets / cp.secret_source(model(), services[name], auth.tokens_file)
+            token_file = compose_secrets / cp.secret_source(model(), services["opd-trainer-cpu"], endpoint.token_file)
+            token = token_file.read_text().strip()
+            assert load_tokens(auth.model_copy(update={"tokens_file": str(tokens_file)})).get(token) == (
+                trainer.redis.namespace
+            ), domain
             assert name in (services["opd-trainer-cpu"].get("depends_on") or {}), f"the trainer waits for {name}"
             reached.add(name)
     assert reached == {"opd-teacher-cpu", "opd-teacher-code"}  # two different teacher services

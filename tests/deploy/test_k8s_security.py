@@ -144,6 +144,7 @@ def _writable_paths(template: kube.PodTemplate, container) -> list[str]:
         return paths
     known = {
         "redis": ["/data", "/run/redis"],
+        "oliver006/redis_exporter": [],
         "prom/prometheus": ["/prometheus"],
         "grafana/grafana": ["/var/lib/grafana", "/tmp"],
     }
@@ -207,30 +208,30 @@ def test_no_secret_is_a_literal_or_on_a_command_line(tree_id):
         assert pod_security.secret_leaks(template) == []
 
 
-def _secret_variables() -> set[str]:
-    return {name for name in cp.read_env_file() if pod_security.SECRET_NAME.search(name)}
+_SECRET_VALUE = re.compile(r"(?i)token|password|secret")
 
 
 def _compose_leaks(service_name: str, service: dict) -> list[str]:
-    """In the uninterpolated file: secrets only through ${VAR} of a secret variable, never on a command line."""
+    """In the uninterpolated file: no secret in env, on a command line or in a health check; secrets are files
+    (`secrets:`), and an env variable that names a secret holds the path of a mounted one (`*_FILE`)."""
     problems = []
-    secret_ref = re.compile(r"\$\{(" + "|".join(sorted(_secret_variables())) + r")\b")
+    mounted = cp.secret_mounts(service)
     for key in ("command", "entrypoint"):
         for part in cp.as_list(service.get(key)) if isinstance(service.get(key), list) else [service.get(key) or ""]:
-            if secret_ref.search(part) or pod_security._SECRET_FLAG.match(part):
+            if "${" in part and _SECRET_VALUE.search(part) or pod_security._SECRET_FLAG.match(part):
                 problems.append(f"{service_name}.{key}: {part!r} puts a secret on the command line")
     for part in (service.get("healthcheck") or {}).get("test", []):
-        if secret_ref.search(part):
+        if "${" in part and _SECRET_VALUE.search(part):
             problems.append(f"{service_name}.healthcheck: {part!r} puts a secret on the command line")
-    whole_ref = re.compile(r"\$\{(" + "|".join(sorted(_secret_variables())) + r")(:?[?-][^}]*)?\}")
     for name, value in cp.environment(service).items():
         for match in pod_security._URL_PASSWORD.finditer(value):
-            if match[1] and not whole_ref.fullmatch(match[1]):
-                problems.append(f"{service_name}: env {name}: URL password {match[1]!r} is not a secret variable")
+            if match[1]:
+                problems.append(f"{service_name}: env {name}: a password in a URL ({match[1]!r}); use a *_FILE")
+        if "${" in value and _SECRET_VALUE.search(value):
+            problems.append(f"{service_name}: env {name} interpolates a secret: {value!r}")
         if pod_security.SECRET_NAME.search(name) and not name.endswith("_ENV"):
-            literal = re.sub(r"\$\{[^}]*\}", "", value)
-            if not secret_ref.search(value) or not pod_security._FRAMING.match(literal):
-                problems.append(f"{service_name}: env {name} is not built from secret variables: {value!r}")
+            if not name.endswith("_FILE") or value not in mounted:
+                problems.append(f"{service_name}: env {name} is not the path of a mounted secret: {value!r}")
     return problems
 
 
@@ -240,18 +241,22 @@ def test_the_compose_secret_check_finds_literals_and_command_lines():
     broken = copy.deepcopy(raw["opd-trainer-cpu"])
     broken["environment"]["OPD_TRAIN__TEACHER__TOKEN"] = "0f3e9d1c2b"
     broken["environment"]["OPD_TRAIN__REDIS__URL"] = "redis://:hunter2@opd-redis:6379/0"
+    broken["environment"]["OPD_TRAIN__REDIS__PASSWORD_FILE"] = "/not/mounted"
     broken["command"] = ["train", "--redis-url", "redis://:${OPD_REDIS_PASSWORD}@opd-redis:6379/0"]
-    assert len(_compose_leaks("broken", broken)) == 3, _compose_leaks("broken", broken)
+    assert len(_compose_leaks("broken", broken)) == 4, _compose_leaks("broken", broken)
 
 
-def test_compose_secrets_come_from_env_variables_and_stay_off_command_lines():
-    assert {"OPD_REDIS_PASSWORD", "OPD_TOKEN_STUDENT_A", "OPD_GRAFANA_ADMIN_PASSWORD"} <= _secret_variables()
-    for path in (cp.BASE_FILE, cp.TWO_STUDENTS_FILE):
+def test_compose_secrets_are_mounted_files_never_env_or_command_lines():
+    assert "OPD_REDIS_PASSWORD" not in cp.read_env_file(), ".env holds no secret: make-secrets.sh writes files"
+    for path in (cp.BASE_FILE, cp.TWO_STUDENTS_FILE, cp.COMPOSE_DIR / "docker-compose.two-teachers.yml"):
         for name, service in cp.load_raw(path)["services"].items():
             assert _compose_leaks(name, service) == [], path.name
 
 
 # ---------------------------------------------------------------------------------------------- Redis
+
+
+REDIS_PASSWORD_FILE = "/etc/opd/secrets/redis/password"  # the Secret's file, in compose and on Kubernetes
 
 
 def _start_script(command: list[str]) -> str:
@@ -264,7 +269,9 @@ def _start_script(command: list[str]) -> str:
 def test_kubernetes_redis_runs_from_its_config_with_maxmemory_below_the_limit(tree_id):
     statefulset = kube.one(objects(tree_id), "StatefulSet", "opd-redis")
     (template,) = [t for t in kube.pod_templates(objects(tree_id)) if t.owner is statefulset]
-    (container,) = template.containers()
+    container, exporter = template.containers()  # redis, and the redis_exporter sidecar
+    assert exporter["name"] == "exporter" and kube.container_port(exporter, "metrics") == 9121
+    assert kube.mount_for(template, exporter, REDIS_PASSWORD_FILE)[0]["secret"]["secretName"] == "opd-redis"
     script = _start_script(container["command"])
     assert "args" not in container
     config_path = re.search(r"exec redis-server (\S+)$", script)[1]
@@ -320,8 +327,10 @@ def test_redis_start_script_keeps_the_password_off_the_command_line_and_pushes_b
         start_script.replace(config_path, str(tmp_path / "redis.conf"))
         .replace(conf["include"], str(tmp_path / "run" / "auth.conf"))
         .replace("exec redis-server", f"exec {find_redis_server()}")
+        .replace(REDIS_PASSWORD_FILE, str(tmp_path / "password"))
     )
-    env = {"PATH": os.environ["PATH"], "REDIS_PASSWORD": password}
+    (tmp_path / "password").write_text(password + "\n")  # as `kubectl create secret --from-file` keeps it
+    env = {"PATH": os.environ["PATH"]}
     proc = subprocess.Popen(["sh", "-c", script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         client = redis.Redis(port=port, password=password, socket_timeout=5)
@@ -346,9 +355,11 @@ def test_redis_start_script_keeps_the_password_off_the_command_line_and_pushes_b
         redis_cli = shutil.which("redis-cli")
         if redis_cli:  # the readiness probe's command, pointed at this port
             probe = _probe_command().replace("redis-cli", f"{redis_cli} -p {port}")
-            assert subprocess.run(["sh", "-c", probe], env=env, timeout=30).returncode == 0
-            wrong = {**env, "REDIS_PASSWORD": "wrong"}
-            assert subprocess.run(["sh", "-c", probe], env=wrong, timeout=30).returncode != 0
+            right = probe.replace(REDIS_PASSWORD_FILE, str(tmp_path / "password"))
+            assert subprocess.run(["sh", "-c", right], env=env, timeout=30).returncode == 0
+            (tmp_path / "wrong").write_text("wrong")
+            wrong = probe.replace(REDIS_PASSWORD_FILE, str(tmp_path / "wrong"))
+            assert subprocess.run(["sh", "-c", wrong], env=env, timeout=30).returncode != 0
         client.xadd("opd-test:stream", {"payload": b"x" * 1024})
         client.config_set("maxmemory", "1mb")  # below what the server already uses
         with pytest.raises(redis.exceptions.OutOfMemoryError):

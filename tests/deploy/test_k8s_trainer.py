@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from tests.deploy import crd_check, kube
-from tests.deploy.test_kustomize import TREE_IDS, objects, processes
+from tests.deploy.test_kustomize import TREE_IDS, processes
 
 pytestmark = [
     pytest.mark.timeout(300),
@@ -123,7 +123,7 @@ def _render_with(tmp_path: Path, resource: Path, component: Path, namespace: str
 
 
 def test_kueue_component_queues_the_jobset_as_one_workload(tmp_path):
-    plain = objects("gpu-overlay")
+    plain = kube.render(kube.K8S / "overlays" / "gpu")
     queued = _render_with(tmp_path, kube.K8S / "overlays" / "gpu", kube.K8S / "components" / "kueue", "opd")
     (queue,) = kube.find(queued, "LocalQueue")
     assert crd_check.problems(queue) == [] and queue["metadata"]["namespace"] == "opd"
@@ -179,7 +179,7 @@ def immutable_changes(before, after) -> list[str]:
 
 
 def _edit_presets(k8s: Path) -> None:
-    presets = sorted((k8s / "base" / "presets").glob("*.yaml"))
+    presets = sorted((k8s / "base" / "presets").glob("*.yaml")) + sorted((k8s / "student" / "presets").glob("*.yaml"))
     assert presets
     for preset in presets:  # a real value change as well as new text: the loaded preset differs
         data = yaml.safe_load(preset.read_text())
@@ -223,20 +223,14 @@ def test_a_preset_edit_changes_no_immutable_field(tree_id, edited_copy):
 
 
 def test_the_immutability_check_catches_a_jobset_on_the_hashed_configmap(tmp_path):
-    """The hazard itself: the JobSet pointed at the hashed ConfigMap. kustomize rewrites hashed names only in the
-    kinds it knows, so the copy also teaches it the JobSet's volume path (as a user might, with `configurations`)."""
+    """The hazard itself: the JobSet pointed at the hashed ConfigMap (kustomize follows the JobSet's volume path:
+    deploy/k8s/student/kustomizeconfig.yaml teaches it, so that a student's namePrefix reaches the JobSet)."""
     k8s = tmp_path / "k8s"
     shutil.copytree(kube.K8S, k8s)
-    trainer = k8s / "base" / "trainer.yaml"
+    trainer = k8s / "student" / "trainer.yaml"
     text = trainer.read_text()
     assert text.count("name: opd-trainer-presets") == 1
-    trainer.write_text(text.replace("name: opd-trainer-presets", "name: opd-presets"))
-    volume_name = {"kind": "JobSet", "path": "spec/replicatedJobs/template/spec/template/spec/volumes/configMap/name"}
-    (k8s / "base" / "jobset-names.yaml").write_text(
-        yaml.safe_dump({"nameReference": [{"kind": "ConfigMap", "fieldSpecs": [volume_name]}]})
-    )
-    kustomization = k8s / "base" / "kustomization.yaml"
-    kustomization.write_text(kustomization.read_text() + "configurations:\n  - jobset-names.yaml\n")
+    trainer.write_text(text.replace("name: opd-trainer-presets", "name: opd-rollout-presets"))
     tree = kube.K8S / "overlays" / "gpu"
     before = _renders(k8s, tree)
     _edit_presets(k8s)

@@ -16,11 +16,11 @@ from __future__ import annotations
 import copy
 import functools
 import re
+from pathlib import Path
 
 import kubernetes_validate
 import pytest
 
-from teacher_server.auth import load_tokens
 from tests.deploy import crd_check, kube
 from tests.deploy.commands import REPO, parse_container, redis_endpoint, split_host_port
 
@@ -37,7 +37,8 @@ CUSTOM_KINDS = crd_check.kinds()
 
 
 def objects(tree_id: str):
-    return kube.render(dict(kube.TREES)[tree_id])
+    """The tree's objects and those of its long-lived bundle (applied once beside it)."""
+    return kube.render(dict(kube.TREES)[tree_id]) + kube.render(kube.BUNDLES[tree_id])
 
 
 @functools.cache
@@ -71,7 +72,7 @@ def test_tree_renders_with_unique_namespaced_objects(tree_id):
     if tree_id != "base":
         (namespace,) = kube.find(rendered, "Namespace")
         for obj in rendered:
-            if obj["kind"] != "Namespace":
+            if obj["kind"] not in ("Namespace", "PriorityClass"):  # cluster-scoped
                 assert obj["metadata"].get("namespace") == namespace["metadata"]["name"], obj["metadata"]["name"]
 
 
@@ -91,7 +92,7 @@ def test_core_objects_validate_against_the_kubernetes_api(tree_id):
 def test_the_api_validation_rejects_unknown_fields_and_wrong_types():
     deployment = copy.deepcopy(kube.one(objects("cpu-demo"), "Deployment", "opd-teacher"))
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    container["livenessProbe"]["grpc"]["port"] = "grpc"  # grpc probes take a number, not a port name
+    container["livenessProbe"]["httpGet"]["path"] = 42  # a path is a string
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, kube.KUBERNETES_VERSION, strict=True)
     del container["livenessProbe"]
@@ -114,7 +115,15 @@ def test_every_vendored_crd_names_its_source_and_licence():
         assert crd.source["repo"] in header and crd.source["commit"] in header and "Apache-2.0" in header, crd.file
         assert re.fullmatch(r"[0-9a-f]{40}", crd.source["commit"]) and crd.source["path"].endswith(".yaml"), crd.file
         by_kind.setdefault(crd.kind, []).append(crd.source["tag"])
-    assert set(by_kind) == {"JobSet", "RayCluster", "LocalQueue", "PodMonitor"}
+    assert set(by_kind) == {
+        "JobSet",
+        "RayCluster",
+        "LocalQueue",
+        "PodMonitor",
+        "PrometheusRule",
+        "Issuer",
+        "Certificate",
+    }
     documented = (REPO / "docs" / "deploy.md").read_text()
     for kind, tags in by_kind.items():
         for tag in tags:
@@ -186,9 +195,9 @@ def test_a_custom_resource_of_another_api_version_is_refused():
 # ---------------------------------------------------------------------------------------------- references
 
 
-def _documented_secret_keys() -> set[str]:
+def _documented_secrets() -> set[str]:
     text = (kube.K8S / "base" / "kustomization.yaml").read_text()
-    return set(re.findall(r"--from-literal=([a-z0-9-]+)=", text))
+    return set(re.findall(r"^#   (opd-[a-z-]+) ", text, re.M))
 
 
 def _kuberay_token_secrets(rendered) -> set[str]:
@@ -214,16 +223,18 @@ def test_references_resolve_to_rendered_objects_or_the_documented_secret(tree_id
                 assert ("ConfigMap", volume["configMap"]["name"]) in names, f"{template.where}: {volume}"
             if "persistentVolumeClaim" in volume:
                 assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in names, template.where
+            if "secret" in volume:
+                name, keys = volume["secret"]["secretName"], kube.EXTERNAL_SECRETS.get(volume["secret"]["secretName"])
+                assert name in kube.EXTERNAL_SECRETS and name in _documented_secrets(), f"{template.where}: {name}"
+                items = {item["key"] for item in volume["secret"].get("items", [])}
+                assert keys is None or items <= keys, f"{template.where}: {name} has no keys {items - keys}"
         for container in template.containers(init=True):
             for item in container.get("env", []):
                 ref = item.get("valueFrom", {}).get("secretKeyRef")
                 if ref and ref["name"] in _kuberay_token_secrets(rendered):
                     assert ref["key"] == "auth_token", f"{template.where}: KubeRay's token secret has key auth_token"
-                elif ref:
-                    assert ref["name"] == kube.EXTERNAL_SECRET, f"{template.where}: secret {ref['name']}"
-                    assert ref["key"] in _documented_secret_keys(), (
-                        f"{template.where}: key {ref['key']} is missing from the documented `kubectl create secret`"
-                    )
+                else:
+                    assert not ref, f"{template.where}: opd's secrets are mounted files, not env ({ref})"
             mounts = {m["name"] for m in container.get("volumeMounts", [])}
             declared = {v["name"] for v in spec.get("volumes", [])} | claim_templates
             assert mounts <= declared, f"{template.where}/{container['name']}: undeclared volumes"
@@ -252,12 +263,15 @@ def test_services_select_pods_that_expose_their_target_ports(tree_id):
 @pytest.mark.parametrize("tree_id", TREE_IDS)
 def test_presets_configmaps_hold_the_repository_presets(tree_id):
     configmaps = kube.find(objects(tree_id), "ConfigMap")
-    (hashed,) = [c for c in configmaps if c["metadata"]["name"].startswith("opd-presets-")]
-    (fixed,) = [c for c in configmaps if c["metadata"]["name"] == "opd-trainer-presets"]
-    expected = {p.name: p.read_text() for p in (REPO / "deploy" / "presets").glob("*.yaml")}
-    for configmap in (hashed, fixed):
+    (teacher,) = [c for c in configmaps if c["metadata"]["name"].startswith("opd-presets-")]
+    (rollout,) = [c for c in configmaps if c["metadata"]["name"].startswith("opd-rollout-presets-")]
+    (trainer,) = [c for c in configmaps if c["metadata"]["name"] == "opd-trainer-presets"]
+    presets = {p.name: p.read_text() for p in (REPO / "deploy" / "presets").glob("*.yaml")}
+    for configmap, prefix in ((teacher, "teacher-"), (rollout, "rollout-"), (trainer, "train-")):
+        expected = {name: text for name, text in presets.items() if name.startswith(prefix)}
         assert configmap["data"] == expected, (
-            "deploy/k8s/base/presets or its configMapGenerator differ from deploy/presets"
+            f"{configmap['metadata']['name']}: the presets copies in deploy/k8s or their configMapGenerator "
+            "differ from deploy/presets"
         )
 
 
@@ -318,8 +332,9 @@ def test_ops_ports_probes_and_scrape_annotations_match_the_parsed_config(tree_id
         assert template.annotations.get("prometheus.io/path", "/metrics") == "/metrics"
         if parsed.component == "teacher":
             assert kube.container_port(container, "grpc") == config.grpc.port
-            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-                assert container[probe]["grpc"]["port"] == config.grpc.port, f"{where}: {probe}"
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):  # gRPC probes cannot speak TLS
+                assert container[probe]["httpGet"]["port"] in ("ops", ops), f"{where}: {probe}"
+            assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"  # follows gRPC health
             assert template.spec["terminationGracePeriodSeconds"] > config.grpc.drain_grace_s
         if parsed.component == "rollout":
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -361,41 +376,58 @@ def test_trainer_jobset_launches_one_torchrun_node_per_index(tree_id):
 
 
 @pytest.mark.parametrize("tree_id", TREE_IDS)
-def test_trainers_reach_the_teacher_service_with_a_token_it_knows(tree_id, monkeypatch):
+def test_trainers_reach_the_teacher_service_over_tls_with_their_own_token(tree_id):
     rendered = objects(tree_id)
     (teacher,) = processes(tree_id, "teacher")
-    t_template, _, t_env, t_parsed = teacher
-    for _, _, _, trainer in processes(tree_id, "train"):
+    t_template, t_container, _, t_parsed = teacher
+    grpc = t_parsed.config.grpc
+    assert kube.secret_file(t_template, t_container, t_parsed.config.auth.tokens_file) == (
+        "opd-teacher-tokens",
+        "tokens.yaml",
+    ), "the teacher reads its teams from the Secret opd-teacher-tokens (re-read on change)"
+    assert kube.secret_file(t_template, t_container, grpc.tls_cert_file) == ("opd-teacher-tls", "tls.crt")
+    assert kube.secret_file(t_template, t_container, grpc.tls_key_file) == ("opd-teacher-tls", "tls.key")
+    for r_template, r_container, _, trainer in processes(tree_id, "train"):
+        teacher_config = trainer.config.teacher
+        assert teacher_config.token is None and teacher_config.token_file, "the token comes from a file"
+        name = trainer.config.redis.namespace
+        assert kube.secret_file(r_template, r_container, teacher_config.token_file) == ("opd-student-tokens", name)
+        assert teacher_config.client_name == name
+        assert kube.secret_file(r_template, r_container, teacher_config.tls_ca_file) == ("opd-teacher-tls", "ca.crt")
         for address in trainer.config.teacher.addresses:
             assert address.startswith("dns:///"), f"{address}: use dns:/// so clients balance across replicas"
             host, port = split_host_port(address)
             service = kube.one(rendered, "Service", host)
             assert service["spec"]["clusterIP"] == "None", f"{host} must be headless (one address per replica)"
             assert kube.selects(service["spec"]["selector"], t_template.labels)
-            assert port == t_parsed.config.grpc.port and port in {p["port"] for p in service["spec"]["ports"]}
-        for key, value in t_env.items():
-            monkeypatch.setenv(key, value)
-        tokens = load_tokens(t_parsed.config.auth)
-        assert tokens.get(trainer.config.teacher.token or "") == trainer.config.redis.namespace, (
-            "the trainer's token must be one the teacher maps to the student's name"
-        )
+            assert port == grpc.port and port in {p["port"] for p in service["spec"]["ports"]}
+            assert host in _opd_certs_teacher_names(), f"`opd certs` must put {host} in the teacher's certificate"
 
 
 @pytest.mark.parametrize("tree_id", TREE_IDS)
 def test_redis_clients_use_the_redis_service_password_and_one_namespace(tree_id):
     rendered = objects(tree_id)
     statefulset = kube.one(rendered, "StatefulSet", "opd-redis")
+    redis_pod = next(t for t in kube.pod_templates(rendered) if t.owner is statefulset)
     redis = statefulset["spec"]["template"]["spec"]["containers"][0]
-    password = kube.container_env(redis)["REDIS_PASSWORD"]  # written into auth.conf (test_k8s_security.py)
-    assert password.startswith("SECRET."), "the Redis password comes from the Secret"
+    server_file = re.search(r"cat (\S+)\)", redis["command"][-1])[1]  # written into auth.conf (test_k8s_security)
+    assert kube.secret_file(redis_pod, redis, server_file) == ("opd-redis", "password")
     namespaces = set()
-    for _, _, _, parsed in processes(tree_id, "rollout") + processes(tree_id, "train"):
+    for template, container, _, parsed in processes(tree_id, "rollout") + processes(tree_id, "train"):
         host, port, url_password = redis_endpoint(parsed.config.redis.url)
         service = kube.one(rendered, "Service", host)
         assert kube.selects(service["spec"]["selector"], statefulset["spec"]["template"]["metadata"]["labels"])
-        assert port == kube.container_port(redis, "redis") and url_password == password
+        assert port == kube.container_port(redis, "redis") and url_password is None, "no password in the URL"
+        password_file = parsed.config.redis.password_file
+        assert kube.secret_file(template, container, password_file) == ("opd-redis", "password"), template.where
         namespaces.add(parsed.config.redis.namespace)
     assert len(namespaces) == 1, f"trainer and rollout workers must share one Redis namespace: {namespaces}"
+
+
+def _opd_certs_teacher_names() -> tuple[str, ...]:
+    from opd.certs import DEFAULT_TEACHER_NAMES
+
+    return DEFAULT_TEACHER_NAMES
 
 
 def _rollout_pods(tree_id: str) -> list[tuple[kube.PodTemplate, dict]]:
@@ -526,7 +558,12 @@ def test_ray_metrics_are_scraped_on_the_metrics_port_of_every_ray_pod():
 
 # ---------------------------------------------------------------------------------------------- copies
 
-COPIES = [(kube.K8S / "base" / "presets" / p.name, p) for p in sorted((REPO / "deploy" / "presets").glob("*.yaml"))] + [
+
+def _preset_copy(preset: Path) -> Path:
+    return kube.K8S / ("base" if preset.name.startswith("teacher-") else "student") / "presets" / preset.name
+
+
+COPIES = [(_preset_copy(p), p) for p in sorted((REPO / "deploy" / "presets").glob("*.yaml"))] + [
     (kube.K8S / "base" / "redis" / "redis.conf", REPO / "deploy" / "redis" / "redis.conf"),
     (kube.K8S / "components" / "dashboard" / "opd.json", REPO / "deploy" / "grafana" / "dashboards" / "opd.json"),
     (
@@ -551,5 +588,5 @@ def test_kustomize_copies_equal_their_originals(copy_path, original):
 
 
 def test_every_kustomize_copy_is_checked():
-    under_k8s = {p for p in (kube.K8S / "base" / "presets").glob("*")}
+    under_k8s = {p for d in ("base", "student") for p in (kube.K8S / d / "presets").glob("*")}
     assert under_k8s == {c for c, _ in COPIES if c.parent.name == "presets"}, "a preset copy has no original"

@@ -61,6 +61,30 @@ def test_health_ready_and_info(hf_teacher):
     assert info["server_version"] == __version__
 
 
+def _grpc_health(address: str) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+
+
+def test_readyz_follows_grpc_health(fresh_teacher):
+    """Kubernetes probes the ops port (/readyz): it must say what grpc.health.v1 says, both ways."""
+    from grpc_health.v1 import health_pb2
+
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    assert _grpc_health(fresh_teacher.address) == serving
+    assert httpx.get(f"{fresh_teacher.ops_url}/readyz").status_code == 200
+    fresh_teacher.call(fresh_teacher.server._set_health(not_serving))
+    assert _grpc_health(fresh_teacher.address) == not_serving
+    ready = httpx.get(f"{fresh_teacher.ops_url}/readyz")
+    assert ready.status_code == 503 and ready.json()["status"] == "not ready"
+    assert httpx.get(f"{fresh_teacher.ops_url}/healthz").status_code == 200  # alive, only not ready
+    fresh_teacher.call(fresh_teacher.server._set_health(serving))
+    assert httpx.get(f"{fresh_teacher.ops_url}/readyz").status_code == 200
+
+
 def test_json_score_equals_grpc_score(hf_teacher):
     ids = [3, 17, 250, 42, 9, 100, 7, 8]
     with TeacherClientSync(hf_teacher.address) as client:
