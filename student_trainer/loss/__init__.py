@@ -5,7 +5,8 @@ crosses it (`inputs`: `TeacherScores`, `LossInputs`, `LossStats`; `config`:
 `LossConfig`). Inside: the registry of divergences (`registry`: name ->
 function + what it needs from the teacher), their formulas (`divergences`),
 the weighting rules (`weighting`), the per-row plan of a step (`planning`)
-and the chunked lm-head pass that bounds memory (`fused_linear`).
+the chunked lm-head pass that bounds memory (`fused_linear`: row chunks) and
+its tiled schedule (`tiled`: row blocks x vocabulary tiles, `loss.chunking=tiles`).
 
 To add a divergence, write its function and add its row to
 `registry.DIVERGENCES`; nothing else changes. This file imports nothing, so

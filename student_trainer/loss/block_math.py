@@ -111,21 +111,54 @@ def block_terms(
     args = DivergenceArgs(settings.floor, settings.jsd_beta, reverse_weight)
     student = dv.student_chunk(logits_CV, settings.temperature, settings.floor, inplace)
     entropy_C = dv.entropy_rows(student)
-    agree_C = _top1_agreement(student, rows)
+    agree_C = top1_agreement(student.logprobs_CV.argmax(-1), rows, student.logprobs_CV.dtype)
     logp_C = student.logprobs_CV.gather(1, rows.target_C.long()[:, None]).squeeze(1)
+    bucket_grad_CB, buckets = None, None
+    token = token_terms(settings, divergence_fn, sampled, logp_C, rows, args, need_grad)
+    if sampled:
+        distill_C, divergence_C = token.distill_C, token.divergence_C
+    else:
+        buckets = _buckets(student, rows, settings)
+        distill_C, bucket_grad_CB = dv.bucket_divergence(buckets, divergence_fn, args)
+        divergence_C = distill_C
+    if not need_grad:
+        return BlockTerms(distill_C, token.rl_C, divergence_C, entropy_C, agree_C, None, token.kl_C)
+    if bucket_grad_CB is not None:  # every term's gradient is linear in its row scale: scale first, chain once
+        bucket_grad_CB = bucket_grad_CB.mul_(rows.distill_scale_C[:, None])
+    dlogits_CV = dv.logits_grad(student, buckets, bucket_grad_CB, rows.target_C, token.grad_C, settings.temperature)
+    return BlockTerms(distill_C, token.rl_C, divergence_C, entropy_C, agree_C, dlogits_CV, token.kl_C)
+
+
+class TokenTerms(NamedTuple):
+    """The terms of a block that read only the sampled token's log-prob (sampled divergence, GRPO, KL)."""
+
+    distill_C: Tensor | None  # the sampled divergence's surrogate (None for a divergence over buckets)
+    divergence_C: Tensor | None  # the sampled divergence per row (None for a divergence over buckets)
+    rl_C: Tensor  # the RL surrogate per row, its KL penalty included (0 without an RL term)
+    kl_C: Tensor  # the KL penalty's estimate (0 without one)
+    grad_C: Tensor | None  # d (distill_scale * sampled + rl_scale * rl) / d logp, None if none or not wanted
+
+
+def token_terms(
+    settings: BlockSettings,
+    divergence_fn,
+    sampled: bool,
+    logp_C: Tensor,
+    rows: BlockRows,
+    args: DivergenceArgs,
+    need_grad: bool,
+) -> TokenTerms:
+    """Sampled-token divergence (policy gradient), GRPO term and its KL penalty, from logp_C = s^(y) [C]."""
     behaviour_C = rows.behaviour_C if settings.importance != "none" else None
-    bucket_grad_CB, sampled_grad_C, buckets = None, None, None
+    distill_C, divergence_C, grad_C = None, None, None
     if sampled:
         divergence_C = divergence_fn(logp_C, rows.teacher_token_C, args)
         advantage_C = -divergence_C if rows.distill_advantage_C is None else rows.distill_advantage_C
         distill_C, sampled_grad_C = dv.policy_gradient_rows(
             logp_C, advantage_C.detach(), behaviour_C, settings.clip_low, settings.clip_high
         )
-    else:
-        buckets = _buckets(student, rows, settings)
-        distill_C, bucket_grad_CB = dv.bucket_divergence(buckets, divergence_fn, args)
-        divergence_C = distill_C
-    rl_C, rl_grad_C, kl_C = torch.zeros_like(logp_C), None, torch.zeros_like(logp_C)
+        grad_C = sampled_grad_C * rows.distill_scale_C
+    rl_C, kl_C = torch.zeros_like(logp_C), torch.zeros_like(logp_C)
     if rows.rl_advantage_C is not None:
         rl_C, rl_grad_C = dv.policy_gradient_rows(
             logp_C, rows.rl_advantage_C, behaviour_C, settings.clip_low, settings.clip_high
@@ -134,18 +167,9 @@ def block_terms(
             kl_C, kl_grad_C = dv.kl_penalty(logp_C, rows.reference_C, settings.kl_estimator)
             rl_C = rl_C + settings.kl_coef * kl_C
             rl_grad_C = rl_grad_C + settings.kl_coef * kl_grad_C
-    if not need_grad:
-        return BlockTerms(distill_C, rl_C, divergence_C, entropy_C, agree_C, None, kl_C)
-    # Every term's gradient is linear in its row scale: scale first, chain once.
-    if bucket_grad_CB is not None:
-        bucket_grad_CB = bucket_grad_CB.mul_(rows.distill_scale_C[:, None])
-    if sampled_grad_C is not None:
-        sampled_grad_C = sampled_grad_C * rows.distill_scale_C
-    if rl_grad_C is not None:
         rl_grad_C = rl_grad_C * rows.rl_scale_C
-        sampled_grad_C = rl_grad_C if sampled_grad_C is None else sampled_grad_C + rl_grad_C
-    dlogits_CV = dv.logits_grad(student, buckets, bucket_grad_CB, rows.target_C, sampled_grad_C, settings.temperature)
-    return BlockTerms(distill_C, rl_C, divergence_C, entropy_C, agree_C, dlogits_CV, kl_C)
+        grad_C = rl_grad_C if grad_C is None else grad_C + rl_grad_C
+    return TokenTerms(distill_C, divergence_C, rl_C, kl_C, grad_C if need_grad else None)
 
 
 def _buckets(student: dv.StudentChunk, rows: BlockRows, settings: BlockSettings) -> dv.Buckets:
@@ -154,17 +178,16 @@ def _buckets(student: dv.StudentChunk, rows: BlockRows, settings: BlockSettings)
     return dv.topk_buckets(student, rows.topk_ids_CK, rows.topk_logprobs_CK, rows.tail_C, settings.floor)
 
 
-def _top1_agreement(student: dv.StudentChunk, rows: BlockRows) -> Tensor:
-    """1.0 where the student's and teacher's most likely tokens agree, nan if unknown."""
-    student_top_C = student.logprobs_CV.argmax(-1)
+def top1_agreement(student_top_C: Tensor, rows: BlockRows, dtype: torch.dtype) -> Tensor:
+    """1.0 where the student's most likely token (`student_top_C`) is the teacher's, nan if unknown."""
     if rows.full_CV is not None:
         teacher_top_C = rows.full_CV.argmax(-1)
     elif rows.topk_ids_CK is not None and rows.topk_ids_CK.shape[1] > 0:
         best_C1 = rows.topk_logprobs_CK.argmax(-1, keepdim=True)
         teacher_top_C = rows.topk_ids_CK.gather(1, best_C1).squeeze(1)
     else:
-        return torch.full_like(student.logprobs_CV[:, 0], math.nan)
-    return (student_top_C == teacher_top_C.long()).to(student.logprobs_CV.dtype)
+        return torch.full(student_top_C.shape, math.nan, dtype=dtype, device=student_top_C.device)
+    return (student_top_C == teacher_top_C.long()).to(dtype)
 
 
 def wants_compile(mode: str, device: torch.device) -> bool:

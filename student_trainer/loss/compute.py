@@ -16,7 +16,9 @@ per-token and per-sequence inputs (`LossInputs`) and the statistics returned
    block by block
    (`block_math`, eager or compiled, with the divergence the registry names;
    formulas in `divergences`), writing d logits back into the chunk, so the
-   temporaries of the math are block-sized;
+   temporaries of the math are block-sized; or, with `loss.chunking=tiles`,
+   the tiled pass (`tiled`: large row blocks x vocabulary tiles, the same
+   formulas), whose per-row terms go into the same buffers;
 4. statistics from the per-row buffers the chunk function filled.
 
 Formulas live in `divergences` and `weighting`; this module wires them and
@@ -32,9 +34,16 @@ from torch import Tensor
 
 from student_trainer.loss.block_math import BlockRows, BlockSettings, BlockTerms, block_function, wants_compile
 from student_trainer.loss.config import LossConfig
-from student_trainer.loss.fused_linear import chunk_rows, chunk_slices, compute_dtype, fused_linear_loss
+from student_trainer.loss.fused_linear import (
+    chunk_rows,
+    chunk_slices,
+    compute_dtype,
+    fused_linear_loss,
+    fused_pass_loss,
+)
 from student_trainer.loss.inputs import LossInputs, LossStats, TeacherScores, check_inputs
 from student_trainer.loss.planning import Denominators, RowPlan, plan_rows
+from student_trainer.loss.tiled import TiledPass, TileShape
 
 __all__ = ["Denominators", "LossConfig", "LossInputs", "LossStats", "TeacherScores", "compute_distillation_loss"]
 
@@ -66,15 +75,22 @@ def compute_distillation_loss(
     plan = plan_rows(
         hidden_NH, lm_head_weight_VH, lm_head_bias_V, inputs, teacher, config, step, rows_per_chunk, denominators
     )
-    device = hidden_NH.device
+    device, dtype = hidden_NH.device, compute_dtype(hidden_NH.dtype)
     budget = config.block_budget_mib or (BLOCK_BUDGET_CPU_MIB if device.type != "cuda" else None)
     block_rows = rows_per_chunk if budget is None else min(rows_per_chunk, chunk_rows(vocab, None, budget))
     fn = block_function(BlockSettings.of(config), wants_compile(config.compile, device))
-    chunk_loss = _ChunkLoss(plan, inputs, teacher, config, compute_dtype(hidden_NH.dtype), block_rows, fn)
+    chunk_loss = _ChunkLoss(plan, inputs, teacher, config, dtype, block_rows, fn)
     active_N = plan.kept_N | (plan.rl_coef_N != 0)
-    loss = fused_linear_loss(
-        hidden_NH, lm_head_weight_VH, lm_head_bias_V, chunk_loss, chunk_slices(active_N, rows_per_chunk)
-    )
+    if config.chunking == "tiles":
+        active_A = active_N.nonzero().squeeze(1)
+        shape = TileShape.of(active_A.numel(), vocab, config.tile_vocab, config.tile_budget_mib)
+        rows = chunk_loss.rows(None)
+        tiled = TiledPass(BlockSettings.of(config), rows, active_A, plan.reverse_weight, shape, dtype)
+        loss = fused_pass_loss(hidden_NH, lm_head_weight_VH, lm_head_bias_V, tiled)
+        chunk_loss.record(tiled.terms, active_A)
+    else:
+        chunks = chunk_slices(active_N, rows_per_chunk)
+        loss = fused_linear_loss(hidden_NH, lm_head_weight_VH, lm_head_bias_V, chunk_loss, chunks)
     return loss, chunk_loss.stats(plan, config)
 
 
@@ -104,24 +120,25 @@ class _ChunkLoss:
         for start in range(0, logits_CV.shape[0], self.block_rows):
             block_CV = logits_CV[start : start + self.block_rows]
             block = slice(rows.start + start, rows.start + start + block_CV.shape[0])
-            terms = self.fn(block_CV, self.plan.reverse_weight, need_grad, self._rows(block))
-            loss += self._record(terms, block)
+            terms = self.fn(block_CV, self.plan.reverse_weight, need_grad, self.rows(block))
+            loss += self.record(terms, block)
             if need_grad and terms.dlogits_CV.data_ptr() != block_CV.data_ptr():
                 block_CV.copy_(terms.dlogits_CV)
             del terms
         return loss, (logits_CV if need_grad else None)
 
-    def _rows(self, block: slice) -> BlockRows:
+    def rows(self, block: slice | None) -> BlockRows:
+        """The per-row inputs of rows `block` (None: all rows, the tensors themselves)."""
         teacher, plan = self.teacher, self.plan
 
         def part(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t[block]
+            return t if t is None or block is None else t[block]
 
         return BlockRows(
-            target_C=self.inputs.target_ids[block],
-            distill_scale_C=self.distill_scale_N[block],
-            rl_scale_C=self.rl_scale_N[block],
-            teacher_token_C=teacher.token_logprobs[block],
+            target_C=part(self.inputs.target_ids),
+            distill_scale_C=part(self.distill_scale_N),
+            rl_scale_C=part(self.rl_scale_N),
+            teacher_token_C=part(teacher.token_logprobs),
             topk_ids_CK=part(self.topk_ids),
             topk_logprobs_CK=part(teacher.topk_logprobs),
             tail_C=part(teacher.tail_logprobs),
@@ -132,7 +149,8 @@ class _ChunkLoss:
             reference_C=part(self.inputs.reference_logprobs),
         )
 
-    def _record(self, terms: BlockTerms, block: slice) -> Tensor:
+    def record(self, terms: BlockTerms, block: slice | Tensor) -> Tensor:
+        """Keep one block's per-row terms (rows `block`: a slice or an index) and return its loss sum."""
         plan = self.plan
         self.divergence_N[block] = terms.divergence_C
         self.entropy_N[block] = terms.entropy_C

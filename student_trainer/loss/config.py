@@ -201,6 +201,20 @@ class LossConfig(_Strict):
         "~36 MiB at V = 151,936 for ~1.3x the loss's CPU time; BENCHMARKS.md), the whole chunk on CUDA "
         "(fewer, larger kernels). Peak extra memory ~ one chunk + ~3 blocks.",
     )
+    chunking: Literal["rows", "tiles"] = Field(
+        "rows",
+        description="Schedule of the lm-head pass: 'rows' = chunks of rows over the whole vocabulary "
+        "(chunk_size / chunk_budget_mib, block_budget_mib); 'tiles' = large row blocks x vocabulary tiles "
+        "(tile_vocab, tile_budget_mib): larger matmuls at bounded memory, one more sweep of lm-head matmuls "
+        "(two with support=full), the weight gradient summed in float32 per vocabulary tile.",
+    )
+    tile_vocab: int = Field(4096, ge=1, description="chunking=tiles: vocabulary entries per tile.")
+    tile_budget_mib: float = Field(
+        32.0,
+        gt=0.0,
+        description="chunking=tiles: rows per block such that one fp32 [rows, tile_vocab] tile is this size "
+        "(a few such tiles are alive at once).",
+    )
     compile: Literal["auto", "on", "off"] = Field(
         "auto",
         description="torch.compile the per-block math (fused kernels): 'auto' = on CUDA only; the eager "
@@ -234,6 +248,11 @@ class LossConfig(_Strict):
             raise ValueError(
                 f"discount > 0 needs a sampled-token divergence ({', '.join(sampled)}), "
                 f"got divergence={self.divergence!r}"
+            )
+        if self.chunking == "tiles" and self.support == "full" and not row.sampled and not row.separable:
+            raise ValueError(
+                f"divergence={self.divergence!r} is not a sum over buckets, which chunking='tiles' needs with "
+                "support='full': set chunking='rows'"
             )
         if not row.sampled and self.support not in row.needs:
             raise ValueError(

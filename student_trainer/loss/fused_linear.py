@@ -94,14 +94,17 @@ def _zeros_for(tensor: Tensor | None, wanted: bool) -> Tensor | None:
     return torch.zeros(tensor.shape, dtype=tensor.dtype, device=tensor.device)
 
 
+# (hidden_NH, weight_VH, bias_V, needs_grad) -> (loss sum, grad hidden, grad weight, grad bias), as `run_chunks`
+PassFn = Callable[[Tensor, Tensor, Tensor | None, tuple[bool, bool, bool]], tuple]
+
+
 class FusedLinearChunkedLoss(torch.autograd.Function):
-    """Scalar loss of `chunk_fn` over lm-head chunks; gradients computed in forward."""
+    """Scalar loss of a pass over the lm-head (`run_chunks`, or the tiled pass of `loss.tiled`); gradients
+    computed in forward."""
 
     @staticmethod
-    def forward(ctx, hidden_NH, weight_VH, bias_V, chunk_fn, chunks):  # type: ignore[override]
-        loss, grad_hidden, grad_weight, grad_bias = run_chunks(
-            hidden_NH, weight_VH, bias_V, chunk_fn, chunks, needs_grad=tuple(ctx.needs_input_grad[:3])
-        )
+    def forward(ctx, hidden_NH, weight_VH, bias_V, run: PassFn):  # type: ignore[override]
+        loss, grad_hidden, grad_weight, grad_bias = run(hidden_NH, weight_VH, bias_V, tuple(ctx.needs_input_grad[:3]))
         # Plain attributes, not save_for_backward: backward hands these tensors
         # over and drops its reference, so autograd can take them without a copy.
         ctx.grads = (grad_hidden, grad_weight, grad_bias)
@@ -113,7 +116,7 @@ class FusedLinearChunkedLoss(torch.autograd.Function):
             raise RuntimeError("FusedLinearChunkedLoss supports one backward per forward")
         grads, ctx.grads = ctx.grads, None
         scaled = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
-        return scaled[0], scaled[1], scaled[2], None, None
+        return scaled[0], scaled[1], scaled[2], None
 
 
 def fused_linear_loss(
@@ -123,11 +126,20 @@ def fused_linear_loss(
     chunk_fn: ChunkFn,
     chunks: list[slice],
 ) -> Tensor:
-    """Differentiable scalar loss when autograd needs it; a forward-only pass otherwise."""
+    """Differentiable scalar loss of `chunk_fn` over row chunks when autograd needs it; forward-only otherwise."""
+
+    def run(hidden, weight, bias, needs_grad):
+        return run_chunks(hidden, weight, bias, chunk_fn, chunks, needs_grad)
+
+    return fused_pass_loss(hidden_NH, weight_VH, bias_V, run)
+
+
+def fused_pass_loss(hidden_NH: Tensor, weight_VH: Tensor, bias_V: Tensor | None, run: PassFn) -> Tensor:
+    """Differentiable scalar loss of the pass `run` when autograd needs it; a forward-only pass otherwise."""
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden_NH, weight_VH, bias_V)
     )
     if wants_grad:
-        return FusedLinearChunkedLoss.apply(hidden_NH, weight_VH, bias_V, chunk_fn, chunks)
+        return FusedLinearChunkedLoss.apply(hidden_NH, weight_VH, bias_V, run)
     with torch.no_grad():
-        return run_chunks(hidden_NH, weight_VH, bias_V, chunk_fn, chunks)[0]
+        return run(hidden_NH, weight_VH, bias_V, (False, False, False))[0]

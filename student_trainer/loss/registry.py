@@ -58,11 +58,14 @@ class DivergenceArgs:
 @dataclass(frozen=True)
 class Divergence:
     """One registry row. `fn` is the callable or "module:attribute"; `scheduled` rows get
-    `args.reverse_weight` from `loss.schedule` (else 1)."""
+    `args.reverse_weight` from `loss.schedule` (else 1); `separable`: the loss is a sum over buckets of
+    per-bucket terms and its gradient per bucket reads only that bucket (every built-in one), so it can be
+    evaluated on vocabulary tiles (`loss.chunking=tiles` with support "full")."""
 
     fn: Callable | str
     needs: frozenset[TeacherNeed]
     scheduled: bool = False
+    separable: bool = True
 
     def __post_init__(self) -> None:
         if not self.needs or (TeacherNeed.SAMPLED_TOKEN in self.needs and len(self.needs) > 1):
