@@ -47,6 +47,7 @@ EXTERNAL_SECRETS = {
     "opd-teacher-tokens": {"tokens.yaml"},
     "opd-student-tokens": None,  # one key per student name
     "opd-teacher-tls": {"tls.crt", "tls.key", "ca.crt"},
+    "opd-student-certs": None,  # <name>.crt and <name>.key per student (components/mtls)
     "opd-grafana": {"admin-password"},
 }
 _REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")

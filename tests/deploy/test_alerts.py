@@ -187,3 +187,11 @@ def test_prometheusrule_carries_the_same_rules():
     (rule,) = [o for o in yaml.safe_load_all(path.read_text()) if o]
     assert rule["kind"] == "PrometheusRule"
     assert rule["spec"] == yaml.safe_load(RULES.read_text()), f"{path} differs from {RULES}: copy the groups over"
+
+
+@pytest.mark.parametrize("rule", _rules(), ids=[r["alert"] for r in _rules()])
+def test_rules_read_only_series_opd_or_redis_exporter_export(rule):
+    from tests.deploy.test_monitoring import exported_series, metric_names
+
+    unknown = [name for name in metric_names(rule["expr"]) if name not in exported_series() | {"up"}]
+    assert unknown == [], f"{rule['alert']}: {unknown} are exported by nothing opd runs"

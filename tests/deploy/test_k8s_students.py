@@ -11,8 +11,10 @@ the second student's custom resources validate against the vendored CRDs.
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
+import yaml
 
 from tests.deploy import crd_check, kube, netpol
 from tests.deploy.commands import parse_container, split_host_port
@@ -147,3 +149,42 @@ def test_the_teacher_address_is_the_shared_headless_service():
         (address,) = parsed.config.teacher.addresses
         host, _ = split_host_port(address)
         kube.one(rendered, "Service", host)
+
+
+def _with_mtls(tmp_path, tree) -> tuple[dict, ...]:
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(tree, tmp_path)],
+                "components": [os.path.relpath(kube.K8S / "components" / "mtls", tmp_path)],
+            }
+        )
+    )
+    return kube.render_uncached(tmp_path)
+
+
+def test_mutual_tls_component_gives_each_student_its_own_client_certificate(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    rendered = _with_mtls(tmp_path / "a", kube.K8S / "overlays" / "gpu") + _with_mtls(tmp_path / "b", STUDENT_B)
+    seen = set()
+    for template in kube.pod_templates(rendered):
+        for container in template.containers():
+            if not container["image"].split(":")[0].endswith("opd"):
+                continue
+            env = kube.container_env(container)
+            command, args = kube.command_line(container, env)
+            parsed = parse_container(command or ["opd"], args, env)
+            if parsed.component == "teacher":
+                ca = parsed.config.grpc.tls_client_ca_file
+                assert kube.secret_file(template, container, ca) == ("opd-teacher-tls", "ca.crt")
+                seen.add("teacher")
+            elif parsed.component == "train":
+                student, teacher = template.labels["app.kubernetes.io/instance"], parsed.config.teacher
+                for path, suffix in ((teacher.tls_cert_file, "crt"), (teacher.tls_key_file, "key")):
+                    assert kube.secret_file(template, container, path) == ("opd-student-certs", f"{student}.{suffix}")
+                seen.add(student)
+    assert seen == {"teacher", *STUDENTS}
+    assert [p for o in rendered if o["kind"] == "JobSet" for p in crd_check.problems(o)] == []

@@ -590,3 +590,20 @@ def test_kustomize_copies_equal_their_originals(copy_path, original):
 def test_every_kustomize_copy_is_checked():
     under_k8s = {p for d in ("base", "student") for p in (kube.K8S / d / "presets").glob("*")}
     assert under_k8s == {c for c, _ in COPIES if c.parent.name == "presets"}, "a preset copy has no original"
+
+
+# ---------------------------------------------------------------------------------------------- long-lived objects
+
+
+@pytest.mark.parametrize("tree_id", TREE_IDS)
+def test_deleting_a_tree_cannot_delete_data_or_cluster_objects(tree_id):
+    """`kubectl delete -k` of a tree (or of a student) deletes what it renders: no Namespace, PVC or PriorityClass
+    may be among them; they come from the tree's bundle, applied once."""
+    trees = [dict(kube.TREES)[tree_id], kube.K8S / "students" / "student-b"]
+    for tree in trees:
+        held = [f"{o['kind']}/{o['metadata']['name']}" for o in kube.render(tree) if o["kind"] in kube.LONG_LIVED_KINDS]
+        assert held == [], f"{tree.relative_to(REPO)} holds {held}: move them to its cluster/ bundle"
+    bundle = kube.render(kube.BUNDLES[tree_id])
+    assert {o["kind"] for o in bundle} <= kube.LONG_LIVED_KINDS, "the bundle holds only long-lived objects"
+    assert {"PriorityClass", "PersistentVolumeClaim"} <= {o["kind"] for o in bundle}
+    assert tree_id == "base" or kube.find(bundle, "Namespace")

@@ -119,10 +119,19 @@ PROMQL_KEYWORDS = {
 }
 
 
+# Series of redis_exporter (the sidecar of opd-redis) that the dashboard and the alerts read.
+REDIS_EXPORTER_SERIES = {
+    "redis_memory_used_bytes",
+    "redis_memory_max_bytes",
+    "redis_connected_clients",
+    "redis_commands_processed_total",
+}
+
+
 @functools.cache
 def exported_series() -> frozenset[str]:
-    """Every series name the three components' registries can expose."""
-    names: set[str] = set()
+    """Every series name the three components' registries can expose, and redis_exporter's that opd reads."""
+    names: set[str] = set(REDIS_EXPORTER_SERIES)
     for metrics in (TeacherMetrics(), RolloutMetrics(), TrainerMetrics()):
         for family in metrics.registry.collect():
             names.update(family.name + suffix for suffix in _SUFFIXES[family.type])
@@ -191,6 +200,8 @@ def test_dashboard_covers_the_signals_the_issue_asks_for():
         "opd_trainer_divergence",
         "opd_trainer_step_time_seconds_sum",
         "opd_trainer_staleness_versions_sum",
+        "redis_memory_used_bytes",  # against maxmemory (redis_exporter)
+        "redis_memory_max_bytes",
     }
     assert wanted <= used, f"missing panels for {sorted(wanted - used)}"
     step_time = [expr for _, expr in queries() if "opd_trainer_step_time_seconds" in expr]
