@@ -33,6 +33,7 @@ from rollout_workers.engine import GenerationBackend, SampleParams, sample_seed
 from rollout_workers.episode import EpisodeLimits, run_episode
 from rollout_workers.rewards import RewardFn, extract_final_answer, normalize_answer
 from student_trainer.evaluation import TokenSums, divergences, reply_diagnostics
+from student_trainer.score_sources.base import TeacherMismatch, check_teacher
 
 DEFAULT_TEACHER_TOP_K = 20
 PREFLIGHT_TIMEOUT_S = 30.0
@@ -144,12 +145,13 @@ class TeacherScoring:
             self.info = await self.client.info(timeout_s=min(PREFLIGHT_TIMEOUT_S, self.config.teacher.timeout_s))
         except TeacherClientError as exc:
             raise EvalError(f"teacher at {where} did not answer Info ({exc}); check --teacher HOST:PORT") from None
-        if self.info.tokenizer_fingerprint != student_fingerprint:
+        try:  # the one teacher-compatibility check the trainer uses (the tokenizer is what a divergence needs)
+            check_teacher(self.info, student_fingerprint, None, "the student", top_k=0, temperature=1.0, where=where)
+        except TeacherMismatch as exc:
             raise EvalError(
-                f"the teacher at {where} uses another tokenizer (fingerprint {self.info.tokenizer_fingerprint[:16]}) "
-                f"than the student (fingerprint {student_fingerprint[:16]}); a per-token divergence needs one "
-                f"tokenizer: evaluate against a teacher of the student's family, or without --teacher"
-            )
+                f"the teacher at {where} uses another tokenizer than the student ({exc}); evaluate against a "
+                f"teacher of the student's family, or without --teacher"
+            ) from None
         if vocab_size > self.info.vocab_size:
             raise EvalError(
                 f"the student's tokenizer has {vocab_size} tokens, the teacher's vocabulary "

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from protos.tokenizer_fingerprint import tokenizer_fingerprint
+from student_trainer.score_sources.base import TeacherMismatch, check_teacher
 from student_trainer.score_sources.openai_client import OpenAIScoreClient, TeacherHTTPError
 from student_trainer.score_sources.score_file import ScoreFileMeta
 from teacher_server.client import TeacherClient, TeacherClientError
@@ -83,18 +84,20 @@ async def open_scorer(config: ScoreConfig) -> Scorer:
     except TeacherClientError as exc:
         await client.close()
         raise ScoringError(f"the teacher at {config.teacher[0]} did not answer Info: {exc}") from None
-    if local is not None and local != info.tokenizer_fingerprint:
-        await client.close()
-        raise ScoringError(
-            f"--tokenizer {config.tokenizer!r} (fingerprint {local[:16]}...) is not the tokenizer of the teacher "
-            f"{info.model_name!r} ({info.tokenizer_fingerprint[:16]}...): pass the teacher's own"
+    try:  # the one teacher-compatibility check the trainer uses
+        check_teacher(
+            info,
+            info.tokenizer_fingerprint if local is None else local,
+            None,
+            f"--tokenizer {config.tokenizer!r}",
+            top_k=config.top_k,
+            temperature=config.temperature,
+            top_k_fix="lower --top-k",
+            temperature_name="--temperature",
         )
-    if config.temperature != 1.0 and not info.supports_temperature:
+    except TeacherMismatch as exc:
         await client.close()
-        raise ScoringError(
-            f"--temperature {config.temperature}: the {info.backend} teacher {info.model_name!r} cannot apply a "
-            f"temperature exactly; use 1 or a teacher on the hf backend"
-        )
+        raise ScoringError(str(exc)) from None
     meta = ScoreFileMeta(
         teacher_model=info.model_name,
         tokenizer_fingerprint=info.tokenizer_fingerprint,

@@ -67,10 +67,12 @@ def check_teacher(
     full_vocab: bool = False,
     where: str = "the teacher",
     top_k_fix: str = "lower teacher.top_k",
+    temperature_name: str = "loss.teacher_temperature",
 ) -> None:
     """Raise TeacherMismatch unless `info` can score the student's tokens with the loss's `top_k`, `temperature`
     and (when `full_vocab`) full-vocabulary log-probs; `vocab_size` None: the student's is not known;
-    `top_k_fix`: what to change when the teacher's k is too small (the source knows its knob)."""
+    `top_k_fix`: what to change when the teacher's k is too small (the source knows its knob);
+    `temperature_name`: the option that set `temperature`, for the message."""
     if info.tokenizer_fingerprint != tokenizer_fingerprint:
         raise TeacherMismatch(
             f"tokenizer mismatch: {where} {info.model_name!r} has tokenizer fingerprint "
@@ -95,6 +97,6 @@ def check_teacher(
         )
     if temperature != 1.0 and not info.supports_temperature:
         raise TeacherMismatch(
-            f"loss.teacher_temperature={temperature} but {where} {info.model_name!r} ({info.backend}) cannot "
+            f"{temperature_name}={temperature} but {where} {info.model_name!r} ({info.backend}) cannot "
             f"apply a temperature; use 1 or an opd teacher on the hf backend"
         )
