@@ -472,9 +472,15 @@ def _grad_error_report(args: argparse.Namespace) -> int:
     single = (dz.to(torch.bfloat16).T @ hidden).double()
     del dz
     got = {"one bf16 matmul over all rows (autograd on full logits)": single}
-    for label, chunking in (("row chunks, bf16 sums across chunks", "rows"), ("tiles, fp32 sums per tile", "tiles")):
+    block_mib = 256 * 4096 * 4 / 2**20  # 256-row blocks of 4096-wide tiles: sums across blocks
+    schedules = (
+        (f"row chunks of {args.chunk_size or 'default'} rows, bf16 sums across chunks", {"chunking": "rows"}),
+        ("tiles, default shape, fp32 sums per tile", {"chunking": "tiles"}),
+        ("tiles of 256 rows x 4096, fp32 sums per tile", {"chunking": "tiles", "tile_budget_mib": block_mib}),
+    )
+    for label, settings in schedules:
         w = weight.clone().requires_grad_()
-        spec = {"method": "fused", "chunk_size": args.chunk_size, "chunking": chunking}
+        spec = {"method": "fused", "chunk_size": args.chunk_size, **settings}
         _fused_loss(dict(inp, weight=w), spec, "rkl").backward()
         got[label] = w.grad.double()
     print(f"# opd bench losses --grad-error: device={_device_name(args.device)} N={n} V={v} H={h}, rkl, full teacher")
