@@ -12,7 +12,14 @@ subprocess under a memory cap (an allocation past the cap is reported as
                   its block math compiled on CUDA (`loss.compile=auto`);
   fused_eager:    the same with the eager PyTorch block math (`loss.compile=off`; on CPU
                   `fused` is already eager, so only CUDA runs it by default);
-  fused_topk:     `compute_distillation_loss`, teacher top-k + tail (what the service sends).
+  fused_topk:     `compute_distillation_loss`, teacher top-k + tail (what the service sends);
+  fused_tiled:    `fused` with the tiled schedule (`loss.chunking=tiles`: row blocks x
+                  vocabulary tiles), whatever the default schedule is.
+
+`--grad-error` instead reports the relative error of the bf16 lm-head weight
+gradient against a float64 one (reverse KL, full teacher): one bf16 matmul
+over all rows, the row-chunk schedule (bf16 sums across chunks) and the tiled
+schedule (float32 sums per vocabulary tile).
 
 Peak extra memory is the growth of peak RSS during the step on CPU (VmHWM,
 reset through /proc/self/clear_refs) or `torch.cuda.max_memory_allocated`
@@ -41,14 +48,16 @@ import threading
 import time
 from pathlib import Path
 
-METHODS = ("full", "seed", "fused", "fused_eager", "fused_topk")
+METHODS = ("full", "seed", "fused", "fused_eager", "fused_topk", "fused_tiled")
 LABELS = {
     "full": "(a) full logits",
     "seed": "(b) seed chunks",
     "fused": "fused (full teacher)",
     "fused_eager": "fused eager (full teacher)",
     "fused_topk": "fused (top-k teacher)",
+    "fused_tiled": "fused tiled (full teacher)",
 }
+FUSED_FULL = ("fused", "fused_eager", "fused_tiled")  # the methods with a ratio line against (b)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -71,6 +80,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--block-budget-mib", type=float, default=None, help="fused block temporaries (default: LossConfig's)"
     )
+    p.add_argument(
+        "--chunking", choices=("rows", "tiles"), default=None, help="schedule of `fused` (default: LossConfig's)"
+    )
+    p.add_argument("--tile-vocab", type=int, default=None, help="tiled: vocabulary tile (default: LossConfig's)")
+    p.add_argument(
+        "--tile-budget-mib", type=float, default=None, help="tiled: fp32 MiB of one tile (default: LossConfig's)"
+    )
+    p.add_argument("--grad-error", action="store_true", help="report the bf16 weight-gradient error instead")
     p.add_argument("--top-k", type=int, default=64, help="teacher top-k of fused_topk")
     p.add_argument("--memory-cap-gib", type=float, default=16.0, help="cap on extra memory per configuration")
     p.add_argument("--timeout-s", type=float, default=1800.0, help="wall-clock limit per configuration")
@@ -103,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print("RESULT " + json.dumps(_worker(json.loads(args.worker))), flush=True)
         return 0
+    if args.grad_error:
+        return _grad_error_report(args)
     timing = "median CUDA-event time" if args.device == "cuda" else "best wall time"
     print(
         f"# opd bench losses: device={_device_name(args.device)} H={args.hidden} dtype={args.dtype} "
@@ -118,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                 results = {m: _run_isolated(args, loss, n, v, m) for m in args.methods}
                 for method, res in results.items():
                     print(_row(loss, n, v, method, res, results.get("seed")), flush=True)
-                ratios.append(_ratio_line(loss, n, v, results))
+                ratios += [_ratio_line(loss, n, v, results, m) for m in FUSED_FULL if m in results]
     for line in ratios:
         print(line)
     return 0
@@ -134,6 +153,9 @@ def _run_isolated(args: argparse.Namespace, loss: str, n: int, v: int, method: s
         "device": args.device,
         "chunk_size": args.chunk_size,
         "block_budget_mib": args.block_budget_mib,
+        "chunking": args.chunking,
+        "tile_vocab": args.tile_vocab,
+        "tile_budget_mib": args.tile_budget_mib,
         "top_k": min(args.top_k, v),
         "cap_gib": args.memory_cap_gib,
         "dtype": args.dtype,
@@ -169,15 +191,15 @@ def _row(loss: str, n: int, v: int, method: str, res: dict, seed: dict | None) -
     )
 
 
-def _ratio_line(loss: str, n: int, v: int, results: dict) -> str:
-    seed, fused = results.get("seed"), results.get("fused")
-    head = f"ratio {loss} N={n} V={v}:"
+def _ratio_line(loss: str, n: int, v: int, results: dict, method: str = "fused") -> str:
+    seed, fused = results.get("seed"), results.get(method)
+    head = f"ratio {loss} N={n} V={v} {method}:"
     if not fused or fused["status"] != "ok":
-        return f"{head} fused {fused['status'] if fused else 'not run'}"
+        return f"{head} {fused['status'] if fused else 'not run'}"
     if not seed or seed["status"] != "ok":
-        return f"{head} (b) {seed['status'] if seed else 'not run'}; fused {fused['peak_extra_mib']:.0f} MiB"
+        return f"{head} (b) {seed['status'] if seed else 'not run'}; {method} {fused['peak_extra_mib']:.0f} MiB"
     return (
-        f"{head} fused peak extra {fused['peak_extra_mib']:.0f} MiB vs (b) {seed['peak_extra_mib']:.0f} MiB "
+        f"{head} peak extra {fused['peak_extra_mib']:.0f} MiB vs (b) {seed['peak_extra_mib']:.0f} MiB "
         f"= {seed['peak_extra_mib'] / max(fused['peak_extra_mib'], 1e-9):.1f}x less; "
         f"time {1000 * fused['time_s']:.1f} ms vs {1000 * seed['time_s']:.1f} ms = "
         f"{fused['time_s'] / seed['time_s']:.2f}x; "
@@ -343,6 +365,7 @@ def _fused_loss(inp: dict, spec: dict, loss: str):
     n = inp["hidden"].shape[0]
     topk = spec["method"] == "fused_topk"
     compile_mode = "off" if spec["method"] == "fused_eager" else "auto"
+    chunking = "tiles" if spec["method"] == "fused_tiled" else spec.get("chunking")
     teacher = TeacherScores(
         token_logprobs=torch.zeros(n, device=inp["hidden"].device),
         topk_ids=inp.get("topk_ids"),
@@ -355,12 +378,15 @@ def _fused_loss(inp: dict, spec: dict, loss: str):
         loss_weights=torch.ones(n, device=inp["hidden"].device),
         cu_seqlens=torch.tensor([0, n], device=inp["hidden"].device),
     )
+    tiling = {k: spec.get(k) for k in ("tile_vocab", "tile_budget_mib") if spec.get(k) is not None}
     config = LossConfig(
         divergence=loss,
         support="topk" if topk else "full",
         chunk_size=spec["chunk_size"],
         block_budget_mib=spec.get("block_budget_mib"),
         compile=compile_mode,
+        **({"chunking": chunking} if chunking else {}),
+        **tiling,
     )
     return compute_distillation_loss(inp["hidden"], inp["weight"], inputs, teacher, config, step=0)[0]
 
@@ -425,6 +451,46 @@ def _reset_peak_rss() -> bool:
     except OSError:
         return False
     return _status_kib("VmHWM") <= _status_kib("VmRSS") + 1024
+
+
+# ----------------------------------------------------------------------------- bf16 weight-gradient error
+
+
+def _grad_error_report(args: argparse.Namespace) -> int:
+    """Relative error of the bf16 weight gradient (reverse KL, full teacher) against float64, three ways."""
+    import torch
+
+    device = torch.device(args.device)
+    n, v, h = args.n[0], args.v[0], args.hidden
+    inp = _make_inputs({"n": n, "v": v, "h": h, "dtype": "bfloat16", "method": "fused"}, device)
+    hidden, weight = inp["hidden"].detach(), inp["weight"].detach()
+    logits = (hidden.double() @ weight.double().T).requires_grad_()
+    _divergence_sum(torch.log_softmax(logits, -1), inp["teacher_full"].double(), "rkl").div(n).backward()
+    dz = logits.grad
+    del logits
+    want = dz.T @ hidden.double()
+    single = (dz.to(torch.bfloat16).T @ hidden).double()
+    del dz
+    got = {"one bf16 matmul over all rows (autograd on full logits)": single}
+    block_mib = 256 * 4096 * 4 / 2**20  # 256-row blocks of 4096-wide tiles: sums across blocks
+    schedules = (
+        (f"row chunks of {args.chunk_size or 'default'} rows, bf16 sums across chunks", {"chunking": "rows"}),
+        ("tiles, default shape, fp32 sums per tile", {"chunking": "tiles"}),
+        ("tiles of 256 rows x 4096, fp32 sums per tile", {"chunking": "tiles", "tile_budget_mib": block_mib}),
+    )
+    for label, settings in schedules:
+        w = weight.clone().requires_grad_()
+        spec = {"method": "fused", "chunk_size": args.chunk_size, **settings}
+        _fused_loss(dict(inp, weight=w), spec, "rkl").backward()
+        got[label] = w.grad.double()
+    print(f"# opd bench losses --grad-error: device={_device_name(args.device)} N={n} V={v} H={h}, rkl, full teacher")
+    print("| weight gradient | max abs error / max abs | Frobenius relative error |")
+    print("| --- | --- | --- |")
+    scale, norm = want.abs().max().item(), want.norm().item()
+    for label, g in got.items():
+        err = g - want
+        print(f"| {label} | {err.abs().max().item() / scale:.2e} | {err.norm().item() / norm:.2e} |")
+    return 0
 
 
 if __name__ == "__main__":

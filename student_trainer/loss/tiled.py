@@ -240,42 +240,23 @@ class TiledPass:
         return dv.bucket_divergence(buckets, self.fn, self.args)
 
     def _gradient_sweep(self, state, g_AB, grad_total_A, scale_A, hidden_NH, needs_grad) -> tuple:
+        """d hidden, d weight, d bias (those wanted; None otherwise), tile by tile: vocabulary tiles outer,
+        each tile's weight and bias gradients summed over the row blocks in float32 and written once."""
         need_hidden, need_weight, need_bias = needs_grad
         need_bias = need_bias and self.bias_V is not None
-        vocab, h = self.weight_VH.shape
+        grad = _Gradients(g_AB, grad_total_A, scale_A, self.rows.target_C.long()[self.active_A])
+        if g_AB is not None:
+            grad.topk_ids = self.rows.topk_ids_CK.long()[self.active_A]
+            grad.tail_scale_A = torch.where(self.tail_mass_A > 0, g_AB[:, -1] / self.tail_mass_A, 0.0)
+        h = self.weight_VH.shape[1]
         grad_hidden_AH = torch.zeros(self.active_A.numel(), h, dtype=self.dtype, device=hidden_NH.device)
         grad_weight_VH = torch.zeros_like(self.weight_VH) if need_weight else None
         grad_bias_V = torch.zeros_like(self.bias_V) if need_bias else None
-        targets_A = self.rows.target_C.long()[self.active_A]
-        topk_ids = None if g_AB is None else self.rows.topk_ids_CK.long()[self.active_A]
-        tail_scale_A = None
-        if g_AB is not None:
-            tail_scale_A = torch.where(self.tail_mass_A > 0, g_AB[:, -1] / self.tail_mass_A, 0.0)
-        acc_TH, acc_T = None, None
         for cols, block, z_RT, weight_TH in self._tiles():
             if block.start == 0:  # a new vocabulary tile: float32 sums of its weight and bias gradients
                 acc_TH = torch.zeros(cols.stop - cols.start, h, dtype=self.dtype, device=z_RT.device)
                 acc_T = torch.zeros(cols.stop - cols.start, dtype=self.dtype, device=z_RT.device)
-            total_R = grad_total_A[block][:, None]
-            if self.full:
-                _, dz_RT, p_RT = self._full_tile(z_RT, state, cols, block)
-                dz_RT.mul_(scale_A[block][:, None]).addcmul_(p_RT, total_R, value=-1.0)
-            else:
-                dz_RT = z_RT.sub_(state.lse[block][:, None]).exp_()  # p
-                if g_AB is not None:
-                    inside, local = _in_tile(topk_ids[block], cols, z_RT.shape[1])
-                    rows_i, ks = inside.nonzero(as_tuple=True)
-                    cols_i = local[rows_i, ks]
-                    p_k = dz_RT[rows_i, cols_i]
-                    dz_RT.mul_(tail_scale_A[block][:, None] - total_R)
-                    dz_RT[rows_i, cols_i] = g_AB[block][rows_i, ks] - p_k * total_R[rows_i, 0]
-                else:
-                    dz_RT.mul_(-total_R)
-            if self.token_grad_A is not None:
-                inside, local = _in_tile(targets_A[block][:, None], cols, z_RT.shape[1])
-                dz_RT.scatter_add_(1, local, torch.where(inside, self.token_grad_A[block][:, None], 0.0))
-            if self.settings.temperature != 1.0:
-                dz_RT /= self.settings.temperature
+            dz_RT = self._tile_dlogits(z_RT, state, grad, cols, block)
             if need_hidden:
                 grad_hidden_AH[block] += self.mm(dz_RT, weight_TH)
             if need_weight:
@@ -293,6 +274,44 @@ class TiledPass:
             grad_hidden_NH = torch.zeros_like(hidden_NH)
             grad_hidden_NH[self.active_A] = grad_hidden_AH.to(hidden_NH.dtype)
         return grad_hidden_NH, grad_weight_VH, grad_bias_V
+
+    def _tile_dlogits(self, z_RT: Tensor, state: _Rows, grad: _Gradients, cols: slice, block: slice) -> Tensor:
+        """d loss / d logits of one tile (`z_RT` is overwritten): (g - p G) / T_s, with g the scaled bucket
+        gradient (full: the tile's; top-k: g_k at the ids, g_tail p_j / p_tail elsewhere) plus the sampled
+        token's gradient at its id."""
+        total_R1 = grad.total_A[block][:, None]
+        if self.full:
+            _, dz_RT, p_RT = self._full_tile(z_RT, state, cols, block)
+            dz_RT.mul_(grad.scale_A[block][:, None]).addcmul_(p_RT, total_R1, value=-1.0)
+        else:
+            dz_RT = z_RT.sub_(state.lse[block][:, None]).exp_()  # p
+            if grad.g_AB is not None:
+                inside, local = _in_tile(grad.topk_ids[block], cols, z_RT.shape[1])
+                rows_i, ks = inside.nonzero(as_tuple=True)
+                cols_i = local[rows_i, ks]
+                p_k = dz_RT[rows_i, cols_i]
+                dz_RT.mul_(grad.tail_scale_A[block][:, None] - total_R1)
+                dz_RT[rows_i, cols_i] = grad.g_AB[block][rows_i, ks] - p_k * total_R1[rows_i, 0]
+            else:
+                dz_RT.mul_(-total_R1)
+        if self.token_grad_A is not None:
+            inside, local = _in_tile(grad.targets_A[block][:, None], cols, z_RT.shape[1])
+            dz_RT.scatter_add_(1, local, torch.where(inside, self.token_grad_A[block][:, None], 0.0))
+        if self.settings.temperature != 1.0:
+            dz_RT /= self.settings.temperature
+        return dz_RT
+
+
+@dataclass
+class _Gradients:
+    """What the gradient sweep reads per active row [A]."""
+
+    g_AB: Tensor | None  # scaled top-k + tail bucket gradients (top-k support)
+    total_A: Tensor  # G: the scaled sum of every d/ds of the row
+    scale_A: Tensor  # distillation scale a * c_i
+    targets_A: Tensor
+    topk_ids: Tensor | None = None
+    tail_scale_A: Tensor | None = None  # g_tail / p_tail (0 where p_tail = 0)
 
 
 def _in_tile(ids_RK: Tensor, cols: slice, width: int) -> tuple[Tensor, Tensor]:
