@@ -30,7 +30,7 @@ fi
 "$PY" - <<'EOF' || exit 1
 import torch, transformers, pydantic
 assert torch.cuda.is_available(), "no CUDA device"
-import opd_apps.bench_losses, opd_apps.bench_trainer_step, student_trainer.model  # no Redis/gRPC/HTTP imports
+import opd_apps.bench.losses, opd_apps.bench.trainer_step, student_trainer.model  # no Redis/gRPC/HTTP imports
 print(f"torch {torch.__version__}, transformers {transformers.__version__}, pydantic {pydantic.__version__}, "
       f"{torch.cuda.get_device_name()}")
 EOF

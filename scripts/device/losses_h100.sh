@@ -35,7 +35,7 @@ fi
 "$PY" - <<'EOF' || exit 1
 import torch, pydantic
 assert torch.cuda.is_available(), "no CUDA device"
-import opd_apps.bench_losses, student_trainer.loss.tiled  # noqa: F401
+import opd_apps.bench.losses, student_trainer.loss.tiled  # noqa: F401
 a = torch.ones(8, 8, device="cuda", dtype=torch.bfloat16)
 try:
     out = torch.mm(a, a, out_dtype=torch.float32).dtype
