@@ -67,8 +67,9 @@ class SchedulerConfig(ConfigModel):
 class AuthConfig(ConfigModel):
     tokens_file: str | None = Field(
         None,
-        description="file of `client_name: token` lines (YAML mapping); "
-        "when set, every RPC needs `authorization: Bearer <token>`",
+        description="file of `client_name: token` lines (YAML mapping), or per team "
+        "`name: {token: ..., weight: 2, max_queued_tokens: N, max_queued_requests: N}` (fair-share weight and "
+        "queue caps); re-read when it changes; when set, every RPC needs `authorization: Bearer <token>`",
     )
     tokens_env: str | None = Field(None, description="name of an env variable holding `name:token,name:token`")
     cert_clients: dict[str, str] = Field(

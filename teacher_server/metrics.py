@@ -65,4 +65,10 @@ class TeacherMetrics:
             "wall time batches spent in the engine (summed over concurrent batches)",
             registry=r,
         )
+        self.client_weight = Gauge(
+            "opd_teacher_client_weight",
+            "the client's fair-share weight as last read from the tokens file (set at its requests)",
+            ["client"],
+            registry=r,
+        )
         self.engine_ready = Gauge("opd_teacher_engine_ready", "1 once the engine is loaded", registry=r)

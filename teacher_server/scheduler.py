@@ -1,12 +1,15 @@
 """Batching and fair scheduling of scoring work across clients.
 
-Owns the bounded queue (requests and tokens), per-client fair share by tokens
-(start-time fair queueing: the client with the least virtual time — tokens
-already served, caught up to the busiest active client when it returns from
-idle — goes next), forming batches up to a token / request budget, running up
-to `inflight_batches` batches in the engine at once, and dropping work whose
-caller cancelled or whose deadline passed before it reached the engine.
-Does not validate requests, encode replies or know about gRPC.
+Owns the bounded queue (requests and tokens), each team's queue caps (from the
+tokens file: `max_queued_tokens`, `max_queued_requests`), per-client fair share
+by weighted tokens (start-time fair queueing: the client with the least
+virtual time — tokens already served divided by its weight, caught up to the
+least active client's when it returns from idle — goes next), forming batches
+up to a token / request budget, running up to `inflight_batches` batches in
+the engine at once, and dropping work whose caller cancelled or whose deadline
+passed before it reached the engine. A team's weight and caps are read at each
+of its requests (`policy_of`), so an edited tokens file takes effect without a
+restart. Does not validate requests, encode replies or know about gRPC.
 """
 
 from __future__ import annotations
@@ -15,12 +18,15 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from opd.auth import DEFAULT_POLICY, TeamPolicy
 from teacher_server.config import SchedulerConfig
 from teacher_server.engine import ScoreResult, ScoreWork, TeacherEngine
-from teacher_server.errors import DeadlineExpired, Draining, EngineFailed, QueueFull
+from teacher_server.errors import DeadlineExpired, Draining, EngineFailed, InvalidRequest, QueueFull
 from teacher_server.metrics import TeacherMetrics
+from teacher_server.throughput import EngineThroughput
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +44,19 @@ class FairScheduler:
     """Queue + batcher in front of one engine. Create and use it on the server's event loop."""
 
     def __init__(
-        self, engine: TeacherEngine, config: SchedulerConfig, metrics: TeacherMetrics, inflight_batches: int
+        self,
+        engine: TeacherEngine,
+        config: SchedulerConfig,
+        metrics: TeacherMetrics,
+        inflight_batches: int,
+        policy_of: Callable[[str], TeamPolicy] | None = None,
     ) -> None:
         self._engine, self._cfg, self._metrics = engine, config, metrics
+        self._policy_of = policy_of or (lambda _client: DEFAULT_POLICY)
         self._queues: dict[str, collections.deque[_Pending]] = {}
         self._vtime: dict[str, float] = collections.defaultdict(float)
+        self._weight: dict[str, float] = {}
+        self._held_tokens: dict[str, int] = collections.defaultdict(int)  # queued tokens per client
         self._queued_requests = 0
         self._queued_tokens = 0
         self._wakeup = asyncio.Event()
@@ -51,7 +65,7 @@ class FairScheduler:
         self._running_requests = 0
         self._accepting = True
         self._loop_task: asyncio.Task[None] | None = None
-        self._avg_batch_s = 0.05
+        self._throughput = EngineThroughput()
 
     # -- intake ---------------------------------------------------------------------------
 
@@ -59,6 +73,7 @@ class FairScheduler:
         """Queue `work`; the future resolves to its ScoreResult. Raises QueueFull / Draining."""
         if not self._accepting:
             raise Draining("teacher is shutting down; retry on another replica")
+        self._apply_policy(client, work.num_tokens)
         while self._is_full(work.num_tokens):
             self._make_room_for(client, work.num_tokens)
         queue = self._queues.setdefault(client, collections.deque())
@@ -69,9 +84,49 @@ class FairScheduler:
         queue.append(_Pending(client, work, future, deadline=deadline))
         self._queued_requests += 1
         self._queued_tokens += work.num_tokens
+        self._held_tokens[client] += work.num_tokens
         self._metrics.queue_depth.set(self._queued_requests)
         self._wakeup.set()
         return future
+
+    def _apply_policy(self, client: str, num_tokens: int) -> None:
+        """Take the team's current weight; refuse the request when it would pass one of the team's caps."""
+        policy = self._policy_of(client)
+        self._note_weight(client, policy.weight)
+        held_tokens, held_requests = self._held_tokens[client], len(self._queues.get(client, ()))
+        if policy.max_queued_tokens is not None and num_tokens > policy.max_queued_tokens:
+            raise InvalidRequest(
+                f"a request of {num_tokens} tokens can never fit team {client!r}'s max_queued_tokens "
+                f"{policy.max_queued_tokens}: send shorter sequences or raise the cap in the teacher's tokens file"
+            )
+        excess = 0.0
+        if policy.max_queued_tokens is not None and held_tokens + num_tokens > policy.max_queued_tokens:
+            cap, excess = (
+                f"max_queued_tokens {policy.max_queued_tokens}",
+                held_tokens + num_tokens - policy.max_queued_tokens,
+            )
+        elif policy.max_queued_requests is not None and held_requests + 1 > policy.max_queued_requests:
+            cap, excess = f"max_queued_requests {policy.max_queued_requests}", held_tokens / max(held_requests, 1)
+        if excess:
+            retry = self._team_retry_hint_s(client, excess)
+            raise QueueFull(
+                f"team {client!r} has {held_requests} requests ({held_tokens} tokens) queued, its cap is {cap} "
+                f"(the teacher's tokens file); retry in {retry:.2f} s",
+                retry_after_s=retry,
+            )
+
+    def _note_weight(self, client: str, weight: float) -> float:
+        if self._weight.get(client) != weight:
+            self._weight[client] = weight
+            self._metrics.client_weight.labels(client).set(weight)
+        return weight
+
+    def _team_retry_hint_s(self, client: str, excess_tokens: float) -> float:
+        """Time for the team's queue to shrink by `excess_tokens` at its weighted share of the engine."""
+        active = {c for c, q in self._queues.items() if q} | {client}
+        share = self._weight[client] / sum(self._weight.get(c, 1.0) for c in active)
+        seconds = excess_tokens / (self._throughput.tokens_per_s * share)
+        return round(min(30.0, max(0.05, seconds)), 3)
 
     def _is_full(self, num_tokens: int) -> bool:
         return (
@@ -92,18 +147,19 @@ class FairScheduler:
 
         The queue bound is shared, so without this one flooding client fills it and every other
         client is refused too. A request is admitted by evicting the newest queued request of the
-        client holding the most queued tokens, when that client would still hold more than the
+        client holding the most queued tokens per unit of weight, when that client would still hold more than the
         requester after the swap; the evicted request is answered RESOURCE_EXHAUSTED with the
         retry hint, exactly as a refusal at intake. Raises QueueFull when no such client exists.
         """
-        held = {c: sum(p.work.num_tokens for p in q) for c, q in self._queues.items() if q}
-        mine = held.get(client, 0) + num_tokens
+        held = {c: self._held_tokens[c] / self._weight.get(c, 1.0) for c, q in self._queues.items() if q}
+        mine = (self._held_tokens[client] + num_tokens) / self._weight.get(client, 1.0)
         heaviest = max(held, key=held.__getitem__, default=None)
         if heaviest is None or heaviest == client or held[heaviest] <= mine:
             raise self._queue_full()
         victim = self._queues[heaviest].pop()
         self._queued_requests -= 1
         self._queued_tokens -= victim.work.num_tokens
+        self._held_tokens[heaviest] -= victim.work.num_tokens
         if not victim.future.done():
             victim.future.set_exception(self._queue_full())
 
@@ -151,7 +207,8 @@ class FairScheduler:
             if head.deadline is not None and now >= head.deadline:
                 head.future.set_exception(DeadlineExpired("deadline passed while queued; the work was dropped"))
                 continue
-            self._vtime[client] += head.work.num_tokens
+            # the weight as the tokens file says now: an edit applies from the next dispatch on
+            self._vtime[client] += head.work.num_tokens / self._note_weight(client, self._policy_of(client).weight)
             self._metrics.queue_wait.labels(client).observe(now - head.enqueued_at)
             batch.append(head)
             tokens += head.work.num_tokens
@@ -162,23 +219,26 @@ class FairScheduler:
         item = self._queues[client].popleft()
         self._queued_requests -= 1
         self._queued_tokens -= item.work.num_tokens
+        self._held_tokens[client] -= item.work.num_tokens
         return item
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
         started = time.monotonic()
+        num_tokens = sum(p.work.num_tokens for p in batch)
+        self._throughput.started(started)
         self._running_requests += len(batch)
         self._metrics.inflight_batches.inc()
         self._metrics.batch_requests.observe(len(batch))
-        self._metrics.batch_tokens.observe(sum(p.work.num_tokens for p in batch))
+        self._metrics.batch_tokens.observe(num_tokens)
         try:
             results = await self._engine.score_batch([p.work for p in batch])
         except Exception as exc:  # noqa: BLE001 - the engine failed: every request in the batch gets the error
             log.exception("engine failed on a batch of %d requests", len(batch))
             results = [EngineFailed(f"teacher engine error: {exc}")] * len(batch)
         finally:
-            elapsed = time.monotonic() - started
-            self._avg_batch_s = 0.8 * self._avg_batch_s + 0.2 * elapsed
-            self._metrics.engine_busy.inc(elapsed)
+            finished = time.monotonic()
+            self._throughput.finished(num_tokens, finished)
+            self._metrics.engine_busy.inc(finished - started)
             self._metrics.inflight_batches.dec()
             self._running_requests -= len(batch)
             self._slots.release()
@@ -197,8 +257,8 @@ class FairScheduler:
         return min(active) if active else max(self._vtime.values(), default=0.0)
 
     def _retry_hint_s(self) -> float:
-        batches_queued = max(1.0, self._queued_tokens / self._cfg.max_batch_tokens)
-        return round(min(30.0, max(0.05, batches_queued * self._avg_batch_s)), 3)
+        """Time the engine needs for what is queued, at its learned throughput."""
+        return round(min(30.0, max(0.05, self._throughput.seconds_for(self._queued_tokens))), 3)
 
     @property
     def accepted_requests(self) -> int:
@@ -222,3 +282,4 @@ class FairScheduler:
                 if not item.future.done():
                     item.future.set_exception(Draining("teacher shut down before this request ran"))
         self._queued_requests = self._queued_tokens = 0
+        self._held_tokens.clear()

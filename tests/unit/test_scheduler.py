@@ -7,9 +7,10 @@ import asyncio
 import numpy as np
 import pytest
 
+from opd.auth import TeamPolicy
 from teacher_server.config import SchedulerConfig
 from teacher_server.engine import ScoreResult, ScoreWork, TeacherEngine
-from teacher_server.errors import DeadlineExpired, Draining, QueueFull
+from teacher_server.errors import DeadlineExpired, Draining, InvalidRequest, QueueFull
 from teacher_server.info import TeacherInfo
 from teacher_server.metrics import TeacherMetrics
 from teacher_server.scheduler import FairScheduler
@@ -59,9 +60,9 @@ def work(tag: int, length: int = 10) -> ScoreWork:
     return ScoreWork(ids, 1, 0)
 
 
-def make(engine, **cfg) -> FairScheduler:
+def make(engine, policy_of=None, **cfg) -> FairScheduler:
     config = SchedulerConfig(**{"batch_wait_ms": 0, **cfg})
-    scheduler = FairScheduler(engine, config, TeacherMetrics(), inflight_batches=1)
+    scheduler = FairScheduler(engine, config, TeacherMetrics(), inflight_batches=1, policy_of=policy_of)
     scheduler.start()
     return scheduler
 
@@ -164,3 +165,47 @@ def test_drain_refuses_new_work_and_finishes_queued_work():
         return [f.done() and f.exception() is None for f in queued]
 
     assert asyncio.run(main()) == [True] * 4
+
+
+def test_weights_share_the_tokens_two_to_one():
+    async def main():
+        engine = RecordingEngine()
+        engine.gate.clear()
+        weights = {"heavy": TeamPolicy(weight=2.0), "light": TeamPolicy(weight=1.0)}
+        s = make(engine, policy_of=weights.__getitem__, max_batch_requests=1)
+        futures = [s.submit("heavy", work(1), None) for _ in range(20)]
+        futures += [s.submit("light", work(2), None) for _ in range(20)]
+        engine.gate.set()
+        await asyncio.gather(*futures)
+        return [b[0] for b in engine.batches]
+
+    order = asyncio.run(main())
+    # while both are backlogged (the first 30 batches: heavy's 20 run out by then), heavy gets two turns per turn
+    # of light, within one quantum (one request of each) at every prefix
+    for n in range(3, 30):
+        heavy = order[:n].count(1)
+        assert abs(heavy - 2 * n / 3) <= 1 + 2 / 3, (n, order)
+
+
+def test_a_team_over_its_cap_is_refused_with_a_hint_and_the_others_are_not():
+    async def main():
+        engine = RecordingEngine()
+        engine.gate.clear()
+        caps = {"capped": TeamPolicy(max_queued_requests=2), "tokens": TeamPolicy(max_queued_tokens=25)}
+        s = make(engine, policy_of=lambda c: caps.get(c, TeamPolicy()))
+        s.submit("capped", work(1), None)
+        s.submit("capped", work(1), None)
+        with pytest.raises(QueueFull, match=r"team 'capped' has 2 requests .* max_queued_requests 2") as err:
+            s.submit("capped", work(1), None)
+        assert err.value.retry_after_s > 0
+        s.submit("tokens", work(3), None)
+        s.submit("tokens", work(3), None)  # 20 of 25 tokens
+        with pytest.raises(QueueFull, match="max_queued_tokens 25"):
+            s.submit("tokens", work(3), None)
+        with pytest.raises(InvalidRequest, match="can never fit"):
+            s.submit("tokens", work(3, length=26), None)
+        others = [s.submit("other", work(2), None) for _ in range(10)]  # no cap: all queued
+        engine.gate.set()
+        await asyncio.gather(*others)
+
+    asyncio.run(main())

@@ -1,0 +1,46 @@
+"""What the engine delivers: scored tokens per second of busy time, learned from finished batches.
+
+Owns the estimate and nothing else; the scheduler feeds it (a batch started,
+a batch finished with N tokens) and reads it for retry hints and for each
+client's share of the teacher in tokens/s. Busy time is the union of the
+intervals in which at least one batch was in the engine, so batches that run
+concurrently (vLLM, hf on CUDA) are not counted twice. The estimate is a ratio
+of exponentially decayed sums (tokens / busy seconds), so one odd batch moves
+it little and a changed load moves it within tens of batches.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+class EngineThroughput:
+    """Tokens per busy second of the engine. Use on the scheduler's event loop."""
+
+    def __init__(self, prior_tokens_per_s: float = 10_000.0, decay: float = 0.9) -> None:
+        self._decay = decay
+        self._tokens, self._busy_s = prior_tokens_per_s * 0.1, 0.1  # a weak prior: 0.1 s at the prior rate
+        self._running = 0
+        self._mark = 0.0  # start of the busy time not yet attributed to a finished batch
+
+    def started(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        if self._running == 0:
+            self._mark = now
+        self._running += 1
+
+    def finished(self, num_tokens: int, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self._running -= 1
+        busy = max(0.0, now - self._mark)
+        self._mark = now
+        self._tokens = self._decay * self._tokens + num_tokens
+        self._busy_s = self._decay * self._busy_s + busy
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self._tokens / max(self._busy_s, 1e-9)
+
+    def seconds_for(self, num_tokens: float) -> float:
+        """Engine time `num_tokens` take at the learned rate."""
+        return num_tokens / self.tokens_per_s
