@@ -62,6 +62,12 @@ class SchedulerConfig(ConfigModel):
     batch_wait_ms: float = Field(
         2.0, ge=0, description="wait this long for more requests before running a batch that is not full"
     )
+    express_lane: bool = Field(
+        True,
+        description="run the requests of a client within its share of the engine (nothing queued, offered "
+        "tokens/s within its weighted share of the measured throughput) in their own batches beside the bulk "
+        "ones, with priority, so a flooding client cannot make them wait (off: one fair queue, as before)",
+    )
 
 
 class AuthConfig(ConfigModel):

@@ -65,6 +65,12 @@ class TeacherMetrics:
             "wall time batches spent in the engine (summed over concurrent batches)",
             registry=r,
         )
+        self.express_requests = Counter(
+            "opd_teacher_express_requests_total",
+            "requests run in the express lane (their client within its share, nothing queued), by client",
+            ["client"],
+            registry=r,
+        )
         self.client_weight = Gauge(
             "opd_teacher_client_weight",
             "the client's fair-share weight as last read from the tokens file (set at its requests)",

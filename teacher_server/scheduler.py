@@ -9,7 +9,18 @@ up to a token / request budget, running up to `inflight_batches` batches in
 the engine at once, and dropping work whose caller cancelled or whose deadline
 passed before it reached the engine. A team's weight and caps are read at each
 of its requests (`policy_of`), so an edited tokens file takes effect without a
-restart. Does not validate requests, encode replies or know about gRPC.
+restart.
+
+Latency isolation (`express_lane`): a request whose client has nothing queued
+and whose offered tokens/s stay within its weighted share of the engine's
+measured throughput goes to the express lane instead of the fair queue. The
+express lane runs its own small batches beside the bulk batches, at once (no
+batch wait), through `TeacherEngine.score_batch_express`, which each backend
+gives priority over its bulk work (hf: a second thread with the bulk threads
+niced, a high-priority CUDA stream on GPU; vllm: request priority). So a team
+within its share does not wait behind a batch filled by a team that floods:
+the flooder's work is what it is, it only shares the engine with light
+requests. Does not validate requests, encode replies or know about gRPC.
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ from teacher_server.config import SchedulerConfig
 from teacher_server.engine import ScoreResult, ScoreWork, TeacherEngine
 from teacher_server.errors import DeadlineExpired, Draining, EngineFailed, InvalidRequest, QueueFull
 from teacher_server.metrics import TeacherMetrics
-from teacher_server.throughput import EngineThroughput
+from teacher_server.throughput import ClientRates, EngineThroughput
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +76,13 @@ class FairScheduler:
         self._running_requests = 0
         self._accepting = True
         self._loop_task: asyncio.Task[None] | None = None
+        self._express_task: asyncio.Task[None] | None = None
         self._throughput = EngineThroughput()
+        self._rates = ClientRates()
+        self._express: collections.deque[_Pending] = collections.deque()  # light clients' requests, FIFO
+        self._express_tokens = 0
+        self._express_held: dict[str, int] = collections.defaultdict(int)  # express-queued tokens per client
+        self._express_wakeup = asyncio.Event()
 
     # -- intake ---------------------------------------------------------------------------
 
@@ -80,14 +97,37 @@ class FairScheduler:
         if not queue:  # returning from idle: no credit for the time away
             self._vtime[client] = max(self._vtime[client], self._min_active_vtime())
         future: asyncio.Future[ScoreResult] = asyncio.get_running_loop().create_future()
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        queue.append(_Pending(client, work, future, deadline=deadline))
+        now = time.monotonic()
+        pending = _Pending(client, work, future, now, None if timeout_s is None else now + timeout_s)
+        if self._within_share(client, work.num_tokens, now):
+            self._express.append(pending)
+            self._express_tokens += work.num_tokens
+            self._express_held[client] += work.num_tokens
+            self._express_wakeup.set()
+        else:
+            queue.append(pending)
+            self._wakeup.set()
         self._queued_requests += 1
         self._queued_tokens += work.num_tokens
         self._held_tokens[client] += work.num_tokens
         self._metrics.queue_depth.set(self._queued_requests)
-        self._wakeup.set()
         return future
+
+    def _within_share(self, client: str, num_tokens: int, now: float) -> bool:
+        """Express lane: the client has no request waiting in it and at most about one in the fair queue (a
+        backlogged client is not within its share), and its offered tokens/s (this request included) are within
+        its weighted share of what the engine delivers, among the clients active now."""
+        rate = self._rates.add(client, num_tokens, now)
+        express_held = self._express_held[client]
+        if (
+            not self._cfg.express_lane
+            or express_held
+            or self._held_tokens[client] - express_held > num_tokens
+            or self._express_tokens >= self._cfg.max_batch_tokens
+        ):
+            return False
+        weights = sum(self._weight.get(c, 1.0) for c in self._rates.active(now))
+        return rate <= self._throughput.tokens_per_s * self._weight[client] / weights
 
     def _apply_policy(self, client: str, num_tokens: int) -> None:
         """Take the team's current weight; refuse the request when it would pass one of the team's caps."""
@@ -175,15 +215,21 @@ class FairScheduler:
 
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._run(), name="teacher-scheduler")
+        self._express_task = asyncio.create_task(self._run_express(), name="teacher-express-lane")
+
+    @property
+    def _bulk_queued(self) -> int:
+        return self._queued_requests - len(self._express)
 
     async def _run(self) -> None:
         while True:
             await self._wakeup.wait()
             await self._slots.acquire()
-            if self._cfg.batch_wait_ms and self._queued_tokens < self._cfg.max_batch_tokens and self._inflight:
+            bulk_tokens = self._queued_tokens - self._express_tokens
+            if self._cfg.batch_wait_ms and bulk_tokens < self._cfg.max_batch_tokens and self._inflight:
                 await asyncio.sleep(self._cfg.batch_wait_ms / 1000)
             batch = self._take_batch()
-            if not self._queued_requests:
+            if not self._bulk_queued:
                 self._wakeup.clear()
             if not batch:
                 self._slots.release()
@@ -192,37 +238,72 @@ class FairScheduler:
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
+    async def _run_express(self) -> None:
+        """One express batch at a time, each as soon as there is work: what arrived meanwhile goes next."""
+        while True:
+            await self._express_wakeup.wait()
+            batch = self._take_express()
+            if not self._express:
+                self._express_wakeup.clear()
+            if batch:
+                task = asyncio.create_task(self._run_batch(batch, express=True))
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+                await asyncio.wait([task])
+
+    def _take_express(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        tokens, now = 0, time.monotonic()
+        while self._express and len(batch) < self._cfg.max_batch_requests:
+            head = self._express[0]
+            if batch and tokens + head.work.num_tokens > self._cfg.max_batch_tokens:
+                break
+            self._express.popleft()
+            self._express_tokens -= head.work.num_tokens
+            self._express_held[head.client] -= head.work.num_tokens
+            self._unqueue(head)
+            if self._dispatchable(head, now):
+                self._metrics.express_requests.labels(head.client).inc()
+                batch.append(head)
+                tokens += head.work.num_tokens
+        self._metrics.queue_depth.set(self._queued_requests)
+        return batch
+
+    def _dispatchable(self, item: _Pending, now: float) -> bool:
+        """False for work whose caller went away or whose deadline passed (answered here); else account it."""
+        if item.future.done():  # cancelled by its caller
+            return False
+        if item.deadline is not None and now >= item.deadline:
+            item.future.set_exception(DeadlineExpired("deadline passed while queued; the work was dropped"))
+            return False
+        # the weight as the tokens file says now: an edit applies from the next dispatch on
+        weight = self._note_weight(item.client, self._policy_of(item.client).weight)
+        self._vtime[item.client] += item.work.num_tokens / weight
+        self._metrics.queue_wait.labels(item.client).observe(now - item.enqueued_at)
+        return True
+
     def _take_batch(self) -> list[_Pending]:
         batch: list[_Pending] = []
         tokens = 0
         now = time.monotonic()
-        while self._queued_requests and len(batch) < self._cfg.max_batch_requests:
+        while self._bulk_queued and len(batch) < self._cfg.max_batch_requests:
             client = min((c for c, q in self._queues.items() if q), key=self._vtime.__getitem__)
             head = self._queues[client][0]
             if batch and tokens + head.work.num_tokens > self._cfg.max_batch_tokens:
                 break
-            self._pop(client)
-            if head.future.done():  # cancelled by its caller
-                continue
-            if head.deadline is not None and now >= head.deadline:
-                head.future.set_exception(DeadlineExpired("deadline passed while queued; the work was dropped"))
-                continue
-            # the weight as the tokens file says now: an edit applies from the next dispatch on
-            self._vtime[client] += head.work.num_tokens / self._note_weight(client, self._policy_of(client).weight)
-            self._metrics.queue_wait.labels(client).observe(now - head.enqueued_at)
-            batch.append(head)
-            tokens += head.work.num_tokens
+            self._unqueue(self._queues[client].popleft())
+            if self._dispatchable(head, now):
+                batch.append(head)
+                tokens += head.work.num_tokens
         self._metrics.queue_depth.set(self._queued_requests)
         return batch
 
-    def _pop(self, client: str) -> _Pending:
-        item = self._queues[client].popleft()
+    def _unqueue(self, item: _Pending) -> None:
         self._queued_requests -= 1
         self._queued_tokens -= item.work.num_tokens
-        self._held_tokens[client] -= item.work.num_tokens
-        return item
+        self._held_tokens[item.client] -= item.work.num_tokens
 
-    async def _run_batch(self, batch: list[_Pending]) -> None:
+    async def _run_batch(self, batch: list[_Pending], express: bool = False) -> None:
         started = time.monotonic()
         num_tokens = sum(p.work.num_tokens for p in batch)
         self._throughput.started(started)
@@ -231,7 +312,8 @@ class FairScheduler:
         self._metrics.batch_requests.observe(len(batch))
         self._metrics.batch_tokens.observe(num_tokens)
         try:
-            results = await self._engine.score_batch([p.work for p in batch])
+            works = [p.work for p in batch]
+            results = await (self._engine.score_batch_express(works) if express else self._engine.score_batch(works))
         except Exception as exc:  # noqa: BLE001 - the engine failed: every request in the batch gets the error
             log.exception("engine failed on a batch of %d requests", len(batch))
             results = [EngineFailed(f"teacher engine error: {exc}")] * len(batch)
@@ -241,7 +323,8 @@ class FairScheduler:
             self._metrics.engine_busy.inc(finished - started)
             self._metrics.inflight_batches.dec()
             self._running_requests -= len(batch)
-            self._slots.release()
+            if not express:
+                self._slots.release()
         for pending, result in zip(batch, results, strict=True):
             if pending.future.done():
                 continue
@@ -274,12 +357,14 @@ class FairScheduler:
         deadline = time.monotonic() + grace_s
         while (self._queued_requests or self._inflight) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-        for queue in self._queues.values():
+        for task in (self._loop_task, self._express_task):
+            if task is not None:
+                task.cancel()
+        for queue in [*self._queues.values(), self._express]:
             while queue:
                 item = queue.popleft()
                 if not item.future.done():
                     item.future.set_exception(Draining("teacher shut down before this request ran"))
-        self._queued_requests = self._queued_tokens = 0
+        self._queued_requests = self._queued_tokens = self._express_tokens = 0
         self._held_tokens.clear()
+        self._express_held.clear()

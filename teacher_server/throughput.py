@@ -1,4 +1,4 @@
-"""What the engine delivers: scored tokens per second of busy time, learned from finished batches.
+"""What the engine delivers (scored tokens per second of busy time) and what each client asks of it.
 
 Owns the estimate and nothing else; the scheduler feeds it (a batch started,
 a batch finished with N tokens) and reads it for retry hints and for each
@@ -6,11 +6,14 @@ client's share of the teacher in tokens/s. Busy time is the union of the
 intervals in which at least one batch was in the engine, so batches that run
 concurrently (vLLM, hf on CUDA) are not counted twice. The estimate is a ratio
 of exponentially decayed sums (tokens / busy seconds), so one odd batch moves
-it little and a changed load moves it within tens of batches.
+it little and a changed load moves it within tens of batches. `ClientRates`
+tracks each client's offered tokens/s, so the scheduler can tell a client
+within its share of the engine from one asking for more.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 
@@ -44,3 +47,31 @@ class EngineThroughput:
     def seconds_for(self, num_tokens: float) -> float:
         """Engine time `num_tokens` take at the learned rate."""
         return num_tokens / self.tokens_per_s
+
+
+class ClientRates:
+    """Each client's offered load in tokens/s: an exponentially weighted rate with time constant `tau_s`.
+
+    A request of n tokens adds n / tau_s, and the rate decays by exp(-dt / tau_s): for a client sending
+    steadily at r tokens/s the estimate settles at r within a few tau_s. Clients not heard from for
+    `3 * tau_s` no longer count as active.
+    """
+
+    def __init__(self, tau_s: float = 1.0) -> None:
+        self._tau_s = tau_s
+        self._rate: dict[str, float] = {}
+        self._at: dict[str, float] = {}
+
+    def add(self, client: str, num_tokens: int, now: float) -> float:
+        """Record a request; the client's rate including it."""
+        rate = self.rate(client, now) + num_tokens / self._tau_s
+        self._rate[client], self._at[client] = rate, now
+        return rate
+
+    def rate(self, client: str, now: float) -> float:
+        if client not in self._rate:
+            return 0.0
+        return self._rate[client] * math.exp(-(now - self._at[client]) / self._tau_s)
+
+    def active(self, now: float) -> list[str]:
+        return [c for c, at in self._at.items() if now - at < 3 * self._tau_s]

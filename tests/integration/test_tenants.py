@@ -43,7 +43,7 @@ def snapshot(server) -> dict[str, dict[str, float]]:
     async def read() -> str:
         return generate_latest(server.server.metrics.registry).decode()
 
-    out: dict[str, dict[str, float]] = {"dispatched": {}, "completed": {}, "scored": {}, "depth": {}}
+    out: dict[str, dict[str, float]] = {"dispatched": {}, "completed": {}, "scored": {}, "depth": {}, "express": {}}
     for family in text_string_to_metric_families(server.call(read())):
         for s in family.samples:
             client = s.labels.get("client")
@@ -55,6 +55,8 @@ def snapshot(server) -> dict[str, dict[str, float]]:
                 out["scored"][client] = s.value
             elif s.name == "opd_teacher_queue_depth_requests":
                 out["depth"]["all"] = s.value
+            elif s.name == "opd_teacher_express_requests_total":
+                out["express"][client] = s.value
             elif s.name == "opd_teacher_client_weight":
                 out.setdefault("weight", {})[client] = s.value
     return out
@@ -68,6 +70,18 @@ async def poll(server, condition):
             return snap
         await asyncio.sleep(0.02)
     raise AssertionError(f"condition not reached; last metrics {snap}")
+
+
+async def fair_queue_start(server, students, seen):
+    """A snapshot after which the fair queue alone decides: since the last express-lane dispatch (a client
+    with nothing queued may be served there, e.g. its first request), every student was dispatched at least
+    once from the fair queue, so each one's virtual time is within one quantum of the least."""
+    while True:
+        before = {c: seen["dispatched"].get(c, 0) for c in students}
+        snap = await poll(server, lambda s, b=before: all(s["dispatched"].get(c, 0) > b[c] for c in students))
+        if snap["express"] == seen["express"]:
+            return snap
+        seen = snap
 
 
 def share_tolerance(
@@ -123,8 +137,10 @@ def test_four_saturating_students_each_get_a_quarter_of_the_scored_tokens(tiny_m
             for ids in random_sequences(backlogs[i], 384, min_len=n, max_len=n, seed=i):
                 tasks.append(asyncio.create_task(client.score(ids, 1, top_k=4)))
         try:
-            # Window start: every request has reached the scheduler (queued + dispatched = all sent).
-            start = await poll(server, lambda s: s["depth"]["all"] + sum(s["dispatched"].values()) >= sum(backlogs))
+            # Window start: every request has reached the scheduler (queued + dispatched = all sent), and the
+            # fair queue alone has served everyone since.
+            arrived = await poll(server, lambda s: s["depth"]["all"] + sum(s["dispatched"].values()) >= sum(backlogs))
+            start = await fair_queue_start(server, STUDENTS, arrived)
             first = sum(start["dispatched"].get(c, 0) * n for c, n in zip(STUDENTS, lengths, strict=True))
             end = await poll(
                 server,
@@ -133,6 +149,7 @@ def test_four_saturating_students_each_get_a_quarter_of_the_scored_tokens(tiny_m
                     >= first + window_tokens
                 ),
             )
+            assert end["express"] == start["express"], (start, end)  # backlogged students never go express
             return start, end
         finally:
             for client in clients:
@@ -189,11 +206,11 @@ def test_weights_two_one_one_give_half_and_quarters_and_an_edit_applies_without_
         # Start: the weights on /metrics are the expected ones, and every student has been dispatched since
         # (then each one's virtual time is within one quantum of the least, at the new weights).
         seen = await poll(server, lambda s: all(s.get("weight", {}).get(c) == w for c, w in expect_weights.items()))
-        before = {c: seen["dispatched"].get(c, 0) for c in students}
-        start = await poll(server, lambda s: all(s["dispatched"].get(c, 0) > before[c] for c in students))
+        start = await fair_queue_start(server, students, seen)
         end = await poll(server, lambda s: dispatched_tokens(s) >= dispatched_tokens(start) + window_tokens)
         for c in students:  # still backlogged at the end: nobody ran dry inside the window
             assert end["dispatched"][c] < backlog, (c, end)
+        assert end["express"] == start["express"], (start, end)  # backlogged students never go express
         return start, end
 
     async def main():

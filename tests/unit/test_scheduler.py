@@ -61,7 +61,8 @@ def work(tag: int, length: int = 10) -> ScoreWork:
 
 
 def make(engine, policy_of=None, **cfg) -> FairScheduler:
-    config = SchedulerConfig(**{"batch_wait_ms": 0, **cfg})
+    """A started scheduler; the express lane is off unless asked for (most tests look at the fair queue)."""
+    config = SchedulerConfig(**{"batch_wait_ms": 0, "express_lane": False, **cfg})
     scheduler = FairScheduler(engine, config, TeacherMetrics(), inflight_batches=1, policy_of=policy_of)
     scheduler.start()
     return scheduler
@@ -209,3 +210,55 @@ def test_a_team_over_its_cap_is_refused_with_a_hint_and_the_others_are_not():
         await asyncio.gather(*others)
 
     asyncio.run(main())
+
+
+class GatedExpressEngine(RecordingEngine):
+    """Bulk batches wait on `gate`; express batches run at once and are recorded apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.express: list[list[int]] = []
+
+    async def score_batch_express(self, works):
+        self.express.append([int(w.token_ids[0]) for w in works])
+        gate, self.gate = self.gate, asyncio.Event()
+        self.gate.set()
+        try:
+            return await self.score_batch(works)
+        finally:
+            self.gate = gate
+
+
+def test_a_light_client_runs_in_the_express_lane_while_a_flooder_holds_the_engine():
+    async def main():
+        engine = GatedExpressEngine()
+        engine.gate.clear()  # the flooder's first batch occupies the engine until released
+        s = make(engine, max_batch_requests=4, express_lane=True)
+        s._throughput._tokens, s._throughput._busy_s = 1000.0, 1.0  # the engine does 1,000 tokens/s
+        flood = [s.submit("flooder", work(1), None) for _ in range(40)]  # 400 tokens at once: over its share
+        await asyncio.sleep(0)  # the bulk loop takes its first batch, which blocks on the gate
+        light = s.submit("light", work(2), None)  # 10 tokens, nothing queued: within its share
+        result = await asyncio.wait_for(light, timeout=10)  # answered while the bulk batch still runs
+        assert not engine.gate.is_set() and result.token_logprobs.shape == (9,)
+        engine.gate.set()
+        await asyncio.gather(*flood)
+        return engine
+
+    engine = asyncio.run(main())
+    # the flooder's first request came when it had nothing queued and was within its share: express too
+    assert engine.express == [[1], [2]]
+    assert sorted(t for b in engine.batches for t in b).count(1) == 40
+
+
+def test_the_express_lane_is_off_when_configured_and_for_a_client_above_its_share():
+    async def main(express_lane: bool):
+        engine = GatedExpressEngine()
+        s = make(engine, express_lane=express_lane)
+        s._throughput._tokens, s._throughput._busy_s = 100.0, 1.0  # 100 tokens/s: one client may send 100/s
+        futures = [s.submit("a", work(1), None) for _ in range(15)]  # 150 tokens within a second
+        await asyncio.gather(*futures)
+        return len(engine.express)
+
+    assert asyncio.run(main(express_lane=False)) == 0
+    # the first request is within a's share; the next ones find it with a request queued: bulk
+    assert 1 <= asyncio.run(main(express_lane=True)) < 15
