@@ -64,9 +64,17 @@ class SchedulerConfig(ConfigModel):
     )
     express_lane: bool = Field(
         True,
-        description="run the requests of a client within its share of the engine (nothing queued, offered "
-        "tokens/s within its weighted share of the measured throughput) in their own batches beside the bulk "
-        "ones, with priority, so a flooding client cannot make them wait (off: one fair queue, as before)",
+        description="while clients together ask more than the engine delivers, run the requests of a client "
+        "well within its max-min fair share (nothing queued, offered tokens/s within express_max_share of it) in "
+        "their own batches beside the bulk ones, with priority, so a flooding client cannot make them wait "
+        "(off: one fair queue, as before)",
+    )
+    express_max_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="express lane: a client qualifies while its offered tokens/s are at most this fraction of its "
+        "weighted max-min fair share of the measured throughput",
     )
 
 

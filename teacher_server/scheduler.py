@@ -11,9 +11,10 @@ passed before it reached the engine. A team's weight and caps are read at each
 of its requests (`policy_of`), so an edited tokens file takes effect without a
 restart.
 
-Latency isolation (`express_lane`): a request whose client has nothing queued
-and whose offered tokens/s stay within its weighted share of the engine's
-measured throughput goes to the express lane instead of the fair queue. The
+Latency isolation (`express_lane`): while the clients together offer more
+tokens/s than the engine delivers (measured), a request whose client has
+nothing queued and offers at most `express_max_share` (1/2) of its max-min
+fair share (weighted) goes to the express lane instead of the fair queue. The
 express lane runs its own small batches beside the bulk batches, at once (no
 batch wait), through `TeacherEngine.score_batch_express`, which each backend
 gives priority over its bulk work (hf: a second thread with the bulk threads
@@ -28,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +39,7 @@ from teacher_server.config import SchedulerConfig
 from teacher_server.engine import ScoreResult, ScoreWork, TeacherEngine
 from teacher_server.errors import DeadlineExpired, Draining, EngineFailed, InvalidRequest, QueueFull
 from teacher_server.metrics import TeacherMetrics
-from teacher_server.throughput import ClientRates, EngineThroughput
+from teacher_server.throughput import ClientRates, EngineThroughput, fair_level
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,8 @@ class FairScheduler:
         """Queue `work`; the future resolves to its ScoreResult. Raises QueueFull / Draining."""
         if not self._accepting:
             raise Draining("teacher is shutting down; retry on another replica")
+        now = time.monotonic()
+        self._rates.add(client, work.num_tokens, now)  # offered load: refused requests count too
         self._apply_policy(client, work.num_tokens)
         while self._is_full(work.num_tokens):
             self._make_room_for(client, work.num_tokens)
@@ -97,7 +101,6 @@ class FairScheduler:
         if not queue:  # returning from idle: no credit for the time away
             self._vtime[client] = max(self._vtime[client], self._min_active_vtime())
         future: asyncio.Future[ScoreResult] = asyncio.get_running_loop().create_future()
-        now = time.monotonic()
         pending = _Pending(client, work, future, now, None if timeout_s is None else now + timeout_s)
         if self._within_share(client, work.num_tokens, now):
             self._express.append(pending)
@@ -114,10 +117,10 @@ class FairScheduler:
         return future
 
     def _within_share(self, client: str, num_tokens: int, now: float) -> bool:
-        """Express lane: the client has no request waiting in it and at most about one in the fair queue (a
-        backlogged client is not within its share), and its offered tokens/s (this request included) are within
-        its weighted share of what the engine delivers, among the clients active now."""
-        rate = self._rates.add(client, num_tokens, now)
+        """Express lane: the clients' offered tokens/s together exceed what the engine delivers (someone is
+        held back), this client's are at most `express_max_share` of its max-min fair share, and it has no
+        request waiting in the express lane and at most about one in the fair queue. Clients that together
+        just saturate the engine (each offering what it is served) stay in the fair queue's full batches."""
         express_held = self._express_held[client]
         if (
             not self._cfg.express_lane
@@ -126,14 +129,17 @@ class FairScheduler:
             or self._express_tokens >= self._cfg.max_batch_tokens
         ):
             return False
-        weights = sum(self._weight.get(c, 1.0) for c in self._rates.active(now))
-        return rate <= self._throughput.tokens_per_s * self._weight[client] / weights
+        demands = self._rates.active(now)
+        weights = {c: self._weight.get(c, 1.0) for c in demands}
+        level = fair_level(demands, weights, self._throughput.tokens_per_s)
+        return level != math.inf and demands[client] <= self._cfg.express_max_share * weights[client] * level
 
     def _apply_policy(self, client: str, num_tokens: int) -> None:
         """Take the team's current weight; refuse the request when it would pass one of the team's caps."""
         policy = self._policy_of(client)
         self._note_weight(client, policy.weight)
-        held_tokens, held_requests = self._held_tokens[client], len(self._queues.get(client, ()))
+        held_tokens = self._held_tokens[client]
+        held_requests = len(self._queues.get(client, ())) + (1 if self._express_held[client] else 0)
         if policy.max_queued_tokens is not None and num_tokens > policy.max_queued_tokens:
             raise InvalidRequest(
                 f"a request of {num_tokens} tokens can never fit team {client!r}'s max_queued_tokens "

@@ -7,8 +7,9 @@ intervals in which at least one batch was in the engine, so batches that run
 concurrently (vLLM, hf on CUDA) are not counted twice. The estimate is a ratio
 of exponentially decayed sums (tokens / busy seconds), so one odd batch moves
 it little and a changed load moves it within tens of batches. `ClientRates`
-tracks each client's offered tokens/s, so the scheduler can tell a client
-within its share of the engine from one asking for more.
+tracks each client's offered tokens/s, and `fair_level` finds the max-min
+fair share of the engine they imply, so the scheduler can tell a client
+well within its share from one asking for more.
 """
 
 from __future__ import annotations
@@ -73,5 +74,24 @@ class ClientRates:
             return 0.0
         return self._rate[client] * math.exp(-(now - self._at[client]) / self._tau_s)
 
-    def active(self, now: float) -> list[str]:
-        return [c for c, at in self._at.items() if now - at < 3 * self._tau_s]
+    def active(self, now: float) -> dict[str, float]:
+        """Rates of the clients heard from within `3 * tau_s`."""
+        return {c: self.rate(c, now) for c, at in self._at.items() if now - at < 3 * self._tau_s}
+
+
+def fair_level(demands: dict[str, float], weights: dict[str, float], capacity: float) -> float:
+    """Max-min fair share per unit of weight: the level L with sum_i min(d_i, w_i L) = capacity.
+
+    Clients asking less than w_i L get all they ask; the others get w_i L each. `math.inf` when the
+    demands all fit (nobody is held back: no client is over its share).
+    """
+    if sum(demands.values()) <= capacity:
+        return math.inf
+    remaining, weight_left = capacity, sum(weights[c] for c in demands)
+    for client in sorted(demands, key=lambda c: demands[c] / weights[c]):
+        level = remaining / weight_left
+        if demands[client] > weights[client] * level:
+            return level
+        remaining -= demands[client]
+        weight_left -= weights[client]
+    return math.inf
