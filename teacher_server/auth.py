@@ -1,7 +1,9 @@
 """Who is calling the teacher: bearer tokens and mutual-TLS certificates map to client names.
 
 The client name labels the metrics and is the unit of the fair share. Tokens
-come from a YAML file (`name: token` mapping, re-read when it changes) and/or
+come from a YAML file (`name: token`, or `name: {token: ..., weight: ...,
+max_queued_tokens: ..., max_queued_requests: ...}` with the team's weight and
+queue caps; re-read when it changes) and/or
 an environment variable (`name:token,name:token`); under mutual TLS,
 `auth.cert_clients` maps a client certificate's subject CN or SAN to a name.
 With both, a call needs both and they must name the same client. With
@@ -14,7 +16,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from opd.auth import NAME_RE, AuthError, TokenTable, parse_tokens_env, parse_tokens_file, presented_token
+from opd.auth import (
+    NAME_RE,
+    AuthError,
+    TeamPolicy,
+    TokenTable,
+    parse_tokens_env,
+    parse_tokens_file,
+    presented_token,
+)
 from teacher_server.config import AuthConfig
 from teacher_server.errors import Unauthenticated
 
@@ -42,6 +52,10 @@ class Authenticator:
     @property
     def enabled(self) -> bool:
         return self._tokens.enabled or bool(self._cert_clients)
+
+    def policy(self, client: str) -> TeamPolicy:
+        """The client's weight and queue caps from the tokens file (as last read; defaults when it names none)."""
+        return self._tokens.policy(client)
 
     def _certificate_client(self, auth_context: AuthContext | None) -> str | None:
         """The client named by the peer's verified certificate; None when no certificate mapping is configured."""

@@ -62,13 +62,28 @@ class SchedulerConfig(ConfigModel):
     batch_wait_ms: float = Field(
         default=2.0, ge=0, description="wait this long for more requests before running a batch that is not full"
     )
+    express_lane: bool = Field(
+        default=True,
+        description="while clients together ask more than the engine delivers, run the requests of a client "
+        "well within its max-min fair share (nothing queued, offered tokens/s within express_max_share of it) in "
+        "their own batches beside the bulk ones, with priority, so a flooding client cannot make them wait "
+        "(off: one fair queue, as before)",
+    )
+    express_max_share: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="express lane: a client qualifies while its offered tokens/s are at most this fraction of its "
+        "weighted max-min fair share of the measured throughput",
+    )
 
 
 class AuthConfig(ConfigModel):
     tokens_file: str | None = Field(
         default=None,
-        description="file of `client_name: token` lines (YAML mapping); "
-        "when set, every RPC needs `authorization: Bearer <token>`",
+        description="file of `client_name: token` lines (YAML mapping), or per team "
+        "`name: {token: ..., weight: 2, max_queued_tokens: N, max_queued_requests: N}` (fair-share weight and "
+        "queue caps); re-read when it changes; when set, every RPC needs `authorization: Bearer <token>`",
     )
     tokens_env: str | None = Field(default=None, description="name of an env variable holding `name:token,name:token`")
     cert_clients: dict[str, str] = Field(

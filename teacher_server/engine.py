@@ -82,6 +82,11 @@ class TeacherEngine(abc.ABC):
     async def score_batch(self, works: list[ScoreWork]) -> list[ScoreResult | Exception]:
         """Score every work item; a per-item failure is returned in its slot, not raised."""
 
+    async def score_batch_express(self, works: list[ScoreWork]) -> list[ScoreResult | Exception]:
+        """`score_batch` for the scheduler's express lane: a small batch that should not wait for the bulk
+        batches already running. Backends give it priority where they can; the default runs it as any batch."""
+        return await self.score_batch(works)
+
     @abc.abstractmethod
     async def generate(self, work: GenerateWork) -> GenerateResult:
         """Sample up to `max_tokens` tokens after the prompt."""

@@ -11,6 +11,18 @@ only while it leaves room for one generated token, so the engine is started
 one token longer than `engine.max_model_len` when the model allows it, and a
 request of exactly the advertised length is scoreable.
 
+How opd's batching and vLLM's continuous batching interact: opd's scheduler
+decides which requests enter the engine and when (fair share by weighted
+tokens, team caps, up to `max_inflight_batches` batches handed over at once);
+vLLM then packs every request it holds into its engine steps (at most
+`max_num_batched_tokens` per step), first come first served. So opd bounds
+how much work waits inside vLLM, and vLLM keeps the device full across opd's
+batch boundaries. The engine runs with `scheduling_policy="priority"`: the
+requests of opd's express lane (a client within its share, nothing queued)
+are submitted with priority -1 and are scheduled at vLLM's next step ahead
+of the bulk requests still waiting inside vLLM; bulk requests all have
+priority 0, which is first come first served as before.
+
 Limits, stated honestly: prompt log-probs are temperature-1 (vLLM does not
 apply temperature to them), so a teacher temperature != 1 is refused by
 validation; the tail mass is 1 - sum(exp(top-k)) from float32 top-k values;
@@ -83,6 +95,7 @@ class VLLMEngine(TeacherEngine):
             max_model_len=eng.max_model_len,  # pyright: ignore[reportArgumentType]  # vLLM reads None as the model's
             max_logprobs=-1 if eng.allow_full_vocab else max(1, eng.max_top_k),
             logprobs_mode="raw_logprobs",
+            scheduling_policy="priority",  # the express lane's requests go ahead of bulk ones (see above)
             **eng.vllm.engine_args(),
         )
         # vLLM annotates max_model_len as int but reads None as "the model's own limit"
@@ -105,13 +118,16 @@ class VLLMEngine(TeacherEngine):
         )
         log.info("vllm engine ready: %s, vocab %d, dtype %s", path, self._vocab, self.info.dtype)
 
-    async def score_batch(self, works: list[ScoreWork]) -> list[ScoreResult | Exception]:
-        results = await asyncio.gather(*(self._score_one(w) for w in works), return_exceptions=True)
+    async def score_batch(self, works: list[ScoreWork], priority: int = 0) -> list[ScoreResult | Exception]:
+        results = await asyncio.gather(*(self._score_one(w, priority) for w in works), return_exceptions=True)
         return [
             r if not isinstance(r, BaseException) or isinstance(r, Exception) else Exception(repr(r)) for r in results
         ]
 
-    async def _score_one(self, work: ScoreWork) -> ScoreResult:
+    async def score_batch_express(self, works: list[ScoreWork]) -> list[ScoreResult | Exception]:
+        return await self.score_batch(works, priority=-1)  # vLLM: lower values are scheduled first
+
+    async def _score_one(self, work: ScoreWork, priority: int = 0) -> ScoreResult:
         from vllm import SamplingParams
 
         params = SamplingParams(
@@ -119,7 +135,10 @@ class VLLMEngine(TeacherEngine):
         )
         final = None
         async for output in self._engine.generate(
-            {"prompt_token_ids": work.token_ids.tolist()}, params, request_id=f"score-{uuid.uuid4().hex}"
+            {"prompt_token_ids": work.token_ids.tolist()},
+            params,
+            request_id=f"score-{uuid.uuid4().hex}",
+            priority=priority,
         ):
             final = output
         assert final is not None and final.prompt_logprobs is not None

@@ -65,4 +65,16 @@ class TeacherMetrics:
             "wall time batches spent in the engine (summed over concurrent batches)",
             registry=r,
         )
+        self.express_requests = Counter(
+            "opd_teacher_express_requests_total",
+            "requests run in the express lane (their client within its share, nothing queued), by client",
+            ["client"],
+            registry=r,
+        )
+        self.client_weight = Gauge(
+            "opd_teacher_client_weight",
+            "the client's fair-share weight as last read from the tokens file (set at its requests)",
+            ["client"],
+            registry=r,
+        )
         self.engine_ready = Gauge("opd_teacher_engine_ready", "1 once the engine is loaded", registry=r)

@@ -1,12 +1,27 @@
 """Batching and fair scheduling of scoring work across clients.
 
-Owns the bounded queue (requests and tokens), per-client fair share by tokens
-(start-time fair queueing: the client with the least virtual time — tokens
-already served, caught up to the busiest active client when it returns from
-idle — goes next), forming batches up to a token / request budget, running up
-to `inflight_batches` batches in the engine at once, and dropping work whose
-caller cancelled or whose deadline passed before it reached the engine.
-Does not validate requests, encode replies or know about gRPC.
+Owns the bounded queue (requests and tokens), each team's queue caps (from the
+tokens file: `max_queued_tokens`, `max_queued_requests`), per-client fair share
+by weighted tokens (start-time fair queueing: the client with the least
+virtual time — tokens already served divided by its weight, caught up to the
+least active client's when it returns from idle — goes next), forming batches
+up to a token / request budget, running up to `inflight_batches` batches in
+the engine at once, and dropping work whose caller cancelled or whose deadline
+passed before it reached the engine. A team's weight and caps are read at each
+of its requests (`policy_of`), so an edited tokens file takes effect without a
+restart.
+
+Latency isolation (`express_lane`): while the clients together offer more
+tokens/s than the engine delivers (measured), a request whose client has
+nothing queued and offers at most `express_max_share` (1/2) of its max-min
+fair share (weighted) goes to the express lane instead of the fair queue. The
+express lane runs its own small batches beside the bulk batches, at once (no
+batch wait), through `TeacherEngine.score_batch_express`, which each backend
+gives priority over its bulk work (hf: a second thread with the bulk threads
+niced, a high-priority CUDA stream on GPU; vllm: request priority). So a team
+within its share does not wait behind a batch filled by a team that floods:
+the flooder's work is what it is, it only shares the engine with light
+requests. Does not validate requests, encode replies or know about gRPC.
 """
 
 from __future__ import annotations
@@ -14,13 +29,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from opd.auth import DEFAULT_POLICY, TeamPolicy
 from teacher_server.config import SchedulerConfig
 from teacher_server.engine import ScoreResult, ScoreWork, TeacherEngine
-from teacher_server.errors import DeadlineExpired, Draining, EngineFailed, QueueFull
+from teacher_server.errors import DeadlineExpired, Draining, EngineFailed, InvalidRequest, QueueFull
 from teacher_server.metrics import TeacherMetrics
+from teacher_server.throughput import ClientRates, EngineThroughput, fair_level
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +57,19 @@ class FairScheduler:
     """Queue + batcher in front of one engine. Create and use it on the server's event loop."""
 
     def __init__(
-        self, engine: TeacherEngine, config: SchedulerConfig, metrics: TeacherMetrics, inflight_batches: int
+        self,
+        engine: TeacherEngine,
+        config: SchedulerConfig,
+        metrics: TeacherMetrics,
+        inflight_batches: int,
+        policy_of: Callable[[str], TeamPolicy] | None = None,
     ) -> None:
         self._engine, self._cfg, self._metrics = engine, config, metrics
+        self._policy_of = policy_of or (lambda _client: DEFAULT_POLICY)
         self._queues: dict[str, collections.deque[_Pending]] = {}
         self._vtime: dict[str, float] = collections.defaultdict(float)
+        self._weight: dict[str, float] = {}
+        self._held_tokens: dict[str, int] = collections.defaultdict(int)  # queued tokens per client
         self._queued_requests = 0
         self._queued_tokens = 0
         self._wakeup = asyncio.Event()
@@ -51,7 +78,13 @@ class FairScheduler:
         self._running_requests = 0
         self._accepting = True
         self._loop_task: asyncio.Task[None] | None = None
-        self._avg_batch_s = 0.05
+        self._express_task: asyncio.Task[None] | None = None
+        self._throughput = EngineThroughput()
+        self._rates = ClientRates()
+        self._express: collections.deque[_Pending] = collections.deque()  # light clients' requests, FIFO
+        self._express_tokens = 0
+        self._express_held: dict[str, int] = collections.defaultdict(int)  # express-queued tokens per client
+        self._express_wakeup = asyncio.Event()
 
     # -- intake ---------------------------------------------------------------------------
 
@@ -59,19 +92,87 @@ class FairScheduler:
         """Queue `work`; the future resolves to its ScoreResult. Raises QueueFull / Draining."""
         if not self._accepting:
             raise Draining("teacher is shutting down; retry on another replica")
+        now = time.monotonic()
+        self._rates.add(client, work.num_tokens, now)  # offered load: refused requests count too
+        self._apply_policy(client, work.num_tokens)
         while self._is_full(work.num_tokens):
             self._make_room_for(client, work.num_tokens)
         queue = self._queues.setdefault(client, collections.deque())
         if not queue:  # returning from idle: no credit for the time away
             self._vtime[client] = max(self._vtime[client], self._min_active_vtime())
         future: asyncio.Future[ScoreResult] = asyncio.get_running_loop().create_future()
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        queue.append(_Pending(client, work, future, deadline=deadline))
+        pending = _Pending(client, work, future, now, None if timeout_s is None else now + timeout_s)
+        if self._within_share(client, work.num_tokens, now):
+            self._express.append(pending)
+            self._express_tokens += work.num_tokens
+            self._express_held[client] += work.num_tokens
+            self._express_wakeup.set()
+        else:
+            queue.append(pending)
+            self._wakeup.set()
         self._queued_requests += 1
         self._queued_tokens += work.num_tokens
+        self._held_tokens[client] += work.num_tokens
         self._metrics.queue_depth.set(self._queued_requests)
-        self._wakeup.set()
         return future
+
+    def _within_share(self, client: str, num_tokens: int, now: float) -> bool:
+        """Express lane: the clients' offered tokens/s together exceed what the engine delivers (someone is
+        held back), this client's are at most `express_max_share` of its max-min fair share, and it has no
+        request waiting in the express lane and at most about one in the fair queue. Clients that together
+        just saturate the engine (each offering what it is served) stay in the fair queue's full batches."""
+        express_held = self._express_held[client]
+        if (
+            not self._cfg.express_lane
+            or express_held
+            or self._held_tokens[client] - express_held > num_tokens
+            or self._express_tokens >= self._cfg.max_batch_tokens
+        ):
+            return False
+        demands = self._rates.active(now)
+        weights = {c: self._weight.get(c, 1.0) for c in demands}
+        level = fair_level(demands, weights, self._throughput.tokens_per_s)
+        return level != math.inf and demands[client] <= self._cfg.express_max_share * weights[client] * level
+
+    def _apply_policy(self, client: str, num_tokens: int) -> None:
+        """Take the team's current weight; refuse the request when it would pass one of the team's caps."""
+        policy = self._policy_of(client)
+        self._note_weight(client, policy.weight)
+        held_tokens = self._held_tokens[client]
+        held_requests = len(self._queues.get(client, ())) + (1 if self._express_held[client] else 0)
+        if policy.max_queued_tokens is not None and num_tokens > policy.max_queued_tokens:
+            raise InvalidRequest(
+                f"a request of {num_tokens} tokens can never fit team {client!r}'s max_queued_tokens "
+                f"{policy.max_queued_tokens}: send shorter sequences or raise the cap in the teacher's tokens file"
+            )
+        excess = 0.0
+        if policy.max_queued_tokens is not None and held_tokens + num_tokens > policy.max_queued_tokens:
+            cap, excess = (
+                f"max_queued_tokens {policy.max_queued_tokens}",
+                held_tokens + num_tokens - policy.max_queued_tokens,
+            )
+        elif policy.max_queued_requests is not None and held_requests + 1 > policy.max_queued_requests:
+            cap, excess = f"max_queued_requests {policy.max_queued_requests}", held_tokens / max(held_requests, 1)
+        if excess:
+            retry = self._team_retry_hint_s(client, excess)
+            raise QueueFull(
+                f"team {client!r} has {held_requests} requests ({held_tokens} tokens) queued, its cap is {cap} "
+                f"(the teacher's tokens file); retry in {retry:.2f} s",
+                retry_after_s=retry,
+            )
+
+    def _note_weight(self, client: str, weight: float) -> float:
+        if self._weight.get(client) != weight:
+            self._weight[client] = weight
+            self._metrics.client_weight.labels(client).set(weight)
+        return weight
+
+    def _team_retry_hint_s(self, client: str, excess_tokens: float) -> float:
+        """Time for the team's queue to shrink by `excess_tokens` at its weighted share of the engine."""
+        active = {c for c, q in self._queues.items() if q} | {client}
+        share = self._weight[client] / sum(self._weight.get(c, 1.0) for c in active)
+        seconds = excess_tokens / (self._throughput.tokens_per_s * share)
+        return round(min(30.0, max(0.05, seconds)), 3)
 
     def _is_full(self, num_tokens: int) -> bool:
         return (
@@ -92,18 +193,19 @@ class FairScheduler:
 
         The queue bound is shared, so without this one flooding client fills it and every other
         client is refused too. A request is admitted by evicting the newest queued request of the
-        client holding the most queued tokens, when that client would still hold more than the
+        client holding the most queued tokens per unit of weight, when that client would still hold more than the
         requester after the swap; the evicted request is answered RESOURCE_EXHAUSTED with the
         retry hint, exactly as a refusal at intake. Raises QueueFull when no such client exists.
         """
-        held = {c: sum(p.work.num_tokens for p in q) for c, q in self._queues.items() if q}
-        mine = held.get(client, 0) + num_tokens
+        held = {c: self._held_tokens[c] / self._weight.get(c, 1.0) for c, q in self._queues.items() if q}
+        mine = (self._held_tokens[client] + num_tokens) / self._weight.get(client, 1.0)
         heaviest = max(held, key=held.__getitem__, default=None)
         if heaviest is None or heaviest == client or held[heaviest] <= mine:
             raise self._queue_full()
         victim = self._queues[heaviest].pop()
         self._queued_requests -= 1
         self._queued_tokens -= victim.work.num_tokens
+        self._held_tokens[heaviest] -= victim.work.num_tokens
         if not victim.future.done():
             victim.future.set_exception(self._queue_full())
 
@@ -119,15 +221,21 @@ class FairScheduler:
 
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._run(), name="teacher-scheduler")
+        self._express_task = asyncio.create_task(self._run_express(), name="teacher-express-lane")
+
+    @property
+    def _bulk_queued(self) -> int:
+        return self._queued_requests - len(self._express)
 
     async def _run(self) -> None:
         while True:
             await self._wakeup.wait()
             await self._slots.acquire()
-            if self._cfg.batch_wait_ms and self._queued_tokens < self._cfg.max_batch_tokens and self._inflight:
+            bulk_tokens = self._queued_tokens - self._express_tokens
+            if self._cfg.batch_wait_ms and bulk_tokens < self._cfg.max_batch_tokens and self._inflight:
                 await asyncio.sleep(self._cfg.batch_wait_ms / 1000)
             batch = self._take_batch()
-            if not self._queued_requests:
+            if not self._bulk_queued:
                 self._wakeup.clear()
             if not batch:
                 self._slots.release()
@@ -136,52 +244,93 @@ class FairScheduler:
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
+    async def _run_express(self) -> None:
+        """One express batch at a time, each as soon as there is work: what arrived meanwhile goes next."""
+        while True:
+            await self._express_wakeup.wait()
+            batch = self._take_express()
+            if not self._express:
+                self._express_wakeup.clear()
+            if batch:
+                task = asyncio.create_task(self._run_batch(batch, express=True))
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+                await asyncio.wait([task])
+
+    def _take_express(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        tokens, now = 0, time.monotonic()
+        while self._express and len(batch) < self._cfg.max_batch_requests:
+            head = self._express[0]
+            if batch and tokens + head.work.num_tokens > self._cfg.max_batch_tokens:
+                break
+            self._express.popleft()
+            self._express_tokens -= head.work.num_tokens
+            self._express_held[head.client] -= head.work.num_tokens
+            self._unqueue(head)
+            if self._dispatchable(head, now):
+                self._metrics.express_requests.labels(head.client).inc()
+                batch.append(head)
+                tokens += head.work.num_tokens
+        self._metrics.queue_depth.set(self._queued_requests)
+        return batch
+
+    def _dispatchable(self, item: _Pending, now: float) -> bool:
+        """False for work whose caller went away or whose deadline passed (answered here); else account it."""
+        if item.future.done():  # cancelled by its caller
+            return False
+        if item.deadline is not None and now >= item.deadline:
+            item.future.set_exception(DeadlineExpired("deadline passed while queued; the work was dropped"))
+            return False
+        # the weight as the tokens file says now: an edit applies from the next dispatch on
+        weight = self._note_weight(item.client, self._policy_of(item.client).weight)
+        self._vtime[item.client] += item.work.num_tokens / weight
+        self._metrics.queue_wait.labels(item.client).observe(now - item.enqueued_at)
+        return True
+
     def _take_batch(self) -> list[_Pending]:
         batch: list[_Pending] = []
         tokens = 0
         now = time.monotonic()
-        while self._queued_requests and len(batch) < self._cfg.max_batch_requests:
+        while self._bulk_queued and len(batch) < self._cfg.max_batch_requests:
             client = min((c for c, q in self._queues.items() if q), key=self._vtime.__getitem__)
             head = self._queues[client][0]
             if batch and tokens + head.work.num_tokens > self._cfg.max_batch_tokens:
                 break
-            self._pop(client)
-            if head.future.done():  # cancelled by its caller
-                continue
-            if head.deadline is not None and now >= head.deadline:
-                head.future.set_exception(DeadlineExpired("deadline passed while queued; the work was dropped"))
-                continue
-            self._vtime[client] += head.work.num_tokens
-            self._metrics.queue_wait.labels(client).observe(now - head.enqueued_at)
-            batch.append(head)
-            tokens += head.work.num_tokens
+            self._unqueue(self._queues[client].popleft())
+            if self._dispatchable(head, now):
+                batch.append(head)
+                tokens += head.work.num_tokens
         self._metrics.queue_depth.set(self._queued_requests)
         return batch
 
-    def _pop(self, client: str) -> _Pending:
-        item = self._queues[client].popleft()
+    def _unqueue(self, item: _Pending) -> None:
         self._queued_requests -= 1
         self._queued_tokens -= item.work.num_tokens
-        return item
+        self._held_tokens[item.client] -= item.work.num_tokens
 
-    async def _run_batch(self, batch: list[_Pending]) -> None:
+    async def _run_batch(self, batch: list[_Pending], express: bool = False) -> None:
         started = time.monotonic()
+        num_tokens = sum(p.work.num_tokens for p in batch)
+        self._throughput.started(started)
         self._running_requests += len(batch)
         self._metrics.inflight_batches.inc()
         self._metrics.batch_requests.observe(len(batch))
-        self._metrics.batch_tokens.observe(sum(p.work.num_tokens for p in batch))
+        self._metrics.batch_tokens.observe(num_tokens)
         try:
-            results = await self._engine.score_batch([p.work for p in batch])
+            works = [p.work for p in batch]
+            results = await (self._engine.score_batch_express(works) if express else self._engine.score_batch(works))
         except Exception as exc:  # the engine failed: every request in the batch gets the error
             log.exception("engine failed on a batch of %d requests", len(batch))
             results = [EngineFailed(f"teacher engine error: {exc}")] * len(batch)
         finally:
-            elapsed = time.monotonic() - started
-            self._avg_batch_s = 0.8 * self._avg_batch_s + 0.2 * elapsed
-            self._metrics.engine_busy.inc(elapsed)
+            finished = time.monotonic()
+            self._throughput.finished(num_tokens, finished)
+            self._metrics.engine_busy.inc(finished - started)
             self._metrics.inflight_batches.dec()
             self._running_requests -= len(batch)
-            self._slots.release()
+            if not express:
+                self._slots.release()
         for pending, result in zip(batch, results, strict=True):
             if pending.future.done():
                 continue
@@ -197,8 +346,8 @@ class FairScheduler:
         return min(active) if active else max(self._vtime.values(), default=0.0)
 
     def _retry_hint_s(self) -> float:
-        batches_queued = max(1.0, self._queued_tokens / self._cfg.max_batch_tokens)
-        return round(min(30.0, max(0.05, batches_queued * self._avg_batch_s)), 3)
+        """Time the engine needs for what is queued, at its learned throughput."""
+        return round(min(30.0, max(0.05, self._throughput.seconds_for(self._queued_tokens))), 3)
 
     @property
     def accepted_requests(self) -> int:
@@ -214,11 +363,14 @@ class FairScheduler:
         deadline = time.monotonic() + grace_s
         while (self._queued_requests or self._inflight) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-        for queue in self._queues.values():
+        for task in (self._loop_task, self._express_task):
+            if task is not None:
+                task.cancel()
+        for queue in [*self._queues.values(), self._express]:
             while queue:
                 item = queue.popleft()
                 if not item.future.done():
                     item.future.set_exception(Draining("teacher shut down before this request ran"))
-        self._queued_requests = self._queued_tokens = 0
+        self._queued_requests = self._queued_tokens = self._express_tokens = 0
+        self._held_tokens.clear()
+        self._express_held.clear()

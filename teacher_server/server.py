@@ -68,7 +68,9 @@ class TeacherServer:
         if self.engine is None:
             self.engine = create_engine(self.config)
         inflight = self.config.scheduler.max_inflight_batches or self.engine.preferred_inflight_batches
-        self.scheduler = FairScheduler(self.engine, self.config.scheduler, self.metrics, inflight)
+        self.scheduler = FairScheduler(
+            self.engine, self.config.scheduler, self.metrics, inflight, policy_of=self._auth.policy
+        )
         self.scheduler.start()
         age_s = self.config.grpc.max_connection_age_s
         servicer = TeacherServicer(self.engine, self.scheduler, self._auth, self.metrics, stream_max_age_s=age_s)

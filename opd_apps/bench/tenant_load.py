@@ -3,7 +3,8 @@
 Owns how a tenant sends `Score` requests (a fixed rate whatever the replies,
 or a fixed number always outstanding), what is recorded per request (status
 code, latency, the server's `retry-after-s` hint) and reading the teacher's
-per-client counters from its ops `/metrics`. Raw gRPC stubs, no retries: every
+per-client counters (scored tokens, requests by code, express-lane requests,
+weights) from its ops `/metrics`. Raw gRPC stubs, no retries: every
 status the teacher answers is counted as it was answered. Does not start the
 teacher or decide what the numbers mean (`bench_tenants.py` does).
 """
@@ -106,14 +107,25 @@ def read_client_metrics(ops_url: str) -> dict[str, dict]:
     text = httpx.get(f"{ops_url}/metrics", timeout=30).text
     scored: dict[str, float] = defaultdict(float)
     requests: dict[str, Counter] = defaultdict(Counter)
+    weights: dict[str, float] = {}
+    express: dict[str, float] = defaultdict(float)
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == "opd_teacher_scored_tokens_total":
                 scored[sample.labels["client"]] += sample.value
+            elif sample.name == "opd_teacher_client_weight":
+                weights[sample.labels["client"]] = sample.value
+            elif sample.name == "opd_teacher_express_requests_total":
+                express[sample.labels["client"]] += sample.value
             elif sample.name == "opd_teacher_requests_total":
                 labels = sample.labels
                 requests[labels["client"]][(labels["rpc"], labels["code"])] += sample.value
-    return {"scored": dict(scored), "requests": {c: dict(v) for c, v in requests.items()}}
+    return {
+        "scored": dict(scored),
+        "requests": {c: dict(v) for c, v in requests.items()},
+        "weights": weights,
+        "express": dict(express),
+    }
 
 
 def metrics_delta(before: dict[str, dict], after: dict[str, dict]) -> dict[str, dict]:
@@ -123,4 +135,5 @@ def metrics_delta(before: dict[str, dict], after: dict[str, dict]) -> dict[str, 
         c: {k: v - before["requests"].get(c, {}).get(k, 0.0) for k, v in counts.items()}
         for c, counts in after["requests"].items()
     }
-    return {"scored": scored, "requests": requests}
+    express = {c: v - before.get("express", {}).get(c, 0.0) for c, v in after.get("express", {}).items()}
+    return {"scored": scored, "requests": requests, "weights": after.get("weights", {}), "express": express}

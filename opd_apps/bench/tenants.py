@@ -1,4 +1,4 @@
-"""`opd bench tenants`: four students sharing one teacher pinned to one core — a flood, then saturation.
+"""`opd bench tenants`: four students sharing one teacher pinned to one core — flood, saturation, weights.
 
 The teacher (`hf` backend) runs as its own process pinned to one CPU core
 (`sched_setaffinity` + one torch/OpenMP thread), with a tokens file naming
@@ -20,8 +20,16 @@ teacher answers is counted as answered.
    window where all four are backlogged. Expected: 25% +/- 5% each (fair
    share is by tokens, so the students with short sequences get more
    requests answered).
+4. (c) Weighted: the tokens file is rewritten with weights 2:1:1:1 (the
+   running teacher re-reads it) and (b) is repeated. Expected: 40/20/20/20%
+   +/- 5%.
+Steps 0-2 run twice per run, on two teachers: the current scheduler and
+today's behaviour (`--no-scheduler-express-lane`: one fair queue), in
+alternating order; steps 3-4 on the current one. `--runs` runs (3) and the
+median of each figure; the ratios (capacity new / old, p50 / solo) are taken
+within a run, which matters on a machine shared with other jobs.
 Not a test: the numbers go to BENCHMARKS.md with the command. `--quick` runs
-every phase for a few seconds on the tiny random model (the smoke test).
+every phase for a few seconds on the tiny random model, once (the smoke test).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,15 +52,13 @@ import httpx
 from opd.processes import free_port, stop_process
 from opd_apps.bench.tenant_load import Tally, Tenant, metrics_delta, read_client_metrics
 
-FULL = {"model": "tiny", "seq_len": 128, "phase_s": 30.0, "capacity_s": 10.0}
-QUICK = {"model": "tiny", "seq_len": 64, "phase_s": 5.0, "capacity_s": 2.0}
+FULL = {"model": "tiny", "seq_len": 128, "phase_s": 30.0, "capacity_s": 10.0, "runs": 3}
+QUICK = {"model": "tiny", "seq_len": 64, "phase_s": 5.0, "capacity_s": 2.0, "runs": 1}
 TENANTS = ("student-a", "student-b", "student-c", "student-d")  # student-d floods in (a)
-SHARE_LENGTHS = (0.5, 1.0, 1.5, 2.0)
-CAPACITY_IN_FLIGHT = (
-    8,
-    32,
-    128,
-)  # requests kept in flight while capacity is measured  # (b): each student's sequence length, in units of --seq-len
+SHARE_LENGTHS = (0.5, 1.0, 1.5, 2.0)  # (b), (c): each student's sequence length, in units of --seq-len
+CAPACITY_IN_FLIGHT = (8, 32, 128)  # requests kept in flight while capacity is measured
+WEIGHTS = (2.0, 1.0, 1.0, 1.0)  # (c)
+SCHEDULERS = {"new": [], "old": ["--no-scheduler-express-lane"]}  # today's behaviour: one fair queue
 
 
 def _args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -88,7 +95,8 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=384,
         help="the teacher's queue bound (scheduler.max_queued_requests); small so the flood reaches it in seconds",
     )
-    p.add_argument("--quick", action="store_true", help="smoke-run sizes: tiny model, 64 tokens, 5 s phases")
+    p.add_argument("--runs", type=int, help="runs to take the median of (3; 1 with --quick)")
+    p.add_argument("--quick", action="store_true", help="smoke-run sizes: tiny model, 64 tokens, 5 s phases, 1 run")
     args = p.parse_args(argv)
     for name, default in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
@@ -97,8 +105,8 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--seq-len must be at least 4 (got {args.seq_len})")
     if not 0 < args.load < 1:
         p.error(f"--load is a share of capacity in (0, 1) (got {args.load})")
-    if args.phase_s <= 0 or args.capacity_s <= 0 or args.flood_factor <= 1 or args.outstanding < 1:
-        p.error("--phase-s and --capacity-s must be > 0, --flood-factor > 1 and --outstanding >= 1")
+    if args.phase_s <= 0 or args.capacity_s <= 0 or args.flood_factor <= 1 or args.outstanding < 1 or args.runs < 1:
+        p.error("--phase-s and --capacity-s must be > 0, --flood-factor > 1, --outstanding and --runs >= 1")
     if args.core not in os.sched_getaffinity(0):
         p.error(f"--core {args.core} is not one of this process's CPUs {sorted(os.sched_getaffinity(0))}")
     return args
@@ -117,14 +125,15 @@ def _model_dir(name: str) -> str:
 class PinnedTeacher:
     """`opd teacher --backend hf` as a child process on one core, one thread, auth on."""
 
-    def __init__(self, args: argparse.Namespace, model_dir: str, tokens_file: Path) -> None:
+    def __init__(self, args: argparse.Namespace, model_dir: str, tokens_file: Path, extra: Sequence[str] = ()) -> None:
         self.grpc_port, self.ops_port = free_port(), free_port()
+        self.tokens_file = tokens_file
         max_len = int(max(SHARE_LENGTHS) * args.seq_len) + 8
         cmd = [sys.executable, "-m", "opd", "teacher", "--model", model_dir, "--backend", "hf"]
         cmd += ["--grpc-host", "127.0.0.1", "--grpc-port", str(self.grpc_port), "--log-level", "WARNING"]
         cmd += ["--ops-host", "127.0.0.1", "--ops-port", str(self.ops_port), "--auth-tokens-file", str(tokens_file)]
         cmd += ["--engine-max-model-len", str(max_len), "--engine-max-top-k", str(max(args.top_k, 1))]
-        cmd += ["--scheduler-max-queued-requests", str(args.max_queued_requests), *args.teacher_arg]
+        cmd += ["--scheduler-max-queued-requests", str(args.max_queued_requests), *args.teacher_arg, *extra]
         self.command = cmd
         threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         core = args.core
@@ -144,6 +153,15 @@ class PinnedTeacher:
                     return
             time.sleep(0.2)
         raise RuntimeError(f"the teacher was not ready within {timeout_s:.0f} s: {' '.join(self.command)}")
+
+    def write_tokens(self, tokens: dict[str, str], weights: dict[str, float] | None = None) -> None:
+        """The tokens file, replaced atomically; with `weights` in the team form (the teacher re-reads it)."""
+        lines = [
+            f"{n}: {{token: {t}, weight: {weights[n]:g}}}\n" if weights else f"{n}: {t}\n" for n, t in tokens.items()
+        ]
+        staged = self.tokens_file.with_suffix(".new")
+        staged.write_text("".join(lines))
+        staged.replace(self.tokens_file)
 
     def stop(self) -> None:
         stop_process(self.proc, grace_s=15)
@@ -178,10 +196,127 @@ async def _saturated(
     return metrics_delta(before, after), tallies
 
 
-async def _run(args: argparse.Namespace, teacher: PinnedTeacher, tokens: dict[str, str]) -> dict:
+def _verdict(ok: bool) -> str:
+    return "ok" if ok else "MISS"
+
+
+def _median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def flood_rows(args: argparse.Namespace, one: dict) -> dict[str, dict[str, float]]:
+    """Per student in (a): answered/R, p50/solo, refusals, other errors, median retry hint (s), sent/s, p50 ms."""
+    rate, solo = one["rate"], one["solo"]
+    rows = {}
+    for name, tally in zip(TENANTS, one["flood"], strict=True):
+        hints = sorted(tally.retry_hints_s)
+        rows[name] = {
+            "sent": sum(tally.codes.values()) / args.phase_s,
+            "per_rate": tally.ok / args.phase_s / rate,
+            "p50_ms": tally.p50_ms(),
+            "per_solo": tally.p50_ms() / solo.p50_ms(),
+            "exhausted": float(tally.codes["RESOURCE_EXHAUSTED"]),
+            "other": float(tally.errors - tally.codes["RESOURCE_EXHAUSTED"]),
+            "hint_s": hints[len(hints) // 2] if hints else float("nan"),
+        }
+    return rows
+
+
+def share_rows(one: dict, phase: str) -> dict[str, float]:
+    """Each student's share of the scored tokens in (b) `share` or (c) `weighted`."""
+    scored = one[f"{phase}_metrics"]["scored"]
+    total = sum(scored.get(n, 0.0) for n in TENANTS)
+    return {n: scored.get(n, 0.0) / total if total else float("nan") for n in TENANTS}
+
+
+def format_run(args: argparse.Namespace, out: dict, run: int) -> str:
+    """A few lines per run, so that each run's figures are on record beside the medians."""
+    lines = [f"run {run + 1} (load average {out['load_average']:.1f}):"]
+    for name in ("new", "old"):
+        one, rows = out[name], flood_rows(args, out[name])
+        well = [rows[n] for n in TENANTS[:3]]
+        lines.append(
+            f"  {name}: C {one['capacity']:.1f} req/s (at {one['capacity_at']} in flight), R {one['rate']:.2f}, "
+            f"solo p50 {one['solo'].p50_ms():.1f} ms; flood answered/R "
+            + "/".join(f"{r['per_rate']:.2f}" for r in well)
+            + ", p50/solo "
+            + "/".join(f"{r['per_solo']:.2f}" for r in well)
+            + f", flooder refused {rows[TENANTS[3]]['exhausted']:.0f}"
+        )
+    lines.append(
+        "  shares (b) "
+        + " ".join(f"{v:.1%}" for v in share_rows(out["new"], "share").values())
+        + ", (c) 2:1:1:1 "
+        + " ".join(f"{v:.1%}" for v in share_rows(out["new"], "weighted").values())
+        + f"; capacity new/old {out['new']['capacity'] / out['old']['capacity']:.2f}"
+    )
+    return "\n".join(lines)
+
+
+def _flood_table(args: argparse.Namespace, runs: list[dict]) -> list[str]:
+    per = {s: [flood_rows(args, r[s]) for r in runs] for s in ("new", "old")}
+    med = {s: {n: {k: _median([rows[n][k] for rows in per[s]]) for k in per[s][0][n]} for n in TENANTS} for s in per}
+    lines = [
+        f"(a) flood: student-a/b/c at R, student-d at {args.flood_factor:g}R, {args.phase_s:g} s "
+        "(target for a/b/c: answered/R >= 0.8 and p50/solo <= 2 with the new scheduler)",
+        f"{'client':<11}{'new /R':>8}{'p50 ms':>9}{'/solo':>8}{'refused':>9}{'hint s':>8}"
+        f"{'old /R':>9}{'p50 ms':>9}{'/solo':>8}{'refused':>9}  verdict (new)",
+    ]
+    for n in TENANTS:
+        a, b = med["new"][n], med["old"][n]
+        if n == TENANTS[-1]:
+            ok = all(rows[n]["exhausted"] > 0 for rows in per["new"])
+        else:
+            ok = a["per_rate"] >= 0.8 and a["per_solo"] <= 2.0 and a["other"] == 0
+        lines.append(
+            f"{n:<11}{a['per_rate']:>8.2f}{a['p50_ms']:>9.1f}{a['per_solo']:>8.2f}{a['exhausted']:>9.0f}"
+            f"{a['hint_s']:>8.3f}{b['per_rate']:>9.2f}{b['p50_ms']:>9.1f}{b['per_solo']:>8.2f}"
+            f"{b['exhausted']:>9.0f}  {_verdict(ok)}"
+        )
+    if not any(r["new"]["flood"][3].codes["RESOURCE_EXHAUSTED"] for r in runs):
+        lines.append("the flooder was never refused (the flood stayed within what the teacher could queue)")
+    return lines
+
+
+def _share_table(runs: list[dict], phase: str, weights: Sequence[float]) -> list[str]:
+    target = [w / sum(weights) for w in weights]
+    med = {n: _median([share_rows(r["new"], phase)[n] for r in runs]) for n in TENANTS}
+    lengths = runs[0]["new"]["share_lengths"]
+    lines = [f"{'client':<11}{'seq len':>9}{'weight':>8}{'share':>8}{'target':>8}  verdict"]
+    for n, length, w, t in zip(TENANTS, lengths, weights, target, strict=True):
+        lines.append(f"{n:<11}{length:>9d}{w:>8g}{med[n]:>8.1%}{t:>8.0%}  {_verdict(abs(med[n] - t) <= 0.05)}")
+    return lines
+
+
+def format_summary(args: argparse.Namespace, runs: list[dict]) -> str:
+    """The medians over the runs: capacity new vs old, the flood table, the saturation and weighted shares."""
+    c_new = _median([r["new"]["capacity"] for r in runs])
+    c_old = _median([r["old"]["capacity"] for r in runs])
+    ratio = _median([r["new"]["capacity"] / r["old"]["capacity"] for r in runs])
+    loads = ", ".join(f"{r['load_average']:.1f}" for r in runs)
+    lines = [
+        "",
+        f"median of {len(runs)} run(s) (load average at each run's start: {loads}); "
+        f"{args.seq_len}-token requests, top-k {args.top_k}",
+        f"capacity C: new scheduler {c_new:.1f} req/s, today's behaviour (--no-scheduler-express-lane) "
+        f"{c_old:.1f} req/s; new/old within a run {ratio:.2f} (target >= 0.90)  {_verdict(ratio >= 0.9)}",
+        "",
+        *_flood_table(args, runs),
+        "",
+        f"(b) saturation: all four backlogged ({args.outstanding} in flight each), {args.phase_s:g} s window, "
+        "shares of the scored tokens (teacher /metrics)",
+        *_share_table(runs, "share", (1.0,) * 4),
+        "",
+        "(c) weighted: the same after the tokens file was rewritten with weights 2:1:1:1 (no restart)",
+        *_share_table(runs, "weighted", WEIGHTS),
+    ]
+    return "\n".join(lines)
+
+
+async def _capacity_solo_flood(args: argparse.Namespace, teacher: PinnedTeacher, tokens: dict[str, str]) -> dict:
+    """Steps 0-2 on one teacher: capacity C, solo p50 at R = load x C / 3, the flood table."""
     vocab = await _vocab_size(teacher.address, tokens[TENANTS[0]])
-    make = lambda name, length: Tenant(teacher.address, name, tokens[name], length, args.top_k, vocab)  # noqa: E731
-    tenants = [make(name, args.seq_len) for name in TENANTS]
+    tenants = [Tenant(teacher.address, n, tokens[n], args.seq_len, args.top_k, vocab) for n in TENANTS]
     out: dict = {}
     try:
         for t in tenants:  # warm-up: connections, first forward passes
@@ -205,103 +340,64 @@ async def _run(args: argparse.Namespace, teacher: PinnedTeacher, tokens: dict[st
     finally:
         for t in tenants:
             await t.close()
-    lengths = [max(4, int(f * args.seq_len)) for f in SHARE_LENGTHS]
-    tenants = [make(name, n) for name, n in zip(TENANTS, lengths, strict=True)]
-    outstanding = [args.outstanding] * len(lengths)
-    out["share_outstanding"] = outstanding
-    try:
-        out["share_metrics"], _ = await _saturated(tenants, outstanding, args.phase_s, args, teacher.ops_url)
-    finally:
-        for t in tenants:
-            await t.close()
-    out["share_lengths"] = lengths
     return out
 
 
-def _verdict(ok: bool) -> str:
-    return "ok" if ok else "MISS"
+async def _shares(args: argparse.Namespace, teacher: PinnedTeacher, tokens: dict[str, str]) -> dict:
+    """(b) saturation shares, then (c) the same with weights 2:1:1:1 written into the running teacher's file."""
+    vocab = await _vocab_size(teacher.address, tokens[TENANTS[0]])
+    lengths = [max(4, int(f * args.seq_len)) for f in SHARE_LENGTHS]
+    out: dict = {"share_lengths": lengths, "share_outstanding": [args.outstanding] * 4}
+    for phase in ("share", "weighted"):
+        if phase == "weighted":
+            teacher.write_tokens(tokens, dict(zip(TENANTS, WEIGHTS, strict=True)))
+        tenants = [
+            Tenant(teacher.address, n, tokens[n], k, args.top_k, vocab) for n, k in zip(TENANTS, lengths, strict=True)
+        ]
+        try:
+            out[f"{phase}_metrics"], _ = await _saturated(
+                tenants, out["share_outstanding"], args.phase_s, args, teacher.ops_url
+            )
+        finally:
+            for t in tenants:
+                await t.close()
+    return out
 
 
-def format_report(args: argparse.Namespace, out: dict) -> str:
-    rate, solo = out["rate"], out["solo"]
-    lines = [
-        f"capacity: {out['capacity']:.1f} requests/s of {args.seq_len} tokens (top-k {args.top_k}), "
-        f"best of {', '.join(map(str, CAPACITY_IN_FLIGHT))} in flight over the four channels "
-        f"(at {out['capacity_at']})",
-        f"R = {rate:.2f} requests/s per well-behaved student (3R = {args.load:.0%} of capacity); "
-        f"solo p50 {solo.p50_ms():.1f} ms at R ({solo.ok}/{sum(solo.codes.values())} answered)",
-        "",
-        f"(a) flood: student-a/b/c at R, student-d at {args.flood_factor:g}R, {args.phase_s:g} s "
-        "(expected: answered >= 0.8 R, p50 <= 2x solo, flooder RESOURCE_EXHAUSTED)",
-        f"{'client':<11}{'sent/s':>9}{'answered/s':>12}{'/R':>7}{'p50 ms':>9}{'/solo':>7}"
-        f"{'RESOURCE_EXHAUSTED':>20}{'other errors':>14}{'hint p50 s':>12}  verdict",
-    ]
-    for name, tally in zip(TENANTS, out["flood"], strict=True):
-        sent = sum(tally.codes.values()) / args.phase_s
-        answered = tally.ok / args.phase_s
-        p50_ratio = tally.p50_ms() / solo.p50_ms()
-        exhausted = tally.codes["RESOURCE_EXHAUSTED"]
-        hint = sorted(tally.retry_hints_s)[len(tally.retry_hints_s) // 2] if tally.retry_hints_s else float("nan")
-        if name == TENANTS[-1]:
-            verdict = _verdict(exhausted > 0 and len(tally.retry_hints_s) == exhausted)
-        else:
-            verdict = _verdict(answered >= 0.8 * rate and p50_ratio <= 2.0 and tally.errors == 0)
-        lines.append(
-            f"{name:<11}{sent:>9.2f}{answered:>12.2f}{answered / rate:>7.2f}{tally.p50_ms():>9.1f}{p50_ratio:>7.2f}"
-            f"{exhausted:>20d}{tally.errors - exhausted:>14d}{hint:>12.3f}  {verdict}"
-        )
-    if not any(t.codes["RESOURCE_EXHAUSTED"] for t in out["flood"]):
-        lines.append(
-            "the flood stayed within what the teacher could queue (nobody was refused): (a) does not test "
-            "isolation on this run; raise --load or --flood-factor, or run on a quieter machine"
-        )
-    lines.append("teacher /metrics, requests by client and code during (a):")
-    for name in TENANTS:
-        counts = out["flood_metrics"]["requests"].get(name, {})
-        text = ", ".join(f"{code} {n:.0f}" for (rpc, code), n in sorted(counts.items()) if rpc == "Score" and n)
-        lines.append(f"  {name}: {text or 'none'}")
-    scored = out["share_metrics"]["scored"]
-    total = sum(scored.get(name, 0.0) for name in TENANTS)
-    lines += [
-        "",
-        f"(b) saturation: all four backlogged, {args.phase_s:g} s window (expected: 25% +/- 5% of scored tokens each)",
-        f"{'client':<11}{'seq len':>9}{'in flight':>11}{'answered':>10}{'errors':>8}{'scored tokens':>15}{'share':>8}"
-        f"{'/25%':>7}  verdict",
-    ]
-    for name, length, in_flight in zip(TENANTS, out["share_lengths"], out["share_outstanding"], strict=True):
-        tokens = scored.get(name, 0.0)
-        share = tokens / total if total else float("nan")
-        codes = out["share_metrics"]["requests"].get(name, {})
-        answered = codes.get(("Score", "OK"), 0.0)
-        errors = sum(n for (_, code), n in codes.items() if code != "OK")
-        lines.append(
-            f"{name:<11}{length:>9d}{in_flight:>11d}{answered:>10.0f}{errors:>8.0f}{tokens:>15.0f}{share:>8.1%}"
-            f"{share / 0.25:>7.2f}  {_verdict(abs(share - 0.25) <= 0.05)}"
-        )
-    return "\n".join(lines)
+def _one_run(args: argparse.Namespace, model_dir: str, tokens: dict[str, str], tmp: Path, run: int) -> dict:
+    """Both teachers, one after the other (the order alternates between runs); the shares on the new one."""
+    out: dict = {"load_average": os.getloadavg()[0]}
+    for name in ("new", "old") if run % 2 == 0 else ("old", "new"):
+        teacher = PinnedTeacher(args, model_dir, tmp / f"tokens-{name}.yaml", SCHEDULERS[name])
+        teacher.write_tokens(tokens)
+        try:
+            teacher.wait_ready()
+            print(f"run {run + 1}, {name} scheduler: {' '.join(teacher.command[2:])} (core {args.core}, 1 thread)")
+            out[name] = asyncio.run(_capacity_solo_flood(args, teacher, tokens))
+            if name == "new":
+                out[name] |= asyncio.run(_shares(args, teacher, tokens))
+        finally:
+            teacher.stop()
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _args(argv)
     tokens = {name: secrets.token_hex(16) for name in TENANTS}
+    model_dir = _model_dir(args.model)
+    others = os.sched_getaffinity(0) - {args.core}
+    if others:  # the load generator never competes with the teacher for its core
+        os.sched_setaffinity(0, others)
+    runs = []
     with tempfile.TemporaryDirectory(prefix="opd-bench-tenants-") as tmp:
-        tokens_file = Path(tmp) / "tokens.yaml"
-        tokens_file.write_text("".join(f"{name}: {token}\n" for name, token in tokens.items()))
-        teacher = PinnedTeacher(args, _model_dir(args.model), tokens_file)
-        try:
-            others = os.sched_getaffinity(0) - {args.core}
-            if others:  # the load generator never competes with the teacher for its core
-                os.sched_setaffinity(0, others)
-            teacher.wait_ready()
-            print(f"teacher: {' '.join(teacher.command[2:])} (pinned to core {args.core}, 1 thread)")
-            out = asyncio.run(_run(args, teacher, tokens))
-        finally:
-            teacher.stop()
-    print(format_report(args, out))
+        for run in range(args.runs):
+            runs.append(_one_run(args, model_dir, tokens, Path(tmp), run))
+            print(format_run(args, runs[-1], run), flush=True)
+    print(format_summary(args, runs))
     return 0
 
 
-__all__ = ["Tally", "format_report", "main"]
+__all__ = ["Tally", "format_run", "format_summary", "main"]
 
 if __name__ == "__main__":
     raise SystemExit(main())

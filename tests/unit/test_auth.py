@@ -9,7 +9,7 @@ import logging
 import pytest
 import yaml
 
-from opd.auth import AuthError, BearerAuth, TokenTable, presented_token
+from opd.auth import AuthError, BearerAuth, TeamPolicy, TokenTable, presented_token, read_tokens_file
 from opd.config import ConfigError
 from teacher_server.auth import Authenticator
 from teacher_server.config import AuthConfig
@@ -161,3 +161,66 @@ def test_teacher_tokens_from_env_and_file(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="name:token") as err:
         Authenticator(AuthConfig(tokens_env="OPD_TEST_TOKENS"))
     assert "OPD_TEST_TOKENS" in str(err.value)
+
+
+# -- team weights and caps in the tokens file --------------------------------------------------------
+
+
+def test_tokens_file_mixes_the_plain_and_the_team_form(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text(
+        "alice: tok-a\n"
+        "team-b: {token: tok-b, weight: 2, max_queued_tokens: 5000}\n"
+        "team-c:\n  token: tok-c\n  max_queued_requests: 3\n"
+    )
+    parsed = read_tokens_file(str(path))
+    assert parsed.tokens == {"tok-a": "alice", "tok-b": "team-b", "tok-c": "team-c"}
+    assert parsed.policies == {
+        "team-b": TeamPolicy(weight=2.0, max_queued_tokens=5000),
+        "team-c": TeamPolicy(weight=1.0, max_queued_requests=3),
+    }
+    table = TokenTable(str(path))
+    assert table.lookup("tok-b") == "team-b" and table.lookup("tok-a") == "alice"
+    assert table.policy("team-b").weight == 2.0 and table.policy("alice") == TeamPolicy()
+    assert table.policy("not-in-the-file") == TeamPolicy()
+
+
+@pytest.mark.parametrize(
+    "entry,message",
+    [
+        ("{token: s3cret-1, weight: 0}", r"line 2: weight must be a number > 0 \(got 0\)"),
+        ("{token: s3cret-2, weight: heavy}", "line 2: weight must be a number > 0"),
+        ("{token: s3cret-3, max_queued_tokens: 1.5}", "line 2: max_queued_tokens must be a whole number >= 1"),
+        ("{token: s3cret-4, max_queued_requests: -1}", "max_queued_requests must be a whole number >= 1"),
+        ("{token: s3cret-5, wieght: 2}", r"client 'team-b' has unknown key\(s\) \['wieght'\]"),
+        ("{weight: 2}", "client 'team-b' needs `token:`"),
+        ("[s3cret-6]", "the entry of client 'team-b' must be `name: token` or"),
+    ],
+)
+def test_a_malformed_team_entry_names_the_line_the_team_and_the_fix(tmp_path, entry, message):
+    path = tmp_path / "t.yaml"
+    path.write_text(f"alice: s3cret-0\nteam-b: {entry}\n")
+    with pytest.raises(ConfigError, match=message) as err:
+        TokenTable(str(path))
+    assert "s3cret" not in str(err.value)
+
+
+def test_an_edit_of_weights_is_picked_up_and_a_bad_edit_keeps_the_last_good_table(tmp_path, caplog):
+    path = tmp_path / "t.yaml"
+    table = TokenTable(_tokens_file(path, {"team-a": {"token": "tok-a", "weight": 2}}))
+    assert table.policy("team-a").weight == 2.0
+    _tokens_file(path, {"team-a": {"token": "tok-a", "weight": 5, "max_queued_requests": 7}})
+    assert table.lookup("tok-a") == "team-a"  # every request checks the file
+    assert table.policy("team-a") == TeamPolicy(weight=5.0, max_queued_requests=7)
+    _tokens_file(path, {"team-a": {"token": "tok-a", "weight": -1}})
+    with caplog.at_level(logging.WARNING):
+        assert table.lookup("tok-a") == "team-a"
+    assert "weight must be a number > 0" in caplog.text and "keeping the previous tokens" in caplog.text
+    assert table.policy("team-a").weight == 5.0
+
+
+def test_the_teacher_authenticator_reports_the_team_policy(tmp_path):
+    tokens = _tokens_file(tmp_path / "t.yaml", {"alice": "tok-a", "bob": {"token": "tok-b", "weight": 3}})
+    auth = Authenticator(AuthConfig(tokens_file=tokens))
+    assert auth.identify([("authorization", "Bearer tok-b")]) == "bob"
+    assert auth.policy("bob").weight == 3.0 and auth.policy("alice").weight == 1.0

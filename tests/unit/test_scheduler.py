@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import numpy as np
 import pytest
 
+from opd.auth import TeamPolicy
 from teacher_server.config import SchedulerConfig
 from teacher_server.engine import ScoreResult, ScoreWork, TeacherEngine
-from teacher_server.errors import DeadlineExpired, Draining, QueueFull
+from teacher_server.errors import DeadlineExpired, Draining, InvalidRequest, QueueFull
 from teacher_server.info import TeacherInfo
 from teacher_server.metrics import TeacherMetrics
 from teacher_server.scheduler import FairScheduler
+from teacher_server.throughput import fair_level
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -59,9 +62,10 @@ def work(tag: int, length: int = 10) -> ScoreWork:
     return ScoreWork(ids, 1, 0)
 
 
-def make(engine, **cfg) -> FairScheduler:
-    config = SchedulerConfig(**{"batch_wait_ms": 0, **cfg})
-    scheduler = FairScheduler(engine, config, TeacherMetrics(), inflight_batches=1)
+def make(engine, policy_of=None, **cfg) -> FairScheduler:
+    """A started scheduler; the express lane is off unless asked for (most tests look at the fair queue)."""
+    config = SchedulerConfig(**{"batch_wait_ms": 0, "express_lane": False, **cfg})
+    scheduler = FairScheduler(engine, config, TeacherMetrics(), inflight_batches=1, policy_of=policy_of)
     scheduler.start()
     return scheduler
 
@@ -164,3 +168,93 @@ def test_drain_refuses_new_work_and_finishes_queued_work():
         return [f.done() and f.exception() is None for f in queued]
 
     assert asyncio.run(main()) == [True] * 4
+
+
+def test_weights_share_the_tokens_two_to_one():
+    async def main():
+        engine = RecordingEngine()
+        engine.gate.clear()
+        weights = {"heavy": TeamPolicy(weight=2.0), "light": TeamPolicy(weight=1.0)}
+        s = make(engine, policy_of=weights.__getitem__, max_batch_requests=1)
+        futures = [s.submit("heavy", work(1), None) for _ in range(20)]
+        futures += [s.submit("light", work(2), None) for _ in range(20)]
+        engine.gate.set()
+        await asyncio.gather(*futures)
+        return [b[0] for b in engine.batches]
+
+    order = asyncio.run(main())
+    # while both are backlogged (the first 30 batches: heavy's 20 run out by then), heavy gets two turns per turn
+    # of light, within one quantum (one request of each) at every prefix
+    for n in range(3, 30):
+        heavy = order[:n].count(1)
+        assert abs(heavy - 2 * n / 3) <= 1 + 2 / 3, (n, order)
+
+
+def test_a_team_over_its_cap_is_refused_with_a_hint_and_the_others_are_not():
+    async def main():
+        engine = RecordingEngine()
+        engine.gate.clear()
+        caps = {"capped": TeamPolicy(max_queued_requests=2), "tokens": TeamPolicy(max_queued_tokens=25)}
+        s = make(engine, policy_of=lambda c: caps.get(c, TeamPolicy()))
+        s.submit("capped", work(1), None)
+        s.submit("capped", work(1), None)
+        with pytest.raises(QueueFull, match=r"team 'capped' has 2 requests .* max_queued_requests 2") as err:
+            s.submit("capped", work(1), None)
+        assert err.value.retry_after_s > 0
+        s.submit("tokens", work(3), None)
+        s.submit("tokens", work(3), None)  # 20 of 25 tokens
+        with pytest.raises(QueueFull, match="max_queued_tokens 25"):
+            s.submit("tokens", work(3), None)
+        with pytest.raises(InvalidRequest, match="can never fit"):
+            s.submit("tokens", work(3, length=26), None)
+        others = [s.submit("other", work(2), None) for _ in range(10)]  # no cap: all queued
+        engine.gate.set()
+        await asyncio.gather(*others)
+
+    asyncio.run(main())
+
+
+class GatedExpressEngine(RecordingEngine):
+    """Bulk batches wait on `gate`; express batches run at once and are recorded apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.express: list[list[int]] = []
+
+    async def score_batch_express(self, works):
+        self.express.append([int(w.token_ids[0]) for w in works])
+        gate, self.gate = self.gate, asyncio.Event()
+        self.gate.set()
+        try:
+            return await self.score_batch(works)
+        finally:
+            self.gate = gate
+
+
+@pytest.mark.parametrize("express_lane", [True, False])
+def test_a_light_client_runs_in_the_express_lane_while_a_flooder_holds_the_engine(express_lane):
+    async def main():
+        engine = GatedExpressEngine()
+        engine.gate.clear()  # the flooder's first batch occupies the engine until released
+        s = make(engine, max_batch_requests=4, express_lane=express_lane)
+        s._throughput._tokens, s._throughput._busy_s = 100.0, 1.0  # the engine does 100 tokens/s
+        flood = [s.submit("flooder", work(1), None) for _ in range(40)]  # 400 tokens at once: over its share
+        await asyncio.sleep(0)  # the bulk loop takes its first batch, which blocks on the gate
+        # 10 tokens, nothing queued; the max-min fair level is 90 tokens/s, and 10 <= 90 / 2
+        light = s.submit("light", work(2), None)
+        if express_lane:
+            result = await asyncio.wait_for(light, timeout=10)  # answered while the bulk batch still runs
+            assert not engine.gate.is_set() and result.token_logprobs.shape == (9,)
+        engine.gate.set()
+        await asyncio.gather(*flood, light)
+        return engine
+
+    engine = asyncio.run(main())
+    assert engine.express == ([[2]] if express_lane else [])
+    assert sorted(t for b in engine.batches for t in b) == [1] * 40 + [2]
+
+
+def test_fair_level_is_the_max_min_share_per_unit_of_weight():
+    assert fair_level({"a": 1, "b": 1, "c": 1, "d": 10}, dict.fromkeys("abcd", 1.0), 8) == 5
+    assert fair_level({"a": 10, "b": 10}, {"a": 2.0, "b": 1.0}, 6) == 2
+    assert fair_level({"a": 1, "b": 10}, {"a": 1.0, "b": 1.0}, 11) == math.inf  # everything fits
