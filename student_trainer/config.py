@@ -120,6 +120,12 @@ class OptimConfig(ConfigModel):
 class BatchConfig(ConfigModel):
     groups_per_step: int = Field(8, ge=1, description="prompt groups (all samples of a prompt) per optimizer step")
     max_tokens_per_micro_batch: int = Field(8192, ge=16, description="tokens per forward pass (packed)")
+    micro_batch_sequences: int = Field(
+        0,
+        ge=0,
+        description="> 0: micro-batches of this many sequences each, in arrival order, as the recipe's "
+        "ppo_micro_batch_size_per_gpu (max_tokens_per_micro_batch is then ignored); 0: packed by tokens",
+    )
     max_staleness: int = Field(
         4, ge=0, description="rollouts sampled more than this many policy versions ago are dropped or down-weighted"
     )
