@@ -213,6 +213,17 @@ class EvalConfig(ConfigModel):
     round_timeout_s: float = Field(
         600.0, gt=0, description="an eval round gives up after this (reported as incomplete) and training resumes"
     )
+    temperature: float | None = Field(
+        None,
+        gt=0,
+        description="eval rounds sample at this temperature (carried on the prompt records to the "
+        "workers); unset = the workers' training setting",
+    )
+    top_p: float | None = Field(None, gt=0, le=1, description="eval rounds' nucleus mass; unset = the workers'")
+    top_k: int | None = Field(None, ge=-1, description="eval rounds' top-k (-1 = off); unset = the workers'")
+    n: int | None = Field(
+        None, ge=1, le=4096, description="samples per eval prompt (pass@k over them); unset = data.source.n_samples"
+    )
 
 
 class DistConfig(ConfigModel):
