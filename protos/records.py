@@ -26,10 +26,13 @@ import numpy as np
 # Schema 3 of rollout records added `sampling_temperature` and `sampling_top_p` (the worker's sampling settings,
 # which the trainer checks against its loss); schema 1 and 2 records still decode, with both None ("not
 # recorded": the trainer cannot check them and says so once in its log).
-PROMPT_SCHEMA = 2
+# Schema 3 of prompt records added `sampling_temperature`, `sampling_top_p` and `sampling_top_k` (settings the
+# workers sample this prompt with instead of their own, e.g. an eval round's; nil = the worker's); schema 1 and 2
+# records still decode with all three None.
+PROMPT_SCHEMA = 3
 ROLLOUT_SCHEMA = 3
 POLICY_SCHEMA = 1
-READ_SCHEMAS = {"prompt record": (1, 2), "rollout record": (1, 2, 3), "policy announcement": (1,)}
+READ_SCHEMAS = {"prompt record": (1, 2, 3), "rollout record": (1, 2, 3), "policy announcement": (1,)}
 SPLITS = ("train", "eval")
 _TEACHER_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -173,6 +176,10 @@ class PromptRecord:
     tools: list[dict[str, Any]] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     teacher: str | None = None  # domain name: which of several teachers scores this prompt's rollouts
+    # sampling settings for this prompt (schema 3; None = the worker's own), e.g. an eval round's
+    sampling_temperature: float | None = None
+    sampling_top_p: float | None = None
+    sampling_top_k: int | None = None  # -1 = off
 
     def encode(self) -> bytes:
         if (self.messages is None) == (self.prompt_ids is None):
@@ -186,6 +193,9 @@ class PromptRecord:
             "tools": self.tools,
             "meta": self.meta,
             "teacher": self.teacher,
+            "sampling_temperature": _optional_float(self.sampling_temperature),
+            "sampling_top_p": _optional_float(self.sampling_top_p),
+            "sampling_top_k": self.sampling_top_k,
         }
         if self.messages is not None:
             obj["messages"] = self.messages
@@ -199,6 +209,7 @@ class PromptRecord:
         obj = _unpack_map(data, kind)
         schema = _check_schema(obj, kind)
         optional = {"messages", "prompt_ids", "answer", "tools", "meta"} | ({"teacher"} if schema >= 2 else set())
+        optional |= {"sampling_temperature", "sampling_top_p", "sampling_top_k"} if schema >= 3 else set()
         _check_keys(obj, kind, {"prompt_id", "group_size", "split"}, optional)
         messages = _messages(obj, kind)
         prompt_ids = _array(obj, kind, "prompt_ids", _INT32) if obj.get("prompt_ids") is not None else None
@@ -214,7 +225,18 @@ class PromptRecord:
             tools=_typed(obj, kind, "tools", (list,), nullable=True),
             meta=_typed(obj, kind, "meta", (dict,), nullable=True) or {},
             teacher=_teacher(obj, kind),
+            sampling_temperature=_sampling(obj, kind, "sampling_temperature", None),
+            sampling_top_p=_sampling(obj, kind, "sampling_top_p", 1.0),
+            sampling_top_k=_top_k(obj, kind),
         )
+
+
+def _top_k(obj: Mapping[str, Any], kind: str) -> int | None:
+    """The optional `sampling_top_k` (schema >= 3): -1 (off), a positive integer, or nil."""
+    value = _typed(obj, kind, "sampling_top_k", (int,), nullable=True)
+    if value is not None and value != -1 and value < 1:
+        raise RecordError(f"{kind}.sampling_top_k: must be -1 (off) or >= 1, got {value}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------- rollout record

@@ -103,8 +103,9 @@ class ToolsConfig(ConfigModel):
 class RewardConfig(ConfigModel):
     function: str | None = Field(
         default=None,
-        description="reward: `math` (final/boxed answer, math-verify), "
-        "`exact` (exact match) or `module:function`; unset = no reward",
+        description="reward: `math` (final/boxed answer, math-verify), `math_equiv` (the OPSD recipe's: "
+        "last boxed answer, Hendrycks is_equiv normalisation), `exact` (exact match) or `module:function`; "
+        "unset = no reward",
     )
     timeout_s: float = Field(default=10.0, gt=0, description="time limit of one reward call (reward is null past it)")
 

@@ -43,6 +43,7 @@ from rollout_workers.config import RolloutConfig
 from rollout_workers.engine import GenerationBackend, SampleParams, create_backend, sample_seed
 from rollout_workers.episode import Episode, EpisodeLimits, run_episode
 from rollout_workers.metrics import RolloutMetrics
+from rollout_workers.prompt_sampling import sampling_for
 from rollout_workers.reload import PolicyWatcher
 from rollout_workers.rewards import RewardFn, load_reward
 from rollout_workers.tools import Tool, ToolBox
@@ -212,11 +213,12 @@ class RolloutWorker:
 
     async def _episode(self, record: PromptRecord, prompt_ids: list[int], entry_id: str, index: int) -> Episode:
         s = self.config.sampling
+        p = sampling_for(record, s)  # an eval round's prompt may carry its own settings
         params = SampleParams(
             max_tokens=s.max_tokens,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            top_k=p.top_k,
             seed=sample_seed(s.seed, record.prompt_id, index),
         )
         toolbox = self._toolbox_for(record)
@@ -244,6 +246,7 @@ class RolloutWorker:
         self, entry: Entry[PromptRecord], prompt_ids: list[int], episodes: list[Episode], latency_s: float
     ) -> list[RolloutRecord]:
         record, s = entry.value, self.config.sampling
+        p = sampling_for(record, s)
         group_id = f"{record.prompt_id}@{entry.entry_id}"
         out = []
         for i, ep in enumerate(episodes):
@@ -253,9 +256,9 @@ class RolloutWorker:
                 "worker": self.config.consumer_name(),
                 "backend": self.backend.name,
                 "sample_index": i,
-                "temperature": s.temperature,
-                "top_p": s.top_p,
-                "top_k": s.top_k,
+                "temperature": p.temperature,
+                "top_p": p.top_p,
+                "top_k": p.top_k,
                 "seed": sample_seed(s.seed, record.prompt_id, i),
                 "latency_s": round(latency_s, 4),
             }
@@ -279,8 +282,8 @@ class RolloutWorker:
                     policy_version=ep.policy_version,
                     meta=meta,
                     teacher=record.teacher,  # the prompt's domain picks the teacher that scores it
-                    sampling_temperature=s.temperature,  # the trainer checks them against its loss
-                    sampling_top_p=s.top_p,
+                    sampling_temperature=p.temperature,  # the trainer checks them against its loss
+                    sampling_top_p=p.top_p,
                 )
             )
         return out

@@ -1,7 +1,8 @@
 """Turning rollout groups into packed micro-batches for the loss.
 
 Owns: splitting a step's groups across ranks and packing them into
-micro-batches up to a token budget (a group that fits is kept whole; a larger
+micro-batches up to a token budget, or of a fixed number of sequences in
+order (`split_by_sequences`, the recipe's) (a group that fits is kept whole; a larger
 one is split by sequence, so one group of 8 x 12k tokens spreads over
 micro-batches and ranks; a single sequence longer than the budget gets a
 micro-batch of its own, one longer than the model's context is left out with
@@ -116,6 +117,14 @@ def pack_groups(groups: Sequence[Group], max_tokens: int) -> list[list[Group]]:
             bins.append([unit])
             loads.append(size)
     return bins
+
+
+def split_by_sequences(groups: Sequence[Group], num_sequences: int) -> list[list[Group]]:
+    """Micro-batches of `num_sequences` sequences each (the last may hold fewer), in the order given, as the
+    recipe's verl worker splits a rank's batch (`data.split(ppo_micro_batch_size_per_gpu)`); groups are cut
+    wherever the count falls. Each bin holds one list of its records."""
+    records = [r for g in groups for r in g]
+    return [[records[i : i + num_sequences]] for i in range(0, len(records), num_sequences)]
 
 
 def filler_record(record: RolloutRecord) -> RolloutRecord:

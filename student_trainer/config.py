@@ -120,6 +120,12 @@ class OptimConfig(ConfigModel):
 class BatchConfig(ConfigModel):
     groups_per_step: int = Field(8, ge=1, description="prompt groups (all samples of a prompt) per optimizer step")
     max_tokens_per_micro_batch: int = Field(8192, ge=16, description="tokens per forward pass (packed)")
+    micro_batch_sequences: int = Field(
+        0,
+        ge=0,
+        description="> 0: micro-batches of this many sequences each, in arrival order, as the recipe's "
+        "ppo_micro_batch_size_per_gpu (max_tokens_per_micro_batch is then ignored); 0: packed by tokens",
+    )
     max_staleness: int = Field(
         4, ge=0, description="rollouts sampled more than this many policy versions ago are dropped or down-weighted"
     )
@@ -206,6 +212,17 @@ class EvalConfig(ConfigModel):
     )
     round_timeout_s: float = Field(
         600.0, gt=0, description="an eval round gives up after this (reported as incomplete) and training resumes"
+    )
+    temperature: float | None = Field(
+        None,
+        gt=0,
+        description="eval rounds sample at this temperature (carried on the prompt records to the "
+        "workers); unset = the workers' training setting",
+    )
+    top_p: float | None = Field(None, gt=0, le=1, description="eval rounds' nucleus mass; unset = the workers'")
+    top_k: int | None = Field(None, ge=-1, description="eval rounds' top-k (-1 = off); unset = the workers'")
+    n: int | None = Field(
+        None, ge=1, le=4096, description="samples per eval prompt (pass@k over them); unset = data.source.n_samples"
     )
 
 

@@ -84,12 +84,17 @@ def train_records(config: TrainerConfig) -> list[PromptRecord]:
 
 
 def eval_records(config: TrainerConfig) -> list[PromptRecord]:
-    data = config.data
+    """The eval prompts, each carrying the eval rounds' own sampling settings (`eval.temperature`, ...) and n."""
+    data, ev = config.data, config.eval
     if not data.eval_prompts:
         return []
-    return load_prompts(
-        data.eval_prompts, data.source.model_copy(update={"split": "eval", "epochs": 1, "shuffle": False})
-    )
+    update: dict = {"split": "eval", "epochs": 1, "shuffle": False}
+    if ev.n is not None:
+        update["n_samples"] = ev.n
+    records = load_prompts(data.eval_prompts, data.source.model_copy(update=update))
+    for record in records:
+        record.sampling_temperature, record.sampling_top_p, record.sampling_top_k = ev.temperature, ev.top_p, ev.top_k
+    return records
 
 
 class TrainerRuntime:

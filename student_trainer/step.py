@@ -48,6 +48,7 @@ from student_trainer.batching import (
     placeholder_scores,
     reward_value,
     scores_to,
+    split_by_sequences,
     teacher_scores_for,
     too_long_message,
     without_too_long,
@@ -56,7 +57,13 @@ from student_trainer.config import TrainerConfig
 from student_trainer.diagnostics import TEACHER_KEYS, reward_stats, teacher_token_sums, tool_stats
 from student_trainer.groups import Group
 from student_trainer.loss.inputs import TeacherScores
-from student_trainer.loss.planning import Denominators, count_denominators, sequence_weights, step_denominators
+from student_trainer.loss.planning import (
+    Denominators,
+    count_denominators,
+    micro_batch_denominators,
+    sequence_weights,
+    step_denominators,
+)
 from student_trainer.loss.registry import TeacherNeed, teacher_needs
 from student_trainer.model import DistInfo, StudentLoss
 from student_trainer.sampling_check import SamplingCheck
@@ -122,7 +129,11 @@ class StepRunner:
         self.dropped_too_long = len(too_long)
         trained, _ = without_too_long(groups, self.max_model_len)  # every rank's groups, as trained
         sample_weights, advantages = self.group_terms(trained)
-        bins = pack_groups(mine, self.config.batch.max_tokens_per_micro_batch)
+        batch = self.config.batch
+        if batch.micro_batch_sequences:
+            bins = split_by_sequences(mine, batch.micro_batch_sequences)
+        else:
+            bins = pack_groups(mine, batch.max_tokens_per_micro_batch)
         count = torch.tensor([len(bins)], device=self.info.device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
         micro = [
@@ -137,13 +148,17 @@ class StepRunner:
             micro += [fill] * (int(count.item()) - len(micro))
         return micro
 
-    def denominators(self, micro: list[MicroBatch]) -> Denominators:
-        """The step's D: every micro-batch's count, added over this rank, then over all ranks."""
-        counts = [count_denominators(mb.inputs, self.config.loss) for mb in micro if not mb.filler]
-        total = sum(counts, Denominators(0.0, 0.0))
+    def denominators(self, micro: list[MicroBatch]) -> list[Denominators]:
+        """Each micro-batch's D: the step's (every micro-batch's count, added over this rank, then over all
+        ranks), or under `loss.reduction=micro_batch_mean` its own (`planning.micro_batch_denominators`)."""
+        zero = Denominators(0.0, 0.0)
+        counts = [zero if mb.filler else count_denominators(mb.inputs, self.config.loss) for mb in micro]
+        total = sum(counts, zero)
         reduced = torch.tensor([total.distill, total.rl], dtype=torch.float64, device=self.info.device)
         dist.all_reduce(reduced)
-        return step_denominators(Denominators(*reduced.tolist()), self.config.loss)
+        step_total = step_denominators(Denominators(*reduced.tolist()), self.config.loss)
+        active = sum(not mb.filler for mb in micro)
+        return micro_batch_denominators(counts, step_total, active, self.info.world_size, self.config.loss)
 
     def forward_backward(
         self, groups: list[Group], mine: list[Group], weights: dict[str, float], scores: dict, step: int
@@ -155,14 +170,14 @@ class StepRunner:
         denominators = self.denominators(micro)
         sums: dict[str, float] = collections.defaultdict(float)
         sums["dropped_too_long"] = float(self.dropped_too_long)
-        for mb in micro:
+        for mb, mb_denominators in zip(micro, denominators, strict=True):
             teacher = self._teacher_for(mb, scores)
             mb = mb.to(self.info.device)
             if self.has_teacher and not mb.filler:
                 self._add_teacher_sums(sums, mb, teacher)
             if self.reference is not None:
                 mb = self.reference.with_logprobs(mb)
-            loss, stats = self.root(mb, teacher, step, denominators)
+            loss, stats = self.root(mb, teacher, step, mb_denominators)
             (loss * self.info.world_size).backward()  # FSDP averages over ranks; L is already the global mean
             sums["loss"] += stats.loss
             sums["tokens"] += stats.num_tokens

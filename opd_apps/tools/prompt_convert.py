@@ -2,6 +2,9 @@
 
     opd convert-prompts --input test.parquet --output math500.jsonl            # layout detected from the columns
     opd convert-prompts --input dapo-math-17k.parquet --output dapo.jsonl --format dapo
+    # the OPSD recipe's data (prepare_grpo_data.py): DAPO's instruction out, the recipe's in, 80/20 split, seed 42
+    opd convert-prompts --input distinct-prompts-with-rewards.parquet --format dapo --strip-instruction \\
+        --instruction recipe-boxed --train-fraction 0.8 --seed 42 --output train.jsonl --val-output val_dapo.jsonl
 
 Layouts (as the sets are published, JSONL or Parquet):
 
@@ -18,7 +21,20 @@ Every output row has `id` (`FORMAT:ORIGINAL_ID`), `answer` (a string),
 instruction included). Rows whose id was already seen are skipped and counted
 (the published DAPO file repeats each problem). The instruction for the test
 sets (e.g. \\boxed{}) is not baked in: `opd eval --dataset-instruction boxed`
-adds it. Reads with `opd.prompts.read_rows`; does not download anything.
+adds it, unless `--instruction` bakes one in here.
+
+The OPSD recipe's data preparation (`src/data/prepare_grpo_data.py`) is
+reachable with three options: `--strip-instruction` removes DAPO's own
+instruction (its prefix "Solve the following math problem step by step. ..."
+and suffix "Remember to put your answer on its own line after "Answer:"")
+from every user turn; `--instruction VARIANT` appends "\\n\\n" + the variant's
+text to the last user turn (`recipe-boxed`: the recipe's BOXED_INSTRUCTION;
+`dapo`: DAPO's "Answer:" instruction as a suffix); `--train-fraction F` with
+`--val-output` shuffles the converted rows with `--seed` (numpy's
+default_rng(seed).permutation, as the `datasets` library's shuffle the
+recipe calls) and writes the first int(n F) to `--output` and the rest, split
+`eval`, to `--val-output`. Reads with `opd.prompts.read_rows`; does not
+download anything.
 """
 
 from __future__ import annotations
@@ -29,12 +45,25 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+import numpy as np
+from pydantic import Field, model_validator
 
 from opd.config import ConfigError, ConfigModel, load_config
 from opd.prompts import PromptSourceError, read_rows
 
 Format = Literal["math500", "aime2024", "aime2025", "dapo"]
+
+# DAPO's own instruction around each problem, as prepare_grpo_data.py strips it (DAPO_INSTRUCTION_PREFIX/SUFFIX)
+DAPO_PREFIX = (
+    "Solve the following math problem step by step. The last line of your response should be of the form "
+    "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
+)
+DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
+# Appended as "\n\n" + text to the last user turn (prepare_grpo_data.py BOXED_INSTRUCTION; DAPO's own)
+INSTRUCTION_VARIANTS: dict[str, str] = {
+    "recipe-boxed": "Let's think step by step and output the final answer within \\boxed{}.",
+    "dapo": DAPO_SUFFIX.strip(),
+}
 
 
 DESCRIPTION = (
@@ -58,6 +87,29 @@ class ConvertConfig(ConfigModel):
     split: Literal["train", "eval"] | None = Field(None, description="split of every row (default: eval; dapo: train)")
     limit: int | None = Field(None, ge=1, description="convert only the first N distinct rows")
     dedupe: bool = Field(True, description="skip rows whose id was already seen")
+    strip_instruction: bool = Field(
+        False, description="remove DAPO's own instruction (prefix and suffix) from every user turn (format dapo)"
+    )
+    instruction: Literal["none", "recipe-boxed", "dapo"] = Field(
+        "none",
+        description="append an instruction to the last user turn: recipe-boxed = the OPSD recipe's \"Let's think "
+        'step by step and output the final answer within \\boxed{}."; dapo = DAPO\'s "Answer:" line request',
+    )
+    train_fraction: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="split: shuffle with --seed, first int(n * F) rows to --output (train), the rest to "
+        "--val-output (eval), as the recipe's prepare_grpo_data.py (0.8, seed 42); unset = no split",
+    )
+    val_output: str | None = Field(None, description="file for the held-out rows of --train-fraction")
+    seed: int = Field(42, description="shuffle seed of --train-fraction")
+
+    @model_validator(mode="after")
+    def _check_split(self) -> ConvertConfig:
+        if (self.train_fraction is None) != (self.val_output is None):
+            raise ValueError("--train-fraction and --val-output go together: set both to split, or neither")
+        return self
 
 
 def _field(row: dict[str, Any], name: str, where: str) -> Any:
@@ -181,6 +233,43 @@ def convert_rows(
             return
 
 
+def _strip_dapo(text: str) -> str:
+    text = text.removeprefix(DAPO_PREFIX)
+    return text.removesuffix(DAPO_SUFFIX)
+
+
+def with_instruction(row: dict[str, Any], strip: bool, instruction: str) -> dict[str, Any]:
+    """`row` with DAPO's instruction stripped from its user turns and/or `instruction` appended to the last one,
+    as prepare_grpo_data.py does: text.rstrip() + "\\n\\n" + the variant's text."""
+    if not strip and instruction == "none":
+        return row
+    extra = INSTRUCTION_VARIANTS.get(instruction)
+
+    def edit(text: str) -> str:
+        text = _strip_dapo(text) if strip else text
+        return text if extra is None else text.rstrip() + "\n\n" + extra
+
+    if "messages" not in row:
+        return {**row, "prompt": edit(row["prompt"])}
+    messages = [dict(m) for m in row["messages"]]
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    for i in users:
+        text = _strip_dapo(messages[i]["content"]) if strip else messages[i]["content"]
+        if i == users[-1] and extra is not None:
+            text = text.rstrip() + "\n\n" + extra
+        messages[i]["content"] = text
+    return {**row, "messages": messages}
+
+
+def split_rows(rows: list[dict[str, Any]], train_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, eval) rows: shuffled by numpy default_rng(seed).permutation (the `datasets` shuffle the recipe
+    uses), the first int(n * train_fraction) for training, the rest marked split `eval`."""
+    order = np.random.default_rng(seed).permutation(len(rows))
+    shuffled = [rows[i] for i in order]
+    cut = int(len(rows) * train_fraction)
+    return shuffled[:cut], [{**row, "split": "eval"} for row in shuffled[cut:]]
+
+
 def write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix in (".parquet", ".pq"):
@@ -212,6 +301,15 @@ def convert_file(config: ConvertConfig) -> dict[str, int]:
     )
     if not rows:
         raise ConvertError(f"{config.input}: no rows to convert")
+    if config.strip_instruction and config.format not in ("dapo", "auto"):
+        raise ConvertError(
+            f"--strip-instruction removes DAPO's instruction: use it with --format dapo, not {config.format}"
+        )
+    rows = [with_instruction(row, config.strip_instruction, config.instruction) for row in rows]
+    if config.train_fraction is not None and config.val_output is not None:
+        rows, held_out = split_rows(rows, config.train_fraction, config.seed)
+        write_rows(Path(config.val_output), held_out)
+        stats["held_out"] = len(held_out)
     write_rows(Path(config.output), rows)
     return stats
 
@@ -228,6 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"{config.output}: {stats['written']} prompts from {stats['read']} rows"
         + (f" ({stats['duplicates']} repeated ids skipped)" if stats["duplicates"] else "")
+        + (f"; {stats['held_out']} held out to {config.val_output}" if "held_out" in stats else "")
     )
     return 0
 

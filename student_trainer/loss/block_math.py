@@ -45,6 +45,7 @@ class BlockSettings:
     clip_high: float
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
+    dual_clip: float | None = None  # the GRPO term's only
 
     @classmethod
     def of(cls, config: LossConfig) -> BlockSettings:
@@ -60,6 +61,7 @@ class BlockSettings:
             pg.clip_high,
             config.kl.coef,
             config.kl.estimator,
+            pg.dual_clip,
         )
 
 
@@ -161,7 +163,7 @@ def token_terms(
     rl_C, kl_C = torch.zeros_like(logp_C), torch.zeros_like(logp_C)
     if rows.rl_advantage_C is not None:
         rl_C, rl_grad_C = dv.policy_gradient_rows(
-            logp_C, rows.rl_advantage_C, behaviour_C, settings.clip_low, settings.clip_high
+            logp_C, rows.rl_advantage_C, behaviour_C, settings.clip_low, settings.clip_high, settings.dual_clip
         )
         if rows.reference_C is not None and settings.kl_coef > 0:  # GRPO's KL penalty, part of the RL term
             kl_C, kl_grad_C = dv.kl_penalty(logp_C, rows.reference_C, settings.kl_estimator)

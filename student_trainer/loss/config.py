@@ -21,6 +21,7 @@ from student_trainer.loss.registry import DIVERGENCES, divergence
 
 Support = Literal["topk", "full"]
 Normalization = Literal["token_mean", "sequence_mean", "sum"]
+Reduction = Literal["step", "micro_batch_mean"]
 
 
 class _Strict(BaseModel):
@@ -51,21 +52,30 @@ class TokenSelectionConfig(_Strict):
 class RewardSoftmaxConfig(_Strict):
     """Reward-weighted distillation: sample weights from a softmax of rewards (`weighting`).
 
-    `batch_binary` (default) is the recipe's (OPSD on verl, its `reward_beta`):
-    rewards binarised (reward > `loss.pass_threshold` is 1, else 0), weights
-    softmax(reward / beta) over the whole step's scored samples, scaled to
-    mean 1 over them (= the recipe's sum w L / sum w). `group_raw` is opd's
-    earlier form: softmax(raw reward / beta) within each group, mean 1 per
-    group. Either way a sample without a reward weighs 1 and is left out of
-    the softmax.
+    `batch_binary` (default): rewards binarised (reward > `loss.pass_threshold`
+    is 1, else 0), weights softmax(reward / beta) over the whole step's scored
+    samples, scaled to mean 1 over them, entering the step loss as r in
+    sum_i s_i r_i l_i / D (one step-wide normalisation). `micro_batch` is the
+    recipe's arithmetic exactly (OPSD on verl, `opd_worker.py`
+    `_opd_training_step`): the same step-wide softmax, then renormalised within
+    each micro-batch, whose loss is sum_i w_i m_i / sum_i w_i with m_i each
+    sequence's token mean (needs `normalization=sequence_mean`; with
+    `reduction=micro_batch_mean` and `batch.micro_batch_sequences` it is the
+    recipe's step). With micro-batches that are all correct or all wrong the
+    renormalisation cancels the softmax: the form then has no effect.
+    `group_raw` is opd's earlier form: softmax(raw reward / beta) within each
+    group, mean 1 per group. In every form a sample without a reward weighs 1
+    and is left out of the softmax (the recipe scores it 0).
     """
 
     enabled: bool = Field(False, description="Weight samples by a softmax of their rewards (form: see `form`).")
     beta: float = Field(1.0, gt=0.0, description="Softmax temperature over rewards; weights average 1.")
-    form: Literal["batch_binary", "group_raw"] = Field(
+    form: Literal["batch_binary", "micro_batch", "group_raw"] = Field(
         "batch_binary",
-        description="'batch_binary': the recipe's softmax(binarised reward / beta) over the whole step, mean 1 "
-        "over the step; 'group_raw': softmax(raw reward / beta) within each group, mean 1 per group.",
+        description="'batch_binary': softmax(binarised reward / beta) over the whole step, mean 1 over the step; "
+        "'micro_batch': the recipe's (OPSD opd_worker.py): the same softmax renormalised within each "
+        "micro-batch, sum w m / sum w over its sequences' token means m (needs normalization=sequence_mean); "
+        "'group_raw': softmax(raw reward / beta) within each group, mean 1 per group.",
     )
 
 
@@ -133,6 +143,18 @@ class PolicyGradientConfig(_Strict):
     )
     clip_low: float = Field(0.2, ge=0.0, lt=1.0, description="Ratio lower clip 1 - clip_low.")
     clip_high: float = Field(0.2, ge=0.0, description="Ratio upper clip 1 + clip_high.")
+    dual_clip: float | None = Field(
+        None,
+        gt=1.0,
+        description="verl's dual-clip c (clip_ratio_c, Ye et al. 2020): for a negative advantage the clipped "
+        "surrogate is capped at -c * A, so a very large ratio cannot dominate; None = off (verl default c = 3).",
+    )
+
+    @model_validator(mode="after")
+    def _check_dual_clip(self) -> PolicyGradientConfig:
+        if self.dual_clip is not None and self.importance == "none":
+            raise ValueError("policy_gradient.dual_clip caps the clipped ratio: set importance='ppo_clip' or unset it")
+        return self
 
 
 class RlConfig(_Strict):
@@ -140,6 +162,11 @@ class RlConfig(_Strict):
 
     scale_by_std: bool = Field(True, description="Divide advantages by the group's reward std (False: Dr. GRPO).")
     std_epsilon: float = Field(1e-6, gt=0.0, description="Added to the group std before dividing.")
+    singleton: Literal["zero", "reward"] = Field(
+        "zero",
+        description="Advantage of a group with a single scored sample: 'zero' (no signal) or 'reward' (verl's "
+        "compute_grpo_outcome_advantage: mean 0 and std 1 for a group of one, so A = r).",
+    )
 
 
 class LossConfig(_Strict):
@@ -183,6 +210,12 @@ class LossConfig(_Strict):
     )
     normalization: Normalization = Field(
         "token_mean", description="Reduce per-token losses by kept-token mean, per-sequence mean, or sum."
+    )
+    reduction: Reduction = Field(
+        "step",
+        description="'step': one normalisation over the whole step (D counted over every micro-batch of every "
+        "rank); 'micro_batch_mean': the recipe's (verl): each micro-batch normalised by its own D, the mean over "
+        "a rank's micro-batches, averaged over ranks, so a token's weight depends on how the step is cut.",
     )
     chunk_size: int | None = Field(
         None,
@@ -241,6 +274,12 @@ class LossConfig(_Strict):
         if self.kl.coef > 0 and self.rl_weight == 0.0:
             raise ValueError(
                 f"kl.coef={self.kl.coef} penalises the GRPO term, but rl_weight is 0: set rl_weight > 0 or kl.coef=0"
+            )
+        rs = self.reward_softmax
+        if rs.enabled and rs.form == "micro_batch" and self.normalization != "sequence_mean":
+            raise ValueError(
+                "reward_softmax.form='micro_batch' weighs per-sequence means, as the recipe does: set "
+                f"normalization='sequence_mean' (got {self.normalization!r})"
             )
         row = DIVERGENCES[self.divergence]
         if self.discount > 0.0 and not row.sampled:

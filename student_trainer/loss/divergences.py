@@ -195,6 +195,7 @@ def policy_gradient_rows(
     behaviour_C: Tensor | None,
     clip_low: float,
     clip_high: float,
+    dual_clip: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Sampled-token surrogate loss [C] and its gradient d/dlogp [C].
 
@@ -205,7 +206,9 @@ def policy_gradient_rows(
         r = exp(logp - logp_behaviour)
         loss = -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A)
     gradient -A r where the unclipped branch is the minimum, else 0.
-    The advantage is treated as a constant (detached).
+    `dual_clip` c (verl's clip_ratio_c, Ye et al. 2020): where A < 0 the loss
+    is further capped at -c A (gradient 0 there), as verl's
+    `compute_policy_loss`. The advantage is treated as a constant (detached).
     """
     advantage_C = advantage_C.to(logp_C.dtype)
     if behaviour_C is None:
@@ -215,6 +218,10 @@ def policy_gradient_rows(
     clipped_C = ratio_C.clamp(1.0 - clip_low, 1.0 + clip_high) * advantage_C
     loss_C = -torch.minimum(unclipped_C, clipped_C)
     grad_C = torch.where(unclipped_C <= clipped_C, -unclipped_C, torch.zeros_like(unclipped_C))
+    if dual_clip is not None:
+        capped_C = (advantage_C < 0) & (loss_C > -dual_clip * advantage_C)
+        loss_C = torch.where(capped_C, -dual_clip * advantage_C, loss_C)
+        grad_C = torch.where(capped_C, torch.zeros_like(grad_C), grad_C)
     return loss_C, grad_C
 
 

@@ -86,6 +86,23 @@ def step_denominators(total: Denominators, config: LossConfig) -> Denominators:
     return Denominators(1.0, 1.0) if config.normalization == "sum" else total
 
 
+def micro_batch_denominators(
+    counts: list[Denominators], step_total: Denominators, num_active: int, world_size: int, config: LossConfig
+) -> list[Denominators]:
+    """The D of each of a rank's micro-batches (`counts`: their own `count_denominators`).
+
+    reduction='step': the step's D (`step_total`, counted over all micro-batches and ranks) for every one.
+    reduction='micro_batch_mean' (the recipe's, verl): micro-batch j's own D times the rank's `num_active`
+    (non-filler) micro-batches M times `world_size` W, so that with the trainer's backward of W x loss and
+    FSDP's mean over ranks the step loss is mean over ranks of (1/M) sum_j (micro-batch j's normalised loss).
+    """
+    if config.reduction == "step":
+        return [step_total] * len(counts)
+    scale = float(max(num_active, 1) * world_size)
+    own = [step_denominators(c, config) for c in counts]
+    return [Denominators(d.distill * scale, d.rl * scale) for d in own]
+
+
 def sequence_weights(
     rewards_S: Tensor, group_ids_S: Tensor, config: LossConfig, dtype: torch.dtype = torch.float64
 ) -> tuple[Tensor, Tensor | None]:
@@ -97,7 +114,7 @@ def sequence_weights(
     weights_S = torch.ones(num_seqs, dtype=dtype, device=rewards_S.device)
     rewards = rewards_S.to(dtype)
     rs = config.reward_softmax
-    if rs.enabled and rs.form == "batch_binary":
+    if rs.enabled and rs.form in ("batch_binary", "micro_batch"):  # micro_batch: renormalised in `plan_rows`
         weights_S = weights_S * wt.batch_reward_softmax_weights(wt.binarised(rewards, config.pass_threshold), rs.beta)
     elif rs.enabled:
         weights_S = weights_S * wt.reward_softmax_weights(rewards, group_ids_S, rs.beta)
@@ -108,7 +125,8 @@ def sequence_weights(
         )
     advantages_S = None
     if config.rl_weight > 0:
-        advantages_S = wt.grpo_advantages(rewards, group_ids_S, config.rl.scale_by_std, config.rl.std_epsilon)
+        rl = config.rl
+        advantages_S = wt.grpo_advantages(rewards, group_ids_S, rl.scale_by_std, rl.std_epsilon, rl.singleton)
     return weights_S, advantages_S
 
 
@@ -149,6 +167,9 @@ def plan_rows(
     kept_N = _select(pre, valid_N, weight_VH.shape[0], config, step)
     counted_N = kept_N.to(dtype)
     sample_w_S, rl_advantage_S = _sequence_terms(inputs, config, dtype)
+    if config.reward_softmax.enabled and config.reward_softmax.form == "micro_batch" and num_seqs:
+        counted_S = torch.zeros(num_seqs, dtype=dtype, device=counted_N.device).index_add_(0, seq_N, counted_N)
+        sample_w_S = wt.micro_batch_renormalised(sample_w_S, (counted_S > 0).to(dtype))
     sample_w_N = sample_w_S[seq_N] if num_seqs else torch.ones_like(token_w_N)
     distill_advantage_N = None
     row = divergence(config.divergence)

@@ -132,7 +132,9 @@ def pass_rate_weights(
     return weights_S.to(rewards_S.dtype)
 
 
-def grpo_advantages(rewards_S: Tensor, group_ids_S: Tensor, scale_by_std: bool, std_epsilon: float) -> Tensor:
+def grpo_advantages(
+    rewards_S: Tensor, group_ids_S: Tensor, scale_by_std: bool, std_epsilon: float, singleton: str = "zero"
+) -> Tensor:
     """Group-normalised advantages [S] of GRPO (Shao et al. 2024, DeepSeekMath):
 
         A_i = (r_i - mean_g(r)) / (std_g(r) + eps)     (std: unbiased, as TRL)
@@ -140,7 +142,9 @@ def grpo_advantages(rewards_S: Tensor, group_ids_S: Tensor, scale_by_std: bool, 
 
     over each group's scored samples; a sample without a reward (NaN) has
     advantage 0 and does not enter its group's mean or std. A group of one
-    scored sample has advantage 0.
+    scored sample has advantage 0 (`singleton="zero"`), or, as verl's
+    `compute_grpo_outcome_advantage` (mean 0, std 1 for a group of one),
+    r / (1 + eps) (r with scale_by_std=False) under `singleton="reward"`.
     """
     inverse_S, num_groups = _groups(group_ids_S)
     ok_S = scored(rewards_S)
@@ -151,6 +155,9 @@ def grpo_advantages(rewards_S: Tensor, group_ids_S: Tensor, scale_by_std: bool, 
     if scale_by_std:
         var_G = _group_sum(centred_S.square(), inverse_S, num_groups) / (sizes_G - 1).clamp(min=1)
         centred_S = centred_S / (var_G.sqrt()[inverse_S] + std_epsilon)
+    if singleton == "reward":
+        alone_S = ok_S & (sizes_G[inverse_S] == 1)
+        centred_S = torch.where(alone_S, r_S / (1.0 + std_epsilon) if scale_by_std else r_S, centred_S)
     return centred_S.to(rewards_S.dtype)
 
 
@@ -223,6 +230,21 @@ def select_tokens(weight_N: Tensor, valid_N: Tensor, keep_fraction: float, gener
     drawn = torch.multinomial(w, num_keep, replacement=False, generator=generator)
     keep_N[valid_idx[drawn].to(keep_N.device)] = True
     return keep_N
+
+
+def micro_batch_renormalised(weights_S: Tensor, counted_S: Tensor) -> Tensor:
+    """The recipe's per-micro-batch renormalisation of sample weights [S] (`reward_softmax.form=micro_batch`).
+
+    r_i = w_i * n / sum_j w_j over the micro-batch's S sequences, n the number
+    with a counted row (`counted_S`, 0/1): under sequence_mean with the
+    micro-batch's own D = n, sum_i r_i m_i / n = sum_i w_i m_i / sum_i w_i, the
+    recipe's loss (`opd_worker.py`; m_i a sequence's token mean, a sequence
+    without a counted row adding 0 to the numerator and w_i to the sum).
+    """
+    total = float(weights_S.sum().item())
+    if total <= 0.0:
+        return weights_S.clone()
+    return weights_S * (float(counted_S.sum().item()) / total)
 
 
 def row_coefficients(
