@@ -1,6 +1,6 @@
 """`opd bench losses`: peak extra memory and time of one forward+backward.
 
-Owns the losses benchmark of issues 4 and 15. For each divergence (reverse KL, JSD)
+Owns the losses benchmark (results in BENCHMARKS.md). For each divergence (reverse KL, JSD)
 and size (N tokens, vocabulary V, hidden H) it measures, each in its own
 subprocess under a memory cap (an allocation past the cap is reported as
 `out of memory` instead of taking the benchmark or the machine down):
@@ -53,7 +53,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="opd bench losses", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="opd bench losses", description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
     p.add_argument("--n", type=int, nargs="+", help="token counts N (default 1024 4096)")
     p.add_argument("--v", type=int, nargs="+", help="vocabulary sizes V (default 49152 151936)")

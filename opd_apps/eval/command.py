@@ -85,7 +85,7 @@ def _prompt_ids(config: EvalConfig, tokenizer, records: list[PromptRecord]) -> d
 
 
 def _rollout_config(config: EvalConfig, model: ResolvedModel):
-    from rollout_workers.config import RolloutConfig
+    from rollout_workers.config import RolloutConfig, SamplingConfig
 
     s = config.sampling
     return RolloutConfig(
@@ -93,7 +93,7 @@ def _rollout_config(config: EvalConfig, model: ResolvedModel):
         tokenizer=config.tokenizer,
         backend=config.backend,
         engine=config.engine,
-        sampling={"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "max_tokens": s.max_tokens},
+        sampling=SamplingConfig(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens),
     )
 
 

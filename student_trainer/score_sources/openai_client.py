@@ -170,7 +170,12 @@ class OpenAIScoreClient:
         return list((await self._call("GET", "/models", None, timeout_s)).get("data") or [])
 
     async def score(
-        self, model: str, token_ids: Sequence[int], score_from: int, top_k: int, timeout_s: float | None = None
+        self,
+        model: str,
+        token_ids: Sequence[int] | np.ndarray,
+        score_from: int,
+        top_k: int,
+        timeout_s: float | None = None,
     ) -> TeacherScores:
         """Temperature-1 log-probs of positions [score_from, len(token_ids)) with their top-`top_k`."""
         ids = [int(t) for t in token_ids]
