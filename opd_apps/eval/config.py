@@ -91,7 +91,9 @@ class EvalTeacherConfig(TeacherTLSOptions):
     concurrency: int = Field(default=16, ge=1, description="scoring requests in flight at once")
 
 
-class EvalConfig(ConfigModel):
+class EvalCommandConfig(ConfigModel):
+    """Options of `opd eval` (the trainer's periodic eval rounds are `student_trainer.config.EvalConfig`)."""
+
     model: str = Field(
         ...,
         description="student: a Hugging Face model directory, `embedded`, or a trainer checkpoint "
@@ -119,7 +121,7 @@ class EvalConfig(ConfigModel):
     teacher: EvalTeacherConfig = Field(default_factory=EvalTeacherConfig)
 
     @model_validator(mode="after")
-    def _check(self) -> EvalConfig:
+    def _check(self) -> EvalCommandConfig:
         too_big = [k for k in self.ks if not 1 <= k <= self.sampling.n]
         if too_big:
             raise ValueError(

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from opd import __version__
-from opd_apps.eval.config import EvalConfig
+from opd_apps.eval.config import EvalCommandConfig
 from opd_apps.eval.run import EvalSample
 from protos.records import PromptRecord
 from student_trainer.evaluation import METRICS, diversity, mean_pass_at_k, pass_at_k, wilson_interval
@@ -34,7 +34,7 @@ def is_correct(sample: EvalSample, threshold: float) -> bool:
 
 
 def _per_prompt(
-    records: Sequence[PromptRecord], samples: Sequence[EvalSample], config: EvalConfig
+    records: Sequence[PromptRecord], samples: Sequence[EvalSample], config: EvalCommandConfig
 ) -> list[dict]:
     by_prompt: dict[str, list[EvalSample]] = {r.prompt_id: [] for r in records}
     for sample in samples:
@@ -71,7 +71,7 @@ def _teacher_section(teacher: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def build_report(
-    config: EvalConfig,
+    config: EvalCommandConfig,
     model: dict[str, Any],
     records: Sequence[PromptRecord],
     samples: Sequence[EvalSample],
