@@ -28,7 +28,7 @@ from student_trainer.loss.registry import TeacherNeed, divergence_need, selectio
 
 class TeacherEndpointConfig(TeacherTLSOptions):
     enabled: bool = Field(
-        True,
+        default=True,
         description="false: pure RL, no teacher is asked (the `none` score source; addresses are ignored): needs "
         "loss.distill_weight=0 and loss.rl_weight>0 (GRPO, optionally with loss.kl); eval rounds then report "
         "rewards without a divergence",
@@ -39,36 +39,36 @@ class TeacherEndpointConfig(TeacherTLSOptions):
         "of an OpenAI-compatible server (vLLM's, or an opd teacher's --openai-port; needs teacher.tokenizer)",
     )
     token: str | None = Field(
-        None,
+        default=None,
         description="bearer token (prefer the env variable OPD_TRAIN__TEACHER__TOKEN); shown as <redacted>",
         json_schema_extra=SECRET,
     )
     token_file: str | None = Field(
-        None,
+        default=None,
         description="file holding the bearer token (e.g. a mounted Kubernetes Secret), read when the client is "
         "made; instead of teacher.token",
     )
     client_name: str = Field(
-        "trainer", description="client name for the teacher's fair share and metrics when its auth is off"
+        default="trainer", description="client name for the teacher's fair share and metrics when its auth is off"
     )
-    timeout_s: float = Field(300.0, gt=0, description="deadline of one scoring request, retries included")
+    timeout_s: float = Field(default=300.0, gt=0, description="deadline of one scoring request, retries included")
     top_k: int | None = Field(
-        None,
+        default=None,
         ge=0,
         description="top-k asked of the teacher (default: 0 for a sampled-token "
         "divergence, else 20); 0 is refused when the loss reads the top-k",
     )
-    logprob_dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="wire dtype")
+    logprob_dtype: Literal["float32", "float16", "bfloat16"] = Field(default="float32", description="wire dtype")
     tokenizer: str | None = Field(
-        None,
+        default=None,
         description="http(s):// teacher: local directory of the teacher's tokenizer, for the start-up tokenizer "
         "check (vLLM's OpenAI API does not expose its vocabulary)",
     )
     served_model: str | None = Field(
-        None, description="http(s):// teacher: the model id to ask for (default: the first one of /v1/models)"
+        default=None, description="http(s):// teacher: the model id to ask for (default: the first one of /v1/models)"
     )
     scores_file: str | None = Field(
-        None,
+        default=None,
         description="train on offline teacher scores from this Parquet file (`opd score`) instead of a live "
         "teacher: the trainer feeds the file's sequences as rollouts itself (run no rollout workers)",
     )
@@ -108,49 +108,53 @@ class TeacherEndpointConfig(TeacherTLSOptions):
 
 
 class OptimConfig(ConfigModel):
-    lr: float = Field(1e-5, gt=0, description="peak learning rate (AdamW)")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
-    schedule: Literal["constant", "cosine"] = Field("constant", description="after warm-up")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine: final lr / peak lr")
-    max_grad_norm: float = Field(1.0, gt=0, description="clip the global gradient norm to this")
+    lr: float = Field(default=1e-5, gt=0, description="peak learning rate (AdamW)")
+    betas: tuple[float, float] = Field(default=(0.9, 0.999), description="AdamW betas")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(default=0, ge=0, description="linear warm-up steps")
+    schedule: Literal["constant", "cosine"] = Field(default="constant", description="after warm-up")
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="cosine: final lr / peak lr")
+    max_grad_norm: float = Field(default=1.0, gt=0, description="clip the global gradient norm to this")
 
 
 class BatchConfig(ConfigModel):
-    groups_per_step: int = Field(8, ge=1, description="prompt groups (all samples of a prompt) per optimizer step")
-    max_tokens_per_micro_batch: int = Field(8192, ge=16, description="tokens per forward pass (packed)")
+    groups_per_step: int = Field(
+        default=8, ge=1, description="prompt groups (all samples of a prompt) per optimizer step"
+    )
+    max_tokens_per_micro_batch: int = Field(default=8192, ge=16, description="tokens per forward pass (packed)")
     micro_batch_sequences: int = Field(
-        0,
+        default=0,
         ge=0,
         description="> 0: micro-batches of this many sequences each, in arrival order, as the recipe's "
         "ppo_micro_batch_size_per_gpu (max_tokens_per_micro_batch is then ignored); 0: packed by tokens",
     )
     max_staleness: int = Field(
-        4, ge=0, description="rollouts sampled more than this many policy versions ago are dropped or down-weighted"
+        default=4,
+        ge=0,
+        description="rollouts sampled more than this many policy versions ago are dropped or down-weighted",
     )
-    stale_policy: Literal["drop", "downweight"] = Field("drop", description="what happens to stale rollouts")
-    stale_weight: float = Field(0.5, gt=0, le=1, description="downweight: weight per version beyond the bound")
+    stale_policy: Literal["drop", "downweight"] = Field(default="drop", description="what happens to stale rollouts")
+    stale_weight: float = Field(default=0.5, gt=0, le=1, description="downweight: weight per version beyond the bound")
     prefetch_depth: int = Field(
-        1,
+        default=1,
         ge=0,
         description="batches whose teacher scores are fetched while the current one trains (0 = fetch, then train)",
     )
-    read_block_ms: int = Field(1000, ge=1, description="how long one Redis read waits for rollouts")
+    read_block_ms: int = Field(default=1000, ge=1, description="how long one Redis read waits for rollouts")
     attention: Literal["auto", "sdpa", "flex", "mask"] = Field(
-        "auto",
+        default="auto",
         description="attention over a packed micro-batch: sdpa = causal SDPA per sequence (flash kernels on CUDA, "
         "memory linear in tokens), flex = compiled flex_attention with a document mask (CUDA only), mask = dense "
         "[T, T] mask (reference; quadratic memory); auto = sdpa",
     )
     sampling_mismatch: Literal["refuse", "warn"] = Field(
-        "refuse",
+        default="refuse",
         description="a rollout whose recorded sampling temperature differs from loss.student_temperature, or whose "
         "top-p is below 1: 'refuse' stops the run with an error naming both values (the rollout stays in Redis, "
         "unacknowledged); 'warn' logs it once per setting and trains on it",
     )
     prefetch_max_mib: float = Field(
-        4096.0,
+        default=4096.0,
         gt=0,
         description="cap on the teacher replies held for prefetched batches (full-vocabulary replies cost 4 * V "
         "bytes per token); a batch over the cap waits to be requested until the one before it trains",
@@ -158,11 +162,11 @@ class BatchConfig(ConfigModel):
 
 
 class PublishConfig(ConfigModel):
-    every_steps: int = Field(1, ge=1, description="publish weights every N steps")
-    uri: str = Field("runs/weights", description="directory (shared filesystem) for versioned weights")
-    keep_last: int = Field(3, ge=1, description="weight versions kept on disk")
+    every_steps: int = Field(default=1, ge=1, description="publish weights every N steps")
+    uri: str = Field(default="runs/weights", description="directory (shared filesystem) for versioned weights")
+    keep_last: int = Field(default=3, ge=1, description="weight versions kept on disk")
     prune_grace_s: float = Field(
-        300.0,
+        default=300.0,
         ge=0,
         description="a version beyond keep_last is deleted only this long after the next one was published "
         "(a worker may still be loading it)",
@@ -170,106 +174,113 @@ class PublishConfig(ConfigModel):
 
 
 class CheckpointConfig(ConfigModel):
-    dir: str = Field("runs/checkpoints", description="torch.distributed.checkpoint directory")
-    every_steps: int = Field(10, ge=1, description="checkpoint every N steps (rollouts are acked then)")
-    resume: bool = Field(False, description="continue from the latest checkpoint in dir")
-    keep_last: int = Field(2, ge=1, description="checkpoints kept on disk")
+    dir: str = Field(default="runs/checkpoints", description="torch.distributed.checkpoint directory")
+    every_steps: int = Field(default=10, ge=1, description="checkpoint every N steps (rollouts are acked then)")
+    resume: bool = Field(default=False, description="continue from the latest checkpoint in dir")
+    keep_last: int = Field(default=2, ge=1, description="checkpoints kept on disk")
 
 
 class DataConfig(ConfigModel):
     prompts: str | None = Field(
-        None,
+        default=None,
         description="prompt file (JSONL/Parquet) the trainer feeds to the "
         "workers; None = someone else feeds {ns}:prompts",
     )
-    eval_prompts: str | None = Field(None, description="held-out prompt file (split eval)")
+    eval_prompts: str | None = Field(default=None, description="held-out prompt file (split eval)")
     source: PromptSourceConfig = Field(default_factory=PromptSourceConfig)
     max_inflight_groups: int | None = Field(
-        None,
+        default=None,
         ge=1,
         description="prompt groups in flight between "
         "the feeder and the trainer (default: groups_per_step * "
         "max(1, max_staleness - prefetch_depth))",
     )
     max_refeeds: int = Field(
-        3,
+        default=3,
         ge=0,
         description="a prompt that produced no group (dead-lettered, no group within group_timeout_s, or "
         "its group went stale) is fed again under the same id up to this many times, then recorded as lost",
     )
     group_timeout_s: float = Field(
-        1800.0, gt=0, description="a fed prompt whose whole group has not arrived within this is fed again"
+        default=1800.0, gt=0, description="a fed prompt whose whole group has not arrived within this is fed again"
     )
 
 
 class EvalConfig(ConfigModel):
     every_steps: int = Field(
-        0,
+        default=0,
         ge=0,
         description="feed the eval prompts (data.eval_prompts) every N steps "
         "and report pass@1, mean reward and divergence to the teacher (0 = off); training "
         "pauses until the round's samples, all of the policy version it names, are in",
     )
     round_timeout_s: float = Field(
-        600.0, gt=0, description="an eval round gives up after this (reported as incomplete) and training resumes"
+        default=600.0,
+        gt=0,
+        description="an eval round gives up after this (reported as incomplete) and training resumes",
     )
     temperature: float | None = Field(
-        None,
+        default=None,
         gt=0,
         description="eval rounds sample at this temperature (carried on the prompt records to the "
         "workers); unset = the workers' training setting",
     )
-    top_p: float | None = Field(None, gt=0, le=1, description="eval rounds' nucleus mass; unset = the workers'")
-    top_k: int | None = Field(None, ge=-1, description="eval rounds' top-k (-1 = off); unset = the workers'")
+    top_p: float | None = Field(default=None, gt=0, le=1, description="eval rounds' nucleus mass; unset = the workers'")
+    top_k: int | None = Field(default=None, ge=-1, description="eval rounds' top-k (-1 = off); unset = the workers'")
     n: int | None = Field(
-        None, ge=1, le=4096, description="samples per eval prompt (pass@k over them); unset = data.source.n_samples"
+        default=None,
+        ge=1,
+        le=4096,
+        description="samples per eval prompt (pass@k over them); unset = data.source.n_samples",
     )
 
 
 class DistConfig(ConfigModel):
     backend: Literal["auto", "gloo", "nccl"] = Field(
-        "auto", description="process group backend (auto: nccl with CUDA, else gloo)"
+        default="auto", description="process group backend (auto: nccl with CUDA, else gloo)"
     )
     mixed_precision: Literal["auto", "none", "bf16"] = Field(
-        "auto", description="FSDP2 parameter/compute dtype (auto: bf16 on GPU, none on CPU)"
+        default="auto", description="FSDP2 parameter/compute dtype (auto: bf16 on GPU, none on CPU)"
     )
-    activation_checkpointing: bool = Field(False, description="recompute decoder layers in backward")
-    cpu_offload: bool = Field(False, description="FSDP2 CPU offload of parameters and optimizer state")
+    activation_checkpointing: bool = Field(default=False, description="recompute decoder layers in backward")
+    cpu_offload: bool = Field(default=False, description="FSDP2 CPU offload of parameters and optimizer state")
 
 
 class LoggingConfig(ConfigModel):
     tensorboard_dir: str | None = Field(
-        None, description="write per-step statistics as TensorBoard scalars here (needs the tensorboard package)"
+        default=None,
+        description="write per-step statistics as TensorBoard scalars here (needs the tensorboard package)",
     )
     wandb_project: str | None = Field(
-        None, description="log per-step statistics to this Weights & Biases project (needs the wandb package)"
+        default=None, description="log per-step statistics to this Weights & Biases project (needs the wandb package)"
     )
-    wandb_run_name: str | None = Field(None, description="W&B run name")
+    wandb_run_name: str | None = Field(default=None, description="W&B run name")
     wandb_mode: Literal["online", "offline", "disabled"] = Field(
-        "online", description="W&B mode (offline: sync later with `wandb sync`)"
+        default="online", description="W&B mode (offline: sync later with `wandb sync`)"
     )
 
 
 class TrainerOpsConfig(OpsConfig):
     port: Port = Field(
-        9103, description="ops HTTP port, served by rank 0: /metrics /healthz /readyz /status (0 = pick a free one)"
+        default=9103,
+        description="ops HTTP port, served by rank 0: /metrics /healthz /readyz /status (0 = pick a free one)",
     )
 
 
 class TrainerConfig(ConfigModel):
     model: str = Field(..., description="student: Hugging Face model directory")
-    tokenizer: str | None = Field(None, description="tokenizer directory if not the model's")
-    max_steps: int = Field(100, ge=1, description="optimizer steps to run")
-    seed: int = Field(0, description="seed of everything random in the trainer")
-    log_level: str = Field("INFO", description="logging level")
+    tokenizer: str | None = Field(default=None, description="tokenizer directory if not the model's")
+    max_steps: int = Field(default=100, ge=1, description="optimizer steps to run")
+    seed: int = Field(default=0, description="seed of everything random in the trainer")
+    log_level: str = Field(default="INFO", description="logging level")
     stop_grace_s: float = Field(
-        60.0,
+        default=60.0,
         gt=0,
         description="on SIGTERM: interrupt every wait, checkpoint the steps trained, and exit within this "
         "many seconds (forced exit after it); give torchrun the same --shutdown-timeout",
     )
     wait_log_s: float = Field(
-        10.0,
+        default=10.0,
         gt=0,
         description="while the trainer waits (rollouts, teacher scores, other ranks, eval samples) it logs "
         "what for and how long, once every this many seconds",

@@ -33,7 +33,7 @@ class StepLogger:
             self._tb = SummaryWriter(log_dir=config.tensorboard_dir)
         if config.wandb_project:
             try:
-                import wandb
+                import wandb  # pyright: ignore[reportMissingImports]  # optional, not in opd's dependencies
             except ImportError as exc:
                 raise ValueError(
                     "logging.wandb_project is set but the `wandb` package is missing: "

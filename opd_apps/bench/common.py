@@ -17,8 +17,12 @@ import json
 import multiprocessing as mp
 import os
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from protos import teacher_pb2
 
 WIRE_TOP_KS = (0, 20, 64)
 
@@ -109,7 +113,7 @@ class Gate:
         self._i += 1
 
 
-def _wire_bytes(ids: np.ndarray, k: int, dtype: int, reply) -> tuple[int, int]:
+def _wire_bytes(ids: np.ndarray, k: int, dtype: teacher_pb2.DType, reply) -> tuple[int, int]:
     from protos import teacher_pb2 as pb
     from protos.arrays import pack
 

@@ -25,6 +25,10 @@ import argparse
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tests.fuzz.oracles.teacher_rpcs import Limits
 
 FULL = {"score": 2500, "stream": 800, "generate": 1200, "raw": 1500, "http": 1000, "records": 4000}
 QUICK = dict.fromkeys(FULL, 30)
@@ -64,7 +68,7 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def fuzz(strategy, run: Callable[[object], list[str]], cases: int, seed: int) -> tuple[int, Counter, list[str]]:
+def fuzz(strategy, run: Callable[[Any], list[str]], cases: int, seed: int) -> tuple[int, Counter, list[str]]:
     """Run `cases` hypothesis examples of `strategy` through `run`; count statuses, collect violations."""
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import seed as fixed_seed
@@ -81,7 +85,7 @@ def fuzz(strategy, run: Callable[[object], list[str]], cases: int, seed: int) ->
         database=None,
         deadline=None,
         phases=[Phase.generate],
-        suppress_health_check=list(HealthCheck),
+        suppress_health_check=list(HealthCheck.__members__.values()),
     )
     @given(strategy)
     def one(case) -> None:
@@ -109,7 +113,9 @@ def still_serving(address: str, limits) -> bool:
 
     try:
         with grpc.insecure_channel(address) as channel:
-            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+            # typeshed's HealthStub omits the per-method attributes the generated __init__ sets
+            health_stub = health_pb2_grpc.HealthStub(channel)
+            health = health_stub.Check(health_pb2.HealthCheckRequest(), timeout=30)  # pyright: ignore[reportAttributeAccessIssue]
             stub = pb_grpc.TeacherStub(channel)
             info = stub.Info(pb.InfoRequest(), timeout=30)
             ids = pack(np.arange(8, dtype=np.int32) % limits.vocab_size, pb.INT32)
@@ -122,23 +128,29 @@ def still_serving(address: str, limits) -> bool:
 def fuzz_teacher_config(model_dir: str):
     from teacher_server.config import TeacherConfig
 
-    return TeacherConfig(
-        model=model_dir,
-        backend="hf",
-        engine={"max_model_len": LIMITS["max_model_len"], "max_top_k": LIMITS["max_top_k"], "allow_full_vocab": True},
-        grpc={"host": "127.0.0.1", "port": 0, "max_message_mb": LIMITS["max_message_mb"], "drain_grace_s": 2},
-        ops={"host": "127.0.0.1", "port": 0},
+    return TeacherConfig.model_validate(
+        {
+            "model": model_dir,
+            "backend": "hf",
+            "engine": {
+                "max_model_len": LIMITS["max_model_len"],
+                "max_top_k": LIMITS["max_top_k"],
+                "allow_full_vocab": True,
+            },
+            "grpc": {"host": "127.0.0.1", "port": 0, "max_message_mb": LIMITS["max_message_mb"], "drain_grace_s": 2},
+            "ops": {"host": "127.0.0.1", "port": 0},
+        }
     )
 
 
-def limits_of(server) -> object:
+def limits_of(server) -> Limits:
     from tests.fuzz.oracles.teacher_rpcs import Limits
 
     info = server.server.engine.info
     return Limits(info.vocab_size, info.max_model_len, info.max_top_k, server.server.config.grpc.max_message_mb << 20)
 
 
-def targets(server, channel, limits) -> dict[str, tuple[object, Callable[[object], list[str]]]]:
+def targets(server, channel, limits: Limits) -> dict[str, tuple[Any, Callable[[Any], list[str]]]]:
     """target name -> (hypothesis strategy, run one case)."""
     from protos import teacher_pb2_grpc as pb_grpc
     from tests.fuzz.oracles import ops_http as fuzz_http

@@ -1,6 +1,6 @@
 """`opd bench losses`: peak extra memory and time of one forward+backward.
 
-Owns the losses benchmark of issues 4 and 15. For each divergence (reverse KL, JSD)
+Owns the losses benchmark (results in BENCHMARKS.md). For each divergence (reverse KL, JSD)
 and size (N tokens, vocabulary V, hidden H) it measures, each in its own
 subprocess under a memory cap (an allocation past the cap is reported as
 `out of memory` instead of taking the benchmark or the machine down):
@@ -62,7 +62,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="opd bench losses", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="opd bench losses", description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
     p.add_argument("--n", type=int, nargs="+", help="token counts N (default 1024 4096)")
     p.add_argument("--v", type=int, nargs="+", help="vocabulary sizes V (default 49152 151936)")
@@ -379,14 +379,16 @@ def _fused_loss(inp: dict, spec: dict, loss: str):
         cu_seqlens=torch.tensor([0, n], device=inp["hidden"].device),
     )
     tiling = {k: spec.get(k) for k in ("tile_vocab", "tile_budget_mib") if spec.get(k) is not None}
-    config = LossConfig(
-        divergence=loss,
-        support="topk" if topk else "full",
-        chunk_size=spec["chunk_size"],
-        block_budget_mib=spec.get("block_budget_mib"),
-        compile=compile_mode,
-        **({"chunking": chunking} if chunking else {}),
-        **tiling,
+    config = LossConfig.model_validate(
+        {
+            "divergence": loss,
+            "support": "topk" if topk else "full",
+            "chunk_size": spec["chunk_size"],
+            "block_budget_mib": spec.get("block_budget_mib"),
+            "compile": compile_mode,
+            **({"chunking": chunking} if chunking else {}),
+            **tiling,
+        }
     )
     return compute_distillation_loss(inp["hidden"], inp["weight"], inputs, teacher, config, step=0)[0]
 

@@ -114,8 +114,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_dir = bench_model_dir(args)
     engine = {"max_top_k": max(WIRE_TOP_KS), "dtype": args.dtype, "max_model_len": max(args.seq_len, args.wire_len) + 8}
     local = {"host": "127.0.0.1", "port": 0}
-    config = TeacherConfig(model=model_dir, backend=args.backend, engine=engine, grpc=local, ops=local, openai=local)
+    config = TeacherConfig.model_validate(
+        {"model": model_dir, "backend": args.backend, "engine": engine, "grpc": local, "ops": local, "openai": local}
+    )
     thread = ServerThread(config).start()
+    assert thread.server is not None and thread.server.engine is not None  # start() returns once it serves
     info = thread.server.engine.info
     rng = np.random.default_rng(0)
     seqs = [rng.integers(0, info.vocab_size, size=args.seq_len).astype(np.int32) for _ in range(args.num_seqs)]

@@ -115,9 +115,12 @@ async def bench_size(url: str, num_tokens: int, count: int, batch: int, repeats:
     times: dict[tuple[str, str], list[float]] = {}
     try:
         for _ in range(repeats):  # interleaved, so both paths see the same server state
-            for path, fn, data in (("raw", _raw_round, payloads), ("opd", _opd_round, records)):
+            for path in ("raw", "opd"):
                 ns = f"opd-bench-{uuid.uuid4().hex[:8]}"
-                produce_s, consume_s = await fn(redis, data, batch, ns)
+                if path == "raw":
+                    produce_s, consume_s = await _raw_round(redis, payloads, batch, ns)
+                else:
+                    produce_s, consume_s = await _opd_round(redis, records, batch, ns)
                 times.setdefault((path, "produce"), []).append(produce_s)
                 times.setdefault((path, "consume"), []).append(consume_s)
                 await redis.delete(f"{ns}:raw", f"{ns}:rollouts", f"{ns}:dead")
@@ -147,7 +150,7 @@ def format_table(results: Sequence[Result], record_bytes: dict[int, int]) -> str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="opd bench queue", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="opd bench queue", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--redis-url", default=None, help="server to measure (default: a private redis-server)")
     parser.add_argument("--sizes", type=int, nargs="+", help="response lengths in tokens (default 1024 8192)")
     parser.add_argument(

@@ -169,14 +169,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging("WARNING")
     model_dir = bench_model_dir(args)
     engine = {"max_top_k": max(WIRE_TOP_KS), "dtype": args.dtype, "max_model_len": max(args.seq_len, args.wire_len) + 8}
-    config = TeacherConfig(
-        model=model_dir,
-        backend=args.backend,
-        engine=engine,
-        grpc={"host": "127.0.0.1", "port": 0},
-        ops={"host": "127.0.0.1", "port": 0},
+    config = TeacherConfig.model_validate(
+        {
+            "model": model_dir,
+            "backend": args.backend,
+            "engine": engine,
+            "grpc": {"host": "127.0.0.1", "port": 0},
+            "ops": {"host": "127.0.0.1", "port": 0},
+        }
     )
     thread = ServerThread(config).start()
+    assert thread.server is not None and thread.server.engine is not None  # start() returns once it serves
     info = thread.server.engine.info
     rng = np.random.default_rng(0)
     seqs = [rng.integers(0, info.vocab_size, size=args.seq_len).astype(np.int32) for _ in range(args.num_seqs)]

@@ -106,7 +106,7 @@ def read_client_metrics(ops_url: str) -> dict[str, dict]:
     """Per-client teacher counters from `/metrics`: scored positions, and requests by (rpc, code)."""
     text = httpx.get(f"{ops_url}/metrics", timeout=30).text
     scored: dict[str, float] = defaultdict(float)
-    requests: dict[str, Counter] = defaultdict(Counter)
+    requests: dict[str, dict[tuple[str, str], float]] = defaultdict(lambda: defaultdict(float))
     weights: dict[str, float] = {}
     express: dict[str, float] = defaultdict(float)
     for family in text_string_to_metric_families(text):

@@ -217,7 +217,7 @@ def _run_depth(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _args(argv)
-    if args.micro_batch_tokens:  # the micro-batch step benchmark (issue 15): no teacher, no Redis
+    if args.micro_batch_tokens:  # the micro-batch step benchmark: no teacher, no Redis
         from opd_apps.bench.trainer_step import run
 
         return run(args)

@@ -1,6 +1,6 @@
 """`opd bench trainer --micro-batch-tokens 2048,8192,32768,100000`: one training step per micro-batch size.
 
-Owns the micro-batch benchmark of issue 15: for each micro-batch size T (a
+Owns the micro-batch step benchmark: for each micro-batch size T (a
 packed row of `--sequences-per-micro-batch` sequences of T / S tokens each)
 and each attention path, one training step of the student on a small random
 model (packing the micro-batch, forward to the chunked loss against a
@@ -41,7 +41,7 @@ MODELS = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("micro-batch step benchmark (issue 15; runs instead of the prefetch benchmark)")
+    g = p.add_argument_group("micro-batch step benchmark (runs instead of the prefetch benchmark)")
     g.add_argument("--micro-batch-tokens", help="comma-separated micro-batch sizes T, e.g. 2048,8192,32768,100000")
     g.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the step runs (default cpu)")
     g.add_argument("--sequences-per-micro-batch", type=int, default=4, help="sequences packed into each T")
@@ -194,7 +194,6 @@ def _make_step(spec: dict, device):
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv,
-        head_dim=hidden // heads,
         max_position_embeddings=max(spec["tokens"], 256),
         tie_word_embeddings=False,
     )

@@ -67,23 +67,27 @@ def build_tiny_model(
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
+    if hidden_size < 64 or hidden_size % 64:
+        raise ValueError(f"hidden_size must be a multiple of 64 (heads of 64: vLLM's CPU attention), got {hidden_size}")
     tokenizer = tokenizer or build_tokenizer()
-    common = dict(
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if not isinstance(eos, int) or not isinstance(pad, int):
+        raise ValueError(f"the tokenizer needs one eos and one pad token (got eos {eos!r}, pad {pad!r})")
+    config_class = Qwen2Config if arch == "qwen2" else LlamaConfig
+    config = config_class(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=hidden_size // 64,
-        num_key_value_heads=1,
-        head_dim=64,
+        num_key_value_heads=1,  # head_dim = hidden_size / heads = 64
         max_position_embeddings=512,
         tie_word_embeddings=False,
         dtype="float32",
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos,
+        pad_token_id=pad,
         bos_token_id=None,
     )
-    config = Qwen2Config(**common) if arch == "qwen2" else LlamaConfig(**common)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # larger logits than the default init, so distributions are far from uniform
@@ -121,12 +125,20 @@ def truncated_student(teacher_dir: Path, target: Path, keep_first: int, keep_las
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
-    layers = model.get_decoder().layers
+    decoder = model.get_decoder()
+    layers = decoder.layers
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(
+            f"{teacher_dir}: expected a decoder whose .layers is a ModuleList, got {type(layers).__name__}"
+        )
     keep = kept_layers(len(layers), keep_first, keep_last)
-    model.get_decoder().layers = torch.nn.ModuleList([layers[i] for i in keep])
-    for new_index, layer in enumerate(model.get_decoder().layers):
-        if hasattr(layer, "self_attn") and hasattr(layer.self_attn, "layer_idx"):
-            layer.self_attn.layer_idx = new_index
+    kept = torch.nn.ModuleList([layers[i] for i in keep])
+    decoder.layers = kept
+    for new_index, layer in enumerate(kept):
+        attn = getattr(layer, "self_attn", None)
+        if isinstance(attn, torch.nn.Module) and hasattr(attn, "layer_idx"):
+            # torch types Module.__setattr__'s value as Tensor | Module; a plain int attribute is what it stores
+            attn.layer_idx = new_index  # pyright: ignore[reportArgumentType]
     model.config.num_hidden_layers = len(keep)
     if getattr(model.config, "layer_types", None):
         model.config.layer_types = [model.config.layer_types[i] for i in keep]

@@ -71,6 +71,7 @@ class Supervisor:
 
     @staticmethod
     def _echo(proc: subprocess.Popen, log_file, on_line: Callable[[str], None]) -> None:
+        assert proc.stdout is not None, "echoed children are started with stdout=PIPE"
         for line in proc.stdout:
             log_file.write(line)
             log_file.flush()

@@ -28,7 +28,7 @@ from opd.config import ConfigError, load_config
 from opd.logs import setup_logging
 from opd.model_source import load_tokenizer
 from opd.prompts import PromptSourceError, load_prompts, render_prompt_ids
-from opd_apps.eval.config import EvalConfig, normalize_argv
+from opd_apps.eval.config import EvalCommandConfig, normalize_argv
 from opd_apps.eval.model import EvalError, ResolvedModel, resolve_student
 from opd_apps.eval.run import EvalSample, TeacherScoring, sample_all
 from opd_apps.eval.student import StudentScorer
@@ -55,7 +55,7 @@ TEACHER_NOTE = (
 )
 
 
-def _check_prompts(config: EvalConfig, records: list[PromptRecord]) -> None:
+def _check_prompts(config: EvalCommandConfig, records: list[PromptRecord]) -> None:
     seen: set[str] = set()
     for record in records:
         if record.prompt_id in seen:
@@ -71,7 +71,7 @@ def _check_prompts(config: EvalConfig, records: list[PromptRecord]) -> None:
         log.warning("%d of %d prompts have no reference answer: their samples get no reward", missing, len(records))
 
 
-def _prompt_ids(config: EvalConfig, tokenizer, records: list[PromptRecord]) -> dict[str, list[int]]:
+def _prompt_ids(config: EvalCommandConfig, tokenizer, records: list[PromptRecord]) -> dict[str, list[int]]:
     out = {}
     for record in records:
         ids = render_prompt_ids(tokenizer, record, enable_thinking=config.enable_thinking)
@@ -84,8 +84,8 @@ def _prompt_ids(config: EvalConfig, tokenizer, records: list[PromptRecord]) -> d
     return out
 
 
-def _rollout_config(config: EvalConfig, model: ResolvedModel):
-    from rollout_workers.config import RolloutConfig
+def _rollout_config(config: EvalCommandConfig, model: ResolvedModel):
+    from rollout_workers.config import RolloutConfig, SamplingConfig
 
     s = config.sampling
     return RolloutConfig(
@@ -93,11 +93,11 @@ def _rollout_config(config: EvalConfig, model: ResolvedModel):
         tokenizer=config.tokenizer,
         backend=config.backend,
         engine=config.engine,
-        sampling={"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "max_tokens": s.max_tokens},
+        sampling=SamplingConfig(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens),
     )
 
 
-async def _sample(config: EvalConfig, model: ResolvedModel, records, prompt_ids, reward_fn, keep_hf: bool):
+async def _sample(config: EvalCommandConfig, model: ResolvedModel, records, prompt_ids, reward_fn, keep_hf: bool):
     """Samples, and the HF model when the backend is transformers and the caller will score with it."""
     from rollout_workers.engine import create_backend
 
@@ -111,7 +111,7 @@ async def _sample(config: EvalConfig, model: ResolvedModel, records, prompt_ids,
 
 
 async def _score(
-    config: EvalConfig, teacher: TeacherScoring, model: ResolvedModel, samples: list[EvalSample], hf_model
+    config: EvalCommandConfig, teacher: TeacherScoring, model: ResolvedModel, samples: list[EvalSample], hf_model
 ) -> dict:
     try:
         scorer = (
@@ -136,7 +136,7 @@ async def _score(
     }
 
 
-async def evaluate(config: EvalConfig) -> Path:
+async def evaluate(config: EvalCommandConfig) -> Path:
     """Run one evaluation; returns the report directory."""
     from opd_apps.eval.report import build_report, write_report
 
@@ -193,7 +193,7 @@ def _print_summary(report: dict, out: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(
-            EvalConfig,
+            EvalCommandConfig,
             normalize_argv(sys.argv[1:] if argv is None else argv),
             prog="opd eval",
             description=DESCRIPTION,

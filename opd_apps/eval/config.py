@@ -27,36 +27,44 @@ ALIASES = {"--teacher": "--teacher-addresses"}
 
 
 class EvalSamplingConfig(ConfigModel):
-    n: int = Field(4, ge=1, le=4096, description="samples per prompt (pass@k needs k <= n)")
-    temperature: float = Field(1.0, gt=0, le=10, description="sampling temperature")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass (1 = off)")
-    top_k: int = Field(-1, ge=-1, description="top-k sampling (-1 = off)")
-    max_tokens: int = Field(1024, ge=1, description="tokens generated per response")
-    seed: int = Field(0, description="base seed: sample i of a prompt gets a seed derived from it, the prompt id and i")
+    n: int = Field(default=4, ge=1, le=4096, description="samples per prompt (pass@k needs k <= n)")
+    temperature: float = Field(default=1.0, gt=0, le=10, description="sampling temperature")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="nucleus sampling mass (1 = off)")
+    top_k: int = Field(default=-1, ge=-1, description="top-k sampling (-1 = off)")
+    max_tokens: int = Field(default=1024, ge=1, description="tokens generated per response")
+    seed: int = Field(
+        default=0, description="base seed: sample i of a prompt gets a seed derived from it, the prompt id and i"
+    )
 
 
 class EvalRewardConfig(ConfigModel):
     function: str = Field(
-        "math",
+        default="math",
         description="reward: `math` (boxed / `Answer:` line, checked with math-verify), `exact` "
         "(normalised exact match) or a `module:function` plug-in fn(response_text, prompt_record) -> float|None",
     )
-    timeout_s: float = Field(10.0, gt=0, description="time limit of one reward call (a failed call scores nothing)")
-    pass_threshold: float = Field(0.0, description="a sample is correct when its reward exceeds this")
+    timeout_s: float = Field(
+        default=10.0, gt=0, description="time limit of one reward call (a failed call scores nothing)"
+    )
+    pass_threshold: float = Field(default=0.0, description="a sample is correct when its reward exceeds this")
 
 
 class EvalPromptsConfig(ConfigModel):
-    format: Literal["auto", "jsonl", "parquet"] = Field("auto", description="prompt file format (auto: by extension)")
-    id_field: str = Field("id", description="row field with the prompt id (else FILE_STEM:ROW)")
-    prompt_field: str = Field("prompt", description="row field with the user prompt text")
-    messages_field: str = Field("messages", description="row field with chat turns [{role, content}]")
-    answer_field: str = Field("answer", description="row field with the reference answer")
-    system_prompt: str | None = Field(None, description="system message prepended when a row has none")
-    instruction: Literal["none", "boxed", "answer-line", "concise"] = Field(
-        "none", description="instruction appended to the last user turn (boxed: math, answer in \\boxed{})"
+    format: Literal["auto", "jsonl", "parquet"] = Field(
+        default="auto", description="prompt file format (auto: by extension)"
     )
-    instruction_text: str | None = Field(None, description="custom instruction text (overrides --dataset-instruction)")
-    limit: int | None = Field(None, ge=1, description="evaluate only the first N rows")
+    id_field: str = Field(default="id", description="row field with the prompt id (else FILE_STEM:ROW)")
+    prompt_field: str = Field(default="prompt", description="row field with the user prompt text")
+    messages_field: str = Field(default="messages", description="row field with chat turns [{role, content}]")
+    answer_field: str = Field(default="answer", description="row field with the reference answer")
+    system_prompt: str | None = Field(default=None, description="system message prepended when a row has none")
+    instruction: Literal["none", "boxed", "answer-line", "concise"] = Field(
+        default="none", description="instruction appended to the last user turn (boxed: math, answer in \\boxed{})"
+    )
+    instruction_text: str | None = Field(
+        default=None, description="custom instruction text (overrides --dataset-instruction)"
+    )
+    limit: int | None = Field(default=None, ge=1, description="evaluate only the first N rows")
 
     def source_config(self) -> PromptSourceConfig:
         return PromptSourceConfig(**self.model_dump(), split="eval")
@@ -68,37 +76,44 @@ class EvalTeacherConfig(TeacherTLSOptions):
         description="teacher gRPC address(es) (`--teacher HOST:PORT`); unset = no divergence or teacher diagnostics",
     )
     token: str | None = Field(
-        None,
+        default=None,
         description="bearer token (prefer the env variable OPD_EVAL__TEACHER__TOKEN); shown as <redacted>",
         json_schema_extra=SECRET,
     )
-    client_name: str = Field("eval", description="client name for the teacher's fair share and metrics")
-    timeout_s: float = Field(300.0, gt=0, description="deadline of one scoring request, retries included")
+    client_name: str = Field(default="eval", description="client name for the teacher's fair share and metrics")
+    timeout_s: float = Field(default=300.0, gt=0, description="deadline of one scoring request, retries included")
     top_k: int | None = Field(
-        None, ge=0, description="teacher top-k for the top-k divergences and diagnostics (default: min(20, max_top_k))"
+        default=None,
+        ge=0,
+        description="teacher top-k for the top-k divergences and diagnostics (default: min(20, max_top_k))",
     )
-    logprob_dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="wire dtype")
-    concurrency: int = Field(16, ge=1, description="scoring requests in flight at once")
+    logprob_dtype: Literal["float32", "float16", "bfloat16"] = Field(default="float32", description="wire dtype")
+    concurrency: int = Field(default=16, ge=1, description="scoring requests in flight at once")
 
 
-class EvalConfig(ConfigModel):
+class EvalCommandConfig(ConfigModel):
+    """Options of `opd eval` (the trainer's periodic eval rounds are `student_trainer.config.EvalConfig`)."""
+
     model: str = Field(
         ...,
         description="student: a Hugging Face model directory, `embedded`, or a trainer checkpoint "
         "(a step-XXXXXXXX directory, or the checkpoint directory: its latest step)",
     )
     base_model: str | None = Field(
-        None, description="with a checkpoint --model: the run's student model directory (architecture, tokenizer)"
+        default=None,
+        description="with a checkpoint --model: the run's student model directory (architecture, tokenizer)",
     )
-    tokenizer: str | None = Field(None, description="tokenizer directory if not the model's")
+    tokenizer: str | None = Field(default=None, description="tokenizer directory if not the model's")
     prompts: str = Field(..., description="prompt file (JSONL/Parquet, opd's prompt schema; see `opd convert-prompts`)")
-    out: str | None = Field(None, description="report directory (default: runs/eval-YYYYmmdd-HHMMSS)")
-    backend: Literal["vllm", "hf"] = Field("vllm", description="generation engine (hf = transformers generate)")
+    out: str | None = Field(default=None, description="report directory (default: runs/eval-YYYYmmdd-HHMMSS)")
+    backend: Literal["vllm", "hf"] = Field(default="vllm", description="generation engine (hf = transformers generate)")
     ks: list[int] = Field(default_factory=list, description="k values of pass@k (default: 1, 2, 4, ... and n)")
-    concurrency: int = Field(64, ge=1, description="samples in flight at once (vllm batches them)")
-    enable_thinking: bool | None = Field(None, description="chat template thinking switch (Qwen3-style templates)")
-    progress: bool = Field(True, description="show progress bars on stderr")
-    log_level: str = Field("WARNING", description="logging level")
+    concurrency: int = Field(default=64, ge=1, description="samples in flight at once (vllm batches them)")
+    enable_thinking: bool | None = Field(
+        default=None, description="chat template thinking switch (Qwen3-style templates)"
+    )
+    progress: bool = Field(default=True, description="show progress bars on stderr")
+    log_level: str = Field(default="WARNING", description="logging level")
     sampling: EvalSamplingConfig = Field(default_factory=EvalSamplingConfig)
     reward: EvalRewardConfig = Field(default_factory=EvalRewardConfig)
     dataset: EvalPromptsConfig = Field(default_factory=EvalPromptsConfig)
@@ -106,7 +121,7 @@ class EvalConfig(ConfigModel):
     teacher: EvalTeacherConfig = Field(default_factory=EvalTeacherConfig)
 
     @model_validator(mode="after")
-    def _check(self) -> EvalConfig:
+    def _check(self) -> EvalCommandConfig:
         too_big = [k for k in self.ks if not 1 <= k <= self.sampling.n]
         if too_big:
             raise ValueError(

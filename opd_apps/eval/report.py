@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from opd import __version__
-from opd_apps.eval.config import EvalConfig
+from opd_apps.eval.config import EvalCommandConfig
 from opd_apps.eval.run import EvalSample
 from protos.records import PromptRecord
 from student_trainer.evaluation import METRICS, diversity, mean_pass_at_k, pass_at_k, wilson_interval
@@ -33,7 +33,9 @@ def is_correct(sample: EvalSample, threshold: float) -> bool:
     return sample.reward is not None and sample.reward > threshold
 
 
-def _per_prompt(records: Sequence[PromptRecord], samples: Sequence[EvalSample], config: EvalConfig) -> list[dict]:
+def _per_prompt(
+    records: Sequence[PromptRecord], samples: Sequence[EvalSample], config: EvalCommandConfig
+) -> list[dict]:
     by_prompt: dict[str, list[EvalSample]] = {r.prompt_id: [] for r in records}
     for sample in samples:
         by_prompt[sample.prompt_id].append(sample)
@@ -69,7 +71,7 @@ def _teacher_section(teacher: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def build_report(
-    config: EvalConfig,
+    config: EvalCommandConfig,
     model: dict[str, Any],
     records: Sequence[PromptRecord],
     samples: Sequence[EvalSample],
@@ -82,6 +84,7 @@ def build_report(
     per_prompt = _per_prompt(records, samples, config)
     counts = [(row["scored"], row["correct"]) for row in per_prompt]
     scored = [s for s in samples if s.reward is not None]
+    rewards = [s.reward for s in samples if s.reward is not None]
     correct = sum(is_correct(s, threshold) for s in scored)
     lengths = [len(s.response_ids) for s in samples]
     within = [row["distinct_answers"] / row["samples"] for row in per_prompt if row["samples"]]
@@ -100,7 +103,7 @@ def build_report(
             "scored": len(scored),
             "failed": sum(s.reward_error is not None for s in samples),
             "none": sum(s.reward is None and s.reward_error is None for s in samples),
-            "mean": sum(s.reward for s in scored) / len(scored) if scored else None,
+            "mean": sum(rewards) / len(rewards) if rewards else None,
         },
         "pass_at_k": {
             str(k): {"value": r.value, "prompts": r.prompts}

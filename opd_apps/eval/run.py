@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from opd_apps.eval.config import EvalConfig
+from opd_apps.eval.config import EvalCommandConfig
 from opd_apps.eval.model import EvalError
 from opd_apps.progress import Progress
 from protos.records import PromptRecord
@@ -56,7 +56,7 @@ class EvalSample:
     teacher: dict[str, float | None] | None = None
 
 
-def sample_params(config: EvalConfig) -> SampleParams:
+def sample_params(config: EvalCommandConfig) -> SampleParams:
     s = config.sampling
     return SampleParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
 
@@ -81,7 +81,7 @@ async def sample_all(
     records: list[PromptRecord],
     prompt_ids: dict[str, list[int]],
     reward_fn: RewardFn | None,
-    config: EvalConfig,
+    config: EvalCommandConfig,
 ) -> list[EvalSample]:
     """n samples per prompt, rewarded; in (prompt, index) order."""
     s, params = config.sampling, sample_params(config)
@@ -122,7 +122,7 @@ async def sample_all(
 class TeacherScoring:
     """The teacher side of an evaluation: a checked connection, then per-response scores and token means."""
 
-    def __init__(self, config: EvalConfig) -> None:
+    def __init__(self, config: EvalCommandConfig) -> None:
         from teacher_server.client import TeacherClient
 
         t = config.teacher

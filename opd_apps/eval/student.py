@@ -49,7 +49,9 @@ class StudentScorer:
         torch_dtype = (
             (torch.bfloat16 if dev.type == "cuda" else torch.float32) if dtype == "auto" else getattr(torch, dtype)
         )
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(dev).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
+        # transformers declares `to` with functools.wraps(nn.Module.to), which pyright reads as unbound
+        model = model.to(dev).eval()  # pyright: ignore[reportArgumentType]
         return cls(model)
 
     def score(

@@ -52,24 +52,35 @@ class ScoreConfig(ConfigModel):
     input: str = Field(..., description="JSONL or Parquet rows: token_ids (+ score_from), prompt_ids + response_ids, "
                                         "messages, or prompt + response")  # fmt: skip
     output: str = Field(..., description="the Parquet score file to write (or to resume or extend)")
-    top_k: int = Field(20, ge=0, le=1024, description="top-k log-probs stored per token")
-    dtype: Literal["float32", "float16"] = Field("float32", description="storage dtype of the log-probs")
-    temperature: float = Field(1.0, gt=0, description="teacher temperature (exact on an opd hf teacher only)")
+    top_k: int = Field(default=20, ge=0, le=1024, description="top-k log-probs stored per token")
+    dtype: Literal["float32", "float16"] = Field(default="float32", description="storage dtype of the log-probs")
+    temperature: float = Field(default=1.0, gt=0, description="teacher temperature (exact on an opd hf teacher only)")
     tokenizer: str | None = Field(
-        None, description="the teacher's tokenizer directory: chat rows are rendered with its template; required for "
-        "an http(s):// teacher (its tokenizer fingerprint goes into the file)"
-    )  # fmt: skip
-    served_model: str | None = Field(None, description="http(s):// teacher: model id (default: the first served)")
-    token: str | None = Field(None, description="bearer token (prefer OPD_SCORE__TOKEN)", json_schema_extra=SECRET)
-    client_name: str = Field("score", description="client name for the teacher's fair share and metrics")
-    tls_ca_file: str | None = Field(None, description="TLS: PEM CA bundle that issued the teacher's certificate")
-    timeout_s: float = Field(300.0, gt=0, description="deadline of one scoring request, retries included")
-    id_field: str = Field("id", description="row field with the sequence id (else FILE_STEM:ROW)")
-    input_format: Literal["auto", "jsonl", "parquet"] = Field("auto", description="input format (auto: extension)")
-    batch_size: int = Field(32, ge=1, description="sequences scored concurrently and written as one row group")
-    rows_per_part: int = Field(1024, ge=1, description="rows per part file (what an interruption can lose at most)")
-    progress: bool = Field(True, description="draw a progress bar on stderr")
-    log_level: str = Field("INFO", description="logging level")
+        default=None,
+        description="the teacher's tokenizer directory: chat rows are rendered with its template; required for "
+        "an http(s):// teacher (its tokenizer fingerprint goes into the file)",
+    )
+    served_model: str | None = Field(
+        default=None, description="http(s):// teacher: model id (default: the first served)"
+    )
+    token: str | None = Field(
+        default=None, description="bearer token (prefer OPD_SCORE__TOKEN)", json_schema_extra=SECRET
+    )
+    client_name: str = Field(default="score", description="client name for the teacher's fair share and metrics")
+    tls_ca_file: str | None = Field(
+        default=None, description="TLS: PEM CA bundle that issued the teacher's certificate"
+    )
+    timeout_s: float = Field(default=300.0, gt=0, description="deadline of one scoring request, retries included")
+    id_field: str = Field(default="id", description="row field with the sequence id (else FILE_STEM:ROW)")
+    input_format: Literal["auto", "jsonl", "parquet"] = Field(
+        default="auto", description="input format (auto: extension)"
+    )
+    batch_size: int = Field(default=32, ge=1, description="sequences scored concurrently and written as one row group")
+    rows_per_part: int = Field(
+        default=1024, ge=1, description="rows per part file (what an interruption can lose at most)"
+    )
+    progress: bool = Field(default=True, description="draw a progress bar on stderr")
+    log_level: str = Field(default="INFO", description="logging level")
 
 
 class PartWriter:
@@ -93,6 +104,7 @@ class PartWriter:
 
     def close(self) -> None:
         if self._writer is not None:
+            assert self._path is not None  # set with the writer
             self._writer.close()
             self._path.with_suffix(".tmp").rename(self._path)  # a part is whole or absent
             self._writer, self._rows = None, 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,7 +35,7 @@ def _load_tokenizer(directory: str | None) -> Any:
         return None
     from opd.model_source import load_tokenizer
 
-    return load_tokenizer(directory)
+    return load_tokenizer(Path(directory))
 
 
 @dataclass

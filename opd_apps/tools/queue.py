@@ -25,7 +25,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions as rex
@@ -51,15 +51,17 @@ _CHUNK = 500  # entries per MULTI
 
 class QueueCommandConfig(ConfigModel):
     redis: RedisConfig = Field(default_factory=RedisConfig)
-    source: Literal["all", "prompts", "rollouts"] = Field("all", description="dead letters from which stream")
+    source: Literal["all", "prompts", "rollouts"] = Field(default="all", description="dead letters from which stream")
     ids: list[str] = Field(
         default_factory=list, description="dead-letter ids or the original entry ids (either one) to select"
     )
-    reason: str | None = Field(None, description="select entries whose reason contains this text (any case)")
-    all: bool = Field(False, description="requeue / drop every dead letter of --source")
-    dry_run: bool = Field(False, description="requeue / drop: print what would be done, change nothing")
-    limit: int = Field(50, ge=0, description="list: entries printed, newest last (0 = all); the summary counts all")
-    retry_for_s: float = Field(10.0, gt=0, description="give up when Redis stays unreachable this long")
+    reason: str | None = Field(default=None, description="select entries whose reason contains this text (any case)")
+    all: bool = Field(default=False, description="requeue / drop every dead letter of --source")
+    dry_run: bool = Field(default=False, description="requeue / drop: print what would be done, change nothing")
+    limit: int = Field(
+        default=50, ge=0, description="list: entries printed, newest last (0 = all); the summary counts all"
+    )
+    retry_for_s: float = Field(default=10.0, gt=0, description="give up when Redis stays unreachable this long")
 
 
 @dataclass(frozen=True)
@@ -89,8 +91,11 @@ async def read_dead_letters(redis: aioredis.Redis, retry: RedisRetry, keys: Stre
     start = "-"
     while True:
 
-        async def page(start: str = start) -> list:
-            return await redis.xrange(keys.dead, min=start, max="+", count=_PAGE)
+        async def page(start: str = start) -> list[tuple[bytes, dict[bytes, bytes]]]:
+            # a client without decode_responses: entry ids and fields are bytes (redis-py types them loosely)
+            return cast(
+                list[tuple[bytes, dict[bytes, bytes]]], await redis.xrange(keys.dead, min=start, max="+", count=_PAGE)
+            )
 
         entries = await retry.run(page, f"XRANGE {keys.dead}")
         for raw_id, fields in entries:

@@ -73,7 +73,7 @@ def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float
         raise ValueError(
             f"a Wilson interval needs 0 <= successes <= trials and trials >= 1 (got {successes} of {trials})"
         )
-    ci = binomtest(successes, trials).proportion_ci(confidence_level=2 * norm.cdf(z) - 1, method="wilson")
+    ci = binomtest(successes, trials).proportion_ci(confidence_level=float(2 * norm.cdf(z) - 1), method="wilson")
     # At p = 0 (or 1) the bound is exactly 0 (or 1); clamp the float rounding.
     low = 0.0 if successes == 0 else max(0.0, float(ci.low))
     return low, 1.0 if successes == trials else min(1.0, float(ci.high))

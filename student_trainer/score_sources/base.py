@@ -36,12 +36,14 @@ class ScoreSource(Protocol):
 
     def bytes_per_token(self) -> int:
         """Memory one scored token's reply takes once received (for the prefetch's byte cap)."""
+        ...
 
     def check(self, tokenizer_fingerprint: str, vocab_size: int, student_name: str) -> None:
         """Raise TeacherMismatch unless this source can score the student's tokens."""
 
     def fetch(self, records: Sequence[RolloutRecord]) -> Future[dict[str, TeacherScores]]:
         """Start fetching the scores of `records`' response tokens; the future maps rollout id -> scores."""
+        ...
 
     @property
     def info(self) -> TeacherInfo | None:

@@ -87,7 +87,7 @@ class HttpTeacherSource:
             models = self._io.call(self._client.models(self._endpoint.timeout_s))
         except (TeacherHTTPError, OSError) as exc:
             raise TeacherMismatch(f"{where} did not list its models (GET /v1/models): {exc}") from None
-        served = {m.get("id"): m for m in models}
+        served = {m["id"]: m for m in models if m.get("id") is not None}
         if self._model is None:
             if not models:
                 raise TeacherMismatch(f"{where} serves no model (GET /v1/models is empty)")

@@ -136,6 +136,8 @@ class OfflineRolloutFeeder:
         self.position = 0  # rows fed over all passes; restored from a checkpoint
         self.stats = FeedStats()
         self.state = "starting"
+        if not config.teacher.scores_file:
+            raise ValueError("the offline score feeder reads teacher.scores_file: set it to a file `opd score` wrote")
         self._source, self._path = source, config.teacher.scores_file
         self._reader = ScoreFileReader(self._path)
         self._producer = StreamProducer(source.redis, source.keys.rollouts, ROLLOUT_GROUP, retry=source.retry)

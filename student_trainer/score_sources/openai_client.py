@@ -35,7 +35,7 @@ from opd.retry import Backoff, RetryLog, RetryStats, retry_async
 from teacher_server.client import TeacherScores
 
 log = logging.getLogger(__name__)
-_FLOOR = -9999.0  # vLLM writes -inf as this
+_JSON_NEG_INF = -9999.0  # vLLM writes -inf as this
 _TRANSIENT = {429, 502, 503, 504}
 _BACKOFF = Backoff(initial_s=0.1, max_s=5.0)  # frozen: one shared default
 
@@ -61,7 +61,7 @@ def tail_logprobs(topk_logprobs_PK: np.ndarray) -> np.ndarray:
 
 
 def _logprob(value: float) -> float:
-    return -math.inf if value <= _FLOOR else float(value)
+    return -math.inf if value <= _JSON_NEG_INF else float(value)
 
 
 def scores_from_prompt_logprobs(
@@ -170,7 +170,12 @@ class OpenAIScoreClient:
         return list((await self._call("GET", "/models", None, timeout_s)).get("data") or [])
 
     async def score(
-        self, model: str, token_ids: Sequence[int], score_from: int, top_k: int, timeout_s: float | None = None
+        self,
+        model: str,
+        token_ids: Sequence[int] | np.ndarray,
+        score_from: int,
+        top_k: int,
+        timeout_s: float | None = None,
     ) -> TeacherScores:
         """Temperature-1 log-probs of positions [score_from, len(token_ids)) with their top-`top_k`."""
         ids = [int(t) for t in token_ids]

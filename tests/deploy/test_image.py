@@ -284,7 +284,7 @@ def test_healthcheck_script_passes_on_2xx_and_fails_otherwise(tmp_path):
     assert ports == (TeacherOps().port, RolloutOps().port, TrainerOps().port)
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's naming
+        def do_GET(self):  # http.server's naming
             self.send_response(200 if self.path == "/readyz" else 503)
             self.end_headers()
 

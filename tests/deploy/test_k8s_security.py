@@ -229,9 +229,12 @@ def _compose_leaks(service_name: str, service: dict) -> list[str]:
                 problems.append(f"{service_name}: env {name}: a password in a URL ({match[1]!r}); use a *_FILE")
         if "${" in value and _SECRET_VALUE.search(value):
             problems.append(f"{service_name}: env {name} interpolates a secret: {value!r}")
-        if pod_security.SECRET_NAME.search(name) and not name.endswith("_ENV"):
-            if not name.endswith("_FILE") or value not in mounted:
-                problems.append(f"{service_name}: env {name} is not the path of a mounted secret: {value!r}")
+        if (
+            pod_security.SECRET_NAME.search(name)
+            and not name.endswith("_ENV")
+            and (not name.endswith("_FILE") or value not in mounted)
+        ):
+            problems.append(f"{service_name}: env {name} is not the path of a mounted secret: {value!r}")
     return problems
 
 

@@ -255,9 +255,12 @@ def student_problems(expr: str) -> list[str]:
             if name.startswith(("opd_rollout_", "opd_trainer_")):
                 if 'namespace=~"$namespace"' not in selector or 'job=~"$job"' not in selector:
                     problems.append(f'{name}: not filtered by namespace=~"$namespace" and job=~"$job"')
-            elif name.startswith("opd_teacher_") and not name.startswith(TEACHER_WIDE):
-                if 'client=~"$job"' not in selector:
-                    problems.append(f'{name}: not filtered by client=~"$job"')
+            elif (
+                name.startswith("opd_teacher_")
+                and not name.startswith(TEACHER_WIDE)
+                and 'client=~"$job"' not in selector
+            ):
+                problems.append(f'{name}: not filtered by client=~"$job"')
     for match in _AGGREGATION.finditer(expr):
         if match[2] != "by":
             problems.append(f"{match[1]} without `by`: it sums students together")

@@ -1,4 +1,4 @@
-"""Issue 15 on CUDA: the compiled block math against the float64 reference, and packed attention (per-sequence
+"""Trainer scale on CUDA: the compiled block math against the float64 reference, and packed attention (per-sequence
 SDPA and compiled flex_attention) against the same sequences one at a time. Skipped without CUDA.
 
 Tolerances. The loss: float32 on the GPU vs the float64 reference, TOL32 of tests/unit/test_losses.py (the

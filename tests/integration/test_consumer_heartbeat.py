@@ -1,6 +1,5 @@
 """Heartbeat reclaim against a real Redis: the entries of a consumer killed with SIGKILL are claimed once its
-heartbeat expires, whatever their idle time; a live consumer keeps its entries however long it holds them
-(issue 13, defect 5)."""
+heartbeat expires, whatever their idle time; a live consumer keeps its entries however long it holds them."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fault injection with real processes (issue 13): kill -9 a rollout worker mid-run and start a replacement
+"""Fault injection with real processes: kill -9 a rollout worker mid-run and start a replacement
 under another name; kill -9 the teacher mid-stream while several clients score. Both print the recovery
 times that RELIABILITY.md records; neither asserts a duration."""
 

@@ -41,7 +41,7 @@ def assert_every_route_guarded(base_url: str, app, token: str = TOKEN, **client_
     """Probe routes answer without a token and show no token; every other route is 401 without a valid one."""
     routes = _routes(app)
     paths = {path for _, path in routes}
-    assert OPEN_PATHS <= paths and len(paths) > len(OPEN_PATHS)
+    assert paths >= OPEN_PATHS and len(paths) > len(OPEN_PATHS)
     checked = []
     with httpx.Client(base_url=base_url, timeout=60, **client_kwargs) as http:
         for method, path in routes:

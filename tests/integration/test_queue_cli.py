@@ -1,5 +1,5 @@
 """`opd queue` against a real Redis: dead letters listed with their reasons, requeued or dropped by id or by
-reason, with a dry run that changes nothing (issue 13, defect 7)."""
+reason, with a dry run that changes nothing."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 16, recipe, end to end in the trainer runtime (tiny model, private Redis, rollouts pushed straight onto
+"""The recipe end to end in the trainer runtime (tiny model, private Redis, rollouts pushed straight onto
 `{ns}:rollouts`): pure GRPO with a KL penalty to the frozen initial student and no teacher at all; a rollout
 without a reward still trained and counted; and a rollout sampled at another temperature refused at the first
 step, left pending in Redis.

@@ -1,5 +1,5 @@
 """Outages are not silent: every retry loop of the teacher client and the workers logs at WARNING (address,
-attempt, next delay) at a bounded rate and counts the retry in metrics (issue 13, defect 6)."""
+attempt, next delay) at a bounded rate and counts the retry in metrics."""
 
 from __future__ import annotations
 

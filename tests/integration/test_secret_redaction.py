@@ -124,9 +124,12 @@ def test_a_trainer_and_its_teacher_start_without_leaking(tiny_model_dir, tmp_pat
     teacher = start_teacher(tiny_model_dir, "hf", auth={"tokens_file": str(tokens)})
     io = LoopThread("test-secrets-io")
     try:
-        with TeacherClientSync(teacher.address, token=TOKEN[:-1], timeout_s=10) as client:
-            with pytest.raises(Unauthenticated):  # a wrong token is refused; the refusal logs no token either
-                client.score(np.arange(1, 6), 2)
+        # a wrong token is refused; the refusal logs no token either
+        with (
+            TeacherClientSync(teacher.address, token=TOKEN[:-1], timeout_s=10) as client,
+            pytest.raises(Unauthenticated),
+        ):
+            client.score(np.arange(1, 6), 2)
         with redis_server(password=REDIS_PW) as redis_url:
             config = TrainerConfig.model_validate(
                 {

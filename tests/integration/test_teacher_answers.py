@@ -1,5 +1,5 @@
 """Every request gets exactly one answer with a status: unexpected backend failures, malformed bytes, the
-advertised length limit (issue 13, defects 1-3)."""
+advertised length limit."""
 
 from __future__ import annotations
 
@@ -118,12 +118,11 @@ def _scores_exactly_max_model_len(server, model_dir):
     ref = reference_logprobs(model_dir, ids)[-4:]
     # float32 forwards of the same weights: differences are summation-order rounding, ~1e-6 per nat here
     np.testing.assert_allclose(scores.token_logprobs, ref[np.arange(4), ids[-4:]], atol=1e-4)
-    with grpc.insecure_channel(server.address) as channel:
-        with pytest.raises(grpc.RpcError) as err:
-            too_long = np.zeros(info.max_model_len + 1, np.int32)
-            pb_grpc.TeacherStub(channel).Score(
-                pb.ScoreRequest(token_ids=pack(too_long, pb.INT32), score_from=1), timeout=30
-            )
+    too_long = np.zeros(info.max_model_len + 1, np.int32)
+    with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError) as err:
+        pb_grpc.TeacherStub(channel).Score(
+            pb.ScoreRequest(token_ids=pack(too_long, pb.INT32), score_from=1), timeout=30
+        )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"max_model_len={info.max_model_len}" in err.value.details()
 

@@ -1,5 +1,5 @@
 """A teacher replica added while clients run gets traffic: streams and connections end at a maximum age, and
-clients reopen them on any replica their target resolves to (issue 13, defect 4)."""
+clients reopen them on any replica their target resolves to."""
 
 from __future__ import annotations
 

@@ -48,7 +48,7 @@ def _poll(check, what: str, deadline_s: float = 30.0):
     while True:
         try:
             return check()
-        except Exception as exc:  # noqa: BLE001 - the last error is re-raised with context below
+        except Exception as exc:  # the last error is re-raised with context below
             if time.monotonic() > deadline:
                 raise AssertionError(f"{what}: still failing after {deadline_s:.0f} s") from exc
         time.sleep(0.2)

@@ -106,7 +106,7 @@ def _poll(check, what: str, deadline_s: float = 30.0) -> None:
         try:
             check()
             return
-        except Exception as exc:  # noqa: BLE001 - re-raised with context at the deadline
+        except Exception as exc:  # re-raised with context at the deadline
             if time.monotonic() > deadline:
                 raise AssertionError(f"{what}: still failing after {deadline_s:.0f} s") from exc
         time.sleep(0.2)

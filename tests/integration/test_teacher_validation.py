@@ -63,11 +63,10 @@ def test_full_vocab_refused_when_not_allowed(tiny_model_dir):
 
     server = start_teacher(tiny_model_dir, "hf", engine={"allow_full_vocab": False})
     try:
-        with grpc.insecure_channel(server.address) as channel:
-            with pytest.raises(grpc.RpcError) as err:
-                pb_grpc.TeacherStub(channel).Score(
-                    pb.ScoreRequest(token_ids=_ids([1, 2, 3]), score_from=1, full_vocab=True), timeout=30
-                )
+        with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError) as err:
+            pb_grpc.TeacherStub(channel).Score(
+                pb.ScoreRequest(token_ids=_ids([1, 2, 3]), score_from=1, full_vocab=True), timeout=30
+            )
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "--engine-allow-full-vocab" in err.value.details()
     finally:
@@ -105,8 +104,7 @@ BAD_GENERATE_REQUESTS = [
 
 @pytest.mark.parametrize("name,request_,message", BAD_GENERATE_REQUESTS, ids=[c[0] for c in BAD_GENERATE_REQUESTS])
 def test_bad_generate_request_is_invalid_argument(hf_teacher, name, request_, message):
-    with grpc.insecure_channel(hf_teacher.address) as channel:
-        with pytest.raises(grpc.RpcError) as err:
-            pb_grpc.TeacherStub(channel).Generate(request_, timeout=30)
+    with grpc.insecure_channel(hf_teacher.address) as channel, pytest.raises(grpc.RpcError) as err:
+        pb_grpc.TeacherStub(channel).Generate(request_, timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in err.value.details()

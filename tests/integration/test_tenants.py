@@ -174,7 +174,7 @@ def test_four_saturating_students_each_get_a_quarter_of_the_scored_tokens(tiny_m
         assert abs(t - sum(tokens) / 4) <= n + sum(lengths) / 4, (STUDENTS[i], tokens)
     # What each student got, on the /metrics counter: 25% of the scored tokens within the derived bound.
     tolerance = share_tolerance(lengths, sum(tokens), sum(scored), inflight)
-    assert max(tolerance) <= 0.05, tolerance  # the window is long enough for the issue's +/- 5%
+    assert max(tolerance) <= 0.05, tolerance  # the window is long enough for a +/- 5% share target
     shares = [s / sum(scored) for s in scored]
     for name, share, tol in zip(STUDENTS, shares, tolerance, strict=True):
         assert abs(share - 0.25) <= tol, (name, shares, tolerance)

@@ -1,5 +1,5 @@
 """One trainer step at the GPU preset's shapes on CPU: a group of 8 x 12,288 response tokens with 16,384-token
-micro-batches (deploy/presets/train-gpu.yaml), on a tiny model. Before issue 15 the group was one ~98k-token
+micro-batches (deploy/presets/train-gpu.yaml), on a tiny model. Once, the group was one ~98k-token
 micro-batch carrying a ~10 GB `[T, T]` mask; now each sequence is its own micro-batch and attends per
 sequence, so no tensor of the step is anywhere near T x T."""
 

@@ -73,7 +73,7 @@ def _steps(config) -> list[dict]:
     return jsonl(Path(config.checkpoint.dir) / "steps.jsonl")
 
 
-# -- defect 1: exactly once by (prompt id, sample index) -------------------------------------------------------------
+# -- exactly once by (prompt id, sample index) -------------------------------------------------------------------------
 
 
 def test_a_sample_delivered_twice_is_trained_once_even_across_a_checkpoint(
@@ -98,7 +98,7 @@ def test_a_sample_delivered_twice_is_trained_once_even_across_a_checkpoint(
     assert scrape(resumed.ops_port)[("opd_trainer_duplicate_records_total", ())] == 2  # g0's and g3's copies
 
 
-# -- defect 2: a resumed feeder counts what is already in flight -----------------------------------------------------
+# -- a resumed feeder counts what is already in flight -----------------------------------------------------------------
 
 
 def test_a_restarted_feeder_counts_the_prompts_already_in_redis_as_in_flight(
@@ -127,7 +127,7 @@ def test_a_restarted_feeder_counts_the_prompts_already_in_redis_as_in_flight(
     assert fed == ["train0", "train1", "train2"]  # not train0 and train1 fed a second time
 
 
-# -- defect 3: a prompt that will not produce a group is fed again, then recorded lost -------------------------------
+# -- a prompt that will not produce a group is fed again, then recorded lost -------------------------------------------
 
 
 def test_a_dead_lettered_prompt_is_fed_again_then_recorded_as_lost(
@@ -222,7 +222,7 @@ def test_a_late_group_of_a_re_fed_prompt_completes_it_once(
     assert sorted(k for k in step["sample_keys"]) == ["train0/0", "train0/1"]  # one group: each sample once
 
 
-# -- defect 4 and 5: every wait reports itself and a stop request ends it ---------------------------------------------
+# -- every wait reports itself and a stop request ends it --------------------------------------------------------------
 
 
 def test_a_starved_trainer_says_what_it_waits_for_and_stops_when_asked(
@@ -267,7 +267,7 @@ def test_a_stop_request_interrupts_the_wait_for_teacher_scores(
     assert pending_rollouts(io, redis_url, namespace) == 1  # not trained, not acknowledged: redelivered next time
 
 
-# -- defect 8: the staleness bound holds when the batch is trained ---------------------------------------------------
+# -- the staleness bound holds when the batch is trained ---------------------------------------------------------------
 
 
 def test_a_batch_that_went_stale_in_the_prefetch_queue_is_dropped_when_trained(
@@ -291,7 +291,7 @@ def test_a_batch_that_went_stale_in_the_prefetch_queue_is_dropped_when_trained(
     assert second["rollouts"] == [] and second["dropped_stale"] == 1
 
 
-# -- defect 9: a superseded weight version outlives a grace period ----------------------------------------------------
+# -- a superseded weight version outlives a grace period ---------------------------------------------------------------
 
 
 def test_a_superseded_weight_version_is_kept_for_the_prune_grace_period(
@@ -309,7 +309,7 @@ def test_a_superseded_weight_version_is_kept_for_the_prune_grace_period(
     assert versions == ["v00000001", "v00000002"]
 
 
-# -- issue 16: an eval round is tied to one policy version ------------------------------------------------------------
+# -- an eval round is tied to one policy version -----------------------------------------------------------------------
 
 
 def test_an_eval_round_keeps_only_samples_of_the_version_it_names(

@@ -1,5 +1,5 @@
-"""The step loss L = sum_i s_i r_i l_i / D holds however a step is cut (issue 15) and stale weights scale it
-(issue 12, defect 7).
+"""The step loss L = sum_i s_i r_i l_i / D holds however a step is cut (micro-batches, ranks) and stale
+weights scale it.
 
 All runs are float64 (unit roundoff u = 2^-53 ~ 1.1e-16). The runs compared
 add the same per-token terms in other orders (other micro-batch shapes, other
@@ -51,7 +51,7 @@ def test_a_group_split_across_micro_batches_gives_the_unsplit_step(tiny_model_di
 
 @pytest.mark.parametrize("normalization", ["token_mean", "sequence_mean", "sum"])
 def test_a_step_of_stale_groups_at_weight_w_is_w_times_the_fresh_step(tiny_model_dir, normalization):
-    """Defect 7 of issue 12: the stale factor must not cancel in any normalisation."""
+    """The stale factor must not cancel in any normalisation."""
     w = 0.25
     stale = step_gradients(str(tiny_model_dir), SPLIT, normalization, stale_weight=w)
     fresh = step_gradients(str(tiny_model_dir), SPLIT, normalization)

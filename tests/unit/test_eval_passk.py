@@ -9,7 +9,7 @@ from fractions import Fraction
 import pytest
 
 from opd.config import ConfigError, load_config
-from opd_apps.eval.config import EvalConfig, normalize_argv
+from opd_apps.eval.config import EvalCommandConfig, normalize_argv
 from student_trainer.evaluation.stats import (
     Z_95,
     default_ks,
@@ -124,12 +124,12 @@ def test_diversity_of_answers_and_words() -> None:
 
 def test_eval_flags_short_teacher_and_k_checks() -> None:
     argv = normalize_argv(["--model", "m", "--prompts", "p.jsonl", "--teacher", "h:1", "--sampling-n", "8"])
-    config = load_config(EvalConfig, argv, prog="opd eval", description="", env_prefix="OPD_EVAL__", environ={})
+    config = load_config(EvalCommandConfig, argv, prog="opd eval", description="", env_prefix="OPD_EVAL__", environ={})
     assert config.teacher.addresses == ["h:1"] and config.pass_ks() == [1, 2, 4, 8]
     assert normalize_argv(["--teacher=h:2"]) == ["--teacher-addresses=h:2"]
     with pytest.raises(ConfigError, match="--sampling-n"):
         load_config(
-            EvalConfig,
+            EvalCommandConfig,
             ["--model", "m", "--prompts", "p", "--ks", "1", "5"],
             prog="opd eval",
             description="",
@@ -137,4 +137,4 @@ def test_eval_flags_short_teacher_and_k_checks() -> None:
             environ={},
         )
     with pytest.raises(ValueError, match="max_model_len"):
-        EvalConfig(model="m", prompts="p", sampling={"max_tokens": 64}, engine={"max_model_len": 64})
+        EvalCommandConfig(model="m", prompts="p", sampling={"max_tokens": 64}, engine={"max_model_len": 64})

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def test_the_floor_is_the_losses_default_floor() -> None:
-    assert LOGPROB_FLOOR == LossConfig().logprob_floor
+    assert LossConfig().logprob_floor == LOGPROB_FLOOR
 
 
 def test_the_sampled_reverse_kl_floors_both_sides() -> None:

@@ -78,7 +78,7 @@ def grpo_advantage_rows() -> torch.Tensor:
     """(r - group mean) / (unbiased group std + 1e-6), written out per group."""
     adv = torch.zeros(4, dtype=torch.float64)
     for group in (0, 1):
-        members = (GROUP_IDS == group).nonzero().flatten()
+        members = GROUP_IDS.eq(group).nonzero().flatten()
         r = REWARDS[members]
         adv[members] = (r - r.mean()) / (r.std() + 1e-6)
     return adv[seq_of_rows()]
@@ -184,8 +184,8 @@ def test_discounted_sampled_advantage_sums_future_terms_within_each_sequence():
 
 
 def test_reward_softmax_and_pass_rate_scale_each_sequence_without_renormalising():
-    """The named non-default forms: per-group softmax of raw rewards, raw PACED weights (issue 16 made the
-    recipe's batch-wide binarised softmax and mean-1 PACED weights the defaults: tests/unit/test_recipe_*.py)."""
+    """The named non-default forms: per-group softmax of raw rewards, raw PACED weights (the recipe's
+    batch-wide binarised softmax and mean-1 PACED weights are the defaults: tests/unit/test_recipe_*.py)."""
     hidden, weight, inputs, teacher = make_batch(seed=4)
     cfg = LossConfig(
         reward_softmax={"enabled": True, "beta": 0.5, "form": "group_raw"},

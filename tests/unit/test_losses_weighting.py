@@ -143,7 +143,7 @@ def test_row_coefficients_modes(mode):
 
 @pytest.mark.parametrize("mode", ["token_mean", "sequence_mean", "sum"])
 def test_a_token_weight_scales_its_rows_and_never_cancels(mode):
-    """Defect 7 of issue 12: weights s on every row give s x the coefficients of weight 1 (D counts rows)."""
+    """Weights s on every row give s x the coefficients of weight 1 (D counts rows)."""
     counted = torch.tensor([1.0, 1.0, 0.0, 1.0])
     seq = torch.tensor([0, 0, 1, 2])
     denominator = wt.count_rows(counted > 0, seq, 3, mode) if mode != "sum" else 1.0

@@ -1,4 +1,4 @@
-"""Issue 16, recipe: teacher-token diagnostics (entropy over top-k + tail, a lower bound; p_T of the sampled token;
+"""Recipe: teacher-token diagnostics (entropy over top-k + tail, a lower bound; p_T of the sampled token;
 share inside the top-k), tool-episode counts and missing rewards, per step and per eval round.
 
 References are float64 from a full teacher distribution written out per row (tolerance: float64 sums of < 30

@@ -1,4 +1,4 @@
-"""Issue 16, recipe: GRPO with a KL penalty to a reference policy (verl's use_kl_loss), against float64 autograd.
+"""Recipe: GRPO with a KL penalty to a reference policy (verl's use_kl_loss), against float64 autograd.
 
 The penalty is part of the RL term: L_rl = sum_i c_i (-A_i ratio_i + coef * kl_i) over the GRPO rows, kl_i an
 estimate of KL(p_S || p_ref) from the sampled token (k1, k2, k3 = verl's kl, mse, low_var_kl). The reference is

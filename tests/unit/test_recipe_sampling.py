@@ -1,4 +1,4 @@
-"""Issue 16, recipe: rollout records carry the worker's sampling settings (schema 3) and rewards that failed arrive
+"""Recipe: rollout records carry the worker's sampling settings (schema 3) and rewards that failed arrive
 as None; the trainer refuses, by default, a rollout sampled otherwise than its loss assumes, naming both values."""
 
 from __future__ import annotations

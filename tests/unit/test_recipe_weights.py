@@ -1,4 +1,4 @@
-"""Issue 16, recipe: reward-weighted distillation as the recipe computes it, missing rewards, PACED normalisation.
+"""Recipe: reward-weighted distillation as the recipe computes it, missing rewards, PACED normalisation.
 
 Each rule is checked against a float64 value written out by hand, and end to end through
 `compute_distillation_loss` against an autograd float64 reference of L = sum_i s_i r_i l_i / D (D an

@@ -1,5 +1,5 @@
 """RetryLog: every retry counted, at most one WARNING per address per interval, naming address, attempt and
-the next delay (issue 13, defect 6)."""
+the next delay."""
 
 from __future__ import annotations
 
