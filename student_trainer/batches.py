@@ -6,8 +6,9 @@
   `batch.groups_per_step` per step, broadcast to every rank) and this rank's teacher scores from the score source
   (`score_sources`, a future per batch);
 - **splits** each step's groups across the ranks, balanced by tokens (`batching.split_across_ranks`);
-- **prefetches** teacher scores `batch.prefetch_depth` batches ahead (`TeacherPrefetch`), within
-  `batch.prefetch_max_mib` of held replies, so the teacher's latency hides behind the student's compute;
+- **prefetches** teacher scores `batch.prefetch_depth` batches ahead (at most `max_staleness`: `prefetch_depth`;
+  `TeacherPrefetch`), within `batch.prefetch_max_mib` of held replies, so the teacher's latency hides behind the
+  student's compute;
 - **waits for**, each logged every `wait_log_s` through `waits.Waiter`: rank 0, the rollouts (interruptible by a
   stop request); every rank, rank 0's broadcast, this batch's teacher scores (interruptible), and the other ranks
   at the step boundary (`agree_stop`: the step after a stop request on any rank trains nothing);
@@ -128,6 +129,17 @@ class TeacherPrefetch:
         return batch.scored_tokens() * (per_token() if per_token is not None else 0)
 
 
+def prefetch_depth(config: BatchConfig) -> int:
+    """The prefetch depth used: `batch.prefetch_depth`, but at most `batch.max_staleness` under the drop policy. A
+    batch pulled d steps before it trains holds groups sampled at or before the version of the pull, d versions
+    behind the training one: with d > max_staleness every prefetched group would be dropped (and with
+    max_staleness 0, the synchronous mode, the trainer would wait for groups the feeder only admits after the
+    step)."""
+    if config.stale_policy == "drop":
+        return min(config.prefetch_depth, config.max_staleness)
+    return config.prefetch_depth
+
+
 class BatchProducer:
     """Every rank's source of ready batches (see the module docstring); `source` on rank 0 only."""
 
@@ -144,7 +156,7 @@ class BatchProducer:
         `waiter`: the run's waiter (its stop signal ends the interruptible waits)."""
         assert (source is not None) == info.is_main, "rank 0, and only rank 0, reads the rollout stream"
         self.config, self.info, self.io, self.waiter, self.source = config, info, io, waiter, source
-        self.prefetch = TeacherPrefetch(scores, config.prefetch_depth, max_bytes=int(config.prefetch_max_mib * 2**20))
+        self.prefetch = TeacherPrefetch(scores, prefetch_depth(config), max_bytes=int(config.prefetch_max_mib * 2**20))
 
     def next(self, version: int, remaining: int) -> ReadyBatch | None:
         """The batch the step training `version` trains; None (nothing pulled is trained) when the ranks agreed to

@@ -128,6 +128,7 @@ class Settlement:
             "sample_keys": [sample_key(r) for g in batch.groups for r in g],
             "policy_versions": batch.policy_versions,
             "dropped_stale": report.dropped_stale,
+            "empty_steps": report.empty_steps,
         }
         with self.steps_file.open("a") as f:
             f.write(json.dumps(line) + "\n")
