@@ -36,6 +36,7 @@ from opd.loop_thread import LoopThread
 from student_trainer.batching import split_across_ranks
 from student_trainer.config import BatchConfig
 from student_trainer.groups import Group
+from student_trainer.groups.admission import prefetch_depth
 from student_trainer.model import DistInfo
 from student_trainer.waits import StopRequested, Waiter, agree_stop, broadcast_flag
 
@@ -127,17 +128,6 @@ class TeacherPrefetch:
     def _bytes(self, batch: Batch) -> int:
         per_token = getattr(self.scores, "bytes_per_token", None)
         return batch.scored_tokens() * (per_token() if per_token is not None else 0)
-
-
-def prefetch_depth(config: BatchConfig) -> int:
-    """The prefetch depth used: `batch.prefetch_depth`, but at most `batch.max_staleness` under the drop policy. A
-    batch pulled d steps before it trains holds groups sampled at or before the version of the pull, d versions
-    behind the training one: with d > max_staleness every prefetched group would be dropped (and with
-    max_staleness 0, the synchronous mode, the trainer would wait for groups the feeder only admits after the
-    step)."""
-    if config.stale_policy == "drop":
-        return min(config.prefetch_depth, config.max_staleness)
-    return config.prefetch_depth
 
 
 class BatchProducer:

@@ -64,6 +64,7 @@ class Settlement:
         self._feeder_state = state.get("feeder") or {"position": state["feeder_position"]}
         if self.feeder is not None:
             self.feeder.restore(self._feeder_state)
+            self.feeder.trainer_step = state["step"]
         if self.source is not None:
             used = state.get("used_keys")
             self.source.skip_used(used if used is not None else map(key_of_rollout_id, state["used_ids"]))
@@ -94,12 +95,15 @@ class Settlement:
         them."""
         self._used_since_commit += list(keys)
 
-    def settle(self, batch: ReadyBatch) -> None:
-        """The step trained `batch`: its samples used; (rank 0) stale groups acknowledged now, the feeder told
-        which prompts were trained and which went stale (fed again when the trainer feeds the prompts)."""
+    def settle(self, batch: ReadyBatch, step: int) -> None:
+        """The step trained `batch` (`step`: steps done, this one included, or none counted for an empty batch): its
+        samples used; (rank 0) stale groups acknowledged now, the feeder told the trainer's step (its admission
+        counts from it) and which prompts were trained and which went stale (fed again when the trainer feeds)."""
         self.mark_used(sample_key(r) for g in batch.groups for r in g)
         if self.source is None:
             return
+        if self.feeder is not None:
+            self.feeder.trainer_step = step  # before on_trained wakes it
         if batch.stale:
             self.io.call(self.source.drop(batch.stale, forget=self.feeder is not None))
         if self.feeder is not None:

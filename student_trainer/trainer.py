@@ -158,7 +158,7 @@ class Trainer:
         """Every group of the batch went stale: settle them (acknowledged, their prompts fed again) and train
         nothing. No publish (no new version: nothing changed), no LR step, no step counted for `max_steps`, the
         checkpoint or the eval cadence; counted in `empty_steps` and folded into the next step's report."""
-        self.settlement.settle(batch)
+        self.settlement.settle(batch, self.step_no)
         self.settlement.keepalive()
         empty.add(batch)
         self.metrics.empty_steps.inc()
@@ -176,7 +176,7 @@ class Trainer:
         """Every effect of a trained step, in the order exactly-once needs: samples used and prompts settled,
         weights published, checkpoint committed (then acks), the report to every sink, steps.jsonl."""
         cfg = self.config
-        self.settlement.settle(batch)
+        self.settlement.settle(batch, self.step_no)
         if self.step_no % cfg.publish.every_steps == 0 or self.step_no == cfg.max_steps:
             self._publish()
         if self.step_no % cfg.checkpoint.every_steps == 0 or self.step_no == cfg.max_steps:

@@ -303,8 +303,8 @@ def test_a_batch_that_went_stale_in_the_prefetch_queue_is_dropped_when_trained(
 
 
 def test_prefetch_never_runs_deeper_than_the_staleness_bound():
-    from student_trainer.batches import prefetch_depth
     from student_trainer.config import BatchConfig
+    from student_trainer.groups.admission import prefetch_depth
 
     assert prefetch_depth(BatchConfig(prefetch_depth=2, max_staleness=0)) == 0
     assert prefetch_depth(BatchConfig(prefetch_depth=2, max_staleness=4)) == 2
