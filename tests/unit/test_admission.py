@@ -56,6 +56,15 @@ def test_without_versions_reported_workers_are_taken_to_sample_the_current_versi
     assert rule.room(untrained=0, inflight=0, trainer_step=2, oldest_version=9) == 20
 
 
+def test_publishing_every_second_step_counts_the_versions_the_groups_will_meet():
+    rule = Admission("version", 4, 0, prefetch_depth=0, publish_every=2)
+    # step 1 done, v0 still current (v2 comes after step 2): the next step trains at v0, so one step's groups
+    assert rule.room(untrained=0, inflight=0, trainer_step=1, oldest_version=0) == 4
+    rule = Admission("version", 4, 2, prefetch_depth=0, publish_every=2)
+    # steps ahead train at v0, v2, v2, v4: the first three within 2 of v0
+    assert rule.room(untrained=0, inflight=0, trainer_step=1, oldest_version=0) == 12
+
+
 def test_max_inflight_groups_caps_either_rule_and_the_older_rule_ignores_versions():
     assert _version_rule(cap=6).room(untrained=8, inflight=4, trainer_step=0, oldest_version=0) == 2
     older = Admission("inflight", 4, 4, prefetch_depth=1)
