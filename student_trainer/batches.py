@@ -72,6 +72,7 @@ class ReadyBatch:
     stale: list[Group]  # dropped as stale (not trained)
     policy_versions: list[int]  # the policy versions of every group pulled for the step, dropped ones included
     lags: list[int]  # versions between sampling and this step, one per rollout pulled
+    version: int = 0  # the policy version the batch is trained at (its staleness was judged against it)
     data_wait_s: float = 0.0
     teacher_wait_s: float = 0.0
 
@@ -225,4 +226,5 @@ class BatchProducer:
             stale=stale,
             policy_versions=sorted({r.policy_version for g in batch.groups for r in g}),
             lags=lags,
+            version=version,
         )

@@ -11,7 +11,8 @@
 3. `checkpoint_state` / `committed`: what a checkpoint keeps of the run (the samples used since the last one, the
    feeder's position and ledger) and, once it is committed, the acknowledgement of those samples on Redis;
 4. `audit`: rank 0's line in `{checkpoint.dir}/steps.jsonl` (statistics, rollouts trained, their sample keys,
-   the policy versions of the step's groups, the rollouts dropped as stale);
+   the policy versions of the step's groups, the rollouts dropped as stale, the empty batches before it, the
+   staleness of each rollout trained);
 5. `keepalive`: rollouts held until the next commit must not be reclaimed meanwhile (rank 0).
 
 Also `resume` (a checkpoint's used samples and feeder state back into the rollout source and the feeder) and
@@ -133,6 +134,7 @@ class Settlement:
             "policy_versions": batch.policy_versions,
             "dropped_stale": report.dropped_stale,
             "empty_steps": report.empty_steps,
+            "trained_staleness": [max(0, batch.version - r.policy_version) for g in batch.groups for r in g],
         }
         with self.steps_file.open("a") as f:
             f.write(json.dumps(line) + "\n")
