@@ -106,7 +106,8 @@ class Heartbeat:
 async def live_versions(redis: aioredis.Redis, retry: RedisRetry, stream: str, group: str) -> dict[str, int | None]:
     """The consumers of `group` whose alive key is set -> the policy version they reported (None: none said, or
     an older consumer's value). A value that does not decode counts as no version (logged)."""
-    names = sorted(m.decode() for m in await retry.run(lambda: redis.smembers(registry_key(stream, group)), "SMEMBERS"))
+    members = await retry.run(lambda: redis.smembers(registry_key(stream, group)), "SMEMBERS")
+    names = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
     if not names:
         return {}
     values = await retry.run(lambda: redis.mget([alive_key(stream, group, n) for n in names]), "MGET alive keys")
@@ -114,8 +115,9 @@ async def live_versions(redis: aioredis.Redis, retry: RedisRetry, stream: str, g
     for name, value in zip(names, values, strict=True):
         if value is None:
             continue  # expired: dead, or stopped
+        raw = value if isinstance(value, bytes) else str(value).encode()
         try:
-            out[name] = WorkerHeartbeat.decode(value).policy_version
+            out[name] = WorkerHeartbeat.decode(raw).policy_version
         except RecordError as exc:
             log.warning("heartbeat of %s not read: %s", name, exc)
             out[name] = None
