@@ -37,6 +37,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "losses": ("opd_apps.bench.losses", "chunked losses vs full-logits baselines (memory, time)"),
     "queue": ("opd_apps.bench.queue", "rollout records through Redis Streams vs raw XADD/XREADGROUP"),
     "trainer": ("opd_apps.bench.trainer", "teacher wait share of the step at prefetch depth 0, 1, 2"),
+    "pipeline": ("opd_apps.bench.pipeline", "the whole pipeline as processes: admission by version vs in-flight count"),
     "tenants": ("opd_apps.bench.tenants", "four students on one pinned teacher: a flood, then saturation shares"),
     "fuzz": ("opd_apps.bench.fuzz", "property-based fuzzing of the teacher's RPCs, /v1/score and the record decoder"),
 }

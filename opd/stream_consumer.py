@@ -193,10 +193,11 @@ class StreamConsumer(Generic[T]):
         log.info("reclaimed %d entries of %s idle > %d ms", len(raws), self.stream, self.claim_idle_ms)
         return await self._without_over_delivered(raws)
 
-    def heartbeat(self, ttl_s: float | None = None) -> Heartbeat:
-        """This consumer's heartbeat (run it as a task while the consumer works; TTL: `heartbeat_ttl_ms`)."""
+    def heartbeat(self, ttl_s: float | None = None, version: Callable[[], int | None] | None = None) -> Heartbeat:
+        """This consumer's heartbeat (run it as a task while the consumer works; TTL: `heartbeat_ttl_ms`;
+        `version`: the policy version it has loaded, reported in the key)."""
         ttl = ttl_s if ttl_s is not None else (self.heartbeat_ttl_ms or 15_000) / 1000
-        return Heartbeat(self.redis, self.stream, self.group, self.consumer, ttl, self.retry)
+        return Heartbeat(self.redis, self.stream, self.group, self.consumer, ttl, self.retry, version)
 
     async def _claim_from_dead(self, count: int) -> list[_Raw]:
         """XCLAIM the pending entries of consumers whose heartbeat expired, whatever their idle time."""

@@ -101,7 +101,8 @@ class RolloutWorker:
         in-flight groups, then stop the heartbeat (the prompts abandoned past the grace are taken over)."""
         heartbeat = None
         if self.config.queue.heartbeat_ttl_s:
-            beat = self.prompts.heartbeat()
+            # with the loaded policy version: the trainer's feeder admits prompts by the oldest live worker's
+            beat = self.prompts.heartbeat(version=lambda: self.backend.policy_version)
             await beat.beat()  # listed and alive before the first read: never judged dead while holding
             beating = asyncio.Event()
             heartbeat = (beating, asyncio.create_task(beat.run(beating), name="heartbeat"))

@@ -6,8 +6,9 @@
   `batch.groups_per_step` per step, broadcast to every rank) and this rank's teacher scores from the score source
   (`score_sources`, a future per batch);
 - **splits** each step's groups across the ranks, balanced by tokens (`batching.split_across_ranks`);
-- **prefetches** teacher scores `batch.prefetch_depth` batches ahead (`TeacherPrefetch`), within
-  `batch.prefetch_max_mib` of held replies, so the teacher's latency hides behind the student's compute;
+- **prefetches** teacher scores `batch.prefetch_depth` batches ahead (at most `max_staleness`: `prefetch_depth`;
+  `TeacherPrefetch`), within `batch.prefetch_max_mib` of held replies, so the teacher's latency hides behind the
+  student's compute;
 - **waits for**, each logged every `wait_log_s` through `waits.Waiter`: rank 0, the rollouts (interruptible by a
   stop request); every rank, rank 0's broadcast, this batch's teacher scores (interruptible), and the other ranks
   at the step boundary (`agree_stop`: the step after a stop request on any rank trains nothing);
@@ -35,6 +36,7 @@ from opd.loop_thread import LoopThread
 from student_trainer.batching import split_across_ranks
 from student_trainer.config import BatchConfig
 from student_trainer.groups import Group
+from student_trainer.groups.admission import prefetch_depth
 from student_trainer.model import DistInfo
 from student_trainer.waits import StopRequested, Waiter, agree_stop, broadcast_flag
 
@@ -70,6 +72,7 @@ class ReadyBatch:
     stale: list[Group]  # dropped as stale (not trained)
     policy_versions: list[int]  # the policy versions of every group pulled for the step, dropped ones included
     lags: list[int]  # versions between sampling and this step, one per rollout pulled
+    version: int = 0  # the policy version the batch is trained at (its staleness was judged against it)
     data_wait_s: float = 0.0
     teacher_wait_s: float = 0.0
 
@@ -144,7 +147,7 @@ class BatchProducer:
         `waiter`: the run's waiter (its stop signal ends the interruptible waits)."""
         assert (source is not None) == info.is_main, "rank 0, and only rank 0, reads the rollout stream"
         self.config, self.info, self.io, self.waiter, self.source = config, info, io, waiter, source
-        self.prefetch = TeacherPrefetch(scores, config.prefetch_depth, max_bytes=int(config.prefetch_max_mib * 2**20))
+        self.prefetch = TeacherPrefetch(scores, prefetch_depth(config), max_bytes=int(config.prefetch_max_mib * 2**20))
 
     def next(self, version: int, remaining: int) -> ReadyBatch | None:
         """The batch the step training `version` trains; None (nothing pulled is trained) when the ranks agreed to
@@ -223,4 +226,5 @@ class BatchProducer:
             stale=stale,
             policy_versions=sorted({r.policy_version for g in batch.groups for r in g}),
             lags=lags,
+            version=version,
         )

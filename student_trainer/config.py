@@ -192,8 +192,14 @@ class DataConfig(ConfigModel):
         default=None,
         ge=1,
         description="prompt groups in flight between "
-        "the feeder and the trainer (default: groups_per_step * "
-        "max(1, max_staleness - prefetch_depth))",
+        "the feeder and the trainer (admission=inflight: default groups_per_step * "
+        "max(1, max_staleness - prefetch_depth); admission=version: a further cap when set)",
+    )
+    admission: Literal["version", "inflight"] = Field(
+        "version",
+        description="when the feeder feeds another prompt: version = while the group, sampled at the oldest live "
+        "worker's loaded version, would be trained within batch.max_staleness (no stale drops in steady state); "
+        "inflight = the older rule, max_inflight_groups in flight whatever the workers' versions",
     )
     max_refeeds: int = Field(
         default=3,

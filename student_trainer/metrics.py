@@ -110,6 +110,11 @@ class TrainerMetrics:
         self.skipped_steps = Counter(
             "opd_trainer_skipped_steps_total", "steps skipped for a non-finite gradient", registry=r
         )
+        self.empty_steps = Counter(
+            "opd_trainer_empty_steps",
+            "batches pulled that were all stale: nothing trained, no step counted, nothing published",
+            registry=r,
+        )
         self.eval_reward = Gauge("opd_trainer_eval_mean_reward", "mean reward on the eval prompts", registry=r)
         self.eval_pass_at_1 = Gauge("opd_trainer_eval_pass_at_1", "share of eval samples with reward > 0", registry=r)
         self.eval_divergence = Gauge(

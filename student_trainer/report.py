@@ -60,6 +60,7 @@ class StepReport:
     times: StepTimes
     dropped_stale: int = 0  # rollouts of the step dropped for staleness
     staleness: tuple[int, ...] = ()  # versions between sampling and training, one per rollout pulled
+    empty_steps: int = 0  # batches pulled before this step that were all stale: nothing trained, no step counted
     mean_divergence: float | None = None
     student_entropy: float | None = None
     top1_agreement: float | None = None
@@ -81,7 +82,7 @@ class StepReport:
         cls, step: int, version: int, stats: dict[str, float], grad_norm: float, times: StepTimes, **batch
     ) -> StepReport:
         """From the step runner's statistics (every key must be a field: a new statistic is added here first);
-        `batch`: `dropped_stale`, `staleness`, `trained`."""
+        `batch`: `dropped_stale`, `staleness`, `empty_steps`, `trained`."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(stats) - known
         if unknown:

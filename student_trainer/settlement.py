@@ -11,7 +11,8 @@
 3. `checkpoint_state` / `committed`: what a checkpoint keeps of the run (the samples used since the last one, the
    feeder's position and ledger) and, once it is committed, the acknowledgement of those samples on Redis;
 4. `audit`: rank 0's line in `{checkpoint.dir}/steps.jsonl` (statistics, rollouts trained, their sample keys,
-   the policy versions of the step's groups, the rollouts dropped as stale);
+   the policy versions of the step's groups, the rollouts dropped as stale, the empty batches before it, the
+   staleness of each rollout trained);
 5. `keepalive`: rollouts held until the next commit must not be reclaimed meanwhile (rank 0).
 
 Also `resume` (a checkpoint's used samples and feeder state back into the rollout source and the feeder) and
@@ -64,6 +65,7 @@ class Settlement:
         self._feeder_state = state.get("feeder") or {"position": state["feeder_position"]}
         if self.feeder is not None:
             self.feeder.restore(self._feeder_state)
+            self.feeder.trainer_step = state["step"]
         if self.source is not None:
             used = state.get("used_keys")
             self.source.skip_used(used if used is not None else map(key_of_rollout_id, state["used_ids"]))
@@ -94,12 +96,15 @@ class Settlement:
         them."""
         self._used_since_commit += list(keys)
 
-    def settle(self, batch: ReadyBatch) -> None:
-        """The step trained `batch`: its samples used; (rank 0) stale groups acknowledged now, the feeder told
-        which prompts were trained and which went stale (fed again when the trainer feeds the prompts)."""
+    def settle(self, batch: ReadyBatch, step: int) -> None:
+        """The step trained `batch` (`step`: steps done, this one included, or none counted for an empty batch): its
+        samples used; (rank 0) stale groups acknowledged now, the feeder told the trainer's step (its admission
+        counts from it) and which prompts were trained and which went stale (fed again when the trainer feeds)."""
         self.mark_used(sample_key(r) for g in batch.groups for r in g)
         if self.source is None:
             return
+        if self.feeder is not None:
+            self.feeder.trainer_step = step  # before on_trained wakes it
         if batch.stale:
             self.io.call(self.source.drop(batch.stale, forget=self.feeder is not None))
         if self.feeder is not None:
@@ -128,6 +133,8 @@ class Settlement:
             "sample_keys": [sample_key(r) for g in batch.groups for r in g],
             "policy_versions": batch.policy_versions,
             "dropped_stale": report.dropped_stale,
+            "empty_steps": report.empty_steps,
+            "trained_staleness": [max(0, batch.version - r.policy_version) for g in batch.groups for r in g],
         }
         with self.steps_file.open("a") as f:
             f.write(json.dumps(line) + "\n")

@@ -10,7 +10,9 @@ as `step()` reads (the README's numbered list):
  1-3. the next ready batch (`BatchProducer.next`): `groups_per_step` whole groups pulled (rank 0) and shared out
       across the ranks; `prefetch_depth` batches ahead with their teacher scores in flight (this batch's awaited;
       then the ranks agree at the step boundary that none is stopping, else `step()` returns None and nothing is
-      trained); groups sampled more than `max_staleness` versions before this step dropped or down-weighted;
+      trained); groups sampled more than `max_staleness` versions before this step dropped or down-weighted; a
+      batch left with no group is not a step (`_skip_empty`: nothing published, no LR step, no step counted; the
+      next one is pulled and the step's report counts it in `empty_steps`);
  4-5. pack this rank's share into micro-batches, forward each to final hidden states, chunked loss, backward;
       clip, skip the update when the gradient norm is not finite, AdamW (`step.StepRunner`);
  6. publish weights every `publish.every_steps`, checkpoint every `checkpoint.every_steps`, and only then
@@ -25,6 +27,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from dataclasses import dataclass, field
 
 from protos.tokenizer_fingerprint import tokenizer_fingerprint
 from student_trainer import checkpoint as ckpt
@@ -42,6 +45,24 @@ from student_trainer.step import StepRunner
 from student_trainer.waits import Waiter, barrier
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class EmptyPulls:
+    """The batches pulled for one step that were left with no group (all stale): what the step's report adds."""
+
+    count: int = 0
+    dropped_stale: int = 0
+    lags: list[int] = field(default_factory=list)
+    data_wait_s: float = 0.0
+    teacher_wait_s: float = 0.0
+
+    def add(self, batch: ReadyBatch) -> None:
+        self.count += 1
+        self.dropped_stale += batch.dropped_stale
+        self.lags += batch.lags
+        self.data_wait_s += batch.data_wait_s
+        self.teacher_wait_s += batch.teacher_wait_s
 
 
 class Trainer:
@@ -116,21 +137,46 @@ class Trainer:
 
     def step(self) -> StepReport | None:
         """One optimizer step; None, with nothing trained, when the ranks agreed to stop."""
-        batch = self.batches.next(self.version, self.config.max_steps - self.step_no)  # 1-3: pull, prefetch, stale
-        if batch is None:
-            return self._stopping()
+        empty = EmptyPulls()
+        while True:  # 1-3: pull, prefetch, stale; a batch left with no group is not a step
+            batch = self.batches.next(self.version, self.config.max_steps - self.step_no)
+            if batch is None:
+                return self._stopping()
+            if batch.groups:  # the same on every rank (broadcast): every rank trains, or none
+                break
+            self._skip_empty(batch, empty)
         t0 = time.perf_counter()
         stats = self.runner.forward_backward(batch.groups, batch.mine, batch.weights, batch.scores, self.step_no)  # 4-5
         grad_norm = self.runner.optimizer_step()  # 5: clip, AdamW (skipped when the norm is not finite)
-        times = StepTimes(batch.data_wait_s, batch.teacher_wait_s, time.perf_counter() - t0)
+        times = StepTimes(
+            batch.data_wait_s + empty.data_wait_s, batch.teacher_wait_s + empty.teacher_wait_s, time.perf_counter() - t0
+        )
         self.step_no += 1
-        return self._finish(batch, stats, grad_norm, times)  # 6: publish, checkpoint, then ack; report
+        return self._finish(batch, stats, grad_norm, times, empty)  # 6: publish, checkpoint, then ack; report
 
-    def _finish(self, batch: ReadyBatch, stats: dict[str, float], grad_norm: float, times: StepTimes) -> StepReport:
+    def _skip_empty(self, batch: ReadyBatch, empty: EmptyPulls) -> None:
+        """Every group of the batch went stale: settle them (acknowledged, their prompts fed again) and train
+        nothing. No publish (no new version: nothing changed), no LR step, no step counted for `max_steps`, the
+        checkpoint or the eval cadence; counted in `empty_steps` and folded into the next step's report."""
+        self.settlement.settle(batch, self.step_no)
+        self.settlement.keepalive()
+        empty.add(batch)
+        self.metrics.empty_steps.inc()
+        log.warning(
+            "step %d: all %d rollouts pulled were stale (sampled more than batch.max_staleness versions before "
+            "v%d): nothing trained, the step is not counted",
+            self.step_no + 1,
+            batch.dropped_stale,
+            self.version,
+        )
+
+    def _finish(
+        self, batch: ReadyBatch, stats: dict[str, float], grad_norm: float, times: StepTimes, empty: EmptyPulls
+    ) -> StepReport:
         """Every effect of a trained step, in the order exactly-once needs: samples used and prompts settled,
         weights published, checkpoint committed (then acks), the report to every sink, steps.jsonl."""
         cfg = self.config
-        self.settlement.settle(batch)
+        self.settlement.settle(batch, self.step_no)
         if self.step_no % cfg.publish.every_steps == 0 or self.step_no == cfg.max_steps:
             self._publish()
         if self.step_no % cfg.checkpoint.every_steps == 0 or self.step_no == cfg.max_steps:
@@ -141,8 +187,9 @@ class Trainer:
             stats,
             grad_norm,
             times,
-            dropped_stale=batch.dropped_stale,
-            staleness=tuple(batch.lags),
+            dropped_stale=batch.dropped_stale + empty.dropped_stale,
+            staleness=tuple(empty.lags + batch.lags),
+            empty_steps=empty.count,
         )
         self.metrics.observe(report)
         self.status.observe(report)

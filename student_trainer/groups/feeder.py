@@ -1,7 +1,7 @@
 """The trainer's prompt feeder (rank 0): the prompt file into `{ns}:prompts`, each prompt until it is trained or lost.
 
-Owns feeding the training prompts with at most `max_inflight` prompt groups between the feeder and the trainer
-(queued, being sampled, or sampled but not yet taken by a step), so rollouts stay within the staleness bound;
+Owns feeding the training prompts, each admitted only while its group will be trained within the staleness
+bound (`admission.Admission`: by the oldest live worker's loaded version, or the older in-flight count);
 the `PromptLedger` of the prompts fed and not yet trained, which goes into every checkpoint; and what happens to a
 prompt that will not produce a group. The feeder learns that from the dead-letter stream (`{ns}:dead`: a worker
 dead-lettered the prompt, or the trainer one of its rollouts), from `group_timeout_s` (no whole group since it
@@ -30,21 +30,22 @@ from opd.stream_consumer import sample_key
 from opd.streams import PAYLOAD
 from protos.records import PromptRecord, RecordError, RolloutRecord
 from student_trainer.config import TrainerConfig
+from student_trainer.groups.admission import Admission, oldest_live_version
 from student_trainer.groups.ledger import FeedStats, Outcome, PromptLedger, Reason
 from student_trainer.groups.source import RolloutSource
 
 log = logging.getLogger(__name__)
 _CHUNK = 16  # prompts per XADD MULTI
+_VERSION_POLL_S = 0.05  # how often the heartbeats are read again while the workers' versions hold admission back
 
 
 class PromptFeeder:
     def __init__(self, source: RolloutSource, config: TrainerConfig, records: list[PromptRecord]) -> None:
-        batch, data = config.batch, config.data
-        # A group fed now is trained about inflight / groups_per_step steps later, plus the prefetch depth:
-        # keep that under the staleness bound.
-        self.max_inflight = data.max_inflight_groups or batch.groups_per_step * max(
-            1, batch.max_staleness - batch.prefetch_depth
-        )
+        data = config.data
+        self.admission = Admission.from_config(config)
+        self.max_inflight = self.admission.inflight_bound()  # the older rule's bound (admission=inflight)
+        self.trainer_step = 0  # steps the trainer has done (set by the trainer's settlement)
+        self.oldest_version: int | None = None  # the oldest live worker's loaded version, last read
         self.records = records
         self.position = 0  # index of the next prompt to feed; restored from a checkpoint
         self.ledger = PromptLedger(data.max_refeeds, data.group_timeout_s)
@@ -67,9 +68,24 @@ class PromptFeeder:
         return prompt_id not in self._index or self.ledger.accepts(prompt_id)
 
     def describe(self) -> str:
-        return (
-            f"prompt feeder {self.state}: {self.ledger.inflight} of at most {self.max_inflight} in flight, "
-            f"{self.position}/{len(self.records)} fed"
+        if self.admission.rule == "version":
+            bound = self.admission.untrained_bound(self.trainer_step, self.oldest_version)
+            oldest = "none reported" if self.oldest_version is None else f"v{self.oldest_version}"
+            admitted = (
+                f"{len(self.ledger.open)} untrained of at most {bound} (trainer at step {self.trainer_step}, "
+                f"oldest live worker {oldest})"
+            )
+        else:
+            admitted = f"{self.ledger.inflight} of at most {self.max_inflight} in flight"
+        return f"prompt feeder {self.state}: {admitted}, {self.position}/{len(self.records)} fed"
+
+    def room(self) -> int:
+        """How many more groups the admission rule lets in now."""
+        return self.admission.room(
+            untrained=len(self.ledger.open),
+            inflight=self.ledger.inflight,
+            trainer_step=self.trainer_step,
+            oldest_version=self.oldest_version,
         )
 
     def checkpoint_state(self) -> dict[str, Any]:
@@ -162,6 +178,10 @@ class PromptFeeder:
             await self._watch_dead()
             self._check_deadlines()
             await self._send_refeeds()
+            if self.admission.rule == "version":
+                self.oldest_version = await oldest_live_version(
+                    self._source.redis, self._source.retry, self._keys.prompts
+                )
             if await self._feed_next():
                 continue
             if self.position >= len(self.records) and not self.ledger.open:
@@ -173,11 +193,17 @@ class PromptFeeder:
             self.state = "waiting for room" if self.position < len(self.records) else "all fed"
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), 1.0)
+                await asyncio.wait_for(self._wake.wait(), self._idle_s())
+
+    def _idle_s(self) -> float:
+        """How long to wait for a wake-up: short while the workers' versions hold admission back (a version
+        loaded is only seen by reading the heartbeats again), else 1 s."""
+        lagging = self.oldest_version is not None and self.oldest_version < self.trainer_step
+        return _VERSION_POLL_S if self.admission.rule == "version" and lagging else 1.0
 
     async def _feed_next(self) -> bool:
         """Feed the next chunk if there is room; False when nothing could be fed."""
-        room = min(self.max_inflight - self.ledger.inflight, _CHUNK)
+        room = min(self.room(), _CHUNK)
         chunk, cursor = [], self.position
         while cursor < len(self.records) and len(chunk) < room:
             record = self.records[cursor]

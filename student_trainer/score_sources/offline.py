@@ -134,6 +134,7 @@ class OfflineRolloutFeeder:
             1, batch.max_staleness - batch.prefetch_depth
         )
         self.position = 0  # rows fed over all passes; restored from a checkpoint
+        self.trainer_step = 0  # set by the settlement (unused: offline rows have no policy version)
         self.stats = FeedStats()
         self.state = "starting"
         if not config.teacher.scores_file:

@@ -136,3 +136,39 @@ async def test_consumers_that_never_heartbeat_are_judged_by_idle_time_only(redis
     assert len(await old.read(1)) == 1  # an older worker without heartbeats holds it
     assert await _read_for(_consumer(redis, keys, "new-worker"), 3 * TTL_MS / 1000) == []  # not stolen
     await redis.aclose()
+
+
+async def test_a_consumer_reports_its_loaded_version_at_once_and_older_values_still_read(redis_url, namespace):
+    """Issue 24: the heartbeat carries the loaded policy version; a change reaches the key without waiting for
+    the renewal (TTL / 3), and a consumer still writing the bare "1" is live with no version."""
+    from opd.stream_heartbeat import live_versions
+
+    redis, keys = connect(RedisConfig(url=redis_url)), StreamKeys(namespace)
+    loaded = {"version": 3}
+    consumer = StreamConsumer(
+        redis,
+        keys.prompts,
+        PROMPT_GROUP,
+        "w1",
+        decode=PromptRecord.decode,
+        dead_stream=keys.dead,
+        heartbeat_ttl_ms=60_000,
+    )
+    stop = asyncio.Event()
+    beat = asyncio.create_task(consumer.heartbeat(version=lambda: loaded["version"]).run(stop))
+    await redis.set(alive_key(keys.prompts, PROMPT_GROUP, "old"), "1", px=60_000)
+    await redis.sadd(registry_key(keys.prompts, PROMPT_GROUP), "old", "gone")
+    try:
+        deadline = time.monotonic() + 10
+        while (await live_versions(redis, consumer.retry, keys.prompts, PROMPT_GROUP)).get("w1") != 3:
+            assert time.monotonic() < deadline, "the first beat never wrote version 3"
+            await asyncio.sleep(0.01)
+        loaded["version"] = 4  # renewal is 20 s away: only the version watch can write it
+        while (versions := await live_versions(redis, consumer.retry, keys.prompts, PROMPT_GROUP))["w1"] != 4:
+            assert time.monotonic() < deadline, "version 4 never reached the key"
+            await asyncio.sleep(0.01)
+        assert versions == {"w1": 4, "old": None}  # "gone" has no key: not live
+    finally:
+        stop.set()
+        await beat
+        await redis.aclose()

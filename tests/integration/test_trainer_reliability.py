@@ -273,22 +273,42 @@ def test_a_stop_request_interrupts_the_wait_for_teacher_scores(
 def test_a_batch_that_went_stale_in_the_prefetch_queue_is_dropped_when_trained(
     tiny_model_dir, hf_teacher, redis_url, namespace, tmp_path, io, make_runtime
 ):
+    """Issue 24: the batches left with no group are not steps: nothing published, no LR step, counted."""
     config = trainer_config(
         tiny_model_dir,
         hf_teacher.address,
         redis_url,
         namespace,
         tmp_path,
-        batch={"prefetch_depth": 1, "max_staleness": 0},
+        batch={"prefetch_depth": 1, "max_staleness": 1},
+        max_steps=3,
     )
-    push_rollouts(io, redis_url, namespace, [rollout(f"g{i}", f"{i + 1}-0", version=0) for i in range(3)])
+    records = [rollout(f"g{i}", f"{i + 1}-0", version=0) for i in range(4)] + [rollout("g4", "5-0", version=2)]
+    push_rollouts(io, redis_url, namespace, records)
     runtime = make_runtime(config)
     runtime.start()
-    runtime.trainer.step()  # trains g0 (version 0) and publishes version 1; g1 was pulled at version 0
-    runtime.trainer.step()  # g1 is one version old now: over max_staleness 0
-    first, second = _steps(config)
-    assert first["rollouts"] == ["g0@1-0/0"] and first["dropped_stale"] == 0
-    assert second["rollouts"] == [] and second["dropped_stale"] == 1
+    trainer = runtime.trainer
+    trainer.step()  # trains g0 (lag 0), g1 prefetched; publishes v1
+    trainer.step()  # trains g1 (lag 1), g2 prefetched at v1; publishes v2
+    report = trainer.step()  # g2 and g3 are two versions old at v2: both batches empty, then g4 trains
+    first, second, third = _steps(config)
+    assert first["rollouts"] == ["g0@1-0/0"] and second["rollouts"] == ["g1@2-0/0"]
+    assert third["rollouts"] == ["g4@5-0/0"] and third["dropped_stale"] == 2 and third["empty_steps"] == 2
+    assert report.step == trainer.step_no == 3 and report.empty_steps == 2 and trainer.version == 3
+    assert trainer.runner.scheduler.last_epoch == 3  # the LR schedule moved once per trained step only
+    assert sorted(p.name for p in (tmp_path / "weights").iterdir())[-1] == "v00000003"
+    registry = trainer.metrics.registry
+    assert registry.get_sample_value("opd_trainer_empty_steps_total") == 2
+    assert registry.get_sample_value("opd_trainer_rollouts_total", {"outcome": "dropped_stale"}) == 2
+
+
+def test_prefetch_never_runs_deeper_than_the_staleness_bound():
+    from student_trainer.config import BatchConfig
+    from student_trainer.groups.admission import prefetch_depth
+
+    assert prefetch_depth(BatchConfig(prefetch_depth=2, max_staleness=0)) == 0
+    assert prefetch_depth(BatchConfig(prefetch_depth=2, max_staleness=4)) == 2
+    assert prefetch_depth(BatchConfig(prefetch_depth=2, max_staleness=0, stale_policy="downweight")) == 2
 
 
 # -- a superseded weight version outlives a grace period ---------------------------------------------------------------
