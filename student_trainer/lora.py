@@ -92,6 +92,17 @@ def write_adapter(lm: nn.Module, state: dict[str, Tensor], base_id: str, target:
     os.replace(tmp, target)
 
 
+def merged_model(model_dir: str, config: LoraConfig, state: dict[str, Tensor]) -> nn.Module:
+    """A plain (unsharded, CPU) causal LM: the base in `model_dir` with the adapters of `state` (a LoRA student's
+    full state dict, as `publish.full_state_dict` names it) merged into its weights (`opd export --merge`)."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=next(iter(state.values())).dtype)
+    model = apply_lora(base, config)
+    model.load_state_dict(state, strict=True)
+    return model.merge_and_unload()
+
+
 class AdapterDisabledReference:
     """GRPO's KL reference for a LoRA student: the student's own forward with its adapter disabled (the frozen
     base, which is the initial policy: LoRA's B starts at zero). Same interface as `ReferencePolicy`."""

@@ -18,6 +18,7 @@ forward pass per micro-batch. The KL formulas are in
 from __future__ import annotations
 
 import dataclasses
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -27,6 +28,13 @@ from student_trainer.loss import divergences as dv
 from student_trainer.loss.config import LossConfig
 from student_trainer.loss.fused_linear import chunk_rows, chunk_slices, compute_dtype, run_chunks
 from student_trainer.model import StudentLoss
+
+
+class Reference(Protocol):
+    """What the step needs of a reference policy: `ReferencePolicy`, or a LoRA student's
+    `student_trainer.lora.AdapterDisabledReference`."""
+
+    def with_logprobs(self, batch: MicroBatch) -> MicroBatch: ...
 
 
 class ReferencePolicy(StudentLoss):

@@ -102,6 +102,7 @@ class Trainer:
             "version": self.version,
             "scheduler": self.runner.scheduler.state_dict(),
             "base_id": self.base_id,  # "" for a full-weight student (resume checks the kind matches)
+            "lora": self.config.lora.model_dump(),  # `opd export` rebuilds the adapters from it
             **self.settlement.checkpoint_state(),
         }
         ckpt.save_checkpoint(

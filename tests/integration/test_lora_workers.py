@@ -3,6 +3,7 @@ of another base; what they sample equals a transformers forward of the base with
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from protos.records import PolicyAnnouncement
 from rollout_workers.engine import SampleParams
 from rollout_workers.engine_hf import HFBackend
 from rollout_workers.reload import PolicyWatcher
-from tests.fixtures.rollout import rescore, rollout_config
+from tests.fixtures.rollout import LoopThread, rescore, rollout_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 GREEDY = SampleParams(max_tokens=16, top_k=1)  # top-k 1: the argmax every step, whatever the seed
@@ -64,3 +65,49 @@ async def test_hf_worker_serves_the_adapter_as_the_merged_model_and_refuses_anot
     assert list(backend.model.peft_config) == ["v3"]  # the old adapter was evicted
     assert (await backend.generate(prompt, GREEDY, "g3")).token_ids == greedy.token_ids
     await redis.aclose()
+
+
+def test_vllm_worker_serves_each_adapter_as_a_lora_request_equal_to_the_merged_model(
+    tiny_model_dir: Path, lora_run, lora_merged_dir: Path, tmp_path: Path
+) -> None:
+    """Its own engine: LoRA must be enabled when the engine starts (`engine.vllm.max_lora_rank`), which the
+    session's shared engines are not."""
+    from rollout_workers.engine import BackendError
+    from rollout_workers.engine_vllm import VLLMBackend
+
+    out, _ = lora_run
+    adapter = out / "weights" / "v00000002"
+    vllm = {"max_num_seqs": 4, "enforce_eager": True, "max_lora_rank": 8}
+    config = rollout_config(
+        tiny_model_dir, "redis://127.0.0.1:1/0", "unused", backend="vllm", engine={"dtype": "float32", "vllm": vllm}
+    )
+
+    async def start() -> VLLMBackend:
+        return VLLMBackend.from_config(config)
+
+    loop = LoopThread()
+    backend = loop.run(start(), timeout_s=300)
+    try:
+        prompt = backend.tokenizer.encode("What is 12 + 30?")
+        base_greedy = loop.run(backend.generate(prompt, GREEDY, "b")).token_ids
+        loop.run(backend.load_adapter(adapter, 2))
+        greedy = loop.run(backend.generate(prompt, GREEDY, "g"))
+        assert greedy.policy_version == 2 and greedy.token_ids != base_greedy
+        assert greedy.token_ids == greedy_ids(lora_merged_dir, prompt, len(greedy.token_ids))
+        sampled = loop.run(backend.generate(prompt, SAMPLED, "s"))
+        expected = rescore(lora_merged_dir, prompt, sampled.token_ids)
+        np.testing.assert_allclose(sampled.logprobs, expected, atol=1e-4)  # as the full-weight vLLM tests
+        for version in (3, 4):  # each version a new LoRARequest; the one before the previous is evicted
+            shutil.copytree(adapter, tmp_path / f"v{version}")
+            loop.run(backend.load_adapter(tmp_path / f"v{version}", version))
+        assert sorted(loop.run(backend.engine.list_loras())) == [3, 4]
+        assert loop.run(backend.generate(prompt, GREEDY, "g4")).token_ids == greedy.token_ids
+        big = tmp_path / "big"
+        shutil.copytree(adapter, big)
+        cfg = json.loads((big / "adapter_config.json").read_text())
+        (big / "adapter_config.json").write_text(json.dumps({**cfg, "r": 16}))
+        with pytest.raises(BackendError, match="rank 16, but this vLLM engine serves LoRA up to rank 8"):
+            loop.run(backend.load_adapter(big, 5))
+    finally:
+        loop.run(backend.close(), timeout_s=60)
+        loop.close()
