@@ -38,6 +38,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "queue": ("opd_apps.bench.queue", "rollout records through Redis Streams vs raw XADD/XREADGROUP"),
     "trainer": ("opd_apps.bench.trainer", "teacher wait share of the step at prefetch depth 0, 1, 2"),
     "tenants": ("opd_apps.bench.tenants", "four students on one pinned teacher: a flood, then saturation shares"),
+    "publish": ("opd_apps.bench.publish", "full weights vs a LoRA adapter: bytes, step end -> worker sampling it"),
     "fuzz": ("opd_apps.bench.fuzz", "property-based fuzzing of the teacher's RPCs, /v1/score and the record decoder"),
 }
 

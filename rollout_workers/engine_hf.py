@@ -119,7 +119,7 @@ class HFBackend(GenerationBackend):
             if not isinstance(self.model, PeftModel):
                 self.model = PeftModel.from_pretrained(self.model, str(adapter_dir), adapter_name=name).eval()
                 return
-            old = self.model.active_adapter
+            old = str(self.model.active_adapter)  # one adapter is active at a time here
             self.model.load_adapter(str(adapter_dir), adapter_name=name)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise BackendError(f"adapter in {str(adapter_dir)!r} does not fit the model: {exc}") from exc
