@@ -88,6 +88,7 @@ def _export(tiny_model_dir, checkpoint, out, *extra) -> subprocess.CompletedProc
     )
 
 
+@pytest.mark.timeout(900)  # the session's LoRA run (`lora_run`) may be trained first
 def test_export_of_a_lora_run_writes_the_adapter_and_with_merge_a_plain_model_of_equal_logits(
     tiny_model_dir, lora_run, tmp_path
 ):
