@@ -102,14 +102,18 @@ def test_export_of_a_lora_run_writes_the_adapter_and_with_merge_a_plain_model_of
     merged = _export(tiny_model_dir, out / "ck", tmp_path / "merged", "--merge")
     assert merged.returncode == 0, merged.stderr[-2000:]
     assert not any("lora" in k for k in AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict())
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "adapter")
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    # Both forwards in float64, so what differs is the export alone: the merged weights W + s B A stored in float32
+    # (half an ulp each, ~6e-8 relative), which moves logits of magnitude < 20 by far less than 1e-5.
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").double()
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float64)
     ids = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want, got = peft_model.eval()(ids).logits, plain.eval()(ids).logits
-    # float32: W x + s B (A x) against (W + s B A) x differ by rounding only (|logits| < 20, a few ulps): 1e-5.
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-    assert (want - AutoModelForCausalLM.from_pretrained(tiny_model_dir)(ids).logits).abs().max() > 1e-3
+    assert (
+        want - AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)(ids).logits
+    ).abs().max() > 1e-3
 
 
 def test_export_merge_of_a_full_weight_checkpoint_is_a_clear_error(tiny_model_dir, tmp_path):
