@@ -31,8 +31,8 @@ import numpy as np
 # records still decode with all three None.
 PROMPT_SCHEMA = 3
 ROLLOUT_SCHEMA = 3
-POLICY_SCHEMA = 1
-READ_SCHEMAS = {"prompt record": (1, 2, 3), "rollout record": (1, 2, 3), "policy announcement": (1,)}
+POLICY_SCHEMA = 2
+READ_SCHEMAS = {"prompt record": (1, 2, 3), "rollout record": (1, 2, 3), "policy announcement": (1, 2)}
 SPLITS = ("train", "eval")
 _TEACHER_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -357,15 +357,28 @@ class RolloutRecord:
 # ---------------------------------------------------------------------------------------------- policy announcement
 
 
+POLICY_KINDS = ("full", "lora")
+
+
 @dataclass(frozen=True)
 class PolicyAnnouncement:
-    """A new student policy: `version` (monotonic), `uri` of its weights (a directory of safetensors,
-    optionally `file://`), the trainer `step` and `created_at` (unix seconds)."""
+    """A new student policy: `version` (monotonic), `uri` of its weights (a directory, optionally `file://`), the
+    trainer `step` and `created_at` (unix seconds); schema 2 adds `kind`: `full` (a Hugging Face model
+    directory) or `lora` (a peft adapter directory), and `base_id`, the identity of the base model a `lora`
+    version applies to (`student_trainer.lora.base_identity`; empty for `full`). Schema 1 is `full`."""
 
     version: int
     uri: str
     step: int = 0
     created_at: float = 0.0
+    kind: str = "full"
+    base_id: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in POLICY_KINDS:
+            raise RecordError(f"policy announcement: kind {self.kind!r} is not one of {POLICY_KINDS}")
+        if (self.kind == "lora") != bool(self.base_id):
+            raise RecordError("policy announcement: base_id must be set for kind 'lora' and only for it")
 
     def encode(self) -> bytes:
         return _pack_map(
@@ -375,6 +388,8 @@ class PolicyAnnouncement:
                 "uri": self.uri,
                 "step": int(self.step),
                 "created_at": float(self.created_at),
+                "kind": self.kind,
+                "base_id": self.base_id,
             }
         )
 
@@ -382,13 +397,16 @@ class PolicyAnnouncement:
     def decode(cls, data: bytes) -> PolicyAnnouncement:
         kind = "policy announcement"
         obj = _unpack_map(data, kind)
-        _check_schema(obj, kind)
-        _check_keys(obj, kind, {"version", "uri"}, {"step", "created_at"})
+        schema = _check_schema(obj, kind)
+        optional = {"step", "created_at"} | ({"kind", "base_id"} if schema >= 2 else set())
+        _check_keys(obj, kind, {"version", "uri"}, optional)
         return cls(
             version=_positive_int(obj, kind, "version", 0),
             uri=_typed(obj, kind, "uri", (str,)),
             step=_typed(obj, kind, "step", (int,), nullable=True) or 0,
             created_at=float(_typed(obj, kind, "created_at", (float, int), nullable=True) or 0.0),
+            kind=_typed(obj, kind, "kind", (str,), nullable=True) or "full",
+            base_id=_typed(obj, kind, "base_id", (str,), nullable=True) or "",
         )
 
 

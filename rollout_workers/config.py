@@ -11,7 +11,7 @@ renamed keys. Holds data only.
 from __future__ import annotations
 
 import socket
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -41,6 +41,18 @@ class SamplingConfig(ConfigModel):
 
 class RolloutVllmConfig(VllmConfig):
     max_num_seqs: int = Field(default=64, ge=1, description="vllm: sequences batched at once")
+    max_lora_rank: Literal[0, 1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(
+        default=0,
+        description="vllm: serve a LoRA student (a trainer run with --lora-rank): start the engine with LoRA "
+        "enabled for adapters up to this rank (>= the run's rank; a larger adapter is refused); 0: full weights",
+    )
+
+    def engine_args(self) -> dict[str, Any]:
+        """`VllmConfig`'s, plus LoRA (two adapters resident: the new version and the one still finishing)."""
+        args = {k: v for k, v in super().engine_args().items() if k != "max_lora_rank"}
+        if self.max_lora_rank:
+            args.update(enable_lora=True, max_lora_rank=self.max_lora_rank, max_loras=2, max_cpu_loras=2)
+        return args
 
 
 class EngineConfig(ConfigModel):

@@ -57,6 +57,7 @@ class GenerationBackend(abc.ABC):
     """A loaded student model. Methods run on the worker's event loop."""
 
     name: str = "?"
+    base_dir: str = ""  # the --model directory the engine was started from (the base of LoRA adapters)
     tokenizer: Any
     max_model_len: int
     policy_version: int = 0
@@ -68,6 +69,11 @@ class GenerationBackend(abc.ABC):
     @abc.abstractmethod
     async def load_policy(self, weights_dir: Path, version: int) -> None:
         """Replace the weights with those in `weights_dir`; generations that start afterwards carry `version`."""
+
+    async def load_adapter(self, adapter_dir: Path, version: int) -> None:
+        """Serve the LoRA adapter in `adapter_dir` (peft's files) on the base from now on, dropping the previous
+        adapter; generations that start afterwards carry `version`. The base identity is checked by the caller."""
+        raise BackendError(f"the {self.name} backend cannot serve LoRA adapters; run the student's full weights")
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release the engine."""

@@ -51,7 +51,9 @@ class HFBackend(GenerationBackend):
         device, dtype = _device_and_dtype(config.engine.device, config.engine.dtype)
         model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_dir())
-        return cls(model, tokenizer, config.engine.max_model_len, config.policy_version)
+        backend = cls(model, tokenizer, config.engine.max_model_len, config.policy_version)
+        backend.base_dir = config.model
+        return backend
 
     def _generation_config(self, params: SampleParams) -> Any:
         from transformers import GenerationConfig
@@ -106,6 +108,30 @@ class HFBackend(GenerationBackend):
         stop_ids = set(params.stop_token_ids) | set(self.eos_token_ids)
         finish = "stop" if ids and ids[-1] in stop_ids else "length"
         return Generation(ids, logprobs, finish, version)
+
+    def _load_adapter_sync(self, adapter_dir: Path, version: int) -> None:
+        """peft: the first adapter wraps the base (no copy of it); each later one is loaded beside the active one,
+        made active, and the old one deleted, so a failed load leaves the old adapter serving."""
+        from peft import PeftModel
+
+        name = f"v{version}"
+        try:
+            if not isinstance(self.model, PeftModel):
+                self.model = PeftModel.from_pretrained(self.model, str(adapter_dir), adapter_name=name).eval()
+                return
+            old = str(self.model.active_adapter)  # one adapter is active at a time here
+            self.model.load_adapter(str(adapter_dir), adapter_name=name)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise BackendError(f"adapter in {str(adapter_dir)!r} does not fit the model: {exc}") from exc
+        self.model.set_adapter(name)
+        self.model.delete_adapter(old)
+        self.model.eval()
+
+    async def load_adapter(self, adapter_dir: Path, version: int) -> None:
+        async with self._lock:
+            await asyncio.to_thread(self._load_adapter_sync, adapter_dir, version)
+            self.policy_version = version
+        log.info("hf: serving LoRA adapter v%d from %s", version, adapter_dir)
 
     def _load_sync(self, weights_dir: Path) -> None:
         from safetensors.torch import load_file

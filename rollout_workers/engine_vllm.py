@@ -7,12 +7,15 @@ the scheduler until in-flight requests finish (`mode="wait"`), reloads the
 weights in every worker (`collective_rpc("reload_weights")`), resets the
 prefix cache (its KV entries belong to the old weights) and resumes; new
 requests wait for the reload, so each generation is tagged with the version
-that produced it. Not here: chat templates, tools, rewards, Redis.
+that produced it. A LoRA student's version is an adapter instead: served as a
+new `LoRARequest` on the loaded base (no pause, no reload; the engine starts
+with LoRA enabled when `engine.vllm.max_lora_rank` > 0). Not here: chat templates, tools, rewards, Redis.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from pathlib import Path
@@ -37,6 +40,13 @@ def _dtype(requested: _Dtype) -> _Dtype:
     return "auto" if torch.cuda.is_available() else "float32"
 
 
+def _adapter_rank(adapter_dir: Path) -> int:
+    try:
+        return int(json.loads((adapter_dir / "adapter_config.json").read_text())["r"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BackendError(f"{str(adapter_dir)!r} has no readable adapter_config.json with a rank r: {exc}") from exc
+
+
 class VLLMBackend(GenerationBackend):
     name = "vllm"
 
@@ -47,6 +57,8 @@ class VLLMBackend(GenerationBackend):
         self._ready = asyncio.Event()  # cleared while weights are being swapped
         self._ready.set()
         self._reload_lock = asyncio.Lock()
+        self.max_lora_rank = 0  # LoRA off; else the engine serves adapters up to this rank
+        self._loras: list[Any] = []  # LoRARequests resident, oldest first; the last one serves new requests
 
     @classmethod
     def from_config(cls, config: RolloutConfig) -> VLLMBackend:
@@ -74,7 +86,9 @@ class VLLMBackend(GenerationBackend):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_dir())
-        return cls(engine, tokenizer, e.max_model_len, config.policy_version)
+        backend = cls(engine, tokenizer, e.max_model_len, config.policy_version)
+        backend.base_dir, backend.max_lora_rank = config.model, e.vllm.max_lora_rank
+        return backend
 
     def _sampling_params(self, params: SampleParams) -> Any:
         from vllm import SamplingParams
@@ -106,6 +120,7 @@ class VLLMBackend(GenerationBackend):
             TokensPrompt(prompt_token_ids=list(prompt_ids)),
             self._sampling_params(params),
             f"{request_id}-{uuid.uuid4().hex[:8]}",
+            lora_request=self._loras[-1] if self._loras else None,
         ):
             final = output
         if final is None or not final.outputs:
@@ -133,6 +148,30 @@ class VLLMBackend(GenerationBackend):
             finally:
                 self._ready.set()
         log.info("vllm: loaded policy v%d from %s", version, weights_dir)
+
+    async def load_adapter(self, adapter_dir: Path, version: int) -> None:
+        """A new `LoRARequest` for the adapter (the base stays loaded, no pause): requests that start afterwards
+        use it; the adapter before the previous one is evicted (the previous one may still be finishing)."""
+        from vllm.lora.request import LoRARequest
+
+        rank = _adapter_rank(adapter_dir)
+        if not self.max_lora_rank or rank > self.max_lora_rank:
+            raise BackendError(
+                f"adapter {str(adapter_dir)!r} has rank {rank}, but this vLLM engine serves LoRA up to rank "
+                f"{self.max_lora_rank}: restart the worker with --engine-vllm-max-lora-rank >= {rank}"
+            )
+        request = LoRARequest(f"v{version}", version, str(adapter_dir))
+        try:
+            await self.engine.add_lora(request)
+        except Exception as exc:
+            raise BackendError(
+                f"vLLM could not load adapter {str(adapter_dir)!r} ({type(exc).__name__}: {exc})"
+            ) from exc
+        self._loras.append(request)
+        self.policy_version = version
+        while len(self._loras) > 2:
+            await self.engine.remove_lora(self._loras.pop(0).lora_int_id)
+        log.info("vllm: serving LoRA adapter v%d from %s", version, adapter_dir)
 
     async def close(self) -> None:
         if self.engine is not None:

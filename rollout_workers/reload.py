@@ -2,11 +2,12 @@
 
 Owns the watch loop: the `{ns}:policy:events` pub/sub channel is the fast
 path, a periodic read of the `{ns}:policy` hash the safety net (a message
-published while the subscription was down is not redelivered), and the hash
-is always the source of truth. A version is loaded only if newer than the
-engine's; a failed load (missing directory, shape mismatch) is logged and
-counted, the old weights stay, and the next poll tries again. Loading itself
-is the backend's job (engine_vllm / engine_hf).
+published while the subscription was down is not redelivered), and the hash is
+always the source of truth. A version is loaded only if newer than the
+engine's; a LoRA version (an adapter) only onto the base it was trained on; a
+failed load (missing directory, shape mismatch) is logged and counted, the old
+weights stay, and the next poll tries again. Loading itself is the backend's
+job (engine_vllm / engine_hf).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import redis.asyncio as aioredis
 from opd.policy import read_policy
 from opd.retry import Backoff, retry_async
 from opd.streams import RedisRetry, StreamKeys, is_retryable
+from protos.base_identity import base_identity
+from protos.records import PolicyAnnouncement
 from rollout_workers.engine import BackendError, GenerationBackend, resolve_weights_dir
 from rollout_workers.metrics import RolloutMetrics
 
@@ -42,6 +45,7 @@ class PolicyWatcher:
         self.metrics = metrics or RolloutMetrics()
         self.retry = retry or RedisRetry()
         self.metrics.policy_version.set(backend.policy_version)
+        self._base_id: str | None = None  # this engine's base identity, once a LoRA version needed it
         self._failed_version: int | None = None  # log a failing version once, not on every poll
 
     async def check_once(self) -> bool:
@@ -51,7 +55,7 @@ class PolicyWatcher:
             return False
         start = time.monotonic()
         try:
-            await self.backend.load_policy(resolve_weights_dir(announcement.uri), announcement.version)
+            await self._load(announcement)
         except BackendError as exc:
             self.metrics.weight_reloads.labels("failed").inc()
             level = logging.DEBUG if self._failed_version == announcement.version else logging.ERROR
@@ -70,6 +74,25 @@ class PolicyWatcher:
         self.metrics.policy_version.set(announcement.version)
         log.info("now sampling policy v%d (step %d) from %s", announcement.version, announcement.step, announcement.uri)
         return True
+
+    async def _load(self, announcement: PolicyAnnouncement) -> None:
+        """Full weights: the backend reloads them. LoRA: only the adapter, and only onto the base it was trained
+        on (the announced base identity against this engine's `--model`, computed once)."""
+        weights_dir = resolve_weights_dir(announcement.uri)
+        if announcement.kind == "full":
+            await self.backend.load_policy(weights_dir, announcement.version)
+            return
+        if self._base_id is None:
+            try:
+                self._base_id = await asyncio.to_thread(base_identity, self.backend.base_dir)
+            except (OSError, ValueError) as exc:
+                raise BackendError(f"cannot identify this worker's base model: {exc}") from exc
+        if announcement.base_id != self._base_id:
+            raise BackendError(
+                f"policy v{announcement.version} is a LoRA adapter for base {announcement.base_id}, but this worker's "
+                f"--model {self.backend.base_dir!r} is {self._base_id}: start the worker on the trainer's --model"
+            )
+        await self.backend.load_adapter(weights_dir, announcement.version)
 
     async def _listen(self, stop: asyncio.Event) -> None:
         """Wait for announcements on the channel, checking the hash on each one and every `poll_s`."""

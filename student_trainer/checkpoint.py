@@ -50,10 +50,29 @@ def latest_checkpoint(directory: str) -> Path | None:
 
 
 def _model_and_optim(root: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    """The model's trainable parameters (all of them, or a LoRA student's adapters: its base is `--model`'s) and
+    the optimizer's state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    model_state, optim_state = get_state_dict(root, optimizer)
+    options = StateDictOptions(ignore_frozen_params=True)
+    model_state, optim_state = get_state_dict(root, optimizer, options=options)
     return {"model": model_state, "optim": optim_state}
+
+
+def check_student_kind(path: Path, trainer_state: dict[str, Any], base_id: str) -> None:
+    """Refuse a checkpoint of another kind of student (full weights vs LoRA) or a LoRA one of another base."""
+    saved = trainer_state.get("base_id", "")
+    if bool(saved) != bool(base_id):
+        was, now = ("LoRA", "full-weight") if saved else ("full-weight", "LoRA")
+        raise ValueError(
+            f"checkpoint {str(path)!r} is of a {was} student but this run trains a {now} student: resume with "
+            f"the run's own --lora-rank ({'> 0' if saved else '0'}), or use a new --checkpoint-dir"
+        )
+    if saved != base_id:
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds LoRA adapters for base {saved}, but --model is {base_id}: resume "
+            f"with the run's own --model, or use a new --checkpoint-dir"
+        )
 
 
 def save_checkpoint(
@@ -86,14 +105,20 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, root: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Collective. Loads model and optimizer in place; returns the trainer state (RNG already restored)."""
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+def load_checkpoint(path: Path, root: nn.Module, optimizer: torch.optim.Optimizer, base_id: str = "") -> dict[str, Any]:
+    """Collective. Loads model and optimizer in place; returns the trainer state (RNG already restored).
+    `base_id`: the run's LoRA base identity ("" for a full-weight student); a checkpoint of the other kind, or of
+    another base, is refused before anything is loaded."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+    trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)
+    check_student_kind(path, trainer_state, base_id)
     state = _model_and_optim(root, optimizer)
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)
+    # A LoRA student's checkpoint lacks its frozen base (that is `--model`): load the adapters, the rest stays.
+    frozen = any(not p.requires_grad for p in root.parameters())
+    options = StateDictOptions(ignore_frozen_params=True, strict=not frozen)
+    set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
     set_rng_state(trainer_state["rng"])
     log.info("resumed from %s (step %d)", path, trainer_state["step"])
     return trainer_state

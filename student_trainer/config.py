@@ -173,6 +173,24 @@ class PublishConfig(ConfigModel):
     )
 
 
+class LoraConfig(ConfigModel):
+    """A LoRA student (peft): the base stays frozen, only the adapters train, and a published version is the
+    adapter (megabytes) instead of the whole model. rank 0: a full-weight student."""
+
+    rank: int = Field(0, ge=0, description="LoRA rank r (0: train and publish the full weights)")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha (the update is scaled by alpha / rank)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA branch's input while training")
+    target_modules: list[str] = Field(
+        default_factory=list,
+        description="module names the adapters wrap (peft's target_modules); empty: every linear projection "
+        "of the decoder (attention and MLP; not the lm-head)",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
 class CheckpointConfig(ConfigModel):
     dir: str = Field(default="runs/checkpoints", description="torch.distributed.checkpoint directory")
     every_steps: int = Field(default=10, ge=1, description="checkpoint every N steps (rollouts are acked then)")
@@ -302,6 +320,7 @@ class TrainerConfig(ConfigModel):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)

@@ -106,8 +106,23 @@ class StudentLoss(nn.Module):
         self.attention_method = attention_method
 
     def forward(
-        self, batch: MicroBatch, teacher: TeacherScores, step: int, denominators: Denominators | None = None
-    ) -> tuple[torch.Tensor, LossStats]:
+        self,
+        batch: MicroBatch,
+        teacher: TeacherScores | None = None,
+        step: int = 0,
+        denominators: Denominators | None = None,
+        *,
+        adapter_disabled_logprobs: bool = False,
+    ) -> tuple[torch.Tensor, LossStats] | torch.Tensor:
+        """The loss and its statistics; with `adapter_disabled_logprobs` (a LoRA student, under no_grad) the
+        base's log p(target) [N] instead (`student_trainer.lora.AdapterDisabledReference`: through the root's
+        forward so FSDP unshards as usual)."""
+        if adapter_disabled_logprobs:
+            from student_trainer.reference import reference_logprobs
+
+            with self.lm.disable_adapter():
+                return reference_logprobs(self, batch)
+        assert teacher is not None
         hidden_NH = self.hidden_rows(batch)
         head = self.lm.get_output_embeddings()
         return compute_distillation_loss(

@@ -22,7 +22,10 @@ def lr_factor(step: int, config: OptimConfig, max_steps: int) -> float:
 
 def build_optimizer(model: nn.Module, config: OptimConfig, max_steps: int):
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config.lr,
+        betas=config.betas,
+        weight_decay=config.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config, max_steps))
     return optimizer, scheduler

@@ -6,7 +6,9 @@ vLLM and transformers load (config, safetensors, tokenizer), the atomic
 rename that makes version N visible, keeping the last K versions (and an
 older one for `publish.prune_grace_s` after its successor appeared: a worker
 may still be loading it), and the
-`opd export` conversion of a checkpoint. Announcing a version on Redis is the
+`opd export` conversion of a checkpoint. A LoRA student publishes its adapter
+instead (`student_trainer.lora`: gathered and written there, named, made
+visible and pruned here like a full version). Announcing a version on Redis is the
 trainer's job (`opd.policy.announce_policy`).
 """
 
@@ -90,14 +92,21 @@ def publish_weights(
     keep_last: int,
     is_main: bool,
     prune_grace_s: float = 0.0,
+    base_id: str = "",
 ) -> Path:
     """Collective: gather, and on rank 0 write version `version` under `uri` and prune the old ones (keeping
-    each for `prune_grace_s` after its successor); returns its directory."""
-    state = full_state_dict(root)
+    each for `prune_grace_s` after its successor); returns its directory. `base_id` set: a LoRA student, whose
+    version is its adapter only (`student_trainer.lora`), for the base of that identity."""
+    from student_trainer import lora
+
+    state = lora.adapter_state_dict(root) if base_id else full_state_dict(root)
     target = version_dir(uri, version)
     if is_main:
         target.parent.mkdir(parents=True, exist_ok=True)
-        write_hf_model(root.lm, state, tokenizer_dir, target)
+        if base_id:
+            lora.write_adapter(root.lm, state, base_id, target)
+        else:
+            write_hf_model(root.lm, state, tokenizer_dir, target)
         prune_versions(uri, keep_last, prune_grace_s)
         log.info("published weights v%d at %s", version, target)
     return target

@@ -18,6 +18,7 @@ forward pass per micro-batch. The KL formulas are in
 from __future__ import annotations
 
 import dataclasses
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -27,6 +28,13 @@ from student_trainer.loss import divergences as dv
 from student_trainer.loss.config import LossConfig
 from student_trainer.loss.fused_linear import chunk_rows, chunk_slices, compute_dtype, run_chunks
 from student_trainer.model import StudentLoss
+
+
+class Reference(Protocol):
+    """What the step needs of a reference policy: `ReferencePolicy`, or a LoRA student's
+    `student_trainer.lora.AdapterDisabledReference`."""
+
+    def with_logprobs(self, batch: MicroBatch) -> MicroBatch: ...
 
 
 class ReferencePolicy(StudentLoss):
@@ -39,26 +47,33 @@ class ReferencePolicy(StudentLoss):
 
     @torch.no_grad()
     def forward(self, batch: MicroBatch) -> Tensor:  # type: ignore[override]
-        hidden_NH = self.hidden_rows(batch)
-        head = self.lm.get_output_embeddings()
-        cfg = self.loss_config
-        targets_N = batch.inputs.target_ids.long()
-        out_N = torch.zeros(hidden_NH.shape[0], dtype=compute_dtype(hidden_NH.dtype), device=hidden_NH.device)
-
-        def chunk(logits_CV: Tensor, rows: slice, need_grad: bool) -> tuple[Tensor, None]:
-            student = dv.student_chunk(logits_CV, cfg.student_temperature, cfg.logprob_floor)
-            out_N[rows] = student.logprobs_CV.gather(1, targets_N[rows][:, None]).squeeze(1)
-            return logits_CV.new_zeros(()), None
-
-        rows = chunk_rows(head.weight.shape[0], cfg.chunk_size, cfg.chunk_budget_mib)
-        active_N = batch.inputs.loss_weights > 0
-        run_chunks(hidden_NH, head.weight, head.bias, chunk, chunk_slices(active_N, rows))
-        return out_N
+        return reference_logprobs(self, batch)
 
     def with_logprobs(self, batch: MicroBatch) -> MicroBatch:
         """The micro-batch (on its device) with `inputs.reference_logprobs` filled in."""
         logprobs_N = self(batch)
         return dataclasses.replace(batch, inputs=dataclasses.replace(batch.inputs, reference_logprobs=logprobs_N))
+
+
+@torch.no_grad()
+def reference_logprobs(root: StudentLoss, batch: MicroBatch) -> Tensor:
+    """log p(target) [N] of `root`'s model on `batch` at `loss.student_temperature`, floored, lm-head in row
+    chunks. Also the LoRA student's reference (`student_trainer.lora`, adapter disabled)."""
+    hidden_NH = root.hidden_rows(batch)
+    head = root.lm.get_output_embeddings()
+    cfg = root.loss_config
+    targets_N = batch.inputs.target_ids.long()
+    out_N = torch.zeros(hidden_NH.shape[0], dtype=compute_dtype(hidden_NH.dtype), device=hidden_NH.device)
+
+    def chunk(logits_CV: Tensor, rows: slice, need_grad: bool) -> tuple[Tensor, None]:
+        student = dv.student_chunk(logits_CV, cfg.student_temperature, cfg.logprob_floor)
+        out_N[rows] = student.logprobs_CV.gather(1, targets_N[rows][:, None]).squeeze(1)
+        return logits_CV.new_zeros(()), None
+
+    rows = chunk_rows(head.weight.shape[0], cfg.chunk_size, cfg.chunk_budget_mib)
+    active_N = batch.inputs.loss_weights > 0
+    run_chunks(hidden_NH, head.weight, head.bias, chunk, chunk_slices(active_N, rows))
+    return out_N
 
 
 def build_reference(config, info, dtype: torch.dtype = torch.float32) -> ReferencePolicy:

@@ -112,10 +112,10 @@ class Settlement:
             if batch.stale:
                 self.io.call(self.feeder.on_stale(g[0].prompt_id for g in batch.stale))
 
-    def announce(self, version: int, uri: str, step: int) -> None:
-        """Rank 0: a published version, on `{ns}:policy`."""
+    def announce(self, version: int, uri: str, step: int, kind: str = "full", base_id: str = "") -> None:
+        """Rank 0: a published version, on `{ns}:policy` (`kind` full or lora; `base_id`: a LoRA version's base)."""
         if self.source is not None:
-            self.io.call(self.source.announce(version, uri, step, time.time()))
+            self.io.call(self.source.announce(version, uri, step, time.time(), kind, base_id))
 
     def audit(self, batch: ReadyBatch, report: StepReport) -> None:
         """Rank 0 appends the step's statistics, the rollouts it trained (ids and sample keys), the policy versions

@@ -69,7 +69,7 @@ from student_trainer.model import DistInfo, StudentLoss
 from student_trainer.sampling_check import SamplingCheck
 
 if TYPE_CHECKING:
-    from student_trainer.reference import ReferencePolicy
+    from student_trainer.reference import Reference
 
 log = logging.getLogger(__name__)
 _MEAN_KEYS = ("mean_divergence", "student_entropy", "top1_agreement", "fraction_kept", "reference_kl")
@@ -86,7 +86,7 @@ class StepRunner:
         info: DistInfo,
         top_k: int,
         teacher_temperature: float,
-        reference: ReferencePolicy | None = None,
+        reference: Reference | None = None,
     ) -> None:
         """`reference`: the frozen initial student, needed when `loss.kl.coef` > 0 (`reference.build_reference`)."""
         self.root, self.optimizer, self.scheduler = root, optimizer, scheduler

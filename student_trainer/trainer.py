@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from protos.tokenizer_fingerprint import tokenizer_fingerprint
 from student_trainer import checkpoint as ckpt
+from student_trainer import lora
 from student_trainer.batches import BatchProducer, ReadyBatch
 from student_trainer.config import TrainerConfig
 from student_trainer.loggers import StepLogger
@@ -88,13 +89,15 @@ class Trainer:
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
         lm = load_student(config.model, info.device)
         scores.check(tokenizer_fingerprint(tokenizer), int(lm.get_output_embeddings().weight.shape[0]), config.model)
+        self.base_id = lora.base_identity(config.model) if config.lora.enabled else ""  # what adapters apply to
+        lm = lora.apply_lora(lm, config.lora) if config.lora.enabled else lm
         root = shard_student(StudentLoss(lm, config.loss, config.batch.attention), config.dist, info.device)
         optimizer, scheduler = build_optimizer(root, config.optim, config.max_steps)
         reference = None
-        if config.loss.kl.coef > 0:  # GRPO's KL penalty: the frozen initial student, sharded like the student
+        if config.loss.kl.coef > 0:  # GRPO's KL penalty: the frozen initial student (LoRA: adapter disabled)
             from student_trainer.reference import build_reference
 
-            reference = build_reference(config, info)
+            reference = lora.AdapterDisabledReference(root) if config.lora.enabled else build_reference(config, info)
         self.runner = StepRunner(root, optimizer, scheduler, config, info, scores.top_k, scores.temperature, reference)
         self.step_no, self.version, self.last_checkpoint_step = 0, 0, 0
         self.stopped = False  # the ranks agreed to stop: nothing more is trained
@@ -107,7 +110,7 @@ class Trainer:
         path = ckpt.latest_checkpoint(self.config.checkpoint.dir) if self.config.checkpoint.resume else None
         if path is None:
             return
-        state = ckpt.load_checkpoint(path, self.runner.root, self.runner.optimizer)
+        state = ckpt.load_checkpoint(path, self.runner.root, self.runner.optimizer, self.base_id)
         self.runner.scheduler.load_state_dict(state["scheduler"])
         self.step_no, self.version = state["step"], state["version"]
         self.last_checkpoint_step = self.step_no
@@ -119,6 +122,8 @@ class Trainer:
             "step": self.step_no,
             "version": self.version,
             "scheduler": self.runner.scheduler.state_dict(),
+            "base_id": self.base_id,  # "" for a full-weight student (resume checks the kind matches)
+            "lora": self.config.lora.model_dump(),  # `opd export` rebuilds the adapters from it
             **self.settlement.checkpoint_state(),
         }
         ckpt.save_checkpoint(
@@ -213,9 +218,11 @@ class Trainer:
             cfg.publish.keep_last,
             self.info.is_main,
             cfg.publish.prune_grace_s,
+            self.base_id,
         )
         self.version = self.step_no
-        self.settlement.announce(self.version, str(target.resolve()), self.step_no)
+        kind = "lora" if self.base_id else "full"
+        self.settlement.announce(self.version, str(target.resolve()), self.step_no, kind, self.base_id)
         if self.info.is_main:
             self.metrics.policy_version.set(self.version)
 

@@ -160,10 +160,11 @@ class RolloutSource:
         """Keep the held rollouts (read, not yet committed) from being reclaimed."""
         await self.consumer.keepalive()
 
-    async def announce(self, version: int, uri: str, step: int, created_at: float) -> bool:
-        return await announce_policy(
-            self.redis, self.keys, PolicyAnnouncement(version, uri, step, created_at), self.retry
-        )
+    async def announce(
+        self, version: int, uri: str, step: int, created_at: float, kind: str = "full", base_id: str = ""
+    ) -> bool:
+        announcement = PolicyAnnouncement(version, uri, step, created_at, kind, base_id)
+        return await announce_policy(self.redis, self.keys, announcement, self.retry)
 
     async def announced_version(self) -> int | None:
         """The version `{ns}:policy` announces now (None: none yet)."""

@@ -60,11 +60,22 @@ def _check_final_checkpoint(pipeline, code: int | None, fault_at: float) -> floa
 # recorded lost"): the feeder opened the prompt only after its XADD returned, and the rollout source refused the
 # group as a late copy. Fixed in the feeder; tests/integration/test_feeder_open_before_send.py reproduces it.
 def test_trainer_kill9_resumes_without_loss_or_double_training(pipeline, shared_teacher):
+    _kill9_and_resume(pipeline, shared_teacher, "trainer_kill9")
+
+
+def test_lora_trainer_kill9_resumes_without_loss_or_double_training(pipeline, shared_teacher):
+    """Issue 26: the same with a LoRA student (adapters and their optimizer state checkpointed, adapters published
+    and hot-loaded by the worker)."""
+    _kill9_and_resume(pipeline, shared_teacher, "lora_trainer_kill9", lora_rank=4)
+    assert (pipeline.root / "weights" / "v00000010" / "adapter_model.safetensors").is_file()
+
+
+def _kill9_and_resume(pipeline, shared_teacher, name: str, **flags: object) -> None:
     # Ten steps: after resuming from step 3 the run outlasts the backlog the dead run left (about max_inflight
     # groups), so a prompt fed a second time would be trained a second time within the run.
     pipeline.run = TinyRun(max_steps=10)
     pipeline.worker().start()
-    trainer = pipeline.trainer(shared_teacher.address).start()
+    trainer = pipeline.trainer(shared_teacher.address, **flags).start()
     wait_step(pipeline, trainer, 4)  # checkpoint at 3; step 4 trained, not committed
     fault_at = time.time()
     trainer.kill9()
@@ -77,7 +88,7 @@ def test_trainer_kill9_resumes_without_loss_or_double_training(pipeline, shared_
     finish(
         pipeline,
         trainer,
-        "trainer_kill9",
+        name,
         fault_at,
         back_at,
         killed_after_step=killed_after,

@@ -66,6 +66,29 @@ def test_prompt_round_trip_messages_and_ids() -> None:
 def test_policy_round_trip() -> None:
     ann = PolicyAnnouncement(version=7, uri="file:///ckpt/v7", step=700, created_at=1.5)
     assert PolicyAnnouncement.decode(ann.encode()) == ann
+    lora = PolicyAnnouncement(version=8, uri="/w/v8", step=8, kind="lora", base_id="sha256:ab")
+    assert PolicyAnnouncement.decode(lora.encode()) == lora
+
+
+def test_a_schema_1_policy_announcement_still_decodes_as_full_weights() -> None:
+    ann = PolicyAnnouncement.decode(_pack({"schema": 1, "version": 3, "uri": "/w/v3", "step": 3, "created_at": 1.0}))
+    assert (ann.version, ann.kind, ann.base_id) == (3, "full", "")
+    with pytest.raises(RecordError, match="unknown field"):  # schema 1 had no kind
+        PolicyAnnouncement.decode(_pack({"schema": 1, "version": 3, "uri": "/w/v3", "kind": "lora"}))
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"kind": "delta", "base_id": ""}, "kind 'delta' is not one of"),
+        ({"kind": "lora", "base_id": ""}, "base_id must be set for kind 'lora'"),
+        ({"kind": "full", "base_id": "sha256:ab"}, "base_id must be set for kind 'lora' and only for it"),
+        ({"kind": 3, "base_id": ""}, "policy announcement.kind: expected str"),
+    ],
+)
+def test_a_bad_policy_kind_or_base_is_a_record_error(fields, needle) -> None:
+    with pytest.raises(RecordError, match=needle):
+        PolicyAnnouncement.decode(_pack({"schema": POLICY_SCHEMA, "version": 3, "uri": "/w/v3", **fields}))
 
 
 @pytest.mark.parametrize(
@@ -123,7 +146,7 @@ def test_encode_refuses_unequal_arrays() -> None:
 
 
 def test_policy_wrong_schema_says_which_version_is_read() -> None:
-    with pytest.raises(RecordError, match=f"reads schema {POLICY_SCHEMA}, got 9"):
+    with pytest.raises(RecordError, match=f"reads schema 1 or {POLICY_SCHEMA}, got 9"):
         PolicyAnnouncement.decode(_pack({"schema": 9, "version": 1, "uri": "x"}))
 
 

@@ -1,0 +1,90 @@
+"""`opd bench publish`: full-weight vs LoRA students, from the end of a step to a worker sampling the new version.
+
+Owns the measurement of issue 26. For each kind of student (full weights; LoRA of `--lora-rank` on every linear
+projection of the decoder), in its own process so the peaks are its own: a trainer-side student (FSDP2 on one
+CPU process, as `opd train` runs it) trains `--steps` steps on a synthetic packed micro-batch (`--tokens`), then
+publishes a version as the trainer does (`student_trainer.publish.publish_weights`), and an hf rollout backend
+in the same process loads it as a worker does on an announcement (`load_policy`, or `load_adapter` for LoRA) and
+generates. Reported per kind: bytes per version, seconds from the end of the step to the worker's first token
+with the new version (publish + load + one token), worker generation tokens/s (greedy, `--gen-tokens`), trainer
+peak RSS and step time; then the full/LoRA ratios. No Redis: the announcement itself (one small message) is not
+timed. The vLLM backend is not measured here (its CPU build takes minutes to start an engine).
+
+    opd bench publish                                  # a random 4-layer student (hidden 256)
+    opd bench publish --model /models/student          # e.g. the demo's student
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="opd bench publish", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", help="student model directory (default: a random 4-layer, hidden-256 Qwen2 student)")
+    p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank)")
+    p.add_argument("--tokens", type=int, default=512, help="tokens in the training micro-batch")
+    p.add_argument("--steps", type=int, default=3, help="training steps (the fastest is reported)")
+    p.add_argument("--gen-tokens", type=int, default=64, help="tokens generated for the worker's tokens/s")
+    p.add_argument("--timeout-s", type=float, default=1800, help="limit per kind of student")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="opd-bench-publish-") as tmp:
+        model = args.model or _random_student(Path(tmp) / "student")
+        results = {}
+        for kind, rank in (("full", 0), ("lora", args.lora_rank)):
+            spec = {**vars(args), "model": str(model), "rank": rank, "out": str(Path(tmp) / kind)}
+            results[kind] = _run_isolated(spec, args.timeout_s)
+            print(f"{kind}: {json.dumps(results[kind])}", flush=True)
+    _report(results, args, model)
+    return 0 if all(r.get("status") == "ok" for r in results.values()) else 1
+
+
+def _random_student(path: Path) -> Path:
+    from opd_apps.demo.models import build_tiny_model
+
+    return build_tiny_model(path, num_layers=4, hidden_size=256)
+
+
+def _run_isolated(spec: dict, timeout_s: float) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "opd_apps.bench.publish_one", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=REPO_ROOT, env=env)
+    except subprocess.TimeoutExpired:
+        return {"status": f"timeout after {timeout_s:.0f} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    return {"status": f"error (rc {proc.returncode}): {proc.stderr.strip().splitlines()[-3:]}"}
+
+
+def _report(results: dict, args: argparse.Namespace, model: str | Path) -> None:
+    full, lora = results["full"], results["lora"]
+    print(f"\nstudent {model}; LoRA rank {args.lora_rank} on all linear projections; load average {os.getloadavg()}")
+    rows = (
+        ("bytes per version", "version_bytes", "{:,.0f}"),
+        ("end of step -> worker's first token (s)", "turnaround_s", "{:.3f}"),
+        ("worker generation (tokens/s)", "gen_tokens_per_s", "{:.1f}"),
+        ("trainer peak RSS (MiB)", "peak_rss_mib", "{:.0f}"),
+        ("trainer step (s)", "step_s", "{:.3f}"),
+    )
+    print(f"| {'measure':40} | {'full':>14} | {'LoRA':>14} | {'full / LoRA':>11} |")
+    for label, key, fmt in rows:
+        if full.get("status") != "ok" or lora.get("status") != "ok":
+            break
+        ratio = full[key] / lora[key] if lora[key] else float("inf")
+        print(f"| {label:40} | {fmt.format(full[key]):>14} | {fmt.format(lora[key]):>14} | {ratio:>11.2f} |")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,92 @@
+"""One kind of student for `opd bench publish` (`opd_apps.bench.publish`), in its own process.
+
+Usage: python -m opd_apps.bench.publish_one SPEC_JSON; prints `RESULT {json}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+
+def measure(spec: dict) -> dict:
+    import torch
+
+    from student_trainer.config import DistConfig, LoraConfig, OptimConfig
+    from student_trainer.loss.config import LossConfig
+    from student_trainer.model import StudentLoss, init_distributed, load_student, shard_student
+    from student_trainer.optim import build_optimizer
+
+    dist_config = DistConfig(backend="gloo", mixed_precision="none")
+    info = init_distributed(dist_config)
+    torch.manual_seed(0)
+    lm = load_student(spec["model"], info.device)
+    base_id = ""
+    if spec["rank"]:
+        from student_trainer import lora
+
+        base_id = lora.base_identity(spec["model"])
+        lm = lora.apply_lora(lm, LoraConfig(rank=spec["rank"], alpha=2.0 * spec["rank"]))
+    root = shard_student(StudentLoss(lm, LossConfig(divergence="fkl")), dist_config, info.device)
+    optimizer, _ = build_optimizer(root, OptimConfig(lr=1e-3), 10)
+    step_s = min(_train_step(root, optimizer, spec["tokens"], lm) for _ in range(spec["steps"]))
+    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"status": "ok", "step_s": step_s, "peak_rss_mib": peak_rss_mib, **_publish_and_serve(spec, root, base_id)}
+
+
+def _train_step(root, optimizer, tokens: int, lm) -> float:
+    from opd_apps.bench.trainer_step import _groups, _teacher
+    from student_trainer.batching import build_micro_batch
+    from student_trainer.loss.inputs import TeacherScores
+    from student_trainer.loss.planning import count_denominators, step_denominators
+
+    vocab = int(lm.get_output_embeddings().weight.shape[0])
+    start = time.perf_counter()
+    mb = build_micro_batch(_groups(tokens, 4, vocab), {})
+    teacher = _teacher(len(mb.rows_N), vocab, mb.input_ids_1T.device, TeacherScores)
+    denominators = step_denominators(count_denominators(mb.inputs, root.loss_config), root.loss_config)
+    loss, _ = root(mb, teacher, 0, denominators)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def _publish_and_serve(spec: dict, root, base_id: str) -> dict:
+    """Publish a version as the trainer does, then load it into an hf worker backend (running, with the version
+    before loaded, as a worker is mid-run) and generate: the turnaround and the worker's tokens/s."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rollout_workers.engine import SampleParams
+    from rollout_workers.engine_hf import HFBackend
+    from student_trainer.publish import publish_weights
+
+    base = AutoModelForCausalLM.from_pretrained(spec["model"]).eval()
+    backend = HFBackend(base, AutoTokenizer.from_pretrained(spec["model"]), 4096)
+    prompt = list(range(1, 17))
+    one, many = SampleParams(max_tokens=1, top_k=1), SampleParams(max_tokens=spec["gen_tokens"], top_k=1)
+    load = backend.load_adapter if base_id else backend.load_policy
+    # Version 1 warms the worker up (a LoRA worker wraps its base in peft on its first adapter); version 2 is timed.
+    asyncio.run(load(publish_weights(root, spec["model"], spec["out"], 1, 3, True, 0.0, base_id), 1))
+    asyncio.run(backend.generate(prompt, one, "warm-up"))
+    start = time.perf_counter()  # the end of the step
+    target = publish_weights(root, spec["model"], spec["out"], 2, 3, True, 0.0, base_id)
+    asyncio.run(load(target, 2))
+    first = asyncio.run(backend.generate(prompt, one, "first"))
+    turnaround_s = time.perf_counter() - start
+    assert first.policy_version == 2
+    gen_s, tokens = [], 0
+    for i in range(3):
+        t0 = time.perf_counter()
+        tokens = len(asyncio.run(backend.generate(prompt, many, f"gen{i}")).token_ids)
+        gen_s.append(time.perf_counter() - t0)
+    version_bytes = sum(f.stat().st_size for f in Path(target).iterdir() if f.is_file())
+    return {"version_bytes": version_bytes, "turnaround_s": turnaround_s, "gen_tokens_per_s": tokens / min(gen_s)}
+
+
+if __name__ == "__main__":
+    print("RESULT " + json.dumps(measure(json.loads(sys.argv[1]))), flush=True)

@@ -1,0 +1,120 @@
+"""LoRA students: peft adapters on a frozen base, the base's identity, and the adapter-disabled reference.
+
+Owns wrapping the loaded causal LM in peft's LoRA (`apply_lora`: base frozen,
+adapters trainable; the trainer shards the result with FSDP2 as any student),
+the identity of the base an adapter applies to (`protos.base_identity`, which
+the trainer puts in checkpoints and policy announcements and the workers
+compare with their own base), the adapter's state dict gathered from FSDP2
+(`adapter_state_dict`, collective), writing a published adapter directory
+(`write_adapter`), and `AdapterDisabledReference`: GRPO's KL reference as the
+student itself with its adapter disabled, so no second copy of the weights.
+Does not decide when to publish or checkpoint (the trainer does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from protos.base_identity import base_identity
+from student_trainer.batching import MicroBatch
+
+if TYPE_CHECKING:
+    from student_trainer.config import LoraConfig
+    from student_trainer.model import StudentLoss
+
+# What crosses to the workers with each adapter version: peft's two files, plus the base's identity.
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+BASE_IDENTITY = "opd_base.json"
+
+
+__all__ = ["base_identity"]  # re-exported: the trainer names it from here
+
+
+def peft_config(config: LoraConfig) -> Any:
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        # peft's "all-linear": every nn.Linear of the decoder except the output layer (the lm-head)
+        target_modules=list(config.target_modules) or "all-linear",
+        task_type="CAUSAL_LM",
+    )
+
+
+def apply_lora(lm: nn.Module, config: LoraConfig) -> nn.Module:
+    """`lm` wrapped in a peft LoRA model: base parameters frozen, adapter parameters trainable."""
+    from peft import get_peft_model
+
+    try:
+        model = get_peft_model(lm, peft_config(config))
+    except ValueError as exc:  # peft names the target modules it did not find
+        raise ValueError(f"--lora-target-modules {list(config.target_modules)}: {exc}") from exc
+    model.config.use_cache = False
+    return model
+
+
+def is_lora(lm: nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(lm, PeftModel)
+
+
+def adapter_state_dict(root: nn.Module) -> dict[str, Tensor]:
+    """The trainable (adapter) parameters, unsharded on CPU (collective; rank 0 gets the tensors), keyed as
+    `root.lm.state_dict()` names them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    state = get_model_state_dict(root, options=options)
+    return {k.removeprefix("lm."): v for k, v in state.items()}
+
+
+def write_adapter(lm: nn.Module, state: dict[str, Tensor], base_id: str, target: Path) -> None:
+    """peft's adapter directory (adapter_model.safetensors + adapter_config.json) and the base's identity at
+    `target`, atomically (written aside, then renamed into place)."""
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    (tmp / "README.md").unlink(missing_ok=True)  # peft's model card: nothing a worker reads
+    (tmp / BASE_IDENTITY).write_text(json.dumps({"base_id": base_id}))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def merged_model(model_dir: str, config: LoraConfig, state: dict[str, Tensor]) -> nn.Module:
+    """A plain (unsharded, CPU) causal LM: the base in `model_dir` with the adapters of `state` (a LoRA student's
+    full state dict, as `publish.full_state_dict` names it) merged into its weights (`opd export --merge`)."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=next(iter(state.values())).dtype)
+    model = apply_lora(base, config)
+    model.load_state_dict(state, strict=True)
+    return model.merge_and_unload()
+
+
+class AdapterDisabledReference:
+    """GRPO's KL reference for a LoRA student: the student's own forward with its adapter disabled (the frozen
+    base, which is the initial policy: LoRA's B starts at zero). Same interface as `ReferencePolicy`."""
+
+    def __init__(self, root: StudentLoss) -> None:
+        self.root = root
+
+    @torch.no_grad()
+    def __call__(self, batch: MicroBatch) -> Tensor:
+        return self.root(batch, adapter_disabled_logprobs=True)
+
+    def with_logprobs(self, batch: MicroBatch) -> MicroBatch:
+        """The micro-batch with `inputs.reference_logprobs` filled in."""
+        logprobs_N = self(batch)
+        return dataclasses.replace(batch, inputs=dataclasses.replace(batch.inputs, reference_logprobs=logprobs_N))

@@ -1,0 +1,113 @@
+"""Issue 26: rollout workers serve a published LoRA adapter on their base (no base reload) and refuse an adapter
+of another base; what they sample equals a transformers forward of the base with that adapter merged."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from opd.policy import announce_policy
+from opd.streams import RedisConfig, StreamKeys, connect
+from protos.records import PolicyAnnouncement
+from rollout_workers.engine import SampleParams
+from rollout_workers.engine_hf import HFBackend
+from rollout_workers.reload import PolicyWatcher
+from tests.fixtures.rollout import LoopThread, rescore, rollout_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+GREEDY = SampleParams(max_tokens=16, top_k=1)  # top-k 1: the argmax every step, whatever the seed
+SAMPLED = SampleParams(max_tokens=16, temperature=1.0, seed=5)
+
+
+def greedy_ids(model_dir: Path, prompt: list[int], n: int) -> list[int]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+async def test_hf_worker_serves_the_adapter_as_the_merged_model_and_refuses_another_base(
+    tiny_model_dir: Path, lora_run, lora_merged_dir: Path, redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    out, result = lora_run
+    adapter = out / "weights" / "v00000002"
+    backend = HFBackend.from_config(rollout_config(tiny_model_dir, redis_url, namespace))
+    prompt = backend.tokenizer.encode("What is 12 + 30?")
+    base_greedy = (await backend.generate(prompt, GREEDY, "b")).token_ids
+    redis, keys = connect(RedisConfig(url=redis_url)), StreamKeys(namespace)
+    watcher = PolicyWatcher(redis, keys, backend)
+    other = PolicyAnnouncement(1, str(adapter), kind="lora", base_id="sha256:" + "0" * 64)
+    await announce_policy(redis, keys, other)
+    assert not await watcher.check_once() and backend.policy_version == 0  # another base's adapter: refused
+    await announce_policy(redis, keys, PolicyAnnouncement(2, str(adapter), 2, kind="lora", base_id=result["base_id"]))
+    assert await watcher.check_once() and backend.policy_version == 2
+    greedy = await backend.generate(prompt, GREEDY, "g")
+    assert greedy.policy_version == 2 and greedy.token_ids != base_greedy
+    assert greedy.token_ids == greedy_ids(lora_merged_dir, prompt, len(greedy.token_ids))
+    sampled = await backend.generate(prompt, SAMPLED, "s")
+    # The worker's incremental (KV-cached) float32 forward against a whole-sequence forward of the merged weights
+    # (W + BA summed once, vs W x + B (A x)): both float32 roundings, well inside 1e-4 on log-probs of a few nats.
+    np.testing.assert_allclose(sampled.logprobs, rescore(lora_merged_dir, prompt, sampled.token_ids), atol=1e-4)
+    assert np.abs(sampled.logprobs - rescore(tiny_model_dir, prompt, sampled.token_ids)).max() > 1e-3
+    v3 = tmp_path / "v3"
+    shutil.copytree(adapter, v3)
+    await announce_policy(redis, keys, PolicyAnnouncement(3, str(v3), 3, kind="lora", base_id=result["base_id"]))
+    assert await watcher.check_once() and backend.policy_version == 3
+    assert list(backend.model.peft_config) == ["v3"]  # the old adapter was evicted
+    assert (await backend.generate(prompt, GREEDY, "g3")).token_ids == greedy.token_ids
+    await redis.aclose()
+
+
+def test_vllm_worker_serves_each_adapter_as_a_lora_request_equal_to_the_merged_model(
+    tiny_model_dir: Path, lora_run, lora_merged_dir: Path, tmp_path: Path
+) -> None:
+    """Its own engine: LoRA must be enabled when the engine starts (`engine.vllm.max_lora_rank`), which the
+    session's shared engines are not."""
+    from rollout_workers.engine import BackendError
+    from rollout_workers.engine_vllm import VLLMBackend
+
+    out, _ = lora_run
+    adapter = out / "weights" / "v00000002"
+    vllm = {"max_num_seqs": 4, "enforce_eager": True, "max_lora_rank": 8}
+    config = rollout_config(
+        tiny_model_dir, "redis://127.0.0.1:1/0", "unused", backend="vllm", engine={"dtype": "float32", "vllm": vllm}
+    )
+
+    async def start() -> VLLMBackend:
+        return VLLMBackend.from_config(config)
+
+    loop = LoopThread()
+    backend = loop.run(start(), timeout_s=300)
+    try:
+        prompt = backend.tokenizer.encode("What is 12 + 30?")
+        base_greedy = loop.run(backend.generate(prompt, GREEDY, "b")).token_ids
+        loop.run(backend.load_adapter(adapter, 2))
+        greedy = loop.run(backend.generate(prompt, GREEDY, "g"))
+        assert greedy.policy_version == 2 and greedy.token_ids != base_greedy
+        assert greedy.token_ids == greedy_ids(lora_merged_dir, prompt, len(greedy.token_ids))
+        sampled = loop.run(backend.generate(prompt, SAMPLED, "s"))
+        expected = rescore(lora_merged_dir, prompt, sampled.token_ids)
+        np.testing.assert_allclose(sampled.logprobs, expected, atol=1e-4)  # as the full-weight vLLM tests
+        for version in (3, 4):  # each version a new LoRARequest; the one before the previous is evicted
+            shutil.copytree(adapter, tmp_path / f"v{version}")
+            loop.run(backend.load_adapter(tmp_path / f"v{version}", version))
+        assert sorted(loop.run(backend.engine.list_loras())) == [3, 4]
+        assert loop.run(backend.generate(prompt, GREEDY, "g4")).token_ids == greedy.token_ids
+        big = tmp_path / "big"
+        shutil.copytree(adapter, big)
+        cfg = json.loads((big / "adapter_config.json").read_text())
+        (big / "adapter_config.json").write_text(json.dumps({**cfg, "r": 16}))
+        with pytest.raises(BackendError, match="rank 16, but this vLLM engine serves LoRA up to rank 8"):
+            loop.run(backend.load_adapter(big, 5))
+    finally:
+        loop.run(backend.close(), timeout_s=60)
+        loop.close()
