@@ -177,9 +177,9 @@ class LoraConfig(ConfigModel):
     """A LoRA student (peft): the base stays frozen, only the adapters train, and a published version is the
     adapter (megabytes) instead of the whole model. rank 0: a full-weight student."""
 
-    rank: int = Field(0, ge=0, description="LoRA rank r (0: train and publish the full weights)")
-    alpha: float = Field(32.0, gt=0, description="LoRA alpha (the update is scaled by alpha / rank)")
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA branch's input while training")
+    rank: int = Field(default=0, ge=0, description="LoRA rank r (0: train and publish the full weights)")
+    alpha: float = Field(default=32.0, gt=0, description="LoRA alpha (the update is scaled by alpha / rank)")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="dropout on the LoRA branch's input while training")
     target_modules: list[str] = Field(
         default_factory=list,
         description="module names the adapters wrap (peft's target_modules); empty: every linear projection "
@@ -214,7 +214,7 @@ class DataConfig(ConfigModel):
         "max(1, max_staleness - prefetch_depth); admission=version: a further cap when set)",
     )
     admission: Literal["version", "inflight"] = Field(
-        "version",
+        default="version",
         description="when the feeder feeds another prompt: version = while the group, sampled at the oldest live "
         "worker's loaded version, would be trained within batch.max_staleness (no stale drops in steady state); "
         "inflight = the older rule, max_inflight_groups in flight whatever the workers' versions",

@@ -66,7 +66,7 @@ class RunResult:
 
 
 def _args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="opd bench pipeline", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="opd bench pipeline", description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke-test size: a few steps, one repeat")
     p.add_argument("--steps", type=int, default=None, help="trainer steps per run (default 60; quick 4)")
     p.add_argument("--repeats", type=int, default=None, help="runs per admission rule (default 3; quick 1)")
