@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# GPU measurements of issue 15 on one CUDA device, about six minutes on an H100:
+# GPU measurements of the trainer at scale on one CUDA device, about six minutes on an H100:
 #   1. opd bench losses at N = 4096, V = 151,936, H = 1024 (the issue's target size): the seed method,
 #      the fused loss (compiled block math), the fused loss eager, the fused loss on a top-k teacher;
 #      median of 20 CUDA-event timings, peak memory from torch.cuda.max_memory_allocated, ratios vs the seed
 #   2. opd bench trainer --micro-batch-tokens 2048,8192,32768,100000: the mask path vs packed SDPA
 #   3. opd bench losses for JSD at N = 4096 (the other size where the seed method takes >= 50 ms on an H100)
-#   4. (if time is left) the CUDA tests of issue 15 (tests/gpu/test_trainer_scale_cuda.py)
+#   4. (if time is left) the CUDA scale tests (tests/gpu/test_trainer_scale_cuda.py)
 # Run from the repository root: `bash scripts/gpu_bench.sh`. Logs go to $OUT (the device tool's folder) or
 # ./gpu-bench-out. Needs python3 with torch (CUDA), transformers, numpy, msgpack, pyyaml; pydantic and its
 # dependencies are installed from .whl/ (wheels carried from the build machine) when missing.

@@ -2,7 +2,7 @@
 
 Starts a private `redis-server` and one teacher (`opd teacher`, hf backend), then per run N rollout workers
 (`opd rollout`, hf backend, each its own process and ops port) and `opd train --data-prompts`, every one a
-process, at the frozen defaults of issue 24 (`batch.max_staleness` 4, weights published every step, 4 groups x 2
+process, at the frozen defaults (`batch.max_staleness` 4, weights published every step, 4 groups x 2
 samples per step, prefetch depth 1). Each repeat runs the trainer once with `data.admission=version` (the prompt
 admitted only while its group, sampled at the oldest live worker's loaded version, would be trained within the
 staleness bound) and once with `data.admission=inflight` (the older in-flight count), alternating, in their own

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 27 on one CUDA device (H100 or H200), about 5 minutes:
+# The fused loss at the seed size on one CUDA device (H100 or H200), about 5 minutes:
 #   1. the tiled lm-head pass on CUDA against the float64 reference (tests/gpu/test_losses_tiled_cuda.py:
 #      float32 for every divergence and support, bf16 within its derived rounding bound; it also shows
 #      whether torch.mm(..., out_dtype=torch.float32) exists there);

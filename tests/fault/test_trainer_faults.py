@@ -64,7 +64,7 @@ def test_trainer_kill9_resumes_without_loss_or_double_training(pipeline, shared_
 
 
 def test_lora_trainer_kill9_resumes_without_loss_or_double_training(pipeline, shared_teacher):
-    """Issue 26: the same with a LoRA student (adapters and their optimizer state checkpointed, adapters published
+    """The same with a LoRA student (adapters and their optimizer state checkpointed, adapters published
     and hot-loaded by the worker)."""
     _kill9_and_resume(pipeline, shared_teacher, "lora_trainer_kill9", lora_rank=4)
     assert (pipeline.root / "weights" / "v00000010" / "adapter_model.safetensors").is_file()

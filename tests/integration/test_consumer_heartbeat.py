@@ -139,7 +139,7 @@ async def test_consumers_that_never_heartbeat_are_judged_by_idle_time_only(redis
 
 
 async def test_a_consumer_reports_its_loaded_version_at_once_and_older_values_still_read(redis_url, namespace):
-    """Issue 24: the heartbeat carries the loaded policy version; a change reaches the key without waiting for
+    """The heartbeat carries the loaded policy version; a change reaches the key without waiting for
     the renewal (TTL / 3), and a consumer still writing the bare "1" is live with no version."""
     from opd.stream_heartbeat import live_versions
 

@@ -1,4 +1,4 @@
-"""Issue 25: a worker samples a prompt that carries its own settings (an eval round's) with them.
+"""A worker samples a prompt that carries its own settings (an eval round's) with them.
 
 The behaviour log-probs of the eval prompt's rollouts equal a rescore at the record's temperature 0.6 (the
 worker's own is 1.0), so the engine really sampled at 0.6; the record reports the setting. Tolerance: the same

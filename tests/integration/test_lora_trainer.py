@@ -1,4 +1,4 @@
-"""Issue 26: a LoRA student trains its adapters only, its KL reference is the base with the adapter disabled,
+"""A LoRA student trains its adapters only, its KL reference is the base with the adapter disabled,
 it publishes the adapter, and its checkpoint resumes exactly (and is refused by a full-weight run)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 26: rollout workers serve a published LoRA adapter on their base (no base reload) and refuse an adapter
+"""Rollout workers serve a published LoRA adapter on their base (no base reload) and refuse an adapter
 of another base; what they sample equals a transformers forward of the base with that adapter merged."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Admission by version on the tiny pipeline (issue 24): real Redis, a real teacher server, two rollout worker
+"""Admission by version on the tiny pipeline: real Redis, a real teacher server, two rollout worker
 processes and `opd train`, each its own process.
 
 Synchronous mode (`batch.max_staleness 0`): every group is sampled at the very version it is trained at, and the

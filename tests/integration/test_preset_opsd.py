@@ -1,14 +1,11 @@
-"""Issue 25: the OPSD recipe's presets (deploy/presets/train-opsd.yaml + rollout-opsd.yaml) end to end on tiny models.
+"""The OPSD recipe's presets (deploy/presets/train-opsd.yaml + rollout-opsd.yaml) end to end on tiny models.
 
 Real Redis, a real teacher server (transformers backend), a real `opd rollout --config rollout-opsd.yaml` process
 and `opd train --config train-opsd.yaml`. Shrunk from the presets, and nothing else: the models (tiny Qwen2-style
 student and teacher built from a config), lengths (`sampling.max_tokens` 16, `engine.max_model_len` 256), step
 counts (`max_steps` 2, `eval.every_steps` 2) and sizes (`batch.groups_per_step` 256 -> 16: the prompts per step;
 4 eval prompts), plus what this machine needs (CPU: engine dtype float32, hf backend, no bf16; local paths and
-ports). Not kept: synchronous mode. On this branch `max_staleness 0` drops the rollouts of the step's own
-weights once a step has published (the synchronous mode is being made to work on another branch; measured here:
-step 2 trained 0 tokens), so the test runs with `max_staleness 1` and checks the bound instead; switch it back
-to the preset's 0 when that lands. Kept: the reduction (`micro_batch_mean`), micro-batches of 4
+ports). Kept: synchronous mode (`max_staleness 0`: every step trains rollouts of the version before it), the reduction (`micro_batch_mean`), micro-batches of 4
 sequences, the reward form and reward (`math_equiv`), the eval sampling (T 0.6, top-p 0.8, top-k 20, n 16),
 thinking off and the data's instruction.
 """
@@ -77,7 +74,6 @@ def test_the_opsd_presets_train_synchronously_and_evaluate_with_the_recipes_samp
         args = args[:keep] + ["--config", str(PRESETS / "train-opsd.yaml")]
         args += ["--data-prompts", str(train), "--data-eval-prompts", str(held_out), "--max-steps", "2"]
         args += ["--eval-every-steps", "2", "--batch-groups-per-step", "16", "--dist-mixed-precision", "none"]
-        args += ["--batch-max-staleness", "1"]  # see the module docstring: synchronous mode is not on this branch
         out = pipeline.run_train(args)
     finally:
         pipeline.stop(worker)
@@ -85,8 +81,8 @@ def test_the_opsd_presets_train_synchronously_and_evaluate_with_the_recipes_samp
     assert out.returncode == 0, out.stderr[-3000:]
     steps = pipeline.audit(tmp_path)
     assert len(steps) == 2
-    for step in steps:  # every step trained rollouts at most one version old, and trained some
-        assert step["stats"]["tokens"] > 0 and all(step["step"] - 1 - v <= 1 for v in step["policy_versions"]), steps
+    for step in steps:  # synchronous: every step trained some rollouts, all sampled at the version before it
+        assert step["stats"]["tokens"] > 0 and all(step["step"] - 1 == v for v in step["policy_versions"]), steps
     evals = pipeline.eval_divergences(out.stderr)
     assert 0 in evals and 2 in evals, out.stderr[-3000:]
     rollouts = _rollouts(redis_url, namespace)

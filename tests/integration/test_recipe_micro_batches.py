@@ -1,4 +1,4 @@
-"""Issue 25: the trainer's step under the recipe's micro-batching and reduction, through `StepRunner`.
+"""The trainer's step under the recipe's micro-batching and reduction, through `StepRunner`.
 
 With `batch.micro_batch_sequences = k` and `loss.reduction = micro_batch_mean`, one step's gradient is the mean
 over the rank's micro-batches (k sequences each, in order) of each micro-batch's own token-mean gradient, which

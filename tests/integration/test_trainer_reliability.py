@@ -273,7 +273,7 @@ def test_a_stop_request_interrupts_the_wait_for_teacher_scores(
 def test_a_batch_that_went_stale_in_the_prefetch_queue_is_dropped_when_trained(
     tiny_model_dir, hf_teacher, redis_url, namespace, tmp_path, io, make_runtime
 ):
-    """Issue 24: the batches left with no group are not steps: nothing published, no LR step, counted."""
+    """The batches left with no group are not steps: nothing published, no LR step, counted."""
     config = trainer_config(
         tiny_model_dir,
         hf_teacher.address,

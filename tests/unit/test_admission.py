@@ -1,4 +1,4 @@
-"""Admission of training prompts by policy version (issue 24): the rule's arithmetic and the heartbeat value's codec.
+"""Admission of training prompts by policy version: the rule's arithmetic and the heartbeat value's codec.
 
 The rule: a group fed when n groups are untrained, the trainer has done S steps and the oldest live worker has
 loaded v is trained by version S + floor(n / G) and sampled at v or later, so it is admitted only while

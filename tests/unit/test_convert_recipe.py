@@ -1,4 +1,4 @@
-"""Issue 25: `opd convert-prompts --format dapo` prepares the OPSD recipe's data (`prepare_grpo_data.py`).
+"""`opd convert-prompts --format dapo` prepares the OPSD recipe's data (`prepare_grpo_data.py`).
 
 DAPO's instruction stripped, the recipe's boxed instruction (or DAPO's "Answer:" variant) appended with
 "\\n\\n" after rstrip, and a seeded train/eval split by the permutation the `datasets` shuffle uses.

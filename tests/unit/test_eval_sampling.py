@@ -1,4 +1,4 @@
-"""Issue 25: eval rounds sample with their own settings, carried on prompt records (schema 3) to the workers."""
+"""Eval rounds sample with their own settings, carried on prompt records (schema 3) to the workers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 25: the recipe's step arithmetic (OPSD on verl) reachable with options, against a float64 re-implementation.
+"""The recipe's step arithmetic (OPSD on verl) reachable with options, against a float64 re-implementation.
 
 The reference re-implements `opd_worker.py` `_opd_training_step` and `opd_trainer.py` of
 HJSang/OPSD_OnPolicyDistillation (65ad87b) in float64: the rank's batch split in order into micro-batches of

@@ -1,4 +1,4 @@
-"""Issue 25: the recipe's `math_equiv` reward (Hendrycks MATH `is_equiv` on the last \\boxed{}) beside `math`.
+"""The recipe's `math_equiv` reward (Hendrycks MATH `is_equiv` on the last \\boxed{}) beside `math`.
 
 The table is of answers where the two verifiers agree and where they disagree; each `math_equiv` verdict is the
 Hendrycks normalisation worked by hand (its steps named in the comment), so a change of either verifier that
