@@ -1,7 +1,7 @@
 """`opd bench publish`: full-weight vs LoRA students, from the end of a step to a worker sampling the new version.
 
-Owns the full-weights vs LoRA publish measurement. For each kind of student (full weights; LoRA of `--lora-rank` on every linear
-projection of the decoder), in its own process so the peaks are its own: a trainer-side student (FSDP2 on one
+Owns the full-weights vs LoRA publish measurement. For each kind of student (full weights; LoRA of
+`--lora-rank` on every linear projection of the decoder), in its own process so the peaks are its own: a trainer-side student (FSDP2 on one
 CPU process, as `opd train` runs it) trains `--steps` steps on a synthetic packed micro-batch (`--tokens`), then
 publishes a version as the trainer does (`student_trainer.publish.publish_weights`), and an hf rollout backend
 in the same process loads it as a worker does on an announcement (`load_policy`, or `load_adapter` for LoRA) and
