@@ -1,14 +1,14 @@
 """`opd bench publish`: full-weight vs LoRA students, from the end of a step to a worker sampling the new version.
 
-Owns the full-weights vs LoRA publish measurement. For each kind of student (full weights; LoRA of
-`--lora-rank` on every linear projection of the decoder), in its own process so the peaks are its own: a trainer-side student (FSDP2 on one
-CPU process, as `opd train` runs it) trains `--steps` steps on a synthetic packed micro-batch (`--tokens`), then
-publishes a version as the trainer does (`student_trainer.publish.publish_weights`), and an hf rollout backend
+Owns the full-weights vs LoRA publish measurement. For each kind of student (full weights; LoRA of `--lora-rank` on
+every linear projection of the decoder), in its own process so the peaks are its own: a trainer-side student (FSDP2
+on one CPU process, as `opd train` runs it) trains `--steps` steps on a synthetic packed micro-batch (`--tokens`),
+then publishes a version as the trainer does (`student_trainer.publish.publish_weights`), and an hf rollout backend
 in the same process loads it as a worker does on an announcement (`load_policy`, or `load_adapter` for LoRA) and
-generates. Reported per kind: bytes per version, seconds from the end of the step to the worker's first token
-with the new version (publish + load + one token), worker generation tokens/s (greedy, `--gen-tokens`), trainer
-peak RSS and step time; then the full/LoRA ratios. No Redis: the announcement itself (one small message) is not
-timed. The vLLM backend is not measured here (its CPU build takes minutes to start an engine).
+generates. Reported per kind: bytes per version, seconds from the end of the step to the worker's first token with
+the new version (publish + load + one token), worker generation tokens/s (greedy, `--gen-tokens`), trainer peak RSS
+and step time; then the full/LoRA ratios. No Redis: the announcement itself (one small message) is not timed. The
+vLLM backend is not measured here (its CPU build takes minutes to start an engine).
 
     opd bench publish                                  # a random 4-layer student (hidden 256)
     opd bench publish --model /models/student          # e.g. the demo's student

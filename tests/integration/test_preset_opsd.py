@@ -3,11 +3,11 @@
 Real Redis, a real teacher server (transformers backend), a real `opd rollout --config rollout-opsd.yaml` process
 and `opd train --config train-opsd.yaml`. Shrunk from the presets, and nothing else: the models (tiny Qwen2-style
 student and teacher built from a config), lengths (`sampling.max_tokens` 16, `engine.max_model_len` 256), step
-counts (`max_steps` 2, `eval.every_steps` 2) and sizes (`batch.groups_per_step` 256 -> 16: the prompts per step;
-4 eval prompts), plus what this machine needs (CPU: engine dtype float32, hf backend, no bf16; local paths and
-ports). Kept: synchronous mode (`max_staleness 0`: every step trains rollouts of the version before it),
-the reduction (`micro_batch_mean`), micro-batches of 4 sequences, the reward form and reward (`math_equiv`), the eval sampling (T 0.6, top-p 0.8, top-k 20, n 16),
-thinking off and the data's instruction.
+counts (`max_steps` 2, `eval.every_steps` 2) and sizes (`batch.groups_per_step` 256 -> 16: the prompts per step; 4
+eval prompts), plus what this machine needs (CPU: engine dtype float32, hf backend, no bf16; local paths and ports).
+Kept: synchronous mode (`max_staleness 0`: every step trains rollouts of the version before it), the reduction
+(`micro_batch_mean`), micro-batches of 4 sequences, the reward form and reward (`math_equiv`), the eval sampling (T
+0.6, top-p 0.8, top-k 20, n 16), thinking off and the data's instruction.
 """
 
 from __future__ import annotations
