@@ -16,7 +16,10 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,6 +28,29 @@ if TYPE_CHECKING:
     from protos import teacher_pb2
 
 WIRE_TOP_KS = (0, 20, 64)
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+_OOM_MARKERS = ("MemoryError", "can't allocate", "out of memory")
+
+
+def run_isolated(argv: list[str], timeout_s: float) -> dict:
+    """Run `python -m <argv...>` in a process of its own (so its memory peak is its own) and return the dict of
+    its `RESULT {json}` line, or `{"status": ...}`: a timeout, out of memory (killed, or the allocator said so),
+    or the exit code with the last line of its stderr."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", *argv], capture_output=True, text=True, timeout=timeout_s, cwd=REPO_ROOT, env=env
+        )
+    except subprocess.TimeoutExpired:
+        return {"status": f"timeout after {timeout_s:.0f} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    if proc.returncode in (-9, 137) or any(m.lower() in proc.stderr.lower() for m in _OOM_MARKERS):
+        return {"status": "out of memory"}
+    return {"status": f"error (rc {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"}
 
 
 def bench_model_dir(args: argparse.Namespace) -> str:

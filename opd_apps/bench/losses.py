@@ -40,13 +40,12 @@ import argparse
 import gc
 import json
 import math
-import os
 import resource
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
+
+from opd_apps.bench.common import run_isolated
 
 METHODS = ("full", "seed", "fused", "fused_eager", "fused_topk", "fused_tiled")
 LABELS = {
@@ -58,7 +57,6 @@ LABELS = {
     "fused_tiled": "fused tiled (full teacher)",
 }
 FUSED_FULL = ("fused", "fused_eager", "fused_tiled")  # the methods with a ratio line against (b)
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -161,18 +159,7 @@ def _run_isolated(args: argparse.Namespace, loss: str, n: int, v: int, method: s
         "dtype": args.dtype,
         "repeats": args.repeats,
     }
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "opd_apps.bench.losses", "--worker", json.dumps(spec)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s, cwd=REPO_ROOT, env=env)
-    except subprocess.TimeoutExpired:
-        return {"status": f"timeout after {args.timeout_s:.0f} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    if proc.returncode in (-9, 137) or "MemoryError" in proc.stderr or "can't allocate" in proc.stderr:
-        return {"status": "out of memory"}
-    return {"status": f"error (rc {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"}
+    return run_isolated(["opd_apps.bench.losses", "--worker", json.dumps(spec)], args.timeout_s)
 
 
 def _row(loss: str, n: int, v: int, method: str, res: dict, seed: dict | None) -> str:

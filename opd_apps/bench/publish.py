@@ -19,12 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from opd_apps.bench.common import run_isolated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,16 +54,7 @@ def _random_student(path: Path) -> Path:
 
 
 def _run_isolated(spec: dict, timeout_s: float) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "opd_apps.bench.publish_one", json.dumps(spec)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=REPO_ROOT, env=env)
-    except subprocess.TimeoutExpired:
-        return {"status": f"timeout after {timeout_s:.0f} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    return {"status": f"error (rc {proc.returncode}): {proc.stderr.strip().splitlines()[-3:]}"}
+    return run_isolated(["opd_apps.bench.publish_one", json.dumps(spec)], timeout_s)
 
 
 def _report(results: dict, args: argparse.Namespace, model: str | Path) -> None:

@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from opd_apps.bench.common import run_isolated
+
 PROMPT_TOKENS = 16
 TOP_K = 20
 # Small random Qwen2-style students: (hidden, layers, heads, kv heads, intermediate, vocab).
@@ -120,18 +118,7 @@ def _row(tokens: int, path: str, res: dict, mask: dict | None) -> str:
 
 
 def _run_isolated(spec: dict, timeout_s: float) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "opd_apps.bench.trainer_step", json.dumps(spec)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=REPO_ROOT, env=env)
-    except subprocess.TimeoutExpired:
-        return {"status": f"timeout after {timeout_s:.0f} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    if proc.returncode in (-9, 137) or "MemoryError" in proc.stderr or "out of memory" in proc.stderr.lower():
-        return {"status": "out of memory"}
-    return {"status": f"error (rc {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"}
+    return run_isolated(["opd_apps.bench.trainer_step", json.dumps(spec)], timeout_s)
 
 
 # ----------------------------------------------------------------------------- worker (one cell)
