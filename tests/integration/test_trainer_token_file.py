@@ -9,7 +9,7 @@ import yaml
 from opd.config import ConfigError, validate_config
 from opd.loop_thread import LoopThread
 from student_trainer.config import TrainerConfig
-from student_trainer.score_source import TeacherServiceSource
+from student_trainer.score_sources.grpc_teacher import TeacherServiceSource
 from teacher_server.client import Unauthenticated
 from tests.fixtures.rollout import make_rollout
 from tests.fixtures.teacher import start_teacher
