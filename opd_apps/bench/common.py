@@ -53,6 +53,14 @@ def run_isolated(argv: list[str], timeout_s: float) -> dict:
     return {"status": f"error (rc {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"}
 
 
+def local_hf_teacher_argv(model: str | Path, port: int, ops_port: int) -> list[str]:
+    """`opd` arguments of a CPU hf teacher serving `model` on 127.0.0.1 (gRPC `port`, ops `ops_port`)."""
+    return [
+        "teacher", "--model", str(model), "--backend", "hf", "--engine-device", "cpu",
+        "--grpc-host", "127.0.0.1", "--grpc-port", str(port), "--ops-host", "127.0.0.1", "--ops-port", str(ops_port),
+    ]  # fmt: skip
+
+
 def bench_model_dir(args: argparse.Namespace) -> str:
     """The directory of the model a run measures: `--random-model`, `--model tiny` or a model name."""
     if args.random_model:

@@ -41,6 +41,7 @@ import httpx
 
 from opd.processes import free_port
 from opd.redis_server import redis_server
+from opd_apps.bench.common import local_hf_teacher_argv
 
 ADMISSIONS = ("version", "inflight")
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -337,24 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _teacher_args(model: Path, port: int) -> list[str]:
-    ops = free_port()
-    return [
-        "teacher",
-        "--model",
-        str(model),
-        "--backend",
-        "hf",
-        "--engine-device",
-        "cpu",
-        "--grpc-host",
-        "127.0.0.1",
-        "--grpc-port",
-        str(port),
-        "--ops-host",
-        "127.0.0.1",
-        "--ops-port",
-        str(ops),
-    ]
+    return local_hf_teacher_argv(model, port, free_port())
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import numpy as np
 
 from opd.processes import free_port, stop_process
 from opd.redis_server import redis_server
+from opd_apps.bench.common import local_hf_teacher_argv
 
 _LINE = re.compile(r"teacher wait ([\d.]+)s\s+data wait ([\d.]+)s\s+compute ([\d.]+)s\s+tokens (\d+)")
 
@@ -233,21 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.executable,
             "-m",
             "opd",
-            "teacher",
-            "--model",
-            teacher,
-            "--backend",
-            "hf",
-            "--engine-device",
-            "cpu",
-            "--grpc-host",
-            "127.0.0.1",
-            "--grpc-port",
-            str(port),
-            "--ops-host",
-            "127.0.0.1",
-            "--ops-port",
-            str(ops),
+            *local_hf_teacher_argv(teacher, port, ops),
             "--log-level",
             "WARNING",
         ],
