@@ -23,7 +23,7 @@ from opd.redaction import SECRET
 from opd.streams import RedisConfig
 from opd.tls import TeacherTLSOptions
 from student_trainer.loss.config import LossConfig
-from student_trainer.loss.registry import TeacherNeed, divergence_need, selection_need, teacher_needs
+from student_trainer.loss.registry import TeacherNeed, divergence, divergence_need, selection_need, teacher_needs
 
 
 class TeacherEndpointConfig(TeacherTLSOptions):
@@ -127,6 +127,15 @@ class BatchConfig(ConfigModel):
         ge=0,
         description="> 0: micro-batches of this many sequences each, in arrival order, as the recipe's "
         "ppo_micro_batch_size_per_gpu (max_tokens_per_micro_batch is then ignored); 0: packed by tokens",
+    )
+    mini_batches: int = Field(
+        default=1,
+        ge=1,
+        description="optimizer updates per batch, as verl's PPO mini-batches (the recipe's GRPO runs: "
+        "train_batch_size / ppo_mini_batch_size = 4): each rank's share is cut into this many parts of whole "
+        "groups, each its own step loss, clip and AdamW step; sample weights, GRPO advantages, the PPO ratio's "
+        "behaviour log-probs, the LR schedule, the policy version, publishing, acks and max_steps stay per batch. "
+        "> 1 with a policy-gradient term needs loss.policy_gradient.importance=ppo_clip",
     )
     max_staleness: int = Field(
         default=4,
@@ -343,6 +352,7 @@ class TrainerConfig(ConfigModel):
                 f"teacher.top_k=0 (flag --teacher-top-k) but {self._readers(TeacherNeed.TOPK)} needs "
                 f"the teacher's top-k log-probs: {', or '.join(fixes)}"
             )
+        _check_mini_batches(self)
         _check_teacher_sources(self)
         if not self.teacher.enabled:
             _check_no_teacher(self)
@@ -363,6 +373,20 @@ class TrainerConfig(ConfigModel):
             return self.teacher.top_k
         uses_topk = TeacherNeed.TOPK in teacher_needs(self.loss) or self.loss.token_selection.enabled
         return 20 if uses_topk else 0
+
+
+def _check_mini_batches(config: TrainerConfig) -> None:
+    """Updates 2..k of a batch train on samples of an older policy: a policy-gradient term (sampled reverse KL or
+    GRPO) then needs the PPO ratio against the behaviour log-probs, as verl uses its old log-probs whenever it
+    runs more than one mini-batch."""
+    loss = config.loss
+    uses_pg = (loss.distill_weight > 0 and divergence(loss.divergence).sampled) or loss.rl_weight > 0
+    if config.batch.mini_batches > 1 and uses_pg and loss.policy_gradient.importance == "none":
+        raise ValueError(
+            f"batch.mini_batches={config.batch.mini_batches} trains the later mini-batches off-policy, but "
+            f"loss.policy_gradient.importance='none' treats them as on-policy: set "
+            f"loss.policy_gradient.importance=ppo_clip (flag --loss-policy-gradient-importance) or batch.mini_batches=1"
+        )
 
 
 def _check_teacher_sources(config: TrainerConfig) -> None:

@@ -18,6 +18,12 @@ ranks). Groups larger than the token budget are split by sequence
 (FSDP's collectives), padding with two-token zero-weight fillers. Skips the
 update when the gradient norm is not finite.
 
+With `batch.mini_batches` k > 1 (`update`) a batch is trained as verl's PPO
+mini-batches: each rank's share is cut into k parts of whole groups, and each
+part is a step of its own in the sense above (its own L and D, clip, AdamW);
+the group-level quantities are still computed over the whole batch first,
+and the LR schedule steps once per batch.
+
 Around the loss, per step: the sampling check (`sampling_check`: a rollout
 sampled at another temperature than the loss's stops the run, by default,
 before anything of the step is trained); the reference policy's log-probs
@@ -76,6 +82,18 @@ _MEAN_KEYS = ("mean_divergence", "student_entropy", "top1_agreement", "fraction_
 _TEACHER_STATS = ("mean_divergence", "top1_agreement")  # meaningless without a teacher (placeholder scores)
 
 
+# Sample weights r and GRPO advantages by rollout id (None when unused): `StepRunner.group_terms`.
+GroupTerms = tuple[dict[str, float] | None, dict[str, float] | None]
+
+
+def split_mini_batches(mine: list[Group], k: int) -> list[list[Group]]:
+    """A rank's share cut into `k` parts of whole groups, in its order, sizes differing by at most one group (the
+    first parts the larger), as verl's `data.split(ppo_mini_batch_size)` cuts a rank's batch contiguously."""
+    size, extra = divmod(len(mine), k)
+    starts = [i * size + min(i, extra) for i in range(k + 1)]
+    return [mine[starts[i] : starts[i + 1]] for i in range(k)]
+
+
 class StepRunner:
     def __init__(
         self,
@@ -104,7 +122,7 @@ class StepRunner:
         self.has_teacher = config.teacher.enabled
         self.sampling = SamplingCheck(config.loss.student_temperature, config.batch.sampling_mismatch)
 
-    def group_terms(self, groups: list[Group]) -> tuple[dict[str, float] | None, dict[str, float] | None]:
+    def group_terms(self, groups: list[Group]) -> GroupTerms:
         """Sample weights r and GRPO advantages by rollout id, over the whole step's groups (None when unused).
         `groups` are every rank's (the batch-wide softmax and PACED's mean read them all); a missing reward is
         NaN here, never 0 (`weighting`)."""
@@ -120,15 +138,22 @@ class StepRunner:
         advantages = None if advantages_S is None else dict(zip(ids, advantages_S.tolist(), strict=True))
         return dict(zip(ids, weights_S.tolist(), strict=True)), advantages
 
-    def micro_batches(self, groups: list[Group], mine: list[Group], weights: dict[str, float]) -> list[MicroBatch]:
-        """This rank's micro-batches; every rank gets the same count, padded with two-token fillers. A rollout
-        longer than the student's context is left out (logged as an error, counted in `dropped_too_long`)."""
+    def batch_terms(self, groups: list[Group]) -> GroupTerms:
+        """`group_terms` of every rank's groups as trained (a rollout too long for the student left out)."""
+        trained, _ = without_too_long(groups, self.max_model_len)
+        return self.group_terms(trained)
+
+    def micro_batches(
+        self, groups: list[Group], mine: list[Group], weights: dict[str, float], terms: GroupTerms | None = None
+    ) -> list[MicroBatch]:
+        """This rank's micro-batches of `mine`; every rank gets the same count, padded with two-token fillers. A
+        rollout longer than the student's context is left out (logged as an error, counted in `dropped_too_long`).
+        `terms`: `batch_terms(groups)`, when the caller already has them (one mini-batch of several)."""
         mine, too_long = without_too_long(mine, self.max_model_len)
         for record in too_long:  # a bad record is reported, never fatal (it would come back after a restart)
             log.error(too_long_message(record, self.max_model_len))
         self.dropped_too_long = len(too_long)
-        trained, _ = without_too_long(groups, self.max_model_len)  # every rank's groups, as trained
-        sample_weights, advantages = self.group_terms(trained)
+        sample_weights, advantages = terms if terms is not None else self.batch_terms(groups)
         batch = self.config.batch
         if batch.micro_batch_sequences:
             bins = split_by_sequences(mine, batch.micro_batch_sequences)
@@ -163,10 +188,72 @@ class StepRunner:
     def forward_backward(
         self, groups: list[Group], mine: list[Group], weights: dict[str, float], scores: dict, step: int
     ) -> dict[str, float]:
-        """Accumulate the gradients of the step loss L; returns step statistics summed over ranks
-        (`loss` is L itself; the means are weighted by trained tokens)."""
+        """Accumulate the gradients of the step loss L over this rank's whole share (one mini-batch); returns
+        step statistics summed over ranks (`loss` is L itself; the means are weighted by trained tokens)."""
         self.sampling.check([r for g in groups for r in g])  # every rank sees `groups`: all raise together
-        micro = self.micro_batches(groups, mine, weights)
+        sums = self._accumulate(groups, mine, weights, scores, step, self.batch_terms(groups))
+        return self._batch_stats(groups, sums)
+
+    def update(
+        self, groups: list[Group], mine: list[Group], weights: dict[str, float], scores: dict, step: int
+    ) -> tuple[dict[str, float], float]:
+        """Train one batch: `batch.mini_batches` optimizer updates, as verl's PPO mini-batches (`update_policy`):
+        this rank's share is cut into k parts of whole groups, in its order, and each part is its own step loss
+        L, backward, clip and AdamW step. What is computed per batch stays per batch: the sample weights and
+        GRPO advantages (over every group, before the cut), the behaviour log-probs of the PPO ratio (the
+        records', so on parts 2..k the ratio measures how far the earlier updates moved the policy) and the LR
+        schedule (one step per batch, after the last update, as verl's `update_actor`, if any update was
+        applied). Returns the statistics (`loss`: the mean of the parts' L; tokens and means over the batch)
+        and the gradient norm (the mean of the parts', before clipping; not finite if every update was skipped).
+        With k = 1 this is `forward_backward` then `optimizer_step`."""
+        k = self.mini_batch_count(mine)
+        if k == 1:
+            stats = self.forward_backward(groups, mine, weights, scores, step)
+            return stats, self.optimizer_step()
+        self.sampling.check([r for g in groups for r in g])
+        terms = self.batch_terms(groups)
+        sums: dict[str, float] = collections.defaultdict(float)
+        norms: list[float] = []
+        for part in split_mini_batches(mine, k):
+            for key, value in self._accumulate(groups, part, weights, scores, step, terms).items():
+                sums[key] += value
+            norms.append(self.optimizer_step(schedule=False))
+        finite = [n for n in norms if math.isfinite(n)]
+        if finite:
+            self.scheduler.step()
+        sums["loss"] /= k
+        return self._batch_stats(groups, sums), sum(finite) / len(finite) if finite else math.nan
+
+    def mini_batch_count(self, mine: list[Group]) -> int:
+        """`batch.mini_batches`, capped by the fewest groups any rank holds (collective when above 1), so that
+        every rank runs the same updates and each part holds at least one group on every rank."""
+        k = self.config.batch.mini_batches
+        if k == 1:
+            return 1
+        fewest = torch.tensor([len(mine)], device=self.info.device)
+        dist.all_reduce(fewest, op=dist.ReduceOp.MIN)
+        count = max(1, min(k, int(fewest.item())))
+        if count < k:
+            log.warning(
+                "%d mini-batches asked (batch.mini_batches) but a rank holds %d groups: %d updates",
+                k,
+                int(fewest.item()),
+                count,
+            )
+        return count
+
+    def _accumulate(
+        self,
+        groups: list[Group],
+        mine: list[Group],
+        weights: dict[str, float],
+        scores: dict,
+        step: int,
+        terms: GroupTerms,
+    ) -> dict[str, float]:
+        """Forward and backward every micro-batch of `mine` (one mini-batch: its own L, D counted over its
+        micro-batches on every rank); returns this rank's sums for `_batch_stats`."""
+        micro = self.micro_batches(groups, mine, weights, terms)
         denominators = self.denominators(micro)
         sums: dict[str, float] = collections.defaultdict(float)
         sums["dropped_too_long"] = float(self.dropped_too_long)
@@ -186,6 +273,11 @@ class StepRunner:
                 if not math.isnan(value):
                     sums[key] += value * stats.num_tokens
                     sums[f"{key}#n"] += stats.num_tokens
+        return sums
+
+    def _batch_stats(self, groups: list[Group], sums: dict[str, float]) -> dict[str, float]:
+        """This rank's sums reduced over ranks into the step's statistics, plus the records' reward and tool
+        statistics (the same on every rank: no reduction)."""
         keys = sorted(sums)
         reduced = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.info.device)
         dist.all_reduce(reduced)
@@ -197,7 +289,7 @@ class StepRunner:
         if not self.has_teacher:
             for key in _TEACHER_STATS:
                 out.pop(key, None)
-        records, _ = without_too_long(groups, self.max_model_len)  # the same on every rank: no reduction
+        records, _ = without_too_long(groups, self.max_model_len)
         records = [r for g in records for r in g]
         out.update(reward_stats(records, self.config.loss.pass_threshold))
         out.update(tool_stats(records))
@@ -226,13 +318,15 @@ class StepRunner:
             teacher = placeholder_scores(len(mb.rows_N), self.top_k, self.temperature, vocab)
         return scores_to(teacher, self.info.device)
 
-    def optimizer_step(self) -> float:
-        """Clip, then step unless the norm is not finite; returns the norm before clipping."""
+    def optimizer_step(self, schedule: bool = True) -> float:
+        """Clip, then step unless the norm is not finite (and the LR schedule too, if `schedule`); returns the
+        norm before clipping."""
         norm = torch.nn.utils.clip_grad_norm_(self.root.parameters(), self.config.optim.max_grad_norm)
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         if math.isfinite(norm):
             self.optimizer.step()
-            self.scheduler.step()
+            if schedule:
+                self.scheduler.step()
         else:
             log.warning("optimizer step skipped: gradient norm is %s", norm)
         self.optimizer.zero_grad(set_to_none=True)

@@ -14,7 +14,9 @@ as `step()` reads (the README's numbered list):
       batch left with no group is not a step (`_skip_empty`: nothing published, no LR step, no step counted; the
       next one is pulled and the step's report counts it in `empty_steps`);
  4-5. pack this rank's share into micro-batches, forward each to final hidden states, chunked loss, backward;
-      clip, skip the update when the gradient norm is not finite, AdamW (`step.StepRunner`);
+      clip, skip the update when the gradient norm is not finite, AdamW (`step.StepRunner.update`); with
+      `batch.mini_batches` k > 1, k such updates on k parts of the share (verl's PPO mini-batches), while the
+      step count, the LR schedule, the published version, acks and every cadence below advance once per batch;
  6. publish weights every `publish.every_steps`, checkpoint every `checkpoint.every_steps`, and only then
     acknowledge the rollouts used (`_finish`, with every other effect of the step, in the order that needs).
 
@@ -151,8 +153,8 @@ class Trainer:
                 break
             self._skip_empty(batch, empty)
         t0 = time.perf_counter()
-        stats = self.runner.forward_backward(batch.groups, batch.mine, batch.weights, batch.scores, self.step_no)  # 4-5
-        grad_norm = self.runner.optimizer_step()  # 5: clip, AdamW (skipped when the norm is not finite)
+        # 4-5: forward, backward, clip, AdamW (skipped when the norm is not finite), once per mini-batch
+        stats, grad_norm = self.runner.update(batch.groups, batch.mine, batch.weights, batch.scores, self.step_no)
         times = StepTimes(
             batch.data_wait_s + empty.data_wait_s, batch.teacher_wait_s + empty.teacher_wait_s, time.perf_counter() - t0
         )
