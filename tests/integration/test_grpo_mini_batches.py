@@ -19,6 +19,11 @@ lr. The warm-up makes the LR of step 1 differ from that of step 2, so the schedu
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -26,83 +31,32 @@ import torch
 from opd.loop_thread import LoopThread
 from protos.records import RolloutRecord
 from student_trainer.config import TrainerConfig
-from student_trainer.model import StudentLoss, init_distributed, load_student, shard_student
-from student_trainer.optim import build_optimizer, lr_factor
-from student_trainer.publish import full_state_dict, version_dir
+from student_trainer.model import init_distributed
+from student_trainer.optim import lr_factor
+from student_trainer.publish import version_dir
 from student_trainer.runtime import TrainerRuntime
-from student_trainer.step import StepRunner, split_mini_batches
+from student_trainer.step import split_mini_batches
+from tests.fixtures.mini_batch_step import (
+    CLIP,
+    DUAL,
+    LR,
+    grpo_config,
+    one_rank_order,
+    opd_update,
+    response_logprobs,
+    rewarded_groups,
+    student,
+)
 from tests.fixtures.rollout import make_rollout
 from tests.fixtures.trainer_runtime import jsonl, pending_rollouts, push_rollouts, trainer_config
 
 pytestmark = pytest.mark.timeout(300)
 
-LR, WARMUP, MICRO, CLIP, DUAL = 0.002, 4, 4, 0.2, 3.0
-GROUPS, GROUP_SIZE = 8, 2
+MICRO = 4
 
 
 def _config(model_dir: str, mini_batches: int, importance: str = "ppo_clip") -> TrainerConfig:
-    pg = {"importance": importance}
-    if importance == "ppo_clip":
-        pg["dual_clip"] = DUAL
-    data = {
-        "model": model_dir,
-        "loss": {
-            "divergence": "rkl_sampled",
-            "distill_weight": 0.0,
-            "rl_weight": 1.0,
-            "reduction": "micro_batch_mean",
-            "policy_gradient": pg,
-        },
-        "optim": {"lr": LR, "weight_decay": 0.1, "warmup_steps": WARMUP, "max_grad_norm": 1.0},
-        "batch": {"micro_batch_sequences": MICRO, "mini_batches": mini_batches},
-        "dist": {"backend": "gloo", "mixed_precision": "none"},
-    }
-    data["teacher"] = {"enabled": False}
-    return TrainerConfig.model_validate(data)
-
-
-def _student(model_dir: str) -> torch.nn.Module:
-    return load_student(model_dir, torch.device("cpu"), dtype=torch.float64)
-
-
-def _response_logprobs(lm: torch.nn.Module, record: RolloutRecord) -> torch.Tensor:
-    """[R] log p(response token | everything before it), float64."""
-    ids = torch.from_numpy(np.concatenate([record.prompt_ids, record.response_ids]).astype(np.int64))
-    logits = lm(input_ids=ids[None]).logits[0].double()
-    start = len(record.prompt_ids)
-    logp = torch.log_softmax(logits[start - 1 : -1], -1)
-    return logp.gather(1, ids[start:, None]).squeeze(1)
-
-
-def _groups(model_dir: str) -> list[list[RolloutRecord]]:
-    """8 groups of 2, rewards 0/1 differing inside most groups; behaviour log-probs = the initial policy's."""
-    lm = _student(model_dir)
-    vocab = int(lm.get_output_embeddings().weight.shape[0])
-    rng = np.random.default_rng(11)
-    groups = []
-    for g in range(GROUPS):
-        group = []
-        for s in range(GROUP_SIZE):
-            n = int(rng.integers(5, 10))
-            record = RolloutRecord(
-                rollout_id=f"g{g}s{s}",
-                prompt_id=f"p{g}",
-                group_id=f"p{g}",
-                group_size=GROUP_SIZE,
-                split="train",
-                prompt_ids=rng.integers(0, vocab, int(rng.integers(3, 6))).astype(np.int32),
-                response_ids=rng.integers(0, vocab, n).astype(np.int32),
-                response_mask=(rng.random(n) > 0.15).astype(np.uint8),
-                behaviour_logprobs=np.zeros(n, np.float32),
-                reward=float((s + g) % 2) if g != 3 else 1.0,  # group 3: equal rewards, advantage 0
-                sampling_temperature=1.0,
-                sampling_top_p=1.0,
-            )
-            with torch.no_grad():
-                record.behaviour_logprobs = _response_logprobs(lm, record).numpy().astype(np.float32)
-            group.append(record)
-        groups.append(group)
-    return groups
+    return grpo_config(model_dir, mini_batches, importance, micro_batch_sequences=MICRO)
 
 
 def _grpo_advantages(groups: list[list[RolloutRecord]]) -> dict[str, float]:
@@ -118,7 +72,7 @@ def _grpo_advantages(groups: list[list[RolloutRecord]]) -> dict[str, float]:
 def _verl_update_policy(model_dir: str, groups, mini_batches: int) -> tuple[dict[str, torch.Tensor], float]:
     """verl's loop in float64 on the plain model: the parameters after one batch, and the share of the tokens of
     mini-batches 2.. whose ratio was outside the clip range (the clip's work)."""
-    lm = _student(model_dir)
+    lm = student(model_dir)
     params = [p for p in lm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.1)
     config = _config(model_dir, mini_batches).optim
@@ -134,7 +88,7 @@ def _verl_update_policy(model_dir: str, groups, mini_batches: int) -> tuple[dict
         for micro in micro_batches:
             losses, mask = [], []
             for r in micro:
-                log_prob = _response_logprobs(lm, r)
+                log_prob = response_logprobs(lm, r)
                 old = torch.from_numpy(r.behaviour_logprobs).double()
                 adv = torch.full_like(log_prob, advantages[r.rollout_id])
                 ratio = torch.exp(torch.clamp(log_prob - old, -20.0, 20.0))
@@ -160,13 +114,7 @@ def _verl_update_policy(model_dir: str, groups, mini_batches: int) -> tuple[dict
 
 
 def _opd_update(model_dir: str, groups, mini_batches: int, importance: str = "ppo_clip"):
-    config = _config(model_dir, mini_batches, importance)
-    info = init_distributed(config.dist)
-    root = shard_student(StudentLoss(_student(model_dir), config.loss), config.dist, info.device)
-    optimizer, scheduler = build_optimizer(root, config.optim, 10)
-    runner = StepRunner(root, optimizer, scheduler, config, info, top_k=0, teacher_temperature=1.0)
-    stats, grad_norm = runner.update(groups, groups, {}, {}, step=0)
-    return full_state_dict(root), runner, stats, grad_norm
+    return opd_update(_config(model_dir, mini_batches, importance), groups, groups)
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -176,12 +124,12 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 @pytest.mark.slow
 def test_two_mini_batches_update_as_verls_ppo_loop(tiny_model_dir):
     model_dir = str(tiny_model_dir)
-    groups = _groups(model_dir)
+    groups = rewarded_groups(model_dir)
     want, clipped_share = _verl_update_policy(model_dir, groups, 2)
     got, runner, stats, grad_norm = _opd_update(model_dir, groups, 2)
     assert 0.05 < clipped_share < 0.95  # the second update's ratio is clipped on some of its tokens, not all
     assert _max_diff(got, want) < LR * 1e-8
-    initial = {k: v.double() for k, v in _student(model_dir).state_dict().items()}
+    initial = {k: v.double() for k, v in student(model_dir).state_dict().items()}
     assert _max_diff(got, initial) > 0.1 * LR  # it trained
     assert runner.scheduler.last_epoch == 1  # the LR schedule moved once for the batch
     states = [s["step"] for s in runner.optimizer.state.values()]
@@ -273,3 +221,46 @@ def test_version_publish_acks_and_max_steps_advance_once_per_batch(tiny_model_di
     assert version_dir(config.publish.uri, 1).exists() and version_dir(config.publish.uri, 2).exists()
     assert not version_dir(config.publish.uri, 3).exists()
     assert first.tokens == second.tokens == 4 * 10
+
+    # resumed from the checkpoint of step 2: the schedule and AdamW go on from there, one step per batch
+    push_rollouts(io, redis_url, namespace, [r for p in ("e", "f") for r in _rewarded_group(p, [0.0, 1.0])])
+    resumed = config.model_copy(
+        update={"max_steps": 3, "checkpoint": config.checkpoint.model_copy(update={"resume": True})}
+    )
+    runtime = TrainerRuntime(resumed, init_distributed(resumed.dist), io)
+    try:
+        runtime.start()
+        trainer = runtime.trainer
+        assert trainer.step() is not None and (trainer.step_no, trainer.version) == (3, 3)
+        assert trainer.runner.scheduler.last_epoch == 3
+        steps = {int(s["step"]) for s in trainer.runner.optimizer.state.values()}
+    finally:
+        runtime.close()
+    assert steps == {6}
+    assert pending_rollouts(io, redis_url, namespace) == 0
+    assert [s["step"] for s in jsonl(tmp_path / "ck" / "steps.jsonl")] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_two_ranks_update_as_one_rank_on_the_same_mini_batches(tiny_model_dir, tmp_path):
+    """Each of two FSDP2 ranks cuts its own share; mini-batch j is the union of the ranks' parts j, and the
+    batch's parameters equal one process's on those unions (loss.reduction=step: the cut into micro-batches
+    and ranks does not change a mini-batch's step; float64, same bound as above)."""
+    model_dir = str(tiny_model_dir)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = tmp_path / "two.pt"
+    result = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "2", "-m", "tests.fixtures.mini_batch_step", model_dir, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = torch.load(out, weights_only=False)["state"]
+    groups = rewarded_groups(model_dir)
+    config = grpo_config(model_dir, 2, micro_batch_sequences=0, reduction="step")
+    one, *_ = opd_update(config, groups, one_rank_order(groups, 2, 2))
+    assert _max_diff(two, one) < LR * 1e-8
+    other, *_ = opd_update(config, groups, groups)  # mini-batches of consecutive groups: another result
+    assert _max_diff(other, one) > 0.01 * LR
