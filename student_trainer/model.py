@@ -189,8 +189,7 @@ def load_student(path: str, device: torch.device, dtype: torch.dtype = torch.flo
         )
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention.register())
     model.config.use_cache = False
-    # transformers wraps `to` with functools.wraps(nn.Module.to), whose type takes `device` for `self`
-    return model.to(device)  # pyright: ignore[reportArgumentType] - see the line above
+    return model.to(device)  # pyright: ignore[reportArgumentType] - transformers' @wraps(Module.to) types self badly
 
 
 RootT = TypeVar("RootT", bound=StudentLoss)
