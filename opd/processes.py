@@ -1,4 +1,5 @@
-"""Child processes and local ports: the small helpers the demo, the benchmarks and the tests share."""
+"""Child processes and local ports: the small helpers the demo, the benchmarks, the rollout fleet and the tests
+share. `stop_processes` is the one SIGTERM -> grace -> SIGKILL teardown; nothing else hand-rolls it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import signal
 import socket
 import subprocess
+import time
+from collections.abc import Iterable
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -16,18 +19,41 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def stop_process(proc: subprocess.Popen, grace_s: float = 30.0, *, group: bool = False) -> None:
-    """SIGTERM (the process group when `group`), wait up to `grace_s`, then SIGKILL."""
-    if proc.poll() is not None:
-        return
+def stop_process(
+    proc: subprocess.Popen, grace_s: float = 30.0, *, group: bool = False, kill_wait_s: float = 10.0
+) -> bool:
+    """SIGTERM (the process group when `group`), wait up to `grace_s`, then SIGKILL; `stop_processes` of one."""
+    return stop_processes([proc], grace_s, group=group, kill_wait_s=kill_wait_s)[0]
 
-    def send(sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
 
-    send(signal.SIGTERM)
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        send(signal.SIGKILL)
-        proc.wait(10)
+def stop_processes(
+    procs: Iterable[subprocess.Popen], grace_s: float = 30.0, *, group: bool = False, kill_wait_s: float = 10.0
+) -> list[bool]:
+    """SIGTERM every process still running (its process group when `group`), give them `grace_s` together,
+    then SIGKILL those left and reap each within `kill_wait_s` (`subprocess.TimeoutExpired` past that).
+
+    Returns, per process in order, whether it ended without SIGKILL (True for one that had already exited).
+    """
+    procs = list(procs)
+    running = [i for i, proc in enumerate(procs) if proc.poll() is None]
+    for i in running:
+        _send(procs[i], signal.SIGTERM, group)
+    deadline = time.monotonic() + grace_s
+    killed = []
+    for i in running:
+        try:
+            procs[i].wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _send(procs[i], signal.SIGKILL, group)
+            killed.append(i)
+    for i in killed:
+        procs[i].wait(kill_wait_s)
+    return [i not in killed for i in range(len(procs))]
+
+
+def _send(proc: subprocess.Popen, sig: int, group: bool) -> None:
+    with contextlib.suppress(ProcessLookupError):  # it exited (and, as a group, its children too) meanwhile
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)

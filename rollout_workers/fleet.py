@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from opd.processes import stop_processes
 from protos.records import PromptRecord
 from rollout_workers.config import RolloutConfig
 
@@ -112,15 +113,7 @@ def run_local_fleet(config: RolloutConfig, records: list[PromptRecord] | None = 
 
 
 def _terminate(procs: dict[int, subprocess.Popen[bytes]], grace_s: float) -> None:
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.terminate()
-    deadline = time.monotonic() + grace_s + 5
-    for proc in procs.values():
-        try:
-            proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    stop_processes(procs.values(), grace_s + 5)
 
 
 # ---------------------------------------------------------------------------------------------- Ray actors

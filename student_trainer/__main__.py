@@ -92,6 +92,7 @@ def run(config: TrainerConfig) -> int:
     try:
         runtime.start()
         trainer = runtime.trainer
+        assert trainer is not None, "built by runtime.start()"
         while trainer.step_no < config.max_steps:
             report = trainer.step()
             if report is None:  # every rank agreed to stop

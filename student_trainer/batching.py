@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,6 +30,7 @@ from student_trainer.loss.inputs import LossInputs, TeacherScores
 
 if TYPE_CHECKING:
     from protos.records import RolloutRecord
+    from teacher_server.client import TeacherScores as TeacherReply
 
 
 def reward_value(record: RolloutRecord) -> float:
@@ -162,10 +163,12 @@ class MicroBatch:
         return self.cu_tokens[-1]
 
     def to(self, device: torch.device) -> MicroBatch:
-        def mv(t):
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
-        inputs = LossInputs(**{k: mv(getattr(self.inputs, k)) for k in self.inputs.__dataclass_fields__})
+        inputs = dataclasses.replace(
+            self.inputs, **{k: mv(getattr(self.inputs, k)) for k in self.inputs.__dataclass_fields__}
+        )
         return dataclasses.replace(
             self,
             input_ids_1T=self.input_ids_1T.to(device),
@@ -240,7 +243,7 @@ def dense_mask(cu_tokens: Sequence[int]) -> torch.Tensor:
 
 
 def teacher_scores_for(
-    records: Sequence[RolloutRecord], scores: dict[str, object], temperature: float = 1.0
+    records: Sequence[RolloutRecord], scores: Mapping[str, TeacherReply], temperature: float = 1.0
 ) -> TeacherScores:
     """Concatenate per-record teacher replies (teacher_server.client.TeacherScores) in record order;
     full-vocabulary log-probs when every reply carries them."""

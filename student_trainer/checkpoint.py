@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -86,14 +87,14 @@ def save_checkpoint(
 ) -> Path:
     """Collective. Returns the committed directory. `barrier(what)` waits for every rank (default:
     `dist.barrier`; the trainer passes one that logs while it waits)."""
-    barrier = barrier or (lambda what: dist.barrier())
+    barrier = barrier or _dist_barrier
     final = Path(directory) / f"step-{step:08d}"
     tmp = Path(directory) / f".step-{step:08d}.tmp"
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(f"rank 0 to create {tmp}")
-    dcp.save(_model_and_optim(root, optimizer), checkpoint_id=str(tmp))
+    dcp_save(_model_and_optim(root, optimizer), checkpoint_id=str(tmp))
     if dist.get_rank() == 0:
         torch.save({**trainer_state, "rng": rng_state()}, tmp / "trainer_state.pt")
         shutil.rmtree(final, ignore_errors=True)
@@ -105,6 +106,10 @@ def save_checkpoint(
     return final
 
 
+def _dist_barrier(what: str) -> None:
+    dist.barrier()
+
+
 def load_checkpoint(path: Path, root: nn.Module, optimizer: torch.optim.Optimizer, base_id: str = "") -> dict[str, Any]:
     """Collective. Loads model and optimizer in place; returns the trainer state (RNG already restored).
     `base_id`: the run's LoRA base identity ("" for a full-weight student); a checkpoint of the other kind, or of
@@ -114,7 +119,7 @@ def load_checkpoint(path: Path, root: nn.Module, optimizer: torch.optim.Optimize
     trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)
     check_student_kind(path, trainer_state, base_id)
     state = _model_and_optim(root, optimizer)
-    dcp.load(state, checkpoint_id=str(path))
+    dcp_load(state, checkpoint_id=str(path))
     # A LoRA student's checkpoint lacks its frozen base (that is `--model`): load the adapters, the rest stays.
     frozen = any(not p.requires_grad for p in root.parameters())
     options = StateDictOptions(ignore_frozen_params=True, strict=not frozen)

@@ -18,8 +18,9 @@ import ctypes
 import ctypes.util
 import logging
 import os
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -92,6 +93,32 @@ def tune_cpu_runtime() -> None:
 _M_MMAP_THRESHOLD = -3  # glibc malloc.h
 
 
+class Decoder(Protocol):
+    """The decoder stack of a transformers causal LM: embeddings, `layers`, final norm."""
+
+    layers: nn.ModuleList
+
+    def __call__(
+        self, *, input_ids: torch.Tensor, position_ids: torch.Tensor, use_cache: bool, **kwargs: Any
+    ) -> Any: ...
+
+
+class CausalLM(Protocol):
+    """What the trainer calls on a transformers causal LM, or on peft's LoRA wrapper of one."""
+
+    def get_decoder(self) -> Decoder: ...
+
+    def get_output_embeddings(self) -> nn.Linear: ...
+
+    def disable_adapter(self) -> AbstractContextManager[None]: ...  # peft's wrapper only
+
+
+def causal_lm(lm: nn.Module) -> CausalLM:
+    """`lm` typed as the causal LM it is: `nn.Module.__getattr__` types every attribute it does not declare
+    (the model's methods among them) as `Tensor | Module`, so only a cast can say what the module holds."""
+    return cast(CausalLM, lm)
+
+
 class StudentLoss(nn.Module):
     """Root module: decoder -> hidden rows -> chunked lm-head loss (no [tokens, vocab] logits).
 
@@ -99,11 +126,13 @@ class StudentLoss(nn.Module):
     reference `[T, T]` mask use it instead).
     """
 
-    def __init__(self, lm: nn.Module, loss_config: LossConfig, attention_method: str = "auto") -> None:
+    def __init__(
+        self, lm: nn.Module, loss_config: LossConfig, attention_method: attention.AttentionMethod = "auto"
+    ) -> None:
         super().__init__()
         self.lm = lm
         self.loss_config = loss_config
-        self.attention_method = attention_method
+        self.attention_method: attention.AttentionMethod = attention_method
 
     def forward(
         self,
@@ -120,11 +149,11 @@ class StudentLoss(nn.Module):
         if adapter_disabled_logprobs:
             from student_trainer.reference import reference_logprobs
 
-            with self.lm.disable_adapter():
+            with causal_lm(self.lm).disable_adapter():
                 return reference_logprobs(self, batch)
         assert teacher is not None
         hidden_NH = self.hidden_rows(batch)
-        head = self.lm.get_output_embeddings()
+        head = causal_lm(self.lm).get_output_embeddings()
         return compute_distillation_loss(
             hidden_NH,
             head.weight,
@@ -144,7 +173,7 @@ class StudentLoss(nn.Module):
         elif len(batch.cu_tokens) > 2:  # several sequences: attend per sequence
             method = attention.resolve_method(self.attention_method, batch.input_ids_1T.device)
             kwargs.update(attention.packing_kwargs(batch.cu_tokens, method, batch.input_ids_1T.device))
-        decoder = self.lm.get_decoder()
+        decoder = causal_lm(self.lm).get_decoder()
         hidden_1TH = decoder(
             input_ids=batch.input_ids_1T, position_ids=batch.position_ids_1T, use_cache=False, **kwargs
         ).last_hidden_state
@@ -160,10 +189,13 @@ def load_student(path: str, device: torch.device, dtype: torch.dtype = torch.flo
         )
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention.register())
     model.config.use_cache = False
-    return model.to(device)
+    return model.to(device)  # pyright: ignore[reportArgumentType] - transformers' @wraps(Module.to) types self badly
 
 
-def shard_student(root: StudentLoss, config: DistConfig, device: torch.device) -> StudentLoss:
+RootT = TypeVar("RootT", bound=StudentLoss)
+
+
+def shard_student(root: RootT, config: DistConfig, device: torch.device) -> RootT:
     """fully_shard each decoder layer, then the root (embeddings, final norm, lm-head)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
@@ -181,7 +213,7 @@ def shard_student(root: StudentLoss, config: DistConfig, device: torch.device) -
         )
     if config.cpu_offload:
         kwargs["offload_policy"] = root_kwargs["offload_policy"] = CPUOffloadPolicy()
-    layers = root.lm.get_decoder().layers
+    layers = causal_lm(root.lm).get_decoder().layers
     for i, layer in enumerate(layers):
         if config.activation_checkpointing:
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper

@@ -23,11 +23,12 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from student_trainer import attention
 from student_trainer.batching import MicroBatch
 from student_trainer.loss import divergences as dv
 from student_trainer.loss.config import LossConfig
 from student_trainer.loss.fused_linear import chunk_rows, chunk_slices, compute_dtype, run_chunks
-from student_trainer.model import StudentLoss
+from student_trainer.model import StudentLoss, causal_lm
 
 
 class Reference(Protocol):
@@ -40,7 +41,9 @@ class Reference(Protocol):
 class ReferencePolicy(StudentLoss):
     """Root module of the frozen reference: forward(batch) -> log p_ref(target) [N] (no gradient)."""
 
-    def __init__(self, lm: torch.nn.Module, loss_config: LossConfig, attention_method: str = "auto") -> None:
+    def __init__(
+        self, lm: torch.nn.Module, loss_config: LossConfig, attention_method: attention.AttentionMethod = "auto"
+    ) -> None:
         super().__init__(lm, loss_config, attention_method)
         self.requires_grad_(False)
         self.eval()
@@ -60,7 +63,7 @@ def reference_logprobs(root: StudentLoss, batch: MicroBatch) -> Tensor:
     """log p(target) [N] of `root`'s model on `batch` at `loss.student_temperature`, floored, lm-head in row
     chunks. Also the LoRA student's reference (`student_trainer.lora`, adapter disabled)."""
     hidden_NH = root.hidden_rows(batch)
-    head = root.lm.get_output_embeddings()
+    head = causal_lm(root.lm).get_output_embeddings()
     cfg = root.loss_config
     targets_N = batch.inputs.target_ids.long()
     out_N = torch.zeros(hidden_NH.shape[0], dtype=compute_dtype(hidden_NH.dtype), device=hidden_NH.device)

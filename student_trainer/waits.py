@@ -115,8 +115,10 @@ class Waiter:
         """For a wait made of many short ones (a polling loop): `tick()` logs once every `log_every_s`."""
         return Ticker(what, self.log_every_s)
 
-    def collective(self, work: dist.Work, what: Describe) -> None:
-        """Wait for an asynchronous collective (never interruptible: every rank must take part)."""
+    def collective(self, work: dist.Work | None, what: Describe) -> None:
+        """Wait for an asynchronous collective (never interruptible: every rank must take part). `work` is what
+        torch's `async_op=True` returns: None only on a rank outside the group, never on the default group."""
+        assert work is not None, "an async collective on the default group returns its Work"
         self._wait(lambda timeout_s: _work_done(work, timeout_s), lambda: None, what, interruptible=False)
         work.wait()
 

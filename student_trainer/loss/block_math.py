@@ -18,8 +18,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -85,6 +86,12 @@ class BlockRows:
     def tensors(self) -> tuple[Tensor | None, ...]:
         return tuple(getattr(self, name) for name in self.__dataclass_fields__)
 
+    @classmethod
+    def of(cls, tensors: Iterable[Tensor | None]) -> BlockRows:
+        """The inverse of `tensors()`: the fields in their order (which the type checker cannot follow)."""
+        fields: list[Any] = list(tensors)
+        return cls(*fields)
+
 
 class BlockTerms(NamedTuple):
     distill_C: Tensor  # the distillation term per row (surrogate value for sampled divergences)
@@ -104,11 +111,12 @@ def block_terms(
     logits_CV: Tensor,
     reverse_weight: float,
     need_grad: bool,
-    *row_tensors: Tensor | None,
+    *row_tensors: Any,
 ) -> BlockTerms:
     """Terms and d logits of one block. With `inplace`, `logits_CV` (compute dtype) is overwritten with the
     student's floored log-probs (eager: one buffer fewer); the compiled function leaves it alone (inductor
-    fuses the math, and writing back would cost a buffer). `row_tensors` are `BlockRows.tensors()`."""
+    fuses the math, and writing back would cost a buffer). `row_tensors` are `BlockRows.tensors()` (flat, so
+    that the compiled function takes plain tensors; typed `Any` since their order carries their types)."""
     rows = BlockRows(*row_tensors)
     args = DivergenceArgs(settings.floor, settings.jsd_beta, reverse_weight)
     student = dv.student_chunk(logits_CV, settings.temperature, settings.floor, inplace)
@@ -119,6 +127,7 @@ def block_terms(
     token = token_terms(settings, divergence_fn, sampled, logp_C, rows, args, need_grad)
     if sampled:
         distill_C, divergence_C = token.distill_C, token.divergence_C
+        assert distill_C is not None and divergence_C is not None, "a sampled divergence has its token terms"
     else:
         buckets = _buckets(student, rows, settings)
         distill_C, bucket_grad_CB = dv.bucket_divergence(buckets, divergence_fn, args)
@@ -176,15 +185,18 @@ def token_terms(
 
 def _buckets(student: dv.StudentChunk, rows: BlockRows, settings: BlockSettings) -> dv.Buckets:
     if settings.support == "full":
+        assert rows.full_CV is not None, "support='full' needs full log-probs (check_inputs)"
         return dv.full_buckets(student, rows.full_CV)
-    return dv.topk_buckets(student, rows.topk_ids_CK, rows.topk_logprobs_CK, rows.tail_C, settings.floor)
+    ids_CK, teacher_CK, tail_C = rows.topk_ids_CK, rows.topk_logprobs_CK, rows.tail_C
+    assert ids_CK is not None and teacher_CK is not None and tail_C is not None, "a top-k (check_inputs)"
+    return dv.topk_buckets(student, ids_CK, teacher_CK, tail_C, settings.floor)
 
 
 def top1_agreement(student_top_C: Tensor, rows: BlockRows, dtype: torch.dtype) -> Tensor:
     """1.0 where the student's most likely token (`student_top_C`) is the teacher's, nan if unknown."""
     if rows.full_CV is not None:
         teacher_top_C = rows.full_CV.argmax(-1)
-    elif rows.topk_ids_CK is not None and rows.topk_ids_CK.shape[1] > 0:
+    elif rows.topk_ids_CK is not None and rows.topk_logprobs_CK is not None and rows.topk_ids_CK.shape[1] > 0:
         best_C1 = rows.topk_logprobs_CK.argmax(-1, keepdim=True)
         teacher_top_C = rows.topk_ids_CK.gather(1, best_C1).squeeze(1)
     else:

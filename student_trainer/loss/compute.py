@@ -87,6 +87,7 @@ def compute_distillation_loss(
         rows = chunk_loss.rows(None)
         tiled = TiledPass(BlockSettings.of(config), rows, active_A, plan.reverse_weight, shape, dtype)
         loss = fused_pass_loss(hidden_NH, lm_head_weight_VH, lm_head_bias_V, tiled)
+        assert tiled.terms is not None, "set by the pass just run"
         chunk_loss.record(tiled.terms, active_A)
     else:
         chunks = chunk_slices(active_N, rows_per_chunk)
@@ -131,22 +132,25 @@ class _ChunkLoss:
         """The per-row inputs of rows `block` (None: all rows, the tensors themselves)."""
         teacher, plan = self.teacher, self.plan
 
-        def part(t: Tensor | None) -> Tensor | None:
-            return t if t is None or block is None else t[block]
+        def part(t: Tensor) -> Tensor:
+            return t if block is None else t[block]
+
+        def maybe(t: Tensor | None) -> Tensor | None:
+            return None if t is None else part(t)
 
         return BlockRows(
             target_C=part(self.inputs.target_ids),
             distill_scale_C=part(self.distill_scale_N),
             rl_scale_C=part(self.rl_scale_N),
             teacher_token_C=part(teacher.token_logprobs),
-            topk_ids_CK=part(self.topk_ids),
-            topk_logprobs_CK=part(teacher.topk_logprobs),
-            tail_C=part(teacher.tail_logprobs),
-            full_CV=part(teacher.full_logprobs),
-            distill_advantage_C=part(plan.distill_advantage_N),
-            rl_advantage_C=part(plan.rl_advantage_N),
-            behaviour_C=part(self.behaviour),
-            reference_C=part(self.inputs.reference_logprobs),
+            topk_ids_CK=maybe(self.topk_ids),
+            topk_logprobs_CK=maybe(teacher.topk_logprobs),
+            tail_C=maybe(teacher.tail_logprobs),
+            full_CV=maybe(teacher.full_logprobs),
+            distill_advantage_C=maybe(plan.distill_advantage_N),
+            rl_advantage_C=maybe(plan.rl_advantage_N),
+            behaviour_C=maybe(self.behaviour),
+            reference_C=maybe(self.inputs.reference_logprobs),
         )
 
     def record(self, terms: BlockTerms, block: slice | Tensor) -> Tensor:

@@ -270,15 +270,17 @@ def logits_grad(
     total_C = torch.zeros_like(probs_CV[:, 0])
     if buckets is None:
         dz_CV = torch.zeros_like(probs_CV)
-    elif buckets.ids_CK is None:
-        total_C += bucket_grad_CB.sum(-1)
-        dz_CV = bucket_grad_CB
     else:
+        assert bucket_grad_CB is not None, "buckets come with their gradient"
         total_C += bucket_grad_CB.sum(-1)
-        tail_mass_C = buckets.tail_mass_C
-        tail_scale_C = torch.where(tail_mass_C > 0, bucket_grad_CB[:, -1] / tail_mass_C, 0.0)
-        dz_CV = buckets.tail_probs_CV.mul_(tail_scale_C[:, None])
-        dz_CV.scatter_add_(1, buckets.ids_CK, bucket_grad_CB[:, :-1])
+        if buckets.ids_CK is None:
+            dz_CV = bucket_grad_CB
+        else:
+            tail_mass_C, tail_probs_CV = buckets.tail_mass_C, buckets.tail_probs_CV
+            assert tail_mass_C is not None and tail_probs_CV is not None, "top-k buckets carry their tail"
+            tail_scale_C = torch.where(tail_mass_C > 0, bucket_grad_CB[:, -1] / tail_mass_C, 0.0)
+            dz_CV = tail_probs_CV.mul_(tail_scale_C[:, None])
+            dz_CV.scatter_add_(1, buckets.ids_CK, bucket_grad_CB[:, :-1])
     if sampled_grad_C is not None:
         total_C += sampled_grad_C
         dz_CV.scatter_add_(1, target_C.long()[:, None], sampled_grad_C[:, None])

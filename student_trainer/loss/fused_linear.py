@@ -66,7 +66,6 @@ def run_chunks(
     dtype = compute_dtype(hidden_NH.dtype)
     loss = torch.zeros((), dtype=dtype, device=hidden_NH.device)
     need_hidden, need_weight, need_bias = needs_grad
-    need_bias = need_bias and bias_V is not None
     grad_hidden_NH = _zeros_for(hidden_NH, need_hidden)
     grad_weight_VH = _zeros_for(weight_VH, need_weight)
     grad_bias_V = _zeros_for(bias_V, need_bias)
@@ -79,11 +78,11 @@ def run_chunks(
         if dlogits_CV is None:
             continue
         dlogits_CV = dlogits_CV.to(weight_VH.dtype)
-        if need_hidden:
+        if grad_hidden_NH is not None:
             torch.mm(dlogits_CV, weight_VH, out=grad_hidden_NH[rows])
-        if need_weight:
+        if grad_weight_VH is not None:
             grad_weight_VH.addmm_(dlogits_CV.T, hidden_CH.to(weight_VH.dtype))
-        if need_bias:
+        if grad_bias_V is not None:
             grad_bias_V += dlogits_CV.sum(0)
     return loss, grad_hidden_NH, grad_weight_VH, grad_bias_V
 

@@ -160,7 +160,7 @@ def _check_sequences(inputs: LossInputs, config: LossConfig, n: int) -> None:
                     f"{name} of shape [{num_seqs}] is required by rl_weight > 0, reward_softmax or pass_rate "
                     "(or pass inputs.sample_weights / inputs.advantages computed over whole groups)"
                 )
-        if bool(inputs.rewards.isinf().any()):
+        if inputs.rewards is not None and bool(inputs.rewards.isinf().any()):  # not None: checked just above
             raise ValueError(
                 "inputs.rewards must be finite, or NaN for a sample without a reward (timed out, raised, no "
                 "reference answer); got an infinite reward"

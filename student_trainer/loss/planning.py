@@ -174,6 +174,7 @@ def plan_rows(
     distill_advantage_N = None
     row = divergence(config.divergence)
     if config.discount > 0:  # a sampled-token divergence (LossConfig checks): reward -d per token, discounted
+        assert pre is not None, "discount > 0 runs the pre-pass"
         per_token_N = -row.function()(pre.logp_N, teacher.token_logprobs, DivergenceArgs(config.logprob_floor))
         distill_advantage_N = wt.discounted_returns(per_token_N * valid_N, inputs.cu_seqlens, config.discount)
     rl_coef_N = torch.zeros_like(token_w_N)
@@ -199,7 +200,9 @@ def _sequence_terms(inputs: LossInputs, config: LossConfig, dtype: torch.dtype) 
     weights_S, advantages_S = inputs.sample_weights, inputs.advantages
     needs_weights = config.reward_softmax.enabled or config.pass_rate.enabled
     if (weights_S is None and needs_weights) or (advantages_S is None and config.rl_weight > 0):
-        computed_w, computed_a = sequence_weights(inputs.rewards, inputs.group_ids, config, dtype)
+        rewards_S, group_ids_S = inputs.rewards, inputs.group_ids
+        assert rewards_S is not None and group_ids_S is not None, "required here, checked by check_inputs"
+        computed_w, computed_a = sequence_weights(rewards_S, group_ids_S, config, dtype)
         weights_S = computed_w if weights_S is None else weights_S
         advantages_S = computed_a if advantages_S is None else advantages_S
     if weights_S is None:
@@ -213,6 +216,7 @@ def _select(pre: RowScores | None, valid_N: Tensor, vocab_size: int, config: Los
     ts = config.token_selection
     if not ts.enabled:
         return valid_N.clone()
+    assert pre is not None, "token selection runs the pre-pass"
     weight_N = wt.tip_weights(pre.entropy_N, pre.jsd_N, vocab_size, ts.entropy_exponent, ts.divergence_exponent)
     generator = torch.Generator().manual_seed(ts.seed + step)
     return wt.select_tokens(weight_N, valid_N, ts.keep_fraction, generator)
@@ -243,7 +247,7 @@ def prescore_rows(
         student = dv.student_chunk(logits_CV, config.student_temperature, config.logprob_floor)
         out.entropy_N[rows] = dv.entropy_rows(student)
         out.logp_N[rows] = student.logprobs_CV.gather(1, inputs.target_ids[rows].long()[:, None]).squeeze(1)
-        if want_jsd:
+        if out.jsd_N is not None:  # TIP's JSD wanted
             out.jsd_N[rows] = _tip_jsd(student, teacher, rows, config)
         return logits_CV.new_zeros(()), None
 
@@ -262,8 +266,10 @@ def _tip_jsd(student: dv.StudentChunk, teacher: TeacherScores, rows: slice, conf
     """Symmetric JSD(p_S, p_T) (beta = 1/2, at most ln 2) over TIP's support, [C]."""
     floor = config.logprob_floor
     if config.token_selection.jsd_support == "full":
+        assert teacher.full_logprobs is not None, "checked by check_inputs"
         buckets = dv.full_buckets(student, teacher.full_logprobs[rows])
     else:
+        assert teacher.topk_ids is not None and teacher.topk_logprobs is not None, "checked by check_inputs"
         buckets = dv.renormalised_topk(student, teacher.topk_ids[rows], teacher.topk_logprobs[rows], floor)
     jsd_C, _ = dv.jsd(buckets.student_CB, buckets.student_probs_CB, buckets.teacher_CB, DivergenceArgs(floor, 0.5))
     return jsd_C.clamp(min=0.0, max=math.log(2.0))

@@ -148,7 +148,11 @@ class TiledPass:
 
     def _statistics_sweep(self) -> _Rows:
         a, device, dt = self.active_A.numel(), self.active_A.device, self.dtype
-        topk_ids = None if self.sampled or self.full else self.rows.topk_ids_CK.long()[self.active_A]
+        topk_ids = None
+        if not (self.sampled or self.full):
+            ids_CK = self.rows.topk_ids_CK
+            assert ids_CK is not None, "support='topk' has the teacher's top-k (check_inputs)"
+            topk_ids = ids_CK.long()[self.active_A]
         state = _Rows(
             lse=torch.full((a,), -math.inf, dtype=dt, device=device),
             neg_entropy=torch.zeros(a, dtype=dt, device=device),
@@ -168,6 +172,7 @@ class TiledPass:
             inside, local = _in_tile(targets_A[block][:, None], cols, z_RT.shape[1])
             state.target_z[block] = torch.where(inside, z_RT.gather(1, local), state.target_z[block][:, None])[:, 0]
             if topk_ids is not None:
+                assert state.topk_z is not None and state.tail_lse is not None, "made with topk_ids"
                 inside, local = _in_tile(topk_ids[block], cols, z_RT.shape[1])
                 state.topk_z[block] = torch.where(inside, z_RT.gather(1, local), state.topk_z[block])
                 rows_i, ks = inside.nonzero(as_tuple=True)
@@ -191,7 +196,9 @@ class TiledPass:
         s_RT = z_RT.sub_(state.lse[block][:, None])
         p_RT = s_RT.exp()
         student = dv.StudentChunk(logprobs_CV=s_RT.clamp_(min=self.settings.floor), probs_CV=p_RT)
-        teacher_RT = self.rows.full_CV[self.active_A[block], cols]
+        full_CV = self.rows.full_CV
+        assert full_CV is not None, "support='full' has the teacher's full log-probs (check_inputs)"
+        teacher_RT = full_CV[self.active_A[block], cols]
         loss_R, g_RT = dv.bucket_divergence(dv.full_buckets(student, teacher_RT), self.fn, self.args)
         return loss_R, g_RT, p_RT
 
@@ -200,7 +207,7 @@ class TiledPass:
         G = the scaled sum of every d/ds [A] and the distillation scale [A]."""
         full_CV = self.rows.full_CV  # never indexed whole: [A, V] is what this pass avoids
         self.rows.full_CV = None
-        rows = BlockRows(*(self._part(t, slice(None)) for t in self.rows.tensors()))
+        rows = BlockRows.of(self._part(t, slice(None)) for t in self.rows.tensors())
         self.rows.full_CV = full_CV
         floor = self.settings.floor
         logp_A = (state.target_z - state.lse).clamp(min=floor)
@@ -209,6 +216,7 @@ class TiledPass:
         g_AB, grad_total_A = None, torch.zeros_like(logp_A)
         if self.sampled:
             distill_A, divergence_A = token.distill_C, token.divergence_C
+            assert distill_A is not None and divergence_A is not None, "a sampled divergence has its token terms"
         elif self.full:
             distill_A, g_sum_A = self._divergence_sweep(state)
             divergence_A, grad_total_A = distill_A, g_sum_A * scale_A
@@ -230,6 +238,8 @@ class TiledPass:
 
     def _topk_buckets(self, state: _Rows, rows: BlockRows) -> tuple[Tensor, Tensor]:
         floor = self.settings.floor
+        assert state.topk_z is not None and state.tail_lse is not None, "support='topk'"
+        assert rows.topk_logprobs_CK is not None and rows.tail_C is not None, "support='topk' (check_inputs)"
         tail_log_A = state.tail_lse - state.lse
         student_AB = torch.cat(
             [(state.topk_z - state.lse[:, None]).clamp(min=floor), tail_log_A.clamp(min=floor)[:, None]], 1
@@ -243,15 +253,15 @@ class TiledPass:
         """d hidden, d weight, d bias (those wanted; None otherwise), tile by tile: vocabulary tiles outer,
         each tile's weight and bias gradients summed over the row blocks in float32 and written once."""
         need_hidden, need_weight, need_bias = needs_grad
-        need_bias = need_bias and self.bias_V is not None
         grad = _Gradients(g_AB, grad_total_A, scale_A, self.rows.target_C.long()[self.active_A])
         if g_AB is not None:
+            assert self.rows.topk_ids_CK is not None, "bucket gradients come from a top-k"
             grad.topk_ids = self.rows.topk_ids_CK.long()[self.active_A]
             grad.tail_scale_A = torch.where(self.tail_mass_A > 0, g_AB[:, -1] / self.tail_mass_A, 0.0)
         h = self.weight_VH.shape[1]
         grad_hidden_AH = torch.zeros(self.active_A.numel(), h, dtype=self.dtype, device=hidden_NH.device)
         grad_weight_VH = torch.zeros_like(self.weight_VH) if need_weight else None
-        grad_bias_V = torch.zeros_like(self.bias_V) if need_bias else None
+        grad_bias_V = torch.zeros_like(self.bias_V) if need_bias and self.bias_V is not None else None
         for cols, block, z_RT, weight_TH in self._tiles():
             if block.start == 0:  # a new vocabulary tile: float32 sums of its weight and bias gradients
                 acc_TH = torch.zeros(cols.stop - cols.start, h, dtype=self.dtype, device=z_RT.device)
@@ -259,15 +269,15 @@ class TiledPass:
             dz_RT = self._tile_dlogits(z_RT, state, grad, cols, block)
             if need_hidden:
                 grad_hidden_AH[block] += self.mm(dz_RT, weight_TH)
-            if need_weight:
+            if grad_weight_VH is not None:
                 acc_TH += self.mm(dz_RT.T, self.hidden_AH[block])
-            if need_bias:
+            if grad_bias_V is not None:
                 acc_T += dz_RT.sum(0)
             del z_RT, dz_RT
             if block.stop >= self.active_A.numel():  # the tile's last row block: write its gradients once
-                if need_weight:
+                if grad_weight_VH is not None:
                     grad_weight_VH[cols] = acc_TH
-                if need_bias:
+                if grad_bias_V is not None:
                     grad_bias_V[cols] = acc_T
         grad_hidden_NH = None
         if need_hidden:
@@ -286,6 +296,7 @@ class TiledPass:
         else:
             dz_RT = z_RT.sub_(state.lse[block][:, None]).exp_()  # p
             if grad.g_AB is not None:
+                assert grad.topk_ids is not None and grad.tail_scale_A is not None, "set with g_AB"
                 inside, local = _in_tile(grad.topk_ids[block], cols, z_RT.shape[1])
                 rows_i, ks = inside.nonzero(as_tuple=True)
                 cols_i = local[rows_i, ks]
