@@ -168,6 +168,7 @@ class BatchProducer:
 
     def _rollout_wait(self) -> str:
         """What rank 0 waits for while it waits for rollouts (the source adds its prompt feeder's state)."""
+        assert self.source is not None, "only rank 0 waits for rollouts"
         return self.source.waiting_for(self.config.groups_per_step)
 
     # -- pull whole groups (rank 0), broadcast, split across ranks --------------------------------------------------
@@ -187,7 +188,9 @@ class BatchProducer:
             raise StopRequested("stop requested while rank 0 waited for rollouts")
         box = [groups]
         dist.broadcast_object_list(box, src=0)
-        return Batch(box[0], split_across_ranks(box[0], self.info.world_size)[self.info.rank], weights={})
+        pulled = box[0]
+        assert pulled is not None, "every rank learnt above that rank 0 has groups"
+        return Batch(pulled, split_across_ranks(pulled, self.info.world_size)[self.info.rank], weights={})
 
     # -- this rank's teacher scores ---------------------------------------------------------------------------------
 

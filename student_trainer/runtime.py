@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Response
 from fastapi.responses import HTMLResponse
@@ -41,6 +42,9 @@ from student_trainer.score_sources.factory import create_score_source
 from student_trainer.settlement import Settlement
 from student_trainer.trainer import Trainer
 from student_trainer.waits import StopRequested, StopSignal, Waiter
+
+if TYPE_CHECKING:
+    from student_trainer.score_sources.offline import OfflineRolloutFeeder
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
@@ -106,7 +110,7 @@ class TrainerRuntime:
         self.ops_port: int | None = None
         self.scores: ScoreSource | None = None
         self._source: RolloutSource | None = None
-        self._feeder: PromptFeeder | None = None
+        self._feeder: PromptFeeder | OfflineRolloutFeeder | None = None
         self._feed_task = None
         self._evals: EvalRounds | None = None
         self._ops: OpsServer | None = None
@@ -146,13 +150,15 @@ class TrainerRuntime:
             cfg.ops,
         )
         self.ops_port = self.io.call(self._ops.start())
+        source = self._source
+        assert source is not None, "rank 0 reads the rollout stream"
         if self._feeder is not None:
-            self.io.call(self._feeder.start_up(self._source.is_used))  # what a previous run left in flight
+            self.io.call(self._feeder.start_up(source.is_used))  # what a previous run left in flight
             self._feed_task = self.io.submit(self._feeder.run())
         if cfg.eval.every_steps:
             self._evals = EvalRounds(
                 self.io,
-                self._source,
+                source,
                 self.scores,
                 eval_records(cfg),
                 cfg.checkpoint.dir,
@@ -174,12 +180,13 @@ class TrainerRuntime:
             return
         if self._feed_task is not None and self._feed_task.done() and self._feed_task.exception():
             raise RuntimeError(f"prompt feeder failed: {self._feed_task.exception()}")
+        assert self.trainer is not None, "after_step runs after start"
         if self.trainer.step_no % max(1, self.config.eval.every_steps) == 0:
             self._eval_round()
 
     def _eval_round(self) -> None:
         """An eval round of the last published version (training waits); a stop request ends it unreported."""
-        if self._evals is None:
+        if self._evals is None or self.trainer is None:
             return
         try:
             self._evals.run(self.trainer.step_no, self.trainer.version)

@@ -71,7 +71,7 @@ from student_trainer.loss.planning import (
     step_denominators,
 )
 from student_trainer.loss.registry import TeacherNeed, teacher_needs
-from student_trainer.model import DistInfo, StudentLoss
+from student_trainer.model import DistInfo, StudentLoss, causal_lm
 from student_trainer.sampling_check import SamplingCheck
 
 if TYPE_CHECKING:
@@ -112,7 +112,7 @@ class StepRunner:
         self.top_k, self.temperature = top_k, teacher_temperature
         lm_config = root.lm.config
         self.max_model_len = int(getattr(lm_config, "max_position_embeddings", None) or 2**62)
-        self.vocab_size = int(root.lm.get_output_embeddings().weight.shape[0])
+        self.vocab_size = int(causal_lm(root.lm).get_output_embeddings().weight.shape[0])
         self.full_vocab = TeacherNeed.FULL in teacher_needs(config.loss)
         self.reference_mask = config.batch.attention == "mask"
         self.dropped_too_long = 0  # rollouts of the last step longer than the student's context
@@ -322,7 +322,8 @@ class StepRunner:
         """Clip, then step unless the norm is not finite (and the LR schedule too, if `schedule`); returns the
         norm before clipping."""
         norm = torch.nn.utils.clip_grad_norm_(self.root.parameters(), self.config.optim.max_grad_norm)
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        full_tensor = getattr(norm, "full_tensor", None)  # a DTensor's norm under FSDP2
+        norm = float(full_tensor() if full_tensor is not None else norm)
         if math.isfinite(norm):
             self.optimizer.step()
             if schedule:

@@ -38,7 +38,7 @@ from student_trainer.batches import BatchProducer, ReadyBatch
 from student_trainer.config import TrainerConfig
 from student_trainer.loggers import StepLogger
 from student_trainer.metrics import TrainerMetrics, TrainerStatus
-from student_trainer.model import DistInfo, StudentLoss, load_student, shard_student
+from student_trainer.model import DistInfo, StudentLoss, causal_lm, load_student, shard_student
 from student_trainer.optim import build_optimizer
 from student_trainer.publish import publish_weights
 from student_trainer.report import StepReport, StepTimes
@@ -90,7 +90,8 @@ class Trainer:
         self.step_logger = StepLogger(config.logging, config, info.is_main)
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
         lm = load_student(config.model, info.device)
-        scores.check(tokenizer_fingerprint(tokenizer), int(lm.get_output_embeddings().weight.shape[0]), config.model)
+        vocab_size = int(causal_lm(lm).get_output_embeddings().weight.shape[0])
+        scores.check(tokenizer_fingerprint(tokenizer), vocab_size, config.model)
         self.base_id = lora.base_identity(config.model) if config.lora.enabled else ""  # what adapters apply to
         lm = lora.apply_lora(lm, config.lora) if config.lora.enabled else lm
         root = shard_student(StudentLoss(lm, config.loss, config.batch.attention), config.dist, info.device)

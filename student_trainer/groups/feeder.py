@@ -271,7 +271,7 @@ class PromptFeeder:
             record = _decode(PromptRecord, fields)
             pid = self._entry_prompt.get(entry) or (record.prompt_id if record is not None else None)
             open_ = self.ledger.open.get(pid) if pid else None
-            if open_ is not None and open_.entry_id in (None, entry):  # its latest copy, not an older one
+            if pid and open_ is not None and open_.entry_id in (None, entry):  # its latest copy, not an older one
                 self._fail(pid, "dead_lettered", f"dead-lettered by a rollout worker: {reason}")
         elif source == self._keys.rollouts:
             rollout = _decode(RolloutRecord, fields)
