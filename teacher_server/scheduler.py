@@ -17,8 +17,9 @@ nothing queued and offers at most `express_max_share` (1/2) of its max-min
 fair share (weighted) goes to the express lane instead of the fair queue. The
 express lane runs its own small batches beside the bulk batches, at once (no
 batch wait), through `TeacherEngine.score_batch_express`, which each backend
-gives priority over its bulk work (hf: a second thread with the bulk threads
-niced, a high-priority CUDA stream on GPU; vllm: request priority). So a team
+gives priority over its bulk work (hf: a second thread, and the running bulk
+batch parks at its next module boundary until the express batch is done,
+`preemption.py`; a high-priority CUDA stream on GPU; vllm: request priority). So a team
 within its share does not wait behind a batch filled by a team that floods:
 the flooder's work is what it is, it only shares the engine with light
 requests. Does not validate requests, encode replies or know about gRPC.
@@ -39,6 +40,7 @@ from teacher_server.config import SchedulerConfig
 from teacher_server.engine import ScoreResult, ScoreWork, TeacherEngine
 from teacher_server.errors import DeadlineExpired, Draining, EngineFailed, InvalidRequest, QueueFull
 from teacher_server.metrics import TeacherMetrics
+from teacher_server.preemption import YieldStats
 from teacher_server.throughput import ClientRates, EngineThroughput, fair_level
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,7 @@ class FairScheduler:
         self._express_tokens = 0
         self._express_held: dict[str, int] = collections.defaultdict(int)  # express-queued tokens per client
         self._express_wakeup = asyncio.Event()
+        self._yields_seen = YieldStats()  # the engine's totals last exported to the metrics
 
     # -- intake ---------------------------------------------------------------------------
 
@@ -329,6 +332,7 @@ class FairScheduler:
             self._metrics.engine_busy.inc(finished - started)
             self._metrics.inflight_batches.dec()
             self._running_requests -= len(batch)
+            self._export_yields()
             if not express:
                 self._slots.release()
         for pending, result in zip(batch, results, strict=True):
@@ -340,6 +344,13 @@ class FairScheduler:
                 pending.future.set_result(result)
 
     # -- helpers --------------------------------------------------------------------------
+
+    def _export_yields(self) -> None:
+        """Add what the engine's bulk batches gave way since the last batch to the metrics' counters."""
+        now = self._engine.yield_stats()
+        self._metrics.bulk_yields.inc(now.yields - self._yields_seen.yields)
+        self._metrics.bulk_yield_seconds.inc(max(0.0, now.seconds - self._yields_seen.seconds))
+        self._yields_seen = now
 
     def _min_active_vtime(self) -> float:
         active = [self._vtime[c] for c, q in self._queues.items() if q]
