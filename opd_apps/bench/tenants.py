@@ -233,6 +233,18 @@ def share_rows(one: dict, phase: str) -> dict[str, float]:
     return {n: scored.get(n, 0.0) / total if total else float("nan") for n in TENANTS}
 
 
+def _express_note(one: dict) -> str:
+    """During (a): the share of student-a/b/c's answered requests served in the express lane, and the times a
+    running bulk batch parked for an express one (both from the teacher's /metrics)."""
+    flood = one["flood_metrics"]
+    express = sum(flood["express"].get(n, 0.0) for n in TENANTS[:3])
+    answered = sum(flood["requests"].get(n, {}).get(("Score", "OK"), 0.0) for n in TENANTS[:3])
+    if not express:
+        return ""
+    parked = flood["bulk_yields"]
+    return f"; express {express / max(answered, 1.0):.0%} of a/b/c's answers, bulk batches parked {parked:.0f}x"
+
+
 def format_run(args: argparse.Namespace, out: dict, run: int) -> str:
     """A few lines per run, so that each run's figures are on record beside the medians."""
     lines = [f"run {run + 1} (load average {out['load_average']:.1f}):"]
@@ -246,6 +258,7 @@ def format_run(args: argparse.Namespace, out: dict, run: int) -> str:
             + ", p50/solo "
             + "/".join(f"{r['per_solo']:.2f}" for r in well)
             + f", flooder refused {rows[TENANTS[3]]['exhausted']:.0f}"
+            + _express_note(one)
         )
     lines.append(
         "  shares (b) "
