@@ -185,14 +185,26 @@ async def _vocab_size(address: str, token: str) -> int:
 
 
 async def _saturated(
-    tenants: list[Tenant], outstanding: list[int], window_s: float, args: argparse.Namespace, ops_url: str
+    tenants: list[Tenant],
+    outstanding: list[int],
+    window_s: float,
+    args: argparse.Namespace,
+    ops_url: str,
+    weights: dict[str, float] | None = None,
 ):
     """`tenants` keep `outstanding` requests in flight; per-client metrics over a `window_s` window after a
-    warm-up second. Returns (metrics delta, tallies)."""
+    warm-up second and, with `weights`, once the teacher's /metrics show it applies them (it re-reads an
+    edited tokens file on its own schedule, later on a loaded machine). Returns (metrics delta, tallies)."""
     stop = asyncio.Event()
     runs = [asyncio.create_task(t.saturate(n, stop, args.timeout_s)) for t, n in zip(tenants, outstanding, strict=True)]
     await asyncio.sleep(1.0)
     before = await asyncio.to_thread(read_client_metrics, ops_url)
+    deadline = time.monotonic() + 60
+    while weights and any(before["weights"].get(n) != w for n, w in weights.items()):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the teacher did not apply weights {weights} within 60 s: {before['weights']}")
+        await asyncio.sleep(0.2)
+        before = await asyncio.to_thread(read_client_metrics, ops_url)
     await asyncio.sleep(window_s)
     after = await asyncio.to_thread(read_client_metrics, ops_url)
     stop.set()
@@ -401,8 +413,9 @@ async def _shares(args: argparse.Namespace, teacher: PinnedTeacher, tokens: dict
             Tenant(teacher.address, n, tokens[n], k, args.top_k, vocab) for n, k in zip(TENANTS, lengths, strict=True)
         ]
         try:
+            weights = dict(zip(TENANTS, WEIGHTS, strict=True)) if phase == "weighted" else None
             out[f"{phase}_metrics"], _ = await _saturated(
-                tenants, out["share_outstanding"], args.phase_s, args, teacher.ops_url
+                tenants, out["share_outstanding"], args.phase_s, args, teacher.ops_url, weights
             )
         finally:
             for t in tenants:
