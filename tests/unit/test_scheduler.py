@@ -293,6 +293,29 @@ def test_a_light_clients_next_request_stays_express_while_its_previous_one_runs_
     assert 3 in [t for b in engine.batches for t in b]  # the burst ran in a bulk batch
 
 
+def test_the_throughput_estimate_stays_near_the_true_rate_when_express_batches_finish_inside_bulk_ones():
+    # Cycles of one bulk batch (8192 tokens, 2.5 s) with 19 express batches (128 tokens) finishing inside it,
+    # one every 0.125 s: the engine delivers 10624 tokens per 2.5 s = 4249.6 tokens/s. Each express batch is
+    # credited the busy time since the last finish, the bulk batch's tokens come in one lump at its end.
+    # With sums decayed over tau = 10 s, a lump moves the estimate by at most about 8192 / (tau x 4249.6)
+    # = 19% above, and the 19 express finishes take it down by the same amount before the next lump.
+    from teacher_server.throughput import EngineThroughput
+
+    est, now, true_rate, seen = EngineThroughput(), 0.0, 10624 / 2.5, []
+    for cycle in range(40):
+        est.started(now)
+        for _ in range(19):
+            est.started(now + 0.0625)
+            now += 0.125
+            est.finished(128, now)
+            seen.append((cycle, est.tokens_per_s))
+        now += 2.5 - 19 * 0.125
+        est.finished(8192, now)
+        seen.append((cycle, est.tokens_per_s))
+    settled = [rate / true_rate for cycle, rate in seen if cycle >= 20]  # the prior has decayed away
+    assert max(settled) < 1.25 and min(settled) > 0.75, (min(settled), max(settled))
+
+
 def test_fair_level_is_the_max_min_share_per_unit_of_weight():
     assert fair_level({"a": 1, "b": 1, "c": 1, "d": 10}, dict.fromkeys("abcd", 1.0), 8) == 5
     assert fair_level({"a": 10, "b": 10}, {"a": 2.0, "b": 1.0}, 6) == 2
