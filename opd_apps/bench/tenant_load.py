@@ -16,6 +16,7 @@ import time
 import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import httpx
@@ -102,7 +103,7 @@ class Tenant:
         return tally
 
 
-def read_client_metrics(ops_url: str) -> dict[str, dict]:
+def read_client_metrics(ops_url: str) -> dict[str, Any]:
     """Teacher counters from `/metrics`: per client scored positions, requests by (rpc, code), express-lane
     requests and weight; the times bulk batches parked for express ones (`bulk_yields`)."""
     text = httpx.get(f"{ops_url}/metrics", timeout=30).text
@@ -133,7 +134,7 @@ def read_client_metrics(ops_url: str) -> dict[str, dict]:
     }
 
 
-def metrics_delta(before: dict[str, dict], after: dict[str, dict]) -> dict[str, dict]:
+def metrics_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """`after - before` of two `read_client_metrics` snapshots."""
     scored = {c: v - before["scored"].get(c, 0.0) for c, v in after["scored"].items()}
     requests = {

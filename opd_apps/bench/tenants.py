@@ -413,7 +413,7 @@ async def _shares(args: argparse.Namespace, teacher: PinnedTeacher, tokens: dict
             Tenant(teacher.address, n, tokens[n], k, args.top_k, vocab) for n, k in zip(TENANTS, lengths, strict=True)
         ]
         try:
-            weights = dict(zip(TENANTS, WEIGHTS, strict=True)) if phase == "weighted" else None
+            weights: dict[str, float] | None = dict(zip(TENANTS, WEIGHTS, strict=True)) if phase == "weighted" else None
             out[f"{phase}_metrics"], _ = await _saturated(
                 tenants, out["share_outstanding"], args.phase_s, args, teacher.ops_url, weights
             )
