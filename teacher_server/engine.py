@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from teacher_server.info import TeacherInfo
+from teacher_server.preemption import YieldStats
 
 if TYPE_CHECKING:
     from teacher_server.config import TeacherConfig
@@ -86,6 +87,11 @@ class TeacherEngine(abc.ABC):
         """`score_batch` for the scheduler's express lane: a small batch that should not wait for the bulk
         batches already running. Backends give it priority where they can; the default runs it as any batch."""
         return await self.score_batch(works)
+
+    def yield_stats(self) -> YieldStats:
+        """How often, and for how long in all, bulk batches gave way to express batches (totals since start).
+        Zero for backends whose express priority is not cooperative preemption (vllm: request priority)."""
+        return YieldStats()
 
     @abc.abstractmethod
     async def generate(self, work: GenerateWork) -> GenerateResult:

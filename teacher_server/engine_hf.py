@@ -8,11 +8,14 @@ logits outside the top-k) are computed on the device chunk by chunk, so no
 temperature is exact here (logits / T before the softmax).
 
 The scheduler's express lane (`score_batch_express`) runs on a thread of its
-own beside the bulk batches: the bulk threads run at a lower OS priority
-(nice +19), so on a shared CPU a light request's small batch gets most of the
-cores while it runs instead of waiting for the bulk batch to end; on CUDA its
-kernels go to a high-priority stream, which the GPU schedules ahead of the
-bulk stream's pending work.
+own beside the bulk batches, with cooperative preemption (`preemption.py`):
+every module of the decoder and the lm-head has a forward pre-hook at which a
+bulk thread parks while an express batch runs, so a light request's small
+batch has the cores to itself after at most one module of the bulk batch
+instead of waiting for the bulk batch to end, and the bulk batch then goes on
+where it stopped. All threads run at the normal OS priority. On CUDA the
+express kernels also go to a high-priority stream, which the GPU schedules
+ahead of the bulk stream's pending work.
 
 Limit: the lm-head is applied as `get_output_embeddings()` to the decoder's
 final hidden states; models that post-process logits (e.g. Gemma-2's logit
@@ -22,11 +25,8 @@ soft-capping) are not reproduced exactly.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -36,17 +36,11 @@ from opd.model_source import resolve_model_dir, tokenizer_facts
 from teacher_server.config import TeacherConfig
 from teacher_server.engine import GenerateResult, GenerateWork, ScoreResult, ScoreWork, TeacherEngine
 from teacher_server.info import TeacherInfo
+from teacher_server.preemption import ExpressGate, YieldStats
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-BULK_NICE = 19  # the bulk threads' niceness: under contention the express thread (0) gets nearly all the CPU
-
-
-def _lower_thread_priority() -> None:
-    """Executor initializer: lower this thread's scheduling priority (Linux: a thread id is a process id)."""
-    with contextlib.suppress(OSError, AttributeError):  # not Linux, or not permitted: run at normal priority
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BULK_NICE)
 
 
 def _pick_device(name: str) -> torch.device:
@@ -79,11 +73,16 @@ class HFEngine(TeacherEngine):
         # Off the event loop. On CUDA two batches may be in flight, so one batch's host-side work (padding,
         # copies, splitting) overlaps the next one's GPU compute; on CPU they would only fight for cores.
         self.preferred_inflight_batches = 2 if self._device.type == "cuda" else 1
+        self._gate = ExpressGate()
         self._executor = ThreadPoolExecutor(
             max_workers=self.preferred_inflight_batches,
             thread_name_prefix="hf-engine",
-            initializer=_lower_thread_priority,
+            initializer=self._gate.mark_bulk_thread,
         )
+        # Preemption points: before every module of the decoder (layers, and their attention and MLP parts) and
+        # before every lm-head chunk. A hook costs about a microsecond when no express batch runs.
+        for module in [*self._decoder.modules(), self._lm_head]:
+            module.register_forward_pre_hook(self._preemption_point)
         self._express = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-express")
         # Hand the GIL over within 0.5 ms rather than 5: the express thread should not wait out a bulk thread's
         # Python stretch between its own (GIL-free) torch kernels.
@@ -112,7 +111,14 @@ class HFEngine(TeacherEngine):
 
     async def score_batch_express(self, works: list[ScoreWork]) -> list[ScoreResult | Exception]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._express, self._score_express_sync, works)
+        with self._gate.express():  # from hand-over on: a bulk batch parks at its next preemption point
+            return await loop.run_in_executor(self._express, self._score_express_sync, works)
+
+    def yield_stats(self) -> YieldStats:
+        return self._gate.snapshot()
+
+    def _preemption_point(self, _module: torch.nn.Module, _args: tuple) -> None:
+        self._gate.checkpoint()
 
     async def generate(self, work: GenerateWork) -> GenerateResult:
         loop = asyncio.get_running_loop()

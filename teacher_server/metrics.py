@@ -71,6 +71,16 @@ class TeacherMetrics:
             ["client"],
             registry=r,
         )
+        self.bulk_yields = Counter(
+            "opd_teacher_bulk_yields_total",
+            "times a running bulk batch parked at a preemption point so that an express batch ran alone (hf)",
+            registry=r,
+        )
+        self.bulk_yield_seconds = Counter(
+            "opd_teacher_bulk_yield_seconds_total",
+            "seconds bulk batches spent parked while express batches ran (hf; summed over bulk threads)",
+            registry=r,
+        )
         self.client_weight = Gauge(
             "opd_teacher_client_weight",
             "the client's fair-share weight as last read from the tokens file (set at its requests)",

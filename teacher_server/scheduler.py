@@ -13,12 +13,14 @@ restart.
 
 Latency isolation (`express_lane`): while the clients together offer more
 tokens/s than the engine delivers (measured), a request whose client has
-nothing queued and offers at most `express_max_share` (1/2) of its max-min
-fair share (weighted) goes to the express lane instead of the fair queue. The
+(about) nothing in the fair queue and offers at most `express_max_share`
+(1/2) of its max-min fair share (weighted) goes to the express lane instead
+of the fair queue. The
 express lane runs its own small batches beside the bulk batches, at once (no
 batch wait), through `TeacherEngine.score_batch_express`, which each backend
-gives priority over its bulk work (hf: a second thread with the bulk threads
-niced, a high-priority CUDA stream on GPU; vllm: request priority). So a team
+gives priority over its bulk work (hf: a second thread, and the running bulk
+batch parks at its next module boundary until the express batch is done,
+`preemption.py`; a high-priority CUDA stream on GPU; vllm: request priority). So a team
 within its share does not wait behind a batch filled by a team that floods:
 the flooder's work is what it is, it only shares the engine with light
 requests. Does not validate requests, encode replies or know about gRPC.
@@ -39,6 +41,7 @@ from teacher_server.config import SchedulerConfig
 from teacher_server.engine import ScoreResult, ScoreWork, TeacherEngine
 from teacher_server.errors import DeadlineExpired, Draining, EngineFailed, InvalidRequest, QueueFull
 from teacher_server.metrics import TeacherMetrics
+from teacher_server.preemption import YieldStats
 from teacher_server.throughput import ClientRates, EngineThroughput, fair_level
 
 log = logging.getLogger(__name__)
@@ -85,6 +88,7 @@ class FairScheduler:
         self._express_tokens = 0
         self._express_held: dict[str, int] = collections.defaultdict(int)  # express-queued tokens per client
         self._express_wakeup = asyncio.Event()
+        self._yields_seen = YieldStats()  # the engine's totals last exported to the metrics
 
     # -- intake ---------------------------------------------------------------------------
 
@@ -118,13 +122,14 @@ class FairScheduler:
 
     def _within_share(self, client: str, num_tokens: int, now: float) -> bool:
         """Express lane: the clients' offered tokens/s together exceed what the engine delivers (someone is
-        held back), this client's are at most `express_max_share` of its max-min fair share, and it has no
-        request waiting in the express lane and at most about one in the fair queue. Clients that together
-        just saturate the engine (each offering what it is served) stay in the fair queue's full batches."""
+        held back), this client's are at most `express_max_share` of its max-min fair share, it has at most
+        about one request in the fair queue, and its requests in the express lane stay within its weighted
+        share of one batch (so a light client whose previous request is still running is not sent behind a
+        bulk batch; one that bursts is). Clients that together just saturate the engine (each offering what
+        it is served) stay in the fair queue's full batches."""
         express_held = self._express_held[client]
         if (
             not self._cfg.express_lane
-            or express_held
             or self._held_tokens[client] - express_held > num_tokens
             or self._express_tokens >= self._cfg.max_batch_tokens
         ):
@@ -132,7 +137,10 @@ class FairScheduler:
         demands = self._rates.active(now)
         weights = {c: self._weight.get(c, 1.0) for c in demands}
         level = fair_level(demands, weights, self._throughput.tokens_per_s)
-        return level != math.inf and demands[client] <= self._cfg.express_max_share * weights[client] * level
+        if level == math.inf or demands[client] > self._cfg.express_max_share * weights[client] * level:
+            return False
+        batch_share = self._cfg.max_batch_tokens * weights[client] / sum(weights.values())
+        return express_held == 0 or express_held + num_tokens <= batch_share
 
     def _apply_policy(self, client: str, num_tokens: int) -> None:
         """Take the team's current weight; refuse the request when it would pass one of the team's caps."""
@@ -329,6 +337,7 @@ class FairScheduler:
             self._metrics.engine_busy.inc(finished - started)
             self._metrics.inflight_batches.dec()
             self._running_requests -= len(batch)
+            self._export_yields()
             if not express:
                 self._slots.release()
         for pending, result in zip(batch, results, strict=True):
@@ -340,6 +349,13 @@ class FairScheduler:
                 pending.future.set_result(result)
 
     # -- helpers --------------------------------------------------------------------------
+
+    def _export_yields(self) -> None:
+        """Add what the engine's bulk batches gave way since the last batch to the metrics' counters."""
+        now = self._engine.yield_stats()
+        self._metrics.bulk_yields.inc(now.yields - self._yields_seen.yields)
+        self._metrics.bulk_yield_seconds.inc(max(0.0, now.seconds - self._yields_seen.seconds))
+        self._yields_seen = now
 
     def _min_active_vtime(self) -> float:
         active = [self._vtime[c] for c, q in self._queues.items() if q]

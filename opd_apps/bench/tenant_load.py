@@ -16,6 +16,7 @@ import time
 import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import httpx
@@ -102,16 +103,20 @@ class Tenant:
         return tally
 
 
-def read_client_metrics(ops_url: str) -> dict[str, dict]:
-    """Per-client teacher counters from `/metrics`: scored positions, and requests by (rpc, code)."""
+def read_client_metrics(ops_url: str) -> dict[str, Any]:
+    """Teacher counters from `/metrics`: per client scored positions, requests by (rpc, code), express-lane
+    requests and weight; the times bulk batches parked for express ones (`bulk_yields`)."""
     text = httpx.get(f"{ops_url}/metrics", timeout=30).text
     scored: dict[str, float] = defaultdict(float)
     requests: dict[str, dict[tuple[str, str], float]] = defaultdict(lambda: defaultdict(float))
     weights: dict[str, float] = {}
     express: dict[str, float] = defaultdict(float)
+    yields = 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "opd_teacher_scored_tokens_total":
+            if sample.name == "opd_teacher_bulk_yields_total":
+                yields += sample.value
+            elif sample.name == "opd_teacher_scored_tokens_total":
                 scored[sample.labels["client"]] += sample.value
             elif sample.name == "opd_teacher_client_weight":
                 weights[sample.labels["client"]] = sample.value
@@ -125,10 +130,11 @@ def read_client_metrics(ops_url: str) -> dict[str, dict]:
         "requests": {c: dict(v) for c, v in requests.items()},
         "weights": weights,
         "express": dict(express),
+        "bulk_yields": yields,
     }
 
 
-def metrics_delta(before: dict[str, dict], after: dict[str, dict]) -> dict[str, dict]:
+def metrics_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """`after - before` of two `read_client_metrics` snapshots."""
     scored = {c: v - before["scored"].get(c, 0.0) for c, v in after["scored"].items()}
     requests = {
@@ -136,4 +142,11 @@ def metrics_delta(before: dict[str, dict], after: dict[str, dict]) -> dict[str, 
         for c, counts in after["requests"].items()
     }
     express = {c: v - before.get("express", {}).get(c, 0.0) for c, v in after.get("express", {}).items()}
-    return {"scored": scored, "requests": requests, "weights": after.get("weights", {}), "express": express}
+    yields = after.get("bulk_yields", 0.0) - before.get("bulk_yields", 0.0)
+    return {
+        "scored": scored,
+        "requests": requests,
+        "weights": after.get("weights", {}),
+        "express": express,
+        "bulk_yields": yields,
+    }

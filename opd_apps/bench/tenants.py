@@ -23,11 +23,15 @@ teacher answers is counted as answered.
 4. (c) Weighted: the tokens file is rewritten with weights 2:1:1:1 (the
    running teacher re-reads it) and (b) is repeated. Expected: 40/20/20/20%
    +/- 5%.
-Steps 0-2 run twice per run, on two teachers: the current scheduler and
-today's behaviour (`--no-scheduler-express-lane`: one fair queue), in
-alternating order; steps 3-4 on the current one. `--runs` runs (3) and the
-median of each figure; the ratios (capacity new / old, p50 / solo) are taken
-within a run, which matters on a machine shared with other jobs.
+Steps 0-2 run twice per run, on two teachers running side by side on the
+same core: the current scheduler and today's behaviour
+(`--no-scheduler-express-lane`: one fair queue). Capacity is measured in
+alternating windows (per level: A, B, B, A, each half of `--capacity-s`), so
+that load from other jobs on the machine hits both alike; solo and flood run
+on one teacher, then the other (the order alternates between runs); steps
+3-4 on the current one. `--runs` runs (3) and the median of each figure; the
+ratios (capacity new / old, p50 / solo) are taken within a run, which
+matters on a machine shared with other jobs.
 Not a test: the numbers go to BENCHMARKS.md with the command. `--quick` runs
 every phase for a few seconds on the tiny random model, once (the smoke test).
 """
@@ -181,14 +185,26 @@ async def _vocab_size(address: str, token: str) -> int:
 
 
 async def _saturated(
-    tenants: list[Tenant], outstanding: list[int], window_s: float, args: argparse.Namespace, ops_url: str
+    tenants: list[Tenant],
+    outstanding: list[int],
+    window_s: float,
+    args: argparse.Namespace,
+    ops_url: str,
+    weights: dict[str, float] | None = None,
 ):
     """`tenants` keep `outstanding` requests in flight; per-client metrics over a `window_s` window after a
-    warm-up second. Returns (metrics delta, tallies)."""
+    warm-up second and, with `weights`, once the teacher's /metrics show it applies them (it re-reads an
+    edited tokens file on its own schedule, later on a loaded machine). Returns (metrics delta, tallies)."""
     stop = asyncio.Event()
     runs = [asyncio.create_task(t.saturate(n, stop, args.timeout_s)) for t, n in zip(tenants, outstanding, strict=True)]
     await asyncio.sleep(1.0)
     before = await asyncio.to_thread(read_client_metrics, ops_url)
+    deadline = time.monotonic() + 60
+    while weights and any(before["weights"].get(n) != w for n, w in weights.items()):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the teacher did not apply weights {weights} within 60 s: {before['weights']}")
+        await asyncio.sleep(0.2)
+        before = await asyncio.to_thread(read_client_metrics, ops_url)
     await asyncio.sleep(window_s)
     after = await asyncio.to_thread(read_client_metrics, ops_url)
     stop.set()
@@ -229,6 +245,18 @@ def share_rows(one: dict, phase: str) -> dict[str, float]:
     return {n: scored.get(n, 0.0) / total if total else float("nan") for n in TENANTS}
 
 
+def _express_note(one: dict) -> str:
+    """During (a): the share of student-a/b/c's answered requests served in the express lane, and the times a
+    running bulk batch parked for an express one (both from the teacher's /metrics)."""
+    flood = one["flood_metrics"]
+    express = sum(flood["express"].get(n, 0.0) for n in TENANTS[:3])
+    answered = sum(flood["requests"].get(n, {}).get(("Score", "OK"), 0.0) for n in TENANTS[:3])
+    if not express:
+        return ""
+    parked = flood["bulk_yields"]
+    return f"; express {express / max(answered, 1.0):.0%} of a/b/c's answers, bulk batches parked {parked:.0f}x"
+
+
 def format_run(args: argparse.Namespace, out: dict, run: int) -> str:
     """A few lines per run, so that each run's figures are on record beside the medians."""
     lines = [f"run {run + 1} (load average {out['load_average']:.1f}):"]
@@ -242,6 +270,7 @@ def format_run(args: argparse.Namespace, out: dict, run: int) -> str:
             + ", p50/solo "
             + "/".join(f"{r['per_solo']:.2f}" for r in well)
             + f", flooder refused {rows[TENANTS[3]]['exhausted']:.0f}"
+            + _express_note(one)
         )
     lines.append(
         "  shares (b) "
@@ -313,33 +342,62 @@ def format_summary(args: argparse.Namespace, runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-async def _capacity_solo_flood(args: argparse.Namespace, teacher: PinnedTeacher, tokens: dict[str, str]) -> dict:
-    """Steps 0-2 on one teacher: capacity C, solo p50 at R = load x C / 3, the flood table."""
-    vocab = await _vocab_size(teacher.address, tokens[TENANTS[0]])
-    tenants = [Tenant(teacher.address, n, tokens[n], args.seq_len, args.top_k, vocab) for n in TENANTS]
-    out: dict = {}
+def _open_tenants(args: argparse.Namespace, teacher: PinnedTeacher, tokens: dict[str, str], vocab: int) -> list[Tenant]:
+    return [Tenant(teacher.address, n, tokens[n], args.seq_len, args.top_k, vocab) for n in TENANTS]
+
+
+async def _capacity(args: argparse.Namespace, teachers: dict[str, PinnedTeacher], tenants: dict[str, list[Tenant]]):
+    """Step 0 on both teachers, interleaved: per in-flight level, windows of capacity_s / 2 in the order
+    A B B A (A: the run's first teacher), so that machine load that drifts during the level hits both alike.
+    Returns {name: (C, in-flight level of C)}."""
+    first, second = list(teachers)
+    best = {name: (0.0, 0) for name in teachers}
+    for in_flight in CAPACITY_IN_FLIGHT:  # spread over the four channels, as the load of (a) is
+        answered = dict.fromkeys(teachers, 0.0)
+        for name in (first, second, second, first):
+            delta, _ = await _saturated(
+                tenants[name], [in_flight // 4] * 4, args.capacity_s / 2, args, teachers[name].ops_url
+            )
+            answered[name] += sum(delta["requests"].get(t, {}).get(("Score", "OK"), 0.0) for t in TENANTS)
+        for name, total in answered.items():
+            if total / args.capacity_s > best[name][0]:
+                best[name] = (total / args.capacity_s, in_flight)
+    return best
+
+
+async def _solo_flood(args: argparse.Namespace, teacher: PinnedTeacher, tenants: list[Tenant], rate: float) -> dict:
+    """Steps 1-2 on one teacher: solo p50 at `rate`, then the flood table."""
+    out: dict = {"rate": rate, "solo": await tenants[0].open_loop(rate, args.phase_s, args.timeout_s)}
+    before = await asyncio.to_thread(read_client_metrics, teacher.ops_url)
+    rates = [rate] * 3 + [args.flood_factor * rate]
+    offsets = [i / (4 * rate) for i in range(4)]  # spread over one period: no lockstep arrivals
+    out["flood"] = await asyncio.gather(
+        *(t.open_loop(r, args.phase_s, args.timeout_s, o) for t, r, o in zip(tenants, rates, offsets, strict=True))
+    )
+    out["flood_metrics"] = metrics_delta(before, await asyncio.to_thread(read_client_metrics, teacher.ops_url))
+    return out
+
+
+async def _capacity_solo_flood(
+    args: argparse.Namespace, teachers: dict[str, PinnedTeacher], tokens: dict[str, str]
+) -> dict[str, dict]:
+    """Steps 0-2 on both teachers (both running, the idle one waiting): capacity interleaved, then solo and
+    flood on each in turn, each at its own R = load x C / 3."""
+    vocab = await _vocab_size(teachers["new"].address, tokens[TENANTS[0]])
+    tenants = {name: _open_tenants(args, t, tokens, vocab) for name, t in teachers.items()}
+    out: dict[str, dict] = {}
     try:
-        for t in tenants:  # warm-up: connections, first forward passes
-            await t.open_loop(20.0, 0.25, args.timeout_s)
-        out["capacity"], out["capacity_at"] = 0.0, 0
-        for in_flight in CAPACITY_IN_FLIGHT:  # spread over the four channels, as the load of (a) is
-            delta, _ = await _saturated(tenants, [in_flight // 4] * 4, args.capacity_s, args, teacher.ops_url)
-            answered = sum(delta["requests"].get(t, {}).get(("Score", "OK"), 0.0) for t in TENANTS) / args.capacity_s
-            if answered > out["capacity"]:
-                out["capacity"], out["capacity_at"] = answered, in_flight
-        rate = args.load * out["capacity"] / 3
-        out["rate"] = rate
-        out["solo"] = await tenants[0].open_loop(rate, args.phase_s, args.timeout_s)
-        before = await asyncio.to_thread(read_client_metrics, teacher.ops_url)
-        rates = [rate] * 3 + [args.flood_factor * rate]
-        offsets = [i / (4 * rate) for i in range(4)]  # spread over one period: no lockstep arrivals
-        out["flood"] = await asyncio.gather(
-            *(t.open_loop(r, args.phase_s, args.timeout_s, o) for t, r, o in zip(tenants, rates, offsets, strict=True))
-        )
-        out["flood_metrics"] = metrics_delta(before, await asyncio.to_thread(read_client_metrics, teacher.ops_url))
+        for group in tenants.values():
+            for t in group:  # warm-up: connections, first forward passes
+                await t.open_loop(20.0, 0.25, args.timeout_s)
+        for name, (capacity, at) in (await _capacity(args, teachers, tenants)).items():
+            out[name] = {"capacity": capacity, "capacity_at": at}
+        for name, teacher in teachers.items():
+            out[name] |= await _solo_flood(args, teacher, tenants[name], args.load * out[name]["capacity"] / 3)
     finally:
-        for t in tenants:
-            await t.close()
+        for group in tenants.values():
+            for t in group:
+                await t.close()
     return out
 
 
@@ -355,8 +413,9 @@ async def _shares(args: argparse.Namespace, teacher: PinnedTeacher, tokens: dict
             Tenant(teacher.address, n, tokens[n], k, args.top_k, vocab) for n, k in zip(TENANTS, lengths, strict=True)
         ]
         try:
+            weights: dict[str, float] | None = dict(zip(TENANTS, WEIGHTS, strict=True)) if phase == "weighted" else None
             out[f"{phase}_metrics"], _ = await _saturated(
-                tenants, out["share_outstanding"], args.phase_s, args, teacher.ops_url
+                tenants, out["share_outstanding"], args.phase_s, args, teacher.ops_url, weights
             )
         finally:
             for t in tenants:
@@ -365,18 +424,21 @@ async def _shares(args: argparse.Namespace, teacher: PinnedTeacher, tokens: dict
 
 
 def _one_run(args: argparse.Namespace, model_dir: str, tokens: dict[str, str], tmp: Path, run: int) -> dict:
-    """Both teachers, one after the other (the order alternates between runs); the shares on the new one."""
+    """Both teachers at once (each phase loads one; the order alternates between runs); the shares on the new one."""
     out: dict = {"load_average": os.getloadavg()[0]}
-    for name in ("new", "old") if run % 2 == 0 else ("old", "new"):
-        teacher = PinnedTeacher(args, model_dir, tmp / f"tokens-{name}.yaml", SCHEDULERS[name])
-        teacher.write_tokens(tokens)
-        try:
+    order = ("new", "old") if run % 2 == 0 else ("old", "new")
+    teachers: dict[str, PinnedTeacher] = {}
+    try:
+        for name in order:
+            teachers[name] = PinnedTeacher(args, model_dir, tmp / f"tokens-{name}.yaml", SCHEDULERS[name])
+            teachers[name].write_tokens(tokens)
+        for name, teacher in teachers.items():
             teacher.wait_ready()
             print(f"run {run + 1}, {name} scheduler: {' '.join(teacher.command[2:])} (core {args.core}, 1 thread)")
-            out[name] = asyncio.run(_capacity_solo_flood(args, teacher, tokens))
-            if name == "new":
-                out[name] |= asyncio.run(_shares(args, teacher, tokens))
-        finally:
+        out |= asyncio.run(_capacity_solo_flood(args, teachers, tokens))
+        out["new"] |= asyncio.run(_shares(args, teachers["new"], tokens))
+    finally:
+        for teacher in teachers.values():
             teacher.stop()
     return out
 

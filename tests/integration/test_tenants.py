@@ -393,6 +393,88 @@ def test_a_flooder_is_refused_with_a_retry_hint_while_well_behaved_students_get_
     # how fast the request travels, so it is not asserted.
 
 
+def test_a_light_students_express_batch_preempts_the_flooders_running_batch_and_both_are_scored_exactly(
+    tiny_model_dir, tokens_file
+):
+    # Full bulk batches (up to 32 requests of 256 tokens: a second or more on this CPU) from a flooder that
+    # re-sends at once whatever the answer, so it always offers more than the engine delivers; student-a
+    # sends one request at a time until the teacher's /metrics show that a running bulk batch parked for one
+    # of its express batches (bounded tries). Then: student-a got only OK, served in the express lane, and
+    # the parked-and-resumed bulk batches scored the flooder's sequence exactly as a plain forward does.
+    from protos.arrays import unpack
+    from tests.fixtures.teacher import reference_logprobs
+
+    server = start_teacher(
+        tiny_model_dir,
+        "hf",
+        auth={"tokens_file": str(tokens_file)},
+        scheduler={"max_queued_requests": 64, "max_batch_requests": 32},
+    )
+    flood_ids = (np.arange(1, 257) * 7) % 384
+    light_ids = (np.arange(1, 129) * 5) % 384
+    flood_request = pb.ScoreRequest(token_ids=pack(flood_ids, pb.INT32), score_from=1, top_k=4)
+    light_request = pb.ScoreRequest(token_ids=pack(light_ids, pb.INT32), score_from=1, top_k=4)
+    flood_replies: list[pb.ScoreReply] = []
+    light_replies: list[pb.ScoreReply] = []
+    light_codes: Counter[str] = Counter()
+
+    def meta(name):
+        return (("authorization", f"Bearer {TOKENS[name]}"),)
+
+    async def main():
+        stop = asyncio.Event()
+        async with (
+            grpc.aio.insecure_channel(server.address) as flood_ch,
+            grpc.aio.insecure_channel(server.address) as light_ch,
+        ):
+            flood_stub, light_stub = pb_grpc.TeacherStub(flood_ch), pb_grpc.TeacherStub(light_ch)
+
+            async def flood():
+                while not stop.is_set():
+                    try:
+                        reply = await flood_stub.Score(flood_request, timeout=120, metadata=meta("student-d"))
+                        flood_replies.append(reply)
+                    except grpc.aio.AioRpcError:
+                        await asyncio.sleep(0.005)
+
+            flooders = [asyncio.create_task(flood()) for _ in range(96)]
+            await poll(server, lambda s: s["completed"].get("student-d", 0) >= 32)  # full batches are running
+            for _ in range(200):
+                try:
+                    light_replies.append(await light_stub.Score(light_request, timeout=120, metadata=meta("student-a")))
+                    light_codes["OK"] += 1
+                except grpc.aio.AioRpcError as err:
+                    light_codes[err.code().name] += 1
+                text = await _metrics_text(server)
+                if _sample(text, "opd_teacher_bulk_yields_total") > 0:
+                    break
+            stop.set()
+            await asyncio.gather(*flooders)
+            return text
+
+    def _sample(text: str, name: str, **labels: str) -> float:
+        return sum(
+            s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        )
+
+    try:
+        text = asyncio.run(main())
+    finally:
+        server.stop()
+    assert _sample(text, "opd_teacher_bulk_yields_total") > 0, "no bulk batch parked for an express batch"
+    assert _sample(text, "opd_teacher_bulk_yield_seconds_total") > 0
+    assert set(light_codes) == {"OK"}, light_codes
+    assert _sample(text, "opd_teacher_express_requests_total", client="student-a") > 0
+    # float32 forwards of the same weights, batched and padded or not: summation-order rounding only
+    for ids, replies in ((flood_ids, flood_replies), (light_ids, light_replies)):
+        want = reference_logprobs(tiny_model_dir, ids)[np.arange(len(ids) - 1), ids[1:]]
+        for reply in replies:
+            np.testing.assert_allclose(unpack(reply.token_logprobs), want, atol=1e-4)
+
+
 async def _metrics_text(server) -> str:
     import httpx
 

@@ -254,6 +254,68 @@ def test_a_light_client_runs_in_the_express_lane_while_a_flooder_holds_the_engin
     assert sorted(t for b in engine.batches for t in b) == [1] * 40 + [2]
 
 
+class SlowExpressEngine(GatedExpressEngine):
+    """Like GatedExpressEngine, but express batches wait on `express_gate` (a light request still running)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.express_gate = asyncio.Event()
+
+    async def score_batch_express(self, works):
+        await self.express_gate.wait()
+        return await super().score_batch_express(works)
+
+
+def test_a_light_clients_next_request_stays_express_while_its_previous_one_runs_but_a_burst_does_not():
+    async def main():
+        engine = SlowExpressEngine()
+        engine.gate.clear()  # the flooder's batch holds the bulk lane
+        s = make(engine, max_batch_requests=4, max_batch_tokens=40, express_lane=True)
+        s._throughput._tokens, s._throughput._busy_s = 1000.0, 1.0  # the engine does 1000 tokens/s
+        flood = [s.submit("flooder", work(1), None) for _ in range(400)]  # 4000 tokens at once: over its share
+        await asyncio.sleep(0)
+        # light: 10-token requests; its share of one batch is 40 tokens x 1/2 = 20
+        light = [s.submit("light", work(2), None)]
+        for _ in range(3):
+            await asyncio.sleep(0)  # the express loop takes it; it runs (waits on express_gate)
+        assert s._express_held["light"] == 0
+        light += [s.submit("light", work(2), None) for _ in range(2)]  # wait in the express lane: 20 tokens
+        assert s._express_held["light"] == 20 and s._held_tokens["light"] == 20
+        burst = s.submit("light", work(3), None)  # would pass its share of a batch: the fair queue
+        assert s._express_held["light"] == 20 and s._held_tokens["light"] == 30
+        engine.express_gate.set()
+        engine.gate.set()
+        await asyncio.gather(*flood, *light, burst)
+        return engine
+
+    engine = asyncio.run(main())
+    assert engine.express == [[2], [2, 2]]
+    assert 3 in [t for b in engine.batches for t in b]  # the burst ran in a bulk batch
+
+
+def test_the_throughput_estimate_stays_near_the_true_rate_when_express_batches_finish_inside_bulk_ones():
+    # Cycles of one bulk batch (8192 tokens, 2.5 s) with 19 express batches (128 tokens) finishing inside it,
+    # one every 0.125 s: the engine delivers 10624 tokens per 2.5 s = 4249.6 tokens/s. Each express batch is
+    # credited the busy time since the last finish, the bulk batch's tokens come in one lump at its end.
+    # With sums decayed over tau = 10 s, a lump moves the estimate by at most about 8192 / (tau x 4249.6)
+    # = 19% above, and the 19 express finishes take it down by the same amount before the next lump.
+    from teacher_server.throughput import EngineThroughput
+
+    est, now, true_rate, seen = EngineThroughput(), 0.0, 10624 / 2.5, []
+    for cycle in range(40):
+        est.started(now)
+        for _ in range(19):
+            est.started(now + 0.0625)
+            now += 0.125
+            est.finished(128, now)
+            seen.append((cycle, est.tokens_per_s))
+        now += 2.5 - 19 * 0.125
+        est.finished(8192, now)
+        seen.append((cycle, est.tokens_per_s))
+    settled = [rate / true_rate for cycle, rate in seen if cycle >= 20]  # the prior has decayed away
+    assert max(settled) < 1.25 and min(settled) > 0.75, (min(settled), max(settled))
+
+
 def test_fair_level_is_the_max_min_share_per_unit_of_weight():
     assert fair_level({"a": 1, "b": 1, "c": 1, "d": 10}, dict.fromkeys("abcd", 1.0), 8) == 5
     assert fair_level({"a": 10, "b": 10}, {"a": 2.0, "b": 1.0}, 6) == 2

@@ -1,0 +1,71 @@
+"""The express gate: bulk threads park at checkpoints while express work runs, and only then (no timings)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from teacher_server.preemption import ExpressGate
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _poll(condition, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, f"not reached: {what}"
+        time.sleep(0.001)
+
+
+def _bulk_thread(gate: ExpressGate, passed: threading.Event) -> threading.Thread:
+    def run() -> None:
+        gate.mark_bulk_thread()
+        gate.checkpoint()
+        passed.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_a_bulk_thread_parks_while_express_work_runs_and_goes_on_after_it():
+    gate, passed = ExpressGate(), threading.Event()
+    with gate.express():
+        thread = _bulk_thread(gate, passed)
+        _poll(lambda: gate.parked == 1, "the bulk thread parked")
+        assert not passed.is_set()
+        gate.checkpoint()  # the express thread's own checkpoints (the hooks fire on every thread) never park
+    thread.join(timeout=30)
+    assert passed.is_set() and gate.parked == 0
+    assert gate.snapshot().yields == 1
+
+
+def test_a_bulk_thread_waits_for_every_overlapping_express_batch():
+    gate, passed = ExpressGate(), threading.Event()
+    first, second = gate.express(), gate.express()
+    first.__enter__()
+    thread = _bulk_thread(gate, passed)
+    _poll(lambda: gate.parked == 1, "the bulk thread parked")
+    second.__enter__()
+    first.__exit__(None, None, None)  # one express batch is still running: the bulk thread stays parked
+    assert gate.parked == 1 and not passed.is_set()
+    second.__exit__(None, None, None)
+    thread.join(timeout=30)
+    assert passed.is_set() and gate.snapshot().yields == 1
+
+
+def test_without_express_work_a_checkpoint_returns_at_once_and_counts_nothing():
+    gate, passed = ExpressGate(), threading.Event()
+    _bulk_thread(gate, passed).join(timeout=30)
+    assert passed.is_set()
+    assert gate.snapshot().yields == 0 and gate.snapshot().seconds == 0.0
+
+
+def test_an_express_batch_that_fails_still_releases_the_gate():
+    gate, passed = ExpressGate(), threading.Event()
+    with pytest.raises(RuntimeError), gate.express():
+        raise RuntimeError("engine error")
+    _bulk_thread(gate, passed).join(timeout=30)
+    assert passed.is_set() and gate.snapshot().yields == 0
