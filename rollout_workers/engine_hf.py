@@ -36,6 +36,50 @@ def _device_and_dtype(device: str, dtype: str) -> tuple[Any, Any]:
     return dev, getattr(torch, dtype)
 
 
+def _adapter_parameters(model: Any, adapter_name: str) -> dict[str, Any]:
+    """The adapter's tensors, keyed as peft's adapter file names them (the adapter name dropped)."""
+    suffix = f".{adapter_name}."
+    return {
+        name.replace(suffix, "."): param
+        for name, param in model.named_parameters()
+        if suffix in name and ("lora_A" in name or "lora_B" in name)
+    }
+
+
+def _same_shape(active: Any, adapter_dir: Path) -> bool:
+    """Whether the adapter in `adapter_dir` has the serving one's rank, scaling and target modules."""
+    import json
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    targets = config.get("target_modules")
+    return (
+        config.get("r") == active.r
+        and config.get("lora_alpha") == active.lora_alpha
+        and bool(config.get("use_rslora")) == bool(active.use_rslora)
+        and not config.get("rank_pattern")
+        and not config.get("alpha_pattern")
+        and not active.rank_pattern
+        and not active.alpha_pattern
+        and sorted(targets if isinstance(targets, list) else [targets]) == sorted(active.target_modules)
+    )
+
+
+def _copy_adapter(params: dict[str, Any], adapter_dir: Path) -> None:
+    """Copy the adapter file's tensors into `params` in place, after checking that names and shapes all match."""
+    import torch
+    from safetensors.torch import load_file
+
+    state = load_file(adapter_dir / "adapter_model.safetensors")
+    if state.keys() != params.keys():
+        raise ValueError(f"adapter tensors differ: {sorted(state.keys() ^ params.keys())[:4]}")
+    wrong = [k for k, v in state.items() if v.shape != params[k].shape]
+    if wrong:
+        raise ValueError(f"adapter tensors of another shape: {wrong[:4]}")
+    with torch.no_grad():
+        for key, value in state.items():
+            params[key].copy_(value)
+
+
 class HFBackend(GenerationBackend):
     name = "hf"
 
@@ -43,6 +87,8 @@ class HFBackend(GenerationBackend):
         self.model, self.tokenizer, self.max_model_len = model, tokenizer, max_model_len
         self.policy_version = policy_version
         self._lock = asyncio.Lock()
+        self._adapter_name = ""  # the serving LoRA adapter's name in peft
+        self._adapter_params: dict[str, Any] = {}  # its tensors, by adapter-file key
 
     @classmethod
     def from_config(cls, config: RolloutConfig) -> HFBackend:
@@ -110,22 +156,28 @@ class HFBackend(GenerationBackend):
         return Generation(ids, logprobs, finish, version)
 
     def _load_adapter_sync(self, adapter_dir: Path, version: int) -> None:
-        """peft: the first adapter wraps the base (no copy of it); each later one is loaded beside the active one,
-        made active, and the old one deleted, so a failed load leaves the old adapter serving."""
+        """peft: the first adapter wraps the base (no copy of it). A later one of the same shape (rank, alpha,
+        target modules: every version of one run) is copied into the serving adapter's tensors in place, checked
+        whole before the first copy so a bad file leaves the old adapter serving; peft's `load_adapter` (a new
+        LoRA layer built in every target module, made active, the old one deleted) is only the fallback for an
+        adapter of another shape."""
         from peft import PeftModel
 
         name = f"v{version}"
         try:
             if not isinstance(self.model, PeftModel):
                 self.model = PeftModel.from_pretrained(self.model, str(adapter_dir), adapter_name=name).eval()
+            elif _same_shape(self.model.peft_config[self._adapter_name], adapter_dir):
+                _copy_adapter(self._adapter_params, adapter_dir)
                 return
-            old = str(self.model.active_adapter)  # one adapter is active at a time here
-            self.model.load_adapter(str(adapter_dir), adapter_name=name)
+            else:
+                self.model.load_adapter(str(adapter_dir), adapter_name=name)
+                self.model.set_adapter(name)
+                self.model.delete_adapter(self._adapter_name)
+                self.model.eval()
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise BackendError(f"adapter in {str(adapter_dir)!r} does not fit the model: {exc}") from exc
-        self.model.set_adapter(name)
-        self.model.delete_adapter(old)
-        self.model.eval()
+        self._adapter_name, self._adapter_params = name, _adapter_parameters(self.model, name)
 
     async def load_adapter(self, adapter_dir: Path, version: int) -> None:
         async with self._lock:

@@ -13,6 +13,7 @@ Does not decide when to publish or checkpoint (the trainer does).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -71,22 +72,44 @@ def is_lora(lm: nn.Module) -> bool:
 
 
 def adapter_state_dict(root: nn.Module) -> dict[str, Tensor]:
-    """The trainable (adapter) parameters, unsharded on CPU (collective; rank 0 gets the tensors), keyed as
-    `root.lm.state_dict()` names them."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    """The trainable (adapter) parameters, unsharded on CPU (collective: every rank gathers them in the same
+    order), keyed as `root.lm.state_dict()` names them. Only these few are visited: torch's
+    `get_model_state_dict` resolves the names of every parameter, the frozen base's included, which cost more
+    than the gather itself on the demo's student."""
+    from torch.distributed.tensor import DTensor
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    state = get_model_state_dict(root, options=options)
-    return {k.removeprefix("lm."): v for k, v in state.items()}
+    state = {}
+    for name, param in root.named_parameters():
+        if param.requires_grad:
+            full = param.full_tensor() if isinstance(param, DTensor) else param
+            state[_state_dict_key(name)] = full.detach().to("cpu", copy=True)
+    return state
+
+
+def _state_dict_key(name: str) -> str:
+    """A parameter's name as the state dict names it: the activation-checkpoint wrapper's segment dropped, and
+    the trainer root's `lm.` prefix."""
+    return name.replace("_checkpoint_wrapped_module.", "").removeprefix("lm.")
 
 
 def write_adapter(lm: nn.Module, state: dict[str, Tensor], base_id: str, target: Path) -> None:
-    """peft's adapter directory (adapter_model.safetensors + adapter_config.json) and the base's identity at
-    `target`, atomically (written aside, then renamed into place)."""
+    """peft's adapter directory (adapter_model.safetensors + adapter_config.json, as `PeftModel.save_pretrained`
+    writes them) and the base's identity at `target`, atomically (written aside, then renamed into place).
+    Written directly: peft's `save_pretrained` also renders a model card from a template, which took longer
+    than writing the weights."""
+    from safetensors.torch import save_file
+
+    adapter_name = str(getattr(lm, "active_adapter", "default"))
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-    (tmp / "README.md").unlink(missing_ok=True)  # peft's model card: nothing a worker reads
+    tmp.mkdir(parents=True)
+    infix = f".{adapter_name}."
+    tensors = {k.replace(infix, "."): v.contiguous() for k, v in state.items()}
+    save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    peft_lm: Any = lm  # a PeftModel: its peft_config maps adapter names to configs
+    config = copy.deepcopy(peft_lm.peft_config[adapter_name])
+    config.inference_mode = True
+    config.save_pretrained(str(tmp))
     (tmp / BASE_IDENTITY).write_text(json.dumps({"base_id": base_id}))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)

@@ -104,11 +104,20 @@ def load_items(path: Path, tokenizer: Any, limit: int | None = None) -> list[Ite
     return items
 
 
-def load_model(model_dir: Path):
+def load_model(model_dir: Path, base_dir: Path | None = None):
+    """A model directory, or a LoRA student's published adapter directory (peft's `adapter_config.json`) merged into
+    `base_dir`, the base it was trained on."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if not (model_dir / "adapter_config.json").is_file():
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    from peft import PeftModel
+
+    if base_dir is None:
+        raise ValueError(f"{model_dir} is a LoRA adapter: name the base model it applies to")
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    return PeftModel.from_pretrained(base, str(model_dir)).merge_and_unload().eval()
 
 
 def answer_engine(model: Any, tokenizer: Any) -> Any:
@@ -150,11 +159,18 @@ def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
 
 
 def evaluate_model(
-    label: str, model_dir: Path, tokenizer: Any, items: Sequence[Item], max_tokens: int, shown: int
+    label: str,
+    model_dir: Path,
+    tokenizer: Any,
+    items: Sequence[Item],
+    max_tokens: int,
+    shown: int,
+    base_dir: Path | None = None,
 ) -> tuple[ModelResult, list[list[int]], Any]:
     """(a model's ModelResult, its greedy answers' token ids, the loaded model): greedy answers on every item,
-    their task score, and greedy + seeded samples on the first `shown` items."""
-    model = load_model(model_dir)
+    their task score, and greedy + seeded samples on the first `shown` items. `base_dir`: the base of a LoRA
+    adapter directory (`load_model`)."""
+    model = load_model(model_dir, base_dir)
     greedy, sampled = asyncio.run(answers(answer_engine(model, tokenizer), items, max_tokens, stop_ids(model), shown))
     texts = [_decode(tokenizer, ids) for ids in greedy]
     result = ModelResult(label, texts, [is_correct(t, it.answer) for t, it in zip(texts, items, strict=True)])

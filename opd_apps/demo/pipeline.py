@@ -9,7 +9,10 @@ shows the trainer's progress and a live page, and ends with a before/after
 report on held-out prompts (`opd_apps.demo.report`), with start-up and
 training timed apart, and a plot of the curves in the run directory.
 `--quick` runs the same processes and flows on tiny random models for a few
-steps (the end-to-end test).
+steps (the end-to-end test). `--lora` trains a LoRA student instead of the
+full weights (adapters on every linear projection of the decoder; each
+published version is the adapter, hot-loaded by the worker), and
+`--baseline-report` puts a full-weights run's figures beside its own.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELI
 
 # The recipe of the full demo (chosen by measurement; see the README's demo section).
 STEPS, GROUPS, SAMPLES, MAX_TOKENS, EVAL_EVERY, LR, WARMUP = 30, 8, 2, 16, 15, 1e-4, 3
+# A LoRA student's learning rate: 10x the full-weight one, the ratio "LoRA Without Regret" (Schulman et al.,
+# Thinking Machines, 2025) found optimal across model sizes; alpha = 2 x rank as in the publish benchmark.
+LORA_LR_FACTOR = 10.0
 
 
 @dataclass
@@ -54,6 +60,8 @@ class DemoPlan:
     heldout: Path = Path(str(DATA / "demo_heldout.jsonl"))  # the report's before/after prompts
     heldout_limit: int | None = None  # use only the first N held-out prompts (--quick)
     shown: int = 3  # held-out prompts whose samples the report shows
+    lora_rank: int = 0  # > 0: a LoRA student of this rank (alpha 2 x rank), every linear projection of the decoder
+    baseline_report: Path | None = None  # a full-weights run's report.json, shown beside this run's figures
 
 
 def _args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -72,6 +80,18 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="student sampling engine (vllm batches the samples; hf samples one at a time; --quick always uses hf)",
     )
     p.add_argument(
+        "--lora",
+        action="store_true",
+        help=f"train a LoRA student (adapters only; lr x {LORA_LR_FACTOR:g}) and publish adapters, not full weights",
+    )
+    p.add_argument("--lora-rank", type=int, default=16, choices=[8, 16, 32, 64], help="LoRA rank with --lora")
+    p.add_argument(
+        "--baseline-report",
+        type=Path,
+        default=None,
+        help="a full-weights demo run's report.json: its figures go beside this run's in the report",
+    )
+    p.add_argument(
         "--run-dir",
         default=None,
         help="where weights, checkpoints, logs and the report go (default: runs/demo-YYYYmmdd-HHMMSS)",
@@ -80,6 +100,16 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _plan(args: argparse.Namespace) -> DemoPlan:
+    plan = _base_plan(args)
+    if args.baseline_report is not None and not args.baseline_report.is_file():
+        raise SystemExit(f"opd demo: --baseline-report {args.baseline_report} is not a file")
+    plan.baseline_report = args.baseline_report
+    if args.lora:
+        plan.lora_rank, plan.lr = args.lora_rank, plan.lr * LORA_LR_FACTOR
+    return plan
+
+
+def _base_plan(args: argparse.Namespace) -> DemoPlan:
     from opd.model_source import cache_dir, embedded_model_dir
     from opd_apps.demo.models import tiny_pair, truncated_student
 
@@ -153,6 +183,11 @@ def _start_all(sup, plan: DemoPlan, args: argparse.Namespace, redis_url: str, ru
             "512",
             "--reward-function",
             "opd_apps.demo.task:reward",
+            *(
+                ["--engine-vllm-max-lora-rank", str(plan.lora_rank)]
+                if plan.lora_rank and plan.rollout_backend == "vllm"
+                else []
+            ),
         ],
         env=THREADS,
     )
@@ -204,6 +239,7 @@ def _start_all(sup, plan: DemoPlan, args: argparse.Namespace, redis_url: str, ru
             str(ports["trainer_ops"]),
             "--log-level",
             "WARNING",
+            *(["--lora-rank", str(plan.lora_rank), "--lora-alpha", str(2 * plan.lora_rank)] if plan.lora_rank else []),
         ],
         env=THREADS,
         on_line=lambda line: print("  " + line, flush=True) if line.startswith("step ") else None,

@@ -68,7 +68,7 @@ def evaluate(plan, ports: dict[str, int], final_weights: Path | None) -> dict[st
     models = {"teacher": teacher}
     students = [("student before", plan.student)] + ([("student after", final_weights)] if final_weights else [])
     for label, path in students:
-        result, _, model = evaluate_model(label, path, tokenizer, items, plan.max_tokens, plan.shown)
+        result, _, model = evaluate_model(label, path, tokenizer, items, plan.max_tokens, plan.shown, plan.student)
         result.agreement = agreement_per_item(model, replies, sequences)
         models[label] = result
     return {"items": items, "models": models}
@@ -228,7 +228,13 @@ def write_report(run_dir: Path, plan, ports: dict[str, int], timings: dict[str, 
         f"{len(steps)} steps on {os.cpu_count()} CPU cores; run directory `{run_dir}`.",
         "",
         f"- teacher: `{plan.teacher}`",
-        f"- student: `{plan.student}`",
+        f"- student: `{plan.student}`"
+        + (
+            f" with LoRA adapters (rank {plan.lora_rank}, alpha {2 * plan.lora_rank}, every linear projection of the "
+            "decoder; each published version is the adapter)"
+            if plan.lora_rank
+            else " (full weights trained and published)"
+        ),
         f"- recipe: {plan.groups_per_step} prompts x {plan.samples} samples per step, up to {plan.max_tokens} "
         f"tokens, forward KL over the teacher's top-{plan.top_k} + tail, lr {plan.lr:g} "
         f"({plan.warmup_steps} warm-up steps), eval rounds every {plan.eval_every} steps",
@@ -263,6 +269,7 @@ def write_report(run_dir: Path, plan, ports: dict[str, int], timings: dict[str, 
         "",
         *_model_table(models),
         "",
+        *_baseline_lines(plan, models, g, timings),
         "## Divergence on the eval-round prompts (trainer, samples at temperature 1)",
         "",
         "| | step | divergence to teacher (nats/token) | pass@1 | samples |",
@@ -288,9 +295,54 @@ def write_report(run_dir: Path, plan, ports: dict[str, int], timings: dict[str, 
         lines += ["![curves](curves.png)", ""]
     report = run_dir / "report.md"
     report.write_text("\n".join(lines))
-    (run_dir / "report.json").write_text(json.dumps(_summary(models, g, timings, first, last), indent=2))
+    summary = {"student": {"lora_rank": plan.lora_rank, "lr": plan.lr}, **_summary(models, g, timings, first, last)}
+    (run_dir / "report.json").write_text(json.dumps(summary, indent=2))
     print("\n".join(lines), flush=True)
     return report
+
+
+def _baseline_lines(plan, models: dict, g: dict, timings: dict) -> list[str]:
+    """This run's student after training beside another run's (`--baseline-report`, e.g. full weights beside
+    LoRA): task score, top-1 agreement, held-out divergence, training time."""
+    if plan.baseline_report is None or "student after" not in models:
+        return []
+    other = json.loads(Path(plan.baseline_report).read_text())
+    after = models["student after"]
+    rows = [
+        (
+            _kind(plan.lora_rank) + " (this run)",
+            after.score(),
+            after.top1_agreement(),
+            g.get("divergence", {}),
+            timings.get("train_s"),
+        ),
+        (
+            _kind(other.get("student", {}).get("lora_rank", 0)) + f" (`{plan.baseline_report}`)",
+            other["models"]["student after"]["task_score"],
+            other["models"]["student after"]["top1_agreement"],
+            other["goals"].get("divergence", {}),
+            other["timings_s"].get("train_s"),
+        ),
+    ]
+    lines = [
+        "## Student after training, beside the baseline run",
+        "",
+        "| student | task score [95% CI] | top-1 agreement [95% CI] | divergence before -> after (nats/token) "
+        "| training (s) |",
+        "| --- | --- | --- | --- | ---: |",
+    ]
+    for label, s, a, d, train_s in rows:
+        agree = "n/a" if a is None else _interval(a["value"], a["low"], a["high"])
+        div = f"{_fmt(d.get('before'))} -> {_fmt(d.get('after'))} ({_fmt(100 * _nan(d.get('change')), 1)}%)"
+        lines.append(
+            f"| {label} | {s['correct']}/{s['items']} = {_interval(s['score'], s['low'], s['high'])} | {agree} "
+            f"| {div} | {_fmt(train_s, 0)} |"
+        )
+    return [*lines, ""]
+
+
+def _kind(lora_rank: int) -> str:
+    return f"LoRA rank {lora_rank}" if lora_rank else "full weights"
 
 
 def _summary(models: dict, g: dict, timings: dict, first: dict, last: dict) -> dict[str, Any]:

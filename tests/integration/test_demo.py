@@ -80,3 +80,47 @@ def test_supervisor_reports_a_dead_child_and_stops_the_others(tmp_path, tiny_mod
     assert "broken exited with code 2" in str(err.value) and "does not exist" in str(err.value)
     sup.stop_all(grace_s=10)
     assert alive.proc.poll() is not None
+
+
+def test_quick_demo_with_a_lora_student_publishes_adapters_and_reports_beside_a_baseline(tmp_path):
+    """`opd demo --quick --lora`: the worker hot-loads adapters, the report evaluates the last one merged into the
+    base and shows the student after training beside a full-weights run's (`--baseline-report`)."""
+    baseline = tmp_path / "full-report.json"
+    score = {"correct": 3, "items": 8, "score": 0.375, "low": 0.1, "high": 0.7}
+    baseline.write_text(
+        json.dumps(
+            {
+                "student": {"lora_rank": 0, "lr": 5e-3},
+                "timings_s": {"train_s": 123.0},
+                "goals": {"divergence": {"before": 2.0, "after": 1.0, "change": -0.5}},
+                "models": {"student after": {"task_score": score, "top1_agreement": None}},
+            }
+        )
+    )
+    run_dir = tmp_path / "run"
+    out = subprocess.run(
+        [sys.executable, "-m", "opd", "demo", "--quick", "--lora", "--baseline-report", str(baseline)]
+        + ["--run-dir", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "step 3/3" in out.stdout
+    last = sorted((run_dir / "weights").iterdir())[-1]
+    assert last.name == "v00000003" and {p.name for p in last.iterdir()} == {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "opd_base.json",
+    }
+    assert "now sampling policy v3" in (run_dir / "logs" / "rollout.log").read_text()
+    report = (run_dir / "report.md").read_text()
+    assert "with LoRA adapters (rank 16, alpha 32" in report
+    assert "## Student after training, beside the baseline run" in report
+    assert (
+        "| full weights (`" in report
+        and "| 3/8 = 0.375 [0.100, 0.700] | n/a | 2.000 -> 1.000 (-50.0%) | 123 |" in report
+    )
+    summary = json.loads((run_dir / "report.json").read_text())
+    assert summary["student"]["lora_rank"] == 16
+    assert summary["models"]["student after"]["top1_agreement"]["positions"] > 0

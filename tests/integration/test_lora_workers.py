@@ -23,6 +23,24 @@ GREEDY = SampleParams(max_tokens=16, top_k=1)  # top-k 1: the argmax every step,
 SAMPLED = SampleParams(max_tokens=16, temperature=1.0, seed=5)
 
 
+def _edited_adapter(adapter: Path, target: Path, edit, rank: int | None = None) -> Path:
+    """A copy of `adapter` with every tensor passed through `edit(key, tensor)` (and its config's rank set)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter, target)
+    state = load_file(adapter / "adapter_model.safetensors")
+    save_file({k: edit(k, v).contiguous() for k, v in state.items()}, target / "adapter_model.safetensors")
+    if rank is not None:
+        config = json.loads((target / "adapter_config.json").read_text())
+        (target / "adapter_config.json").write_text(json.dumps({**config, "r": rank}))
+    return target
+
+
+def _damage_one(key: str, tensor):
+    """v2's adapter with one tensor cut short: a file whose other tensors would load (and change the output)."""
+    return tensor[:-1] if key.endswith("layers.1.mlp.down_proj.lora_B.weight") else tensor
+
+
 def greedy_ids(model_dir: Path, prompt: list[int], n: int) -> list[int]:
     import torch
     from transformers import AutoModelForCausalLM
@@ -58,12 +76,25 @@ async def test_hf_worker_serves_the_adapter_as_the_merged_model_and_refuses_anot
     # (W + BA summed once, vs W x + B (A x)): both float32 roundings, well inside 1e-4 on log-probs of a few nats.
     np.testing.assert_allclose(sampled.logprobs, rescore(lora_merged_dir, prompt, sampled.token_ids), atol=1e-4)
     assert np.abs(sampled.logprobs - rescore(tiny_model_dir, prompt, sampled.token_ids)).max() > 1e-3
-    v3 = tmp_path / "v3"
-    shutil.copytree(adapter, v3)
-    await announce_policy(redis, keys, PolicyAnnouncement(3, str(v3), 3, kind="lora", base_id=result["base_id"]))
-    assert await watcher.check_once() and backend.policy_version == 3
-    assert list(backend.model.peft_config) == ["v3"]  # the old adapter was evicted
-    assert (await backend.generate(prompt, GREEDY, "g3")).token_ids == greedy.token_ids
+    # Later versions of the same shape are copied into the serving adapter in place (no new peft layers): one
+    # with B = 0 serves the base, a damaged one is refused whole (no tensor copied), then v2's own again.
+    zero_b = _edited_adapter(adapter, tmp_path / "v3", lambda k, t: t * 0 if "lora_B" in k else t)
+    for version, path in ((3, zero_b), (4, _edited_adapter(adapter, tmp_path / "v4", _damage_one))):
+        await announce_policy(
+            redis, keys, PolicyAnnouncement(version, str(path), version, kind="lora", base_id=result["base_id"])
+        )
+        await watcher.check_once()
+    assert backend.policy_version == 3 and list(backend.model.peft_config) == ["v2"]
+    assert (await backend.generate(prompt, GREEDY, "g3")).token_ids == base_greedy
+    v5 = shutil.copytree(adapter, tmp_path / "v5")
+    await announce_policy(redis, keys, PolicyAnnouncement(5, str(v5), 5, kind="lora", base_id=result["base_id"]))
+    assert await watcher.check_once() and backend.policy_version == 5
+    assert (await backend.generate(prompt, GREEDY, "g5")).token_ids == greedy.token_ids
+    # An adapter of another rank does not fit in place: peft builds it beside the old one, which is then evicted.
+    rank2 = _edited_adapter(adapter, tmp_path / "v6", lambda k, t: t[:2] if "lora_A" in k else t[:, :2], rank=2)
+    await announce_policy(redis, keys, PolicyAnnouncement(6, str(rank2), 6, kind="lora", base_id=result["base_id"]))
+    assert await watcher.check_once() and backend.policy_version == 6
+    assert list(backend.model.peft_config) == ["v6"] and backend.model.peft_config["v6"].to_dict()["r"] == 2
     await redis.aclose()
 
 
