@@ -68,8 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _export(path: Path, trainer_state: dict[str, Any], model_dir: str, out: Path, merge: bool) -> None:
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
     from student_trainer import lora
     from student_trainer.checkpoint import check_student_kind
@@ -91,7 +91,7 @@ def _export(path: Path, trainer_state: dict[str, Any], model_dir: str, out: Path
     root = shard_student(StudentLoss(lm, LossConfig()), dist_config, info.device)
     options = StateDictOptions(ignore_frozen_params=True, strict=not base_id)
     state = {"model": get_model_state_dict(root, options=options)}
-    dcp.load(state, checkpoint_id=str(path))
+    dcp_load(state, checkpoint_id=str(path))
     set_model_state_dict(root, state["model"], options=options)
     out.parent.mkdir(parents=True, exist_ok=True)
     if not base_id:

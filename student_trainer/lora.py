@@ -45,7 +45,7 @@ def peft_config(config: LoraConfig) -> Any:
 
     return PeftLoraConfig(
         r=config.rank,
-        lora_alpha=config.alpha,
+        lora_alpha=config.alpha,  # pyright: ignore[reportArgumentType]  # annotated int; peft scales by any number
         lora_dropout=config.dropout,
         # peft's "all-linear": every nn.Linear of the decoder except the output layer (the lm-head)
         target_modules=list(config.target_modules) or "all-linear",
@@ -120,10 +120,12 @@ def merged_model(model_dir: str, config: LoraConfig, state: dict[str, Tensor]) -
     full state dict, as `publish.full_state_dict` names it) merged into its weights (`opd export --merge`)."""
     from transformers import AutoModelForCausalLM
 
+    from student_trainer.model import causal_lm
+
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=next(iter(state.values())).dtype)
     model = apply_lora(base, config)
     model.load_state_dict(state, strict=True)
-    return model.merge_and_unload()
+    return causal_lm(model).merge_and_unload()
 
 
 class AdapterDisabledReference:

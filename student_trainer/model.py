@@ -112,6 +112,10 @@ class CausalLM(Protocol):
 
     def disable_adapter(self) -> AbstractContextManager[None]: ...  # peft's wrapper only
 
+    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None: ...
+
+    def merge_and_unload(self) -> nn.Module: ...  # peft's wrapper only
+
 
 def causal_lm(lm: nn.Module) -> CausalLM:
     """`lm` typed as the causal LM it is: `nn.Module.__getattr__` types every attribute it does not declare

@@ -20,9 +20,13 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from student_trainer.model import CausalLM, StudentLoss
 
 log = logging.getLogger(__name__)
 _VERSION_DIR = re.compile(r"^v(\d{8})$")
@@ -33,7 +37,7 @@ def full_state_dict(root: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(root, options=options)
+    state = cast(dict[str, torch.Tensor], get_model_state_dict(root, options=options))  # a model's: tensors only
     return {k.removeprefix("lm."): v for k, v in state.items()}
 
 
@@ -45,7 +49,7 @@ def write_hf_model(lm: nn.Module, state: dict[str, torch.Tensor], tokenizer_dir:
     """Save `state` with `lm`'s config as an HF directory at `target`, atomically (write aside, then rename)."""
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    cast("CausalLM", lm).save_pretrained(tmp, state_dict=state, safe_serialization=True)
     for name in (
         "tokenizer.json",
         "tokenizer_config.json",
@@ -85,7 +89,7 @@ def prune_versions(uri: str, keep_last: int, grace_s: float = 0.0, now: float | 
 
 
 def publish_weights(
-    root: nn.Module,
+    root: StudentLoss,
     tokenizer_dir: str,
     uri: str,
     version: int,

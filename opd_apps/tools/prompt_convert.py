@@ -166,7 +166,9 @@ def _dapo(row: dict[str, Any], where: str) -> dict[str, Any]:
     reward_model = _field(row, "reward_model", where)
     if not isinstance(reward_model, dict) or reward_model.get("ground_truth") is None:
         raise ConvertError(f"{where}: field 'reward_model' must be a map with 'ground_truth'")
-    extra = row.get("extra_info") if isinstance(row.get("extra_info"), dict) else {}
+    extra = row.get("extra_info")
+    if not isinstance(extra, dict):
+        extra = {}
     raw_id = extra.get("index")
     return {
         "id": str(raw_id) if raw_id is not None else None,
