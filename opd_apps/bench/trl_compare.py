@@ -88,6 +88,7 @@ class SideResult:
     curve: list[tuple[float, float]] = field(default_factory=list)  # (s since the first step, training divergence)
     eval: dict = field(default_factory=dict)
     time_to_divergence_s: float | None = None
+    breakdown_s: dict[str, float] = field(default_factory=dict)  # where the steps' time went, summed over steps
 
 
 def _args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -172,6 +173,8 @@ def run_opd(root: Path, models: tuple[Path, Path], teacher: str, redis_url: str,
     lines = [json.loads(x) for x in (run / "checkpoints" / "steps.jsonl").read_text().splitlines() if x.strip()]
     steps = [(line["time"], len(line["rollouts"]), line["stats"]["tokens"], line["stats"]["loss"]) for line in lines]
     _fill(result, steps)
+    for key in ("data_wait_s", "teacher_wait_s", "compute_s"):  # the trainer's own split of its step time
+        result.breakdown_s[key] = sum(line["stats"].get(key) or 0.0 for line in lines)
     versions = sorted((run / "weights").glob("v*"), key=lambda p: p.name)
     shutil.copytree(versions[-1], run / "final", ignore=shutil.ignore_patterns("*.tmp*"))
     return result
@@ -226,6 +229,8 @@ def run_trl(root: Path, models: tuple[Path, Path], python: Path, recipe: Recipe)
         raise RuntimeError(f"the TRL job exited with {proc.returncode}:\n" + "\n".join(tail))
     lines = [json.loads(x) for x in (run / "steps.jsonl").read_text().splitlines() if x.strip()]
     _fill(result, [(x["time"], x["samples"], x["tokens"], x["loss"]) for x in lines])
+    result.breakdown_s["generate_s"] = sum(x["gen_s"] for x in lines)  # sampling; the rest of a step trains
+    result.breakdown_s["step_s"] = sum(x["step_s"] for x in lines)
     return result
 
 
@@ -301,6 +306,7 @@ def _table(results: dict[str, SideResult], recipe: Recipe) -> str:
         ("held-out task score, pass@1", lambda r: _num(r.eval.get("pass_at_1"))),
         ("time to the common training divergence (s)", lambda r: _num(r.time_to_divergence_s, "{:.0f}")),
         ("load average at start / end", lambda r: f"{r.load_start:.1f} / {r.load_end:.1f}"),
+        ("step time split, summed (s)", lambda r: " ".join(f"{k[:-2]} {v:.0f}" for k, v in r.breakdown_s.items())),
     ]
     names = list(results)
     out = [

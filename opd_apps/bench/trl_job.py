@@ -47,7 +47,10 @@ class StepLog(TrainerCallback):
     def __init__(self, path: Path, batch: int) -> None:
         self.path, self.batch = path, batch
         self.trainer: TimedTrainer | None = None
-        self.step_end = 0.0
+        self.step_start = self.step_end = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step_start = time.time()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.step_end = time.time()
@@ -62,6 +65,7 @@ class StepLog(TrainerCallback):
             "tokens": self.trainer.tokens,
             "loss": float(logs["loss"]),
             "gen_s": self.trainer.gen_s,
+            "step_s": self.step_end - self.step_start,
         }
         self.trainer.tokens, self.trainer.gen_s = 0, 0.0
         with open(self.path, "a") as f:
