@@ -39,6 +39,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "trainer": ("opd_apps.bench.trainer", "teacher wait share of the step at prefetch depth 0, 1, 2"),
     "pipeline": ("opd_apps.bench.pipeline", "the whole pipeline as processes: admission by version vs in-flight count"),
     "tenants": ("opd_apps.bench.tenants", "four students on one pinned teacher: a flood, then saturation shares"),
+    "trl": ("opd_apps.bench.trl_compare", "opd's pipeline vs TRL's DistillationTrainer on the demo's job (own venv)"),
     "publish": ("opd_apps.bench.publish", "full weights vs a LoRA adapter: bytes, step end -> worker sampling it"),
     "fuzz": ("opd_apps.bench.fuzz", "property-based fuzzing of the teacher's RPCs, /v1/score and the record decoder"),
 }
