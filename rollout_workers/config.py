@@ -55,7 +55,7 @@ class RolloutVllmConfig(VllmConfig):
         return args
 
 
-class EngineConfig(ConfigModel):
+class RolloutEngineConfig(ConfigModel):
     renamed_keys = {
         name: f"vllm.{name}"
         for name in ("max_num_seqs", "kv_cache_gib", "gpu_memory_utilization", "enforce_eager", "tensor_parallel_size")
@@ -178,7 +178,7 @@ class RolloutConfig(ConfigModel):
     redis: RedisConfig = Field(default_factory=RedisConfig)
     dataset: PromptSourceConfig = Field(default_factory=PromptSourceConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    engine: EngineConfig = Field(default_factory=EngineConfig)
+    engine: RolloutEngineConfig = Field(default_factory=RolloutEngineConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
     tools: ToolsConfig = Field(default_factory=ToolsConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from student_trainer.groups import Group
-from student_trainer.loss.inputs import LossInputs, TeacherScores
+from student_trainer.loss.inputs import LossInputs, TeacherTensors
 
 if TYPE_CHECKING:
     from protos.records import RolloutRecord
@@ -244,7 +244,7 @@ def dense_mask(cu_tokens: Sequence[int]) -> torch.Tensor:
 
 def teacher_scores_for(
     records: Sequence[RolloutRecord], scores: Mapping[str, TeacherReply], temperature: float = 1.0
-) -> TeacherScores:
+) -> TeacherTensors:
     """Concatenate per-record teacher replies (teacher_server.client.TeacherScores) in record order;
     full-vocabulary log-probs when every reply carries them."""
     parts = [scores[r.rollout_id] for r in records]
@@ -254,7 +254,7 @@ def teacher_scores_for(
 
     k = parts[0].topk_ids.shape[1] if parts else 0
     full = parts and all(getattr(p, "full_logprobs", None) is not None for p in parts)
-    return TeacherScores(
+    return TeacherTensors(
         token_logprobs=cat("token_logprobs"),
         topk_ids=cat("topk_ids").long() if k else None,
         topk_logprobs=cat("topk_logprobs") if k else None,
@@ -264,13 +264,13 @@ def teacher_scores_for(
     )
 
 
-def placeholder_scores(n: int, k: int, temperature: float, vocab_size: int | None = None) -> TeacherScores:
+def placeholder_scores(n: int, k: int, temperature: float, vocab_size: int | None = None) -> TeacherTensors:
     """Well-formed teacher scores for rows whose loss weight is 0 (they never reach a gradient);
     with `vocab_size`, uniform full-vocabulary log-probs too."""
     full = None if vocab_size is None else torch.full((n, vocab_size), -math.log(vocab_size))
     if not k:
-        return TeacherScores(token_logprobs=torch.zeros(n), full_logprobs=full, temperature=temperature)
-    return TeacherScores(
+        return TeacherTensors(token_logprobs=torch.zeros(n), full_logprobs=full, temperature=temperature)
+    return TeacherTensors(
         token_logprobs=torch.zeros(n),
         topk_ids=torch.arange(k).repeat(n, 1),
         topk_logprobs=torch.full((n, k), -math.log(k)),
@@ -280,7 +280,7 @@ def placeholder_scores(n: int, k: int, temperature: float, vocab_size: int | Non
     )
 
 
-def scores_to(scores: TeacherScores, device: torch.device) -> TeacherScores:
+def scores_to(scores: TeacherTensors, device: torch.device) -> TeacherTensors:
     return dataclasses.replace(
         scores,
         **{

@@ -31,7 +31,7 @@ from student_trainer import attention
 from student_trainer.batching import MicroBatch
 from student_trainer.loss.compute import compute_distillation_loss
 from student_trainer.loss.config import LossConfig
-from student_trainer.loss.inputs import LossStats, TeacherScores
+from student_trainer.loss.inputs import LossStats, TeacherTensors
 from student_trainer.loss.planning import Denominators
 
 if TYPE_CHECKING:  # the config module pulls in the trainer's runtime (Redis, HTTP); the model needs none of it
@@ -141,7 +141,7 @@ class StudentLoss(nn.Module):
     def forward(
         self,
         batch: MicroBatch,
-        teacher: TeacherScores | None = None,
+        teacher: TeacherTensors | None = None,
         step: int = 0,
         denominators: Denominators | None = None,
         *,

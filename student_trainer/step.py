@@ -62,7 +62,7 @@ from student_trainer.batching import (
 from student_trainer.config import TrainerConfig
 from student_trainer.diagnostics import TEACHER_KEYS, reward_stats, teacher_token_sums, tool_stats
 from student_trainer.groups import Group
-from student_trainer.loss.inputs import TeacherScores
+from student_trainer.loss.inputs import TeacherTensors
 from student_trainer.loss.planning import (
     Denominators,
     count_denominators,
@@ -296,7 +296,7 @@ class StepRunner:
         return out
 
     @staticmethod
-    def _add_teacher_sums(sums: dict[str, float], mb: MicroBatch, teacher: TeacherScores) -> None:
+    def _add_teacher_sums(sums: dict[str, float], mb: MicroBatch, teacher: TeacherTensors) -> None:
         """The teacher-token diagnostics of a micro-batch's trained tokens, as sums and counts."""
         token_sums = teacher_token_sums(
             teacher.token_logprobs,
@@ -310,7 +310,7 @@ class StepRunner:
             sums[key] += value
             sums[f"{key}#n"] += token_sums.counts[key]
 
-    def _teacher_for(self, mb: MicroBatch, scores: dict) -> TeacherScores:
+    def _teacher_for(self, mb: MicroBatch, scores: dict) -> TeacherTensors:
         if not mb.filler and all(r.rollout_id in scores for r in mb.records):
             teacher = teacher_scores_for(mb.records, scores, self.temperature)
         else:  # a zero-weight filler: placeholders, never weighted

@@ -17,7 +17,7 @@ from opd.tls import CertFiles, check_cert_options
 from opd.vllm_config import VllmConfig
 
 
-class EngineConfig(ConfigModel):
+class TeacherEngineConfig(ConfigModel):
     renamed_keys = {
         "vllm_gpu_memory_utilization": "vllm.gpu_memory_utilization",
         "vllm_kv_cache_gib": "vllm.kv_cache_gib",
@@ -175,7 +175,7 @@ class TeacherConfig(ConfigModel):
     tokenizer: str | None = Field(default=None, description="tokenizer directory if not the model's")
     served_name: str | None = Field(default=None, description="model name reported by Info (default: the path)")
     log_level: str = Field(default="INFO", description="logging level")
-    engine: EngineConfig = Field(default_factory=EngineConfig)
+    engine: TeacherEngineConfig = Field(default_factory=TeacherEngineConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     grpc: GrpcConfig = Field(default_factory=GrpcConfig)

@@ -346,14 +346,14 @@ def _baseline_loss(inp: dict, loss: str, rows: int | None):
 def _fused_loss(inp: dict, spec: dict, loss: str):
     import torch
 
-    from student_trainer.loss.compute import LossInputs, TeacherScores, compute_distillation_loss
+    from student_trainer.loss.compute import LossInputs, TeacherTensors, compute_distillation_loss
     from student_trainer.loss.config import LossConfig
 
     n = inp["hidden"].shape[0]
     topk = spec["method"] == "fused_topk"
     compile_mode = "off" if spec["method"] == "fused_eager" else "auto"
     chunking = "tiles" if spec["method"] == "fused_tiled" else spec.get("chunking")
-    teacher = TeacherScores(
+    teacher = TeacherTensors(
         token_logprobs=torch.zeros(n, device=inp["hidden"].device),
         topk_ids=inp.get("topk_ids"),
         topk_logprobs=inp.get("topk_logprobs"),

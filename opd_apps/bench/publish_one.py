@@ -41,13 +41,13 @@ def measure(spec: dict) -> dict:
 def _train_step(root, optimizer, tokens: int, lm) -> float:
     from opd_apps.bench.trainer_step import _groups, _teacher
     from student_trainer.batching import build_micro_batch
-    from student_trainer.loss.inputs import TeacherScores
+    from student_trainer.loss.inputs import TeacherTensors
     from student_trainer.loss.planning import count_denominators, step_denominators
 
     vocab = int(lm.get_output_embeddings().weight.shape[0])
     start = time.perf_counter()
     mb = build_micro_batch(_groups(tokens, 4, vocab), {})
-    teacher = _teacher(len(mb.rows_N), vocab, mb.input_ids_1T.device, TeacherScores)
+    teacher = _teacher(len(mb.rows_N), vocab, mb.input_ids_1T.device, TeacherTensors)
     denominators = step_denominators(count_denominators(mb.inputs, root.loss_config), root.loss_config)
     loss, _ = root(mb, teacher, 0, denominators)
     loss.backward()

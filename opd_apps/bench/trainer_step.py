@@ -169,7 +169,7 @@ def _make_step(spec: dict, device):
     from student_trainer import attention
     from student_trainer.batching import build_micro_batch
     from student_trainer.loss.config import LossConfig
-    from student_trainer.loss.inputs import TeacherScores
+    from student_trainer.loss.inputs import TeacherTensors
     from student_trainer.loss.planning import count_denominators, step_denominators
     from student_trainer.model import StudentLoss
 
@@ -198,7 +198,7 @@ def _make_step(spec: dict, device):
 
     def step(tokens: int) -> int:
         mb = build_micro_batch(_groups(tokens, spec["sequences"], vocab), {}, block_mask=spec["path"] == "mask")
-        teacher = _teacher(len(mb.rows_N), vocab, device, TeacherScores)
+        teacher = _teacher(len(mb.rows_N), vocab, device, TeacherTensors)
         mb = mb.to(device)
         denominators = step_denominators(count_denominators(mb.inputs, loss_config), loss_config)
         loss, stats = root(mb, teacher, 0, denominators)

@@ -3,7 +3,7 @@
 Owns the options of one evaluation: the model (an HF directory, `embedded`,
 or a trainer checkpoint with its base model), the prompt file and how its rows
 read, the sampling settings (independent of the rollout workers'), the
-reward, the pass@k values, the engine (the rollout workers' `EngineConfig`),
+reward, the pass@k values, the engine (the rollout workers' `RolloutEngineConfig`),
 the optional teacher endpoint (the fields of the trainer's teacher endpoint, with
 no default address: no teacher, no divergence) and the report directory.
 Holds data only.
@@ -20,7 +20,7 @@ from opd.config import ConfigModel
 from opd.prompts import PromptSourceConfig
 from opd.redaction import SECRET
 from opd.tls import TeacherTLSOptions
-from rollout_workers.config import EngineConfig
+from rollout_workers.config import RolloutEngineConfig
 
 # Flags the command line accepts as a short form of a nested flag.
 ALIASES = {"--teacher": "--teacher-addresses"}
@@ -117,7 +117,7 @@ class EvalCommandConfig(ConfigModel):
     sampling: EvalSamplingConfig = Field(default_factory=EvalSamplingConfig)
     reward: EvalRewardConfig = Field(default_factory=EvalRewardConfig)
     dataset: EvalPromptsConfig = Field(default_factory=EvalPromptsConfig)
-    engine: EngineConfig = Field(default_factory=EngineConfig)
+    engine: RolloutEngineConfig = Field(default_factory=RolloutEngineConfig)
     teacher: EvalTeacherConfig = Field(default_factory=EvalTeacherConfig)
 
     @model_validator(mode="after")

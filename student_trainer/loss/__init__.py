@@ -1,7 +1,7 @@
 """The distillation losses of the student trainer, computed in chunks from hidden states.
 
 One entry point, `compute_distillation_loss` (`compute`), and the data that
-crosses it (`inputs`: `TeacherScores`, `LossInputs`, `LossStats`; `config`:
+crosses it (`inputs`: `TeacherTensors`, `LossInputs`, `LossStats`; `config`:
 `LossConfig`). Inside: the registry of divergences (`registry`: name ->
 function + what it needs from the teacher), their formulas (`divergences`),
 the weighting rules (`weighting`), the per-row plan of a step (`planning`)

@@ -1,7 +1,7 @@
 """Distillation loss of the student trainer: the one entry point the trainer calls.
 
 Owns `compute_distillation_loss` and the data that crosses it: the teacher's
-scores (`TeacherScores`, mirroring the gRPC Score reply of protos/teacher.proto), the
+scores (`TeacherTensors`, mirroring the gRPC Score reply of protos/teacher.proto), the
 per-token and per-sequence inputs (`LossInputs`) and the statistics returned
 (`LossStats`, plain numbers; logging them is the trainer's job). A step reads:
 
@@ -41,11 +41,11 @@ from student_trainer.loss.fused_linear import (
     fused_linear_loss,
     fused_pass_loss,
 )
-from student_trainer.loss.inputs import LossInputs, LossStats, TeacherScores, check_inputs
+from student_trainer.loss.inputs import LossInputs, LossStats, TeacherTensors, check_inputs
 from student_trainer.loss.planning import Denominators, RowPlan, plan_rows
 from student_trainer.loss.tiled import TiledPass, TileShape
 
-__all__ = ["Denominators", "LossConfig", "LossInputs", "LossStats", "TeacherScores", "compute_distillation_loss"]
+__all__ = ["Denominators", "LossConfig", "LossInputs", "LossStats", "TeacherTensors", "compute_distillation_loss"]
 
 BLOCK_BUDGET_CPU_MIB = 32.0  # block temporaries on CPU when loss.block_budget_mib is None (see LossConfig)
 
@@ -54,7 +54,7 @@ def compute_distillation_loss(
     hidden_NH: Tensor,
     lm_head_weight_VH: Tensor,
     inputs: LossInputs,
-    teacher: TeacherScores,
+    teacher: TeacherTensors,
     config: LossConfig,
     step: int,
     lm_head_bias_V: Tensor | None = None,
@@ -99,7 +99,7 @@ class _ChunkLoss:
     """Chunk function: a * distill + b * rl on one chunk, block by block; d logits written into the chunk."""
 
     def __init__(
-        self, plan: RowPlan, inputs: LossInputs, teacher: TeacherScores, config: LossConfig, dtype, block_rows: int, fn
+        self, plan: RowPlan, inputs: LossInputs, teacher: TeacherTensors, config: LossConfig, dtype, block_rows: int, fn
     ) -> None:
         self.plan, self.inputs, self.teacher, self.config = plan, inputs, teacher, config
         self.block_rows, self.fn = block_rows, fn

@@ -1,6 +1,6 @@
 """Data that crosses the loss entry point, and its validation at that boundary.
 
-Owns `TeacherScores` (the teacher's reply for the trained positions, as the
+Owns `TeacherTensors` (the teacher's reply for the trained positions, as the
 gRPC Score reply in protos/teacher.proto defines it: actual-token log-prob, optional
 top-k ids / log-probs with the tail log-mass, optional full log-probs),
 `LossInputs` (targets, weights, sequence boundaries, groups, rewards,
@@ -20,8 +20,9 @@ from student_trainer.loss.registry import divergence
 
 
 @dataclass(frozen=True)
-class TeacherScores:
-    """Teacher log-probs for the N trained positions (any float dtype; taken as given)."""
+class TeacherTensors:
+    """Teacher log-probs for the N trained positions as tensors (any float dtype; taken as given): the loss's
+    input, built from `teacher_server.client.TeacherScores` replies by `student_trainer.batching`."""
 
     token_logprobs: Tensor  # [N] log p_T(actual token)
     topk_ids: Tensor | None = None  # [N, k] int
@@ -71,7 +72,7 @@ class LossStats:
 
 
 def check_inputs(
-    hidden_NH: Tensor, weight_VH: Tensor, inputs: LossInputs, teacher: TeacherScores, config: LossConfig
+    hidden_NH: Tensor, weight_VH: Tensor, inputs: LossInputs, teacher: TeacherTensors, config: LossConfig
 ) -> None:
     """Raise ValueError if the tensors do not fit each other or the config."""
     n, v = _check_shapes(hidden_NH, weight_VH, inputs, teacher)
@@ -84,7 +85,7 @@ def check_inputs(
         )
 
 
-def _check_shapes(hidden_NH: Tensor, weight_VH: Tensor, inputs: LossInputs, teacher: TeacherScores) -> tuple[int, int]:
+def _check_shapes(hidden_NH: Tensor, weight_VH: Tensor, inputs: LossInputs, teacher: TeacherTensors) -> tuple[int, int]:
     if hidden_NH.dim() != 2 or weight_VH.dim() != 2 or hidden_NH.shape[1] != weight_VH.shape[1]:
         raise ValueError(
             f"hidden [N, H] and lm-head weight [V, H] expected, got {tuple(hidden_NH.shape)} "
@@ -110,7 +111,7 @@ def _check_shapes(hidden_NH: Tensor, weight_VH: Tensor, inputs: LossInputs, teac
     return n, v
 
 
-def _check_teacher_forms(teacher: TeacherScores, config: LossConfig, vocab_size: int) -> None:
+def _check_teacher_forms(teacher: TeacherTensors, config: LossConfig, vocab_size: int) -> None:
     k = teacher.top_k
     if teacher.topk_ids is not None:
         if teacher.topk_logprobs is None or teacher.topk_logprobs.shape != teacher.topk_ids.shape:

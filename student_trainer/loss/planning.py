@@ -29,7 +29,7 @@ from student_trainer.loss import divergences as dv
 from student_trainer.loss import weighting as wt
 from student_trainer.loss.config import LossConfig
 from student_trainer.loss.fused_linear import chunk_slices, compute_dtype, run_chunks
-from student_trainer.loss.inputs import LossInputs, TeacherScores
+from student_trainer.loss.inputs import LossInputs, TeacherTensors
 from student_trainer.loss.registry import DivergenceArgs, divergence
 
 
@@ -144,7 +144,7 @@ def plan_rows(
     weight_VH: Tensor,
     bias_V: Tensor | None,
     inputs: LossInputs,
-    teacher: TeacherScores,
+    teacher: TeacherTensors,
     config: LossConfig,
     step: int,
     rows_per_chunk: int,
@@ -227,7 +227,7 @@ def prescore_rows(
     weight_VH: Tensor,
     bias_V: Tensor | None,
     inputs: LossInputs,
-    teacher: TeacherScores,
+    teacher: TeacherTensors,
     config: LossConfig,
     valid_N: Tensor,
     rows_per_chunk: int,
@@ -262,7 +262,7 @@ def prescore_rows(
     return out
 
 
-def _tip_jsd(student: dv.StudentChunk, teacher: TeacherScores, rows: slice, config: LossConfig) -> Tensor:
+def _tip_jsd(student: dv.StudentChunk, teacher: TeacherTensors, rows: slice, config: LossConfig) -> Tensor:
     """Symmetric JSD(p_S, p_T) (beta = 1/2, at most ln 2) over TIP's support, [C]."""
     floor = config.logprob_floor
     if config.token_selection.jsd_support == "full":

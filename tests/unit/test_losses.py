@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from student_trainer.loss.compute import LossInputs, TeacherScores, compute_distillation_loss
+from student_trainer.loss.compute import LossInputs, TeacherTensors, compute_distillation_loss
 from student_trainer.loss.config import LossConfig
 from tests.fixtures.largest_tensor import LargestTensor
 
@@ -46,12 +46,12 @@ def make_batch(seed: int = 0, k: int = K, n: int = N, v: int = V, dtype=torch.fl
     return hidden, weight, bias, inputs, teacher
 
 
-def teacher_from_full(full, targets, k: int) -> TeacherScores:
+def teacher_from_full(full, targets, k: int) -> TeacherTensors:
     """What a teacher server sends: actual-token log-prob, top-k with the tail log-mass, full."""
     ids = full.topk(k, dim=-1).indices if k else torch.zeros(full.shape[0], 0, dtype=torch.long)
     topk = full.gather(1, ids)
     tail = full.masked_fill(torch.zeros_like(full, dtype=torch.bool).scatter(1, ids, True), -math.inf)
-    return TeacherScores(
+    return TeacherTensors(
         token_logprobs=full.gather(1, targets[:, None]).squeeze(1),
         topk_ids=ids.int(),
         topk_logprobs=topk,
@@ -63,7 +63,7 @@ def teacher_from_full(full, targets, k: int) -> TeacherScores:
 # ----------------------------------------------------------------------------- reference
 
 
-def reference_rows(logits, teacher: TeacherScores, targets, cfg: LossConfig, reverse_weight: float = 0.0):
+def reference_rows(logits, teacher: TeacherTensors, targets, cfg: LossConfig, reverse_weight: float = 0.0):
     """Per-row losses from full logits, written as the papers' formulas (autograd does the rest)."""
     z = logits / cfg.student_temperature
     s = torch.log_softmax(z, -1)
@@ -208,7 +208,7 @@ def test_k_zero_refuses_topk_forms_with_a_clear_error(divergence):
 
 def test_k_zero_is_enough_for_sampled_reverse_kl():
     hidden, weight, bias, inputs, teacher = make_batch(k=0)
-    teacher = TeacherScores(token_logprobs=teacher.token_logprobs)
+    teacher = TeacherTensors(token_logprobs=teacher.token_logprobs)
     cfg = LossConfig(divergence="rkl_sampled", chunk_size=4)
     got = chunked_loss(hidden, weight, bias, inputs, teacher, cfg)
     assert_matches(got[:4], reference_loss(hidden, weight, bias, inputs, teacher, cfg), **TOL64)
@@ -217,7 +217,7 @@ def test_k_zero_is_enough_for_sampled_reverse_kl():
 
 def test_full_support_without_full_logprobs_is_refused():
     hidden, weight, bias, inputs, teacher = make_batch()
-    teacher = TeacherScores(teacher.token_logprobs, teacher.topk_ids, teacher.topk_logprobs, teacher.tail_logprobs)
+    teacher = TeacherTensors(teacher.token_logprobs, teacher.topk_ids, teacher.topk_logprobs, teacher.tail_logprobs)
     with pytest.raises(ValueError, match="full_logprobs"):
         chunked_loss(hidden, weight, bias, inputs, teacher, LossConfig(divergence="jsd", support="full"))
 
@@ -265,7 +265,7 @@ def test_minus_inf_teacher_logprobs_stay_finite_and_match_the_floored_reference(
     teacher = teacher_from_full(full, inputs.target_ids, K)
     topk = teacher.topk_logprobs.clone()
     topk[0, -1] = -math.inf  # and sends a -inf entry inside its top-k
-    teacher = TeacherScores(teacher.token_logprobs, teacher.topk_ids, topk, teacher.tail_logprobs, full)
+    teacher = TeacherTensors(teacher.token_logprobs, teacher.topk_ids, topk, teacher.tail_logprobs, full)
     cfg = LossConfig(divergence=divergence, support=support, chunk_size=4)
     got = chunked_loss(hidden, weight, bias, inputs, teacher, cfg)
     assert all(torch.isfinite(t).all() for t in got[:4])
@@ -276,7 +276,7 @@ def test_minus_inf_teacher_logprobs_stay_finite_and_match_the_floored_reference(
 @pytest.mark.parametrize("divergence", ["fkl", "rkl", "jsd"])
 def test_teacher_tail_mass_near_zero(divergence, tail):
     hidden, weight, bias, inputs, teacher = make_batch(seed=12)
-    teacher = TeacherScores(
+    teacher = TeacherTensors(
         teacher.token_logprobs,
         teacher.topk_ids,
         teacher.topk_logprobs - teacher.topk_logprobs.logsumexp(-1, keepdim=True),
@@ -335,7 +335,7 @@ def test_statistics_are_the_means_over_kept_tokens():
 def test_no_tensor_of_n_by_v_elements_exists_in_forward_or_backward(divergence, support):
     n, v, chunk = 64, 50, 4
     hidden, weight, bias, inputs, teacher = make_batch(seed=2, n=n, v=v)
-    teacher = TeacherScores(teacher.token_logprobs, teacher.topk_ids, teacher.topk_logprobs, teacher.tail_logprobs)
+    teacher = TeacherTensors(teacher.token_logprobs, teacher.topk_ids, teacher.topk_logprobs, teacher.tail_logprobs)
     h, w = hidden.requires_grad_(), weight.requires_grad_()
     cfg = LossConfig(divergence=divergence, support=support, chunk_size=chunk)
     with LargestTensor() as probe:

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from student_trainer.loss.compute import LossInputs, TeacherScores, compute_distillation_loss
+from student_trainer.loss.compute import LossInputs, TeacherTensors, compute_distillation_loss
 from student_trainer.loss.config import LossConfig
 from student_trainer.loss.fused_linear import chunk_rows
 from student_trainer.loss.planning import plan_rows, prescore_rows
@@ -39,7 +39,7 @@ def make_batch(seed: int = 0, behaviour_noise: float | None = None):
         behaviour = s_y + behaviour_noise * torch.randn(N, generator=g, dtype=torch.float64)
     ids = teacher_full.topk(K, -1).indices
     in_topk = torch.zeros_like(teacher_full, dtype=torch.bool).scatter(1, ids, True)
-    teacher = TeacherScores(
+    teacher = TeacherTensors(
         token_logprobs=teacher_full.gather(1, targets[:, None]).squeeze(1),
         topk_ids=ids,
         topk_logprobs=teacher_full.gather(1, ids),
@@ -250,7 +250,7 @@ def test_tip_never_draws_near_zero_entropy_tokens_while_others_remain():
 
 def test_tip_divergence_weight_needs_a_teacher_distribution():
     hidden, weight, inputs, teacher = make_batch()
-    teacher = TeacherScores(teacher.token_logprobs)
+    teacher = TeacherTensors(teacher.token_logprobs)
     cfg = LossConfig(token_selection={"enabled": True, "divergence_exponent": 1.0})
     with pytest.raises(ValueError, match="divergence_exponent"):
         run(hidden, weight, inputs, teacher, cfg)

@@ -22,7 +22,7 @@ import math
 import pytest
 import torch
 
-from student_trainer.loss.compute import LossInputs, TeacherScores, compute_distillation_loss
+from student_trainer.loss.compute import LossInputs, TeacherTensors, compute_distillation_loss
 from student_trainer.loss.config import LossConfig
 from student_trainer.loss.registry import DIVERGENCES, Divergence
 from tests.fixtures.largest_tensor import LargestTensor
@@ -112,7 +112,7 @@ def test_minus_inf_teacher_logprobs_and_a_floored_student_match_the_reference(di
 def test_teacher_tail_mass_near_zero_and_k_equal_to_vocab(tail):
     hidden, weight, bias, inputs, teacher = make_batch(seed=12)
     n = hidden.shape[0]
-    teacher = TeacherScores(
+    teacher = TeacherTensors(
         teacher.token_logprobs,
         teacher.topk_ids,
         teacher.topk_logprobs - teacher.topk_logprobs.logsumexp(-1, keepdim=True),

@@ -23,7 +23,7 @@ import torch
 from protos.records import RolloutRecord
 from student_trainer.batching import build_micro_batch, split_by_sequences
 from student_trainer.loss import weighting as wt
-from student_trainer.loss.compute import TeacherScores, compute_distillation_loss
+from student_trainer.loss.compute import TeacherTensors, compute_distillation_loss
 from student_trainer.loss.config import LossConfig
 from student_trainer.loss.planning import Denominators, count_denominators, micro_batch_denominators
 
@@ -119,7 +119,7 @@ def opd_step(hidden, weight, teacher_full, cfg: LossConfig, k: int, world_size: 
             r for rec in mb.records for r in range(bounds[index[rec.rollout_id]], bounds[index[rec.rollout_id] + 1])
         ]
         full = teacher_full[rows]
-        teacher = TeacherScores(
+        teacher = TeacherTensors(
             token_logprobs=full.gather(1, mb.inputs.target_ids[:, None]).squeeze(1), full_logprobs=full
         )
         inputs = mb.inputs
