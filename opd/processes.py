@@ -11,6 +11,10 @@ import subprocess
 import time
 from collections.abc import Iterable
 
+# One thread per child process: several processes share the cores, and more threads than cores made every step many
+# times slower under load (threads spinning on each other's cores). The demo's and the benchmarks' children run so.
+ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago (for servers that cannot bind port 0 themselves)."""

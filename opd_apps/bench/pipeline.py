@@ -39,12 +39,11 @@ from pathlib import Path
 
 import httpx
 
-from opd.processes import free_port
+from opd.processes import ONE_THREAD_ENV, free_port
 from opd.redis_server import redis_server
 from opd_apps.bench.common import local_hf_teacher_argv
 
 ADMISSIONS = ("version", "inflight")
-THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 FROZEN = {"max_staleness": 4, "groups_per_step": 4, "samples": 2, "publish_every": 1}
 
 
@@ -258,7 +257,7 @@ def run_once(sup_dir: Path, models: tuple[Path, Path], teacher: str, redis_url: 
     started = time.time()
     try:
         for w, port in enumerate(ports):
-            sup.start(f"worker{w}", _worker_args(models[1], redis_url, ns, port, args.max_tokens), env=THREADS)
+            sup.start(f"worker{w}", _worker_args(models[1], redis_url, ns, port, args.max_tokens), env=ONE_THREAD_ENV)
         trainer = sup.start("trainer", _train_args(models[1], teacher, redis_url, ns, run, args.steps, admission))
         with IdleSampler(ports) as sampler:
             while trainer.proc.poll() is None:
@@ -316,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with redis_server() as redis_url:
             sup = Supervisor(root / "teacher-logs")
             port = free_port()
-            sup.start("teacher", _teacher_args(models[0], port), env=THREADS)
+            sup.start("teacher", _teacher_args(models[0], port), env=ONE_THREAD_ENV)
             try:
                 for i in range(repeats):
                     for admission in admissions if i % 2 == 0 else admissions[::-1]:

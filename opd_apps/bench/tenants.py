@@ -53,7 +53,7 @@ from pathlib import Path
 
 import httpx
 
-from opd.processes import free_port, stop_process
+from opd.processes import ONE_THREAD_ENV, free_port, stop_process
 from opd_apps.bench.tenant_load import Tally, Tenant, metrics_delta, read_client_metrics
 
 FULL = {"model": "tiny", "seq_len": 128, "phase_s": 30.0, "capacity_s": 10.0, "runs": 3}
@@ -139,10 +139,9 @@ class PinnedTeacher:
         cmd += ["--engine-max-model-len", str(max_len), "--engine-max-top-k", str(max(args.top_k, 1))]
         cmd += ["--scheduler-max-queued-requests", str(args.max_queued_requests), *args.teacher_arg, *extra]
         self.command = cmd
-        threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         core = args.core
         self.proc = subprocess.Popen(
-            cmd, env={**os.environ, **threads}, preexec_fn=lambda: os.sched_setaffinity(0, {core})
+            cmd, env={**os.environ, **ONE_THREAD_ENV}, preexec_fn=lambda: os.sched_setaffinity(0, {core})
         )
         self.address = f"127.0.0.1:{self.grpc_port}"
         self.ops_url = f"http://127.0.0.1:{self.ops_port}"

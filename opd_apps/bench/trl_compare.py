@@ -38,13 +38,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from opd.processes import free_port
+from opd.processes import ONE_THREAD_ENV, free_port
 from opd_apps.bench.common import REPO_ROOT, local_hf_teacher_argv
 
 TRL_PINS = ("trl==1.16.0", "torch==2.13.0")
-THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 # opd's three processes take one thread each (as `opd demo` runs them); TRL's one process gets the machine's cores.
-TRL_THREADS = {**THREADS, "OMP_NUM_THREADS": str(os.cpu_count() or 1), "MKL_NUM_THREADS": str(os.cpu_count() or 1)}
+_CORES = str(os.cpu_count() or 1)
+TRL_THREADS = {**ONE_THREAD_ENV, "OMP_NUM_THREADS": _CORES, "MKL_NUM_THREADS": _CORES}
 JOB = Path(__file__).with_name("trl_job.py")
 VENV_MISSING = 3  # exit code: the TRL environment cannot be installed here
 
@@ -160,8 +160,9 @@ def run_opd(root: Path, models: tuple[Path, Path], teacher: str, redis_url: str,
     result = SideResult("opd", load_start=os.getloadavg()[0])
     started = time.time()
     try:
-        sup.start("worker", _worker_argv(models[1], redis_url, recipe), env=THREADS)
-        trainer = sup.start("trainer", _train_argv(models[1], teacher, redis_url, run, prompts, recipe), env=THREADS)
+        sup.start("worker", _worker_argv(models[1], redis_url, recipe), env=ONE_THREAD_ENV)
+        train_argv = _train_argv(models[1], teacher, redis_url, run, prompts, recipe)
+        trainer = sup.start("trainer", train_argv, env=ONE_THREAD_ENV)
         while trainer.proc.poll() is None:
             sup.check()
             time.sleep(0.5)
@@ -272,7 +273,7 @@ def evaluate(model: Path, teacher: str, out: Path, recipe: Recipe) -> dict:
     if recipe.eval_limit:
         argv += ["--dataset-limit", str(recipe.eval_limit)]
     started = time.time()
-    proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO_ROOT, env={**os.environ, **THREADS})
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO_ROOT, env={**os.environ, **ONE_THREAD_ENV})
     if proc.returncode != 0:
         raise RuntimeError(f"opd eval of {model} failed:\n{proc.stderr[-2000:]}")
     report = json.loads((out / "eval.json").read_text())
@@ -348,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with redis_server() as redis_url:
             sup, port = Supervisor(root / "teacher-logs"), free_port()
             teacher_argv = [*local_hf_teacher_argv(models[0], port, free_port()), "--engine-max-top-k", "64"]
-            sup.start("teacher", teacher_argv, env=THREADS)
+            sup.start("teacher", teacher_argv, env=ONE_THREAD_ENV)
             teacher = f"127.0.0.1:{port}"
             try:
                 for side in sides:

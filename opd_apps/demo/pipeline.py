@@ -29,12 +29,9 @@ from pathlib import Path
 
 import httpx
 
-from opd.processes import free_port
+from opd.processes import ONE_THREAD_ENV, free_port
 
 DATA = files("opd_apps.demo") / "data"
-# One thread per process: three processes share the cores, and more threads than cores made every step
-# many times slower under load (threads spinning on each other's cores).
-THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 # The recipe of the full demo (chosen by measurement; see the README's demo section).
@@ -160,7 +157,7 @@ def _start_all(sup, plan: DemoPlan, args: argparse.Namespace, redis_url: str, ru
             "--ops-port",
             str(ports["teacher_ops"]),
         ],
-        env=THREADS,
+        env=ONE_THREAD_ENV,
     )
     sup.start(
         "rollout",
@@ -189,7 +186,7 @@ def _start_all(sup, plan: DemoPlan, args: argparse.Namespace, redis_url: str, ru
                 else []
             ),
         ],
-        env=THREADS,
+        env=ONE_THREAD_ENV,
     )
     sup.start(
         "trainer",
@@ -241,7 +238,7 @@ def _start_all(sup, plan: DemoPlan, args: argparse.Namespace, redis_url: str, ru
             "WARNING",
             *(["--lora-rank", str(plan.lora_rank), "--lora-alpha", str(2 * plan.lora_rank)] if plan.lora_rank else []),
         ],
-        env=THREADS,
+        env=ONE_THREAD_ENV,
         on_line=lambda line: print("  " + line, flush=True) if line.startswith("step ") else None,
     )
     return ports
