@@ -265,39 +265,17 @@ def test_a_team_over_its_cap_is_refused_with_a_hint_and_the_other_teams_are_not(
     hints: list[tuple[float, str]] = []
     others: dict[str, list[str]] = {name: [] for name in STUDENTS[:3]}
 
-    def meta(name):
-        return (("authorization", f"Bearer {TOKENS[name]}"),)
-
     async def main():
         stop = asyncio.Event()
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = pb_grpc.TeacherStub(channel)
 
-            async def over_cap():
-                while not stop.is_set():
-                    try:
-                        await stub.Score(request, timeout=60, metadata=meta("student-d"))
-                        capped["OK"] += 1
-                    except grpc.aio.AioRpcError as err:
-                        capped[err.code().name] += 1
-                        hint = [float(v) for k, v in err.trailing_metadata() or () if k == "retry-after-s"]
-                        hints.append((hint[0] if hint else 0.0, err.details() or ""))
-                        await asyncio.sleep(0)
-
-            async def within(name):
-                for _ in range(5):
-                    try:
-                        await stub.Score(request, timeout=60, metadata=meta(name))
-                        others[name].append("OK")
-                    except grpc.aio.AioRpcError as err:
-                        others[name].append(err.code().name)
-
-            senders = [asyncio.create_task(over_cap()) for _ in range(24)]
+            senders = [asyncio.create_task(_resend(stub, request, "student-d", stop, capped, hints)) for _ in range(24)]
             for _ in range(3000):  # wait until the cap is being hit
                 if capped["RESOURCE_EXHAUSTED"]:
                     break
                 await asyncio.sleep(0.01)
-            await asyncio.gather(*(within(name) for name in others))
+            await asyncio.gather(*(_send_five(stub, request, name, others[name]) for name in others))
             stop.set()
             await asyncio.gather(*senders)
 
@@ -309,12 +287,7 @@ def test_a_team_over_its_cap_is_refused_with_a_hint_and_the_other_teams_are_not(
     assert capped["RESOURCE_EXHAUSTED"] > 0 and capped["OK"] > 0, capped
     assert all(h > 0 and "max_queued_requests 4" in d and re.search(r"retry in [\d.]+ s", d) for h, d in hints)
     assert others == {name: ["OK"] * 5 for name in others}, others
-    answered = {
-        (s.labels["client"], s.labels["code"]): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "opd_teacher_requests_total" and s.value
-    }
+    answered = _answered(text)
     assert {key: n for key, n in answered.items() if key[0] in others} == {(name, "OK"): 5 for name in others}
     assert answered[("student-d", "RESOURCE_EXHAUSTED")] == capped["RESOURCE_EXHAUSTED"]
 
@@ -333,9 +306,6 @@ def test_a_flooder_is_refused_with_a_retry_hint_while_well_behaved_students_get_
     hints: list[tuple[float, str]] = []
     polite: dict[str, list[str]] = {name: [] for name in STUDENTS[:3]}
 
-    def meta(name):
-        return (("authorization", f"Bearer {TOKENS[name]}"),)
-
     async def main():
         stop = asyncio.Event()
         async with (
@@ -344,31 +314,13 @@ def test_a_flooder_is_refused_with_a_retry_hint_while_well_behaved_students_get_
         ):
             flood_stub, polite_stub = pb_grpc.TeacherStub(flood_ch), pb_grpc.TeacherStub(polite_ch)
 
-            async def flood():
-                while not stop.is_set():
-                    try:
-                        await flood_stub.Score(request, timeout=60, metadata=meta("student-d"))
-                        flood_codes["OK"] += 1
-                    except grpc.aio.AioRpcError as err:
-                        flood_codes[err.code().name] += 1
-                        hint = [float(v) for k, v in err.trailing_metadata() or () if k == "retry-after-s"]
-                        hints.append((hint[0] if hint else 0.0, err.details() or ""))
-                        await asyncio.sleep(0)
-
-            async def well_behaved(name):
-                for _ in range(5):
-                    try:
-                        await polite_stub.Score(request, timeout=60, metadata=meta(name))
-                        polite[name].append("OK")
-                    except grpc.aio.AioRpcError as err:
-                        polite[name].append(err.code().name)
-
-            flooders = [asyncio.create_task(flood()) for _ in range(48)]
+            flood = (_resend(flood_stub, request, "student-d", stop, flood_codes, hints) for _ in range(48))
+            flooders = [asyncio.create_task(sender) for sender in flood]
             for _ in range(3000):  # the queue is full: the flood is being refused
                 if flood_codes["RESOURCE_EXHAUSTED"]:
                     break
                 await asyncio.sleep(0.01)
-            await asyncio.gather(*(well_behaved(name) for name in polite))
+            await asyncio.gather(*(_send_five(polite_stub, request, name, polite[name]) for name in polite))
             stop.set()
             await asyncio.gather(*flooders)
 
@@ -380,12 +332,7 @@ def test_a_flooder_is_refused_with_a_retry_hint_while_well_behaved_students_get_
     assert flood_codes["RESOURCE_EXHAUSTED"] > 0, flood_codes
     assert all(h > 0 and re.search(r"retry in [\d.]+ s", d) for h, d in hints), hints[:5]
     assert polite == {name: ["OK"] * 5 for name in polite}, polite
-    answered = {  # the teacher's own count on /metrics agrees: nothing but OK for the well-behaved students
-        (s.labels["client"], s.labels["code"]): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "opd_teacher_requests_total" and s.value
-    }
+    answered = _answered(text)  # the teacher's own count on /metrics agrees: nothing but OK for the well-behaved
     assert {key: n for key, n in answered.items() if key[0] in polite} == {(name, "OK"): 5 for name in polite}
     assert answered[("student-d", "RESOURCE_EXHAUSTED")] == flood_codes["RESOURCE_EXHAUSTED"]
     # The order in which the scheduler serves students is checked without timings by the share test above
@@ -418,9 +365,6 @@ def test_a_light_students_express_batch_preempts_the_flooders_running_batch_and_
     light_replies: list[pb.ScoreReply] = []
     light_codes: Counter[str] = Counter()
 
-    def meta(name):
-        return (("authorization", f"Bearer {TOKENS[name]}"),)
-
     async def main():
         stop = asyncio.Event()
         async with (
@@ -432,7 +376,7 @@ def test_a_light_students_express_batch_preempts_the_flooders_running_batch_and_
             async def flood():
                 while not stop.is_set():
                     try:
-                        reply = await flood_stub.Score(flood_request, timeout=120, metadata=meta("student-d"))
+                        reply = await flood_stub.Score(flood_request, timeout=120, metadata=_meta("student-d"))
                         flood_replies.append(reply)
                     except grpc.aio.AioRpcError:
                         await asyncio.sleep(0.005)
@@ -441,7 +385,8 @@ def test_a_light_students_express_batch_preempts_the_flooders_running_batch_and_
             await poll(server, lambda s: s["completed"].get("student-d", 0) >= 32)  # full batches are running
             for _ in range(200):
                 try:
-                    light_replies.append(await light_stub.Score(light_request, timeout=120, metadata=meta("student-a")))
+                    reply = await light_stub.Score(light_request, timeout=120, metadata=_meta("student-a"))
+                    light_replies.append(reply)
                     light_codes["OK"] += 1
                 except grpc.aio.AioRpcError as err:
                     light_codes[err.code().name] += 1
@@ -451,14 +396,6 @@ def test_a_light_students_express_batch_preempts_the_flooders_running_batch_and_
             stop.set()
             await asyncio.gather(*flooders)
             return text
-
-    def _sample(text: str, name: str, **labels: str) -> float:
-        return sum(
-            s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-        )
 
     try:
         text = asyncio.run(main())
@@ -473,6 +410,54 @@ def test_a_light_students_express_batch_preempts_the_flooders_running_batch_and_
         want = reference_logprobs(tiny_model_dir, ids)[np.arange(len(ids) - 1), ids[1:]]
         for reply in replies:
             np.testing.assert_allclose(unpack(reply.token_logprobs), want, atol=1e-4)
+
+
+def _meta(name: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {TOKENS[name]}"),)
+
+
+async def _resend(stub, request, name: str, stop: asyncio.Event, codes: Counter[str], hints: list) -> None:
+    """Send `request` as `name` again at once, whatever the answer, until `stop`; count each status and keep
+    each refusal's (retry hint, details)."""
+    while not stop.is_set():
+        try:
+            await stub.Score(request, timeout=60, metadata=_meta(name))
+            codes["OK"] += 1
+        except grpc.aio.AioRpcError as err:
+            codes[err.code().name] += 1
+            hint = [float(v) for k, v in err.trailing_metadata() or () if k == "retry-after-s"]
+            hints.append((hint[0] if hint else 0.0, err.details() or ""))
+            await asyncio.sleep(0)
+
+
+async def _send_five(stub, request, name: str, codes: list[str]) -> None:
+    """A well-behaved student: five requests, one at a time; each status appended to `codes`."""
+    for _ in range(5):
+        try:
+            await stub.Score(request, timeout=60, metadata=_meta(name))
+            codes.append("OK")
+        except grpc.aio.AioRpcError as err:
+            codes.append(err.code().name)
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    """The sum of metric `name`'s samples with these labels in a /metrics text."""
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def _answered(text: str) -> dict[tuple[str, str], float]:
+    """`opd_teacher_requests_total` by (client, status code), the non-zero ones, from a /metrics text."""
+    return {
+        (s.labels["client"], s.labels["code"]): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "opd_teacher_requests_total" and s.value
+    }
 
 
 async def _metrics_text(server) -> str:
