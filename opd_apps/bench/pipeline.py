@@ -81,14 +81,10 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _models(args: argparse.Namespace) -> tuple[Path, Path]:
     """(teacher, student) directories."""
-    from opd.model_source import cache_dir, embedded_model_dir
-    from opd_apps.demo.models import tiny_pair, truncated_student
+    from opd.model_source import cache_dir
+    from opd_apps.demo.models import demo_models, tiny_pair
 
-    if not args.demo_models:
-        return tiny_pair(cache_dir() / "demo")
-    teacher = embedded_model_dir()
-    student = truncated_student(teacher, cache_dir() / "models" / "SmolLM2-135M-Instruct-first12-last12", 12, 12)
-    return teacher, student
+    return demo_models() if args.demo_models else tiny_pair(cache_dir() / "demo")
 
 
 def _worker_args(student: Path, redis_url: str, namespace: str, port: int, max_tokens: int) -> list[str]:

@@ -65,11 +65,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _model(name: str | None, tmp: Path) -> Path:
     if name == "demo":
-        from opd.model_source import cache_dir, embedded_model_dir
-        from opd_apps.demo.models import truncated_student
+        from opd_apps.demo.models import demo_models
 
-        target = cache_dir() / "models" / "SmolLM2-135M-Instruct-first12-last12"
-        return truncated_student(embedded_model_dir(), target, 12, 12)
+        return demo_models()[1]
     return Path(name) if name else _random_student(tmp / "student")
 
 

@@ -107,13 +107,10 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _models(quick: bool) -> tuple[Path, Path]:
-    from opd.model_source import cache_dir, embedded_model_dir
-    from opd_apps.demo.models import tiny_pair, truncated_student
+    from opd.model_source import cache_dir
+    from opd_apps.demo.models import demo_models, tiny_pair
 
-    if quick:
-        return tiny_pair(cache_dir() / "demo")
-    teacher = embedded_model_dir()
-    return teacher, truncated_student(teacher, cache_dir() / "models" / "SmolLM2-135M-Instruct-first12-last12", 12, 12)
+    return tiny_pair(cache_dir() / "demo") if quick else demo_models()
 
 
 def ensure_trl_venv(venv: Path, python: str) -> tuple[Path | None, str]:

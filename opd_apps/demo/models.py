@@ -11,6 +11,9 @@
   11 + 11 and 4 + 14 also score 0 but start from word salad (further from
   the teacher than the demo's budget was tried on); 14 + 14 already scores
   28/120. Evenly spaced layers gave word salad at every depth tried.
+- `demo_models()`: the demo's (teacher, student) pair, the embedded model
+  and its 12 + 12 truncation, cached (the demo and the benchmarks on the
+  demo's models).
 - `tiny_pair(dir)`: a random tiny teacher and student (Qwen2-style, head_dim
   64, float32) with an offline byte-level BPE tokenizer, for `opd demo --quick`
   and the tests.
@@ -115,6 +118,16 @@ def kept_layers(total: int, keep_first: int, keep_last: int) -> list[int]:
     if keep_first + keep_last >= total:
         return list(range(total))
     return [*range(keep_first), *range(total - keep_last, total)]
+
+
+def demo_models(keep_first: int = 12, keep_last: int = 12) -> tuple[Path, Path]:
+    """The demo's (teacher, student): the embedded SmolLM2-135M-Instruct and its truncated student, converted
+    once and cached under opd's cache directory (the demo, and the benchmarks that run on the demo's models)."""
+    from opd.model_source import cache_dir, embedded_model_dir
+
+    teacher = embedded_model_dir()
+    name = f"SmolLM2-135M-Instruct-first{keep_first}-last{keep_last}"
+    return teacher, truncated_student(teacher, cache_dir() / "models" / name, keep_first, keep_last)
 
 
 def truncated_student(teacher_dir: Path, target: Path, keep_first: int, keep_last: int) -> Path:

@@ -107,16 +107,14 @@ def _plan(args: argparse.Namespace) -> DemoPlan:
 
 
 def _base_plan(args: argparse.Namespace) -> DemoPlan:
-    from opd.model_source import cache_dir, embedded_model_dir
-    from opd_apps.demo.models import tiny_pair, truncated_student
+    from opd.model_source import cache_dir
+    from opd_apps.demo.models import demo_models, tiny_pair
 
     if args.quick:
         teacher, student = tiny_pair(cache_dir() / "demo")
         return DemoPlan(teacher, student, args.steps or 3, 2, 2, 12, 2, 5e-3, 20, "hf", heldout_limit=8, shown=2)
     print("preparing models (converted once, then cached under ~/.cache/opd) ...", flush=True)
-    teacher = embedded_model_dir()
-    name = f"SmolLM2-135M-Instruct-first{args.keep_first}-last{args.keep_last}"
-    student = truncated_student(teacher, cache_dir() / "models" / name, args.keep_first, args.keep_last)
+    teacher, student = demo_models(args.keep_first, args.keep_last)
     return DemoPlan(
         teacher,
         student,
