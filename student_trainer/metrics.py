@@ -1,7 +1,13 @@
-"""The trainer's Prometheus metrics (`opd_trainer_*`) and the `/status` snapshot; exported on the ops port.
+"""The sinks of the trainer's step and eval reports: Prometheus (`opd_trainer_*`), `/status`, TensorBoard and W&B.
 
-Both read a step's `report.StepReport` (`observe`) and an eval round's report (`observe_eval`); neither computes
-a statistic.
+`TrainerMetrics` (the registry exported on the ops port), `TrainerStatus` (the `/status` snapshot) and
+`StepLogger` (TensorBoard / Weights & Biases) each read a step's `report.StepReport` and an eval round's report;
+none computes a statistic. (`steps.jsonl` is the settlement's, the progress line `opd train`'s.)
+
+Prometheus and `/status` are always on. TensorBoard and W&B are for people who follow runs there: each backend is
+imported only when its option is set, a missing package is a clear error at start-up, not a crash mid-run; rank 0
+logs, other ranks get a logger that does nothing; the run's config goes to W&B redacted (`opd.redaction`): no
+token, no password.
 
 Besides the training metrics, the registry exports rank 0's transport
 counters (`opd_trainer_dead_lettered_records_total`, duplicates, retries,
@@ -16,13 +22,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from opd.redaction import redacted_dump
 from opd.stream_metrics import StreamStatsCollector
 from opd.streams import StreamStats
+from student_trainer.config import LoggingConfig, TrainerConfig
 from student_trainer.groups.ledger import REASONS, FeedStats
 from student_trainer.report import StepReport
 
@@ -172,3 +181,53 @@ class TrainerMetrics:
         self.eval_reward.set(report["mean_reward"])
         self.eval_pass_at_1.set(report["pass_at_1"])
         self.eval_divergence.set(report["divergence"])
+
+
+class StepLogger:
+    """TensorBoard and W&B logging of the step and eval statistics (rank 0; see the module docstring)."""
+
+    def __init__(self, config: LoggingConfig, run_config: TrainerConfig, is_main: bool) -> None:
+        self._tb: Any = None
+        self._wandb: Any = None
+        if not is_main:
+            return
+        if config.tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise ValueError(
+                    "logging.tensorboard_dir is set but the `tensorboard` package is missing: "
+                    "pip install tensorboard (or unset --logging-tensorboard-dir)"
+                ) from exc
+            self._tb = SummaryWriter(log_dir=config.tensorboard_dir)
+        if config.wandb_project:
+            try:
+                import wandb  # pyright: ignore[reportMissingImports]  # optional, not in opd's dependencies
+            except ImportError as exc:
+                raise ValueError(
+                    "logging.wandb_project is set but the `wandb` package is missing: "
+                    "pip install wandb (or unset --logging-wandb-project)"
+                ) from exc
+            self._wandb = wandb.init(
+                project=config.wandb_project,
+                name=config.wandb_run_name,
+                mode=config.wandb_mode,
+                config=redacted_dump(run_config),  # the run's config, without the teacher token or Redis password
+            )
+
+    def log(self, step: int, values: dict[str, float], prefix: str = "train") -> None:
+        finite = {
+            f"{prefix}/{k}": float(v) for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)
+        }
+        if self._tb is not None:
+            for key, value in finite.items():
+                self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(finite, step=step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()

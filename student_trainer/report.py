@@ -2,7 +2,7 @@
 
 `StepReport` is built once per trained step (`StepReport.build`, from the step runner's statistics, the gradient
 norm, the `StepTimes` and the staleness the batch producer saw) and read by each sink: Prometheus and `/status`
-(`metrics.TrainerMetrics.observe`, `metrics.TrainerStatus.observe`), TensorBoard/W&B (`loggers.StepLogger`),
+(`metrics.TrainerMetrics.observe`, `metrics.TrainerStatus.observe`), TensorBoard/W&B (`metrics.StepLogger`),
 `steps.jsonl` (`stats()`, the same keys the file has always had) and the progress line of `opd train`. A field is
 None when the step did not measure it (no teacher, no reward, no tool episode), and a sink leaves it out, as it
 left out the missing keys of the statistics dict before. Builds no statistics itself and writes nowhere.

@@ -24,10 +24,10 @@ part is a step of its own in the sense above (its own L and D, clip, AdamW);
 the group-level quantities are still computed over the whole batch first,
 and the LR schedule steps once per batch.
 
-Around the loss, per step: the sampling check (`sampling_check`: a rollout
-sampled at another temperature than the loss's stops the run, by default,
-before anything of the step is trained); the reference policy's log-probs
-for GRPO's KL penalty (`reference`, when `loss.kl.coef` > 0), on the same
+Around the loss, per step: the sampling check (`SamplingCheck`, below: a
+rollout sampled at another temperature than the loss's stops the run, by
+default, before anything of the step is trained); the reference policy's
+log-probs for GRPO's KL penalty (`reference`, when `loss.kl.coef` > 0), on the same
 micro-batches; and the statistics beyond the loss (`diagnostics`: teacher
 entropy over top-k + tail, p_T of the sampled token, share inside the top-k,
 summed over micro-batches and ranks; rewards missing, pass rate and tool
@@ -41,11 +41,13 @@ import collections
 import dataclasses
 import logging
 import math
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
+from protos.records import RolloutRecord
 from student_trainer.batching import (
     MicroBatch,
     build_micro_batch,
@@ -72,7 +74,6 @@ from student_trainer.loss.planning import (
 )
 from student_trainer.loss.registry import TeacherNeed, teacher_needs
 from student_trainer.model import DistInfo, StudentLoss, causal_lm
-from student_trainer.sampling_check import SamplingCheck
 
 if TYPE_CHECKING:
     from student_trainer.reference import Reference
@@ -92,6 +93,64 @@ def split_mini_batches(mine: list[Group], k: int) -> list[list[Group]]:
     size, extra = divmod(len(mine), k)
     starts = [i * size + min(i, extra) for i in range(k + 1)]
     return [mine[starts[i] : starts[i + 1]] for i in range(k)]
+
+
+class SamplingMismatch(ValueError):
+    """A rollout was sampled with settings the loss does not assume; the message names both values."""
+
+
+class SamplingCheck:
+    """The loss's sampling assumptions, and what to do with a rollout that breaks them.
+
+    The loss takes the student's log-probs at `loss.student_temperature` over the whole vocabulary, so it
+    assumes rollouts sampled at that temperature with no nucleus cut (top-p 1); a rollout record (schema >= 3)
+    carries the worker's `sampling_temperature` and `sampling_top_p`. `check` runs on every step's groups (the
+    same on every rank, so every rank raises together) and, by default (`batch.sampling_mismatch=refuse`), raises
+    `SamplingMismatch` for the first rollout that disagrees, naming both values and how to fix it. That rollout
+    is neither trained nor acknowledged: it stays pending in Redis and a restarted trainer meets it again, so fix
+    the workers' sampling settings (and drain or trim the stream) or allow it (`warn`: logged once per distinct
+    setting, then trained). A record that does not carry them (schema 1-2, or offline scores) cannot be checked:
+    said once in the log, then trained."""
+
+    def __init__(self, student_temperature: float, policy: str = "refuse") -> None:
+        self.temperature, self.policy = student_temperature, policy
+        self._warned: set[tuple[float | None, float | None]] = set()
+
+    def check(self, records: Iterable[RolloutRecord]) -> None:
+        """Raise SamplingMismatch for the first record that disagrees (under `refuse`); else log once per setting."""
+        for record in records:
+            setting = (record.sampling_temperature, record.sampling_top_p)
+            if setting in self._warned:
+                continue
+            problem = self.problem(record)
+            if problem is None:
+                continue
+            if self.policy == "refuse" and record.sampling_temperature is not None:
+                raise SamplingMismatch(problem)
+            self._warned.add(setting)
+            log.warning("%s", problem)
+
+    def problem(self, record: RolloutRecord) -> str | None:
+        """What is wrong with the record's sampling settings (None: nothing)."""
+        temperature, top_p = record.sampling_temperature, record.sampling_top_p
+        if temperature is None:
+            return (
+                f"rollout {record.rollout_id!r} does not say how it was sampled (a record of schema < 3, or "
+                f"offline scores): its temperature cannot be checked against loss.student_temperature="
+                f"{self.temperature:g}; trained as is"
+            )
+        same_t = math.isclose(temperature, self.temperature, rel_tol=1e-6)
+        full_p = top_p is None or math.isclose(top_p, 1.0, rel_tol=1e-6)
+        if same_t and full_p:
+            return None
+        return (
+            f"rollout {record.rollout_id!r} was sampled at temperature {temperature:g} and top-p "
+            f"{1.0 if top_p is None else top_p:g}, but the loss assumes temperature {self.temperature:g} "
+            f"(loss.student_temperature) and top-p 1 (no nucleus cut): set the rollout workers' "
+            f"--sampling-temperature {self.temperature:g} --sampling-top-p 1 (or loss.student_temperature="
+            f"{temperature:g}), or set batch.sampling_mismatch=warn to train on it anyway; the rollout was not "
+            f"trained nor acknowledged and stays in Redis"
+        )
 
 
 class StepRunner:

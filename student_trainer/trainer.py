@@ -36,8 +36,7 @@ from student_trainer import checkpoint as ckpt
 from student_trainer import lora
 from student_trainer.batches import BatchProducer, ReadyBatch
 from student_trainer.config import TrainerConfig
-from student_trainer.loggers import StepLogger
-from student_trainer.metrics import TrainerMetrics, TrainerStatus
+from student_trainer.metrics import StepLogger, TrainerMetrics, TrainerStatus
 from student_trainer.model import DistInfo, StudentLoss, causal_lm, load_student, shard_student
 from student_trainer.optim import build_optimizer
 from student_trainer.publish import publish_weights

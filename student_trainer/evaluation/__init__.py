@@ -1,12 +1,11 @@
 """The evaluation core: per-token metrics, their accumulator and the statistics of a report.
 
 - `divergence`: the sampled reverse KL (one log-prob floor), top-k + tail forward KL, top-1 agreement and the
-  teacher-token diagnostics, per token, in numpy;
-- `token_sums`: `TokenSums`, the one accumulator of per-token metrics (token-weighted means);
+  teacher-token diagnostics, per token, in numpy, and `TokenSums`, their one accumulator (token-weighted means);
 - `stats`: pass@k, Wilson and bootstrap intervals (scipy), distinct-n and diversity.
 
 Used by the trainer's step diagnostics and eval rounds (`student_trainer.diagnostics`,
-`student_trainer.eval`), `opd eval` and the demo's report (`opd_apps`). Imports neither torch nor a model;
+`student_trainer.groups.eval`), `opd eval` and the demo's report (`opd_apps`). Imports neither torch nor a model;
 does not sample, score or write anything.
 """
 
@@ -16,6 +15,7 @@ from student_trainer.evaluation.divergence import (
     TEACHER_KEYS,
     TOPK_METRICS,
     StudentTokenStats,
+    TokenSums,
     divergences,
     reply_diagnostics,
     sampled_reverse_kl,
@@ -32,7 +32,6 @@ from student_trainer.evaluation.stats import (
     pass_at_k,
     wilson_interval,
 )
-from student_trainer.evaluation.token_sums import TokenSums
 
 __all__ = [
     "LOGPROB_FLOOR",

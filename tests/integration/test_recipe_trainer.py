@@ -21,7 +21,7 @@ from protos.records import RolloutRecord
 from student_trainer.config import TrainerConfig
 from student_trainer.model import init_distributed
 from student_trainer.runtime import TrainerRuntime
-from student_trainer.sampling_check import SamplingMismatch
+from student_trainer.step import SamplingMismatch
 from tests.fixtures.rollout import make_rollout
 from tests.fixtures.split_step import make_runner, synthetic_groups
 from tests.fixtures.trainer_runtime import push_rollouts, redis_call, trainer_config

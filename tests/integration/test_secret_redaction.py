@@ -86,7 +86,7 @@ def test_validation_errors_do_not_echo_secrets(capsys):
 
 def test_wandb_receives_a_redacted_config(monkeypatch):
     from student_trainer.config import LoggingConfig, TrainerConfig
-    from student_trainer.loggers import StepLogger
+    from student_trainer.metrics import StepLogger
 
     received = {}
     fake = types.ModuleType("wandb")  # the W&B client is not installed here; record what would be uploaded

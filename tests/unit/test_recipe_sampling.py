@@ -18,7 +18,7 @@ from protos.records import ROLLOUT_SCHEMA, PromptRecord, RolloutRecord
 from rollout_workers.episode import Episode
 from rollout_workers.worker import RolloutWorker
 from student_trainer.config import TrainerConfig
-from student_trainer.sampling_check import SamplingCheck, SamplingMismatch
+from student_trainer.step import SamplingCheck, SamplingMismatch
 from tests.fixtures.rollout import make_rollout, rollout_config
 
 pytestmark = pytest.mark.timeout(60)
@@ -61,7 +61,7 @@ def test_a_nucleus_cut_is_refused_too():
 
 def test_warn_logs_each_setting_once_and_unknown_settings_are_logged_not_refused(caplog):
     check = SamplingCheck(student_temperature=1.0, policy="warn")
-    with caplog.at_level(logging.WARNING, logger="student_trainer.sampling_check"):
+    with caplog.at_level(logging.WARNING, logger="student_trainer.step"):
         check.check([sampled(0.6, index=i) for i in range(3)])
         SamplingCheck(student_temperature=1.0).check([sampled(None, None)])  # refuse, but unknown: logged
     assert caplog.text.count("temperature 0.6") == 1 and "cannot be checked" in caplog.text

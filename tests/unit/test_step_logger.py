@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from student_trainer.config import LoggingConfig, TrainerConfig
-from student_trainer.loggers import StepLogger
+from student_trainer.metrics import StepLogger
 
 pytestmark = pytest.mark.timeout(60)
 
