@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from student_trainer.groups import Group
-from student_trainer.loss.inputs import LossInputs, TeacherTensors
+from student_trainer.loss.compute import LossInputs, TeacherTensors
 
 if TYPE_CHECKING:
     from protos.records import RolloutRecord

@@ -29,9 +29,8 @@ from torch import nn
 from opd.processes import free_port
 from student_trainer import attention
 from student_trainer.batching import MicroBatch
-from student_trainer.loss.compute import compute_distillation_loss
+from student_trainer.loss.compute import LossStats, TeacherTensors, compute_distillation_loss
 from student_trainer.loss.config import LossConfig
-from student_trainer.loss.inputs import LossStats, TeacherTensors
 from student_trainer.loss.planning import Denominators
 
 if TYPE_CHECKING:  # the config module pulls in the trainer's runtime (Redis, HTTP); the model needs none of it

@@ -64,7 +64,7 @@ from student_trainer.batching import (
 from student_trainer.config import TrainerConfig
 from student_trainer.diagnostics import TEACHER_KEYS, reward_stats, teacher_token_sums, tool_stats
 from student_trainer.groups import Group
-from student_trainer.loss.inputs import TeacherTensors
+from student_trainer.loss.compute import TeacherTensors
 from student_trainer.loss.planning import (
     Denominators,
     count_denominators,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -29,8 +30,10 @@ from student_trainer.loss import divergences as dv
 from student_trainer.loss import weighting as wt
 from student_trainer.loss.config import LossConfig
 from student_trainer.loss.fused_linear import chunk_slices, compute_dtype, run_chunks
-from student_trainer.loss.inputs import LossInputs, TeacherTensors
 from student_trainer.loss.registry import DivergenceArgs, divergence
+
+if TYPE_CHECKING:
+    from student_trainer.loss.compute import LossInputs, TeacherTensors
 
 
 @dataclass
