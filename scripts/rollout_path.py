@@ -199,7 +199,7 @@ def measure(model: Path | None, warmup_steps: int, work: Path) -> tuple[Path, di
                     code = train_main.run(config)
             finally:
                 sys.setprofile(None)
-                threading.setprofile(None)  # type: ignore[arg-type]
+                threading.setprofile(None)
     finally:
         teacher.stop()
     if code != 0 or not profiler.done:
@@ -208,7 +208,7 @@ def measure(model: Path | None, warmup_steps: int, work: Path) -> tuple[Path, di
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--warmup-steps", type=int, default=1, help="steps run before the one measured")
     parser.add_argument("--model", type=Path, default=None, help="a model directory (default: a new tiny model)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
