@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # a subprocess running `opd train`'s loop
 
 # Files every training step runs, whatever the config: the loop, the producer, the rollout source, the teacher
 # client, the step and its loss, the model, the effects after the step and the report.
