@@ -1,6 +1,6 @@
 """The trainer files one training rollout touches, measured: the `student_trainer` code that runs for one step.
 
-    PYTHONPATH=. python scripts/rollout_path.py [--warmup-steps 1] [--json path] [--model DIR]
+    PYTHONPATH=. python scripts/rollout_path.py [--divergence rkl_sampled] [--functions] [--json path] [--model DIR]
 
 Runs `opd train`'s own loop (`student_trainer.__main__.run`) in this process on a tiny random model (the one
 `opd demo --quick` builds), with a private Redis server and a real teacher over gRPC (hf backend, in a thread), as
@@ -155,7 +155,7 @@ def start_teacher(model: Path):
     return ServerThread(config).start()
 
 
-def trainer_config(model: Path, teacher: str, redis_url: str, run_dir: Path, steps: int):
+def trainer_config(model: Path, teacher: str, redis_url: str, run_dir: Path, steps: int, divergence: str):
     from student_trainer.config import TrainerConfig
 
     return TrainerConfig.model_validate(
@@ -163,6 +163,7 @@ def trainer_config(model: Path, teacher: str, redis_url: str, run_dir: Path, ste
             "model": str(model),
             "teacher": {"addresses": [teacher]},
             "redis": {"url": redis_url, "namespace": "rollout-path"},
+            "loss": {"divergence": divergence},
             "batch": {"groups_per_step": 1, "prefetch_depth": 0, "read_block_ms": 100},
             "checkpoint": {"dir": str(run_dir / "ck"), "every_steps": 1},
             "publish": {"uri": str(run_dir / "weights"), "every_steps": 1},
@@ -172,7 +173,9 @@ def trainer_config(model: Path, teacher: str, redis_url: str, run_dir: Path, ste
     )
 
 
-def measure(model: Path | None, warmup_steps: int, work: Path) -> tuple[Path, dict[str, dict[str, int]]]:
+def measure(
+    model: Path | None, warmup_steps: int, work: Path, divergence: str = "rkl_sampled"
+) -> tuple[Path, dict[str, dict[str, int]]]:
     """Run `warmup_steps` + 1 steps of `opd train`'s loop; the package root and the last step's files."""
     from opd.redis_server import redis_server
 
@@ -191,7 +194,7 @@ def measure(model: Path | None, warmup_steps: int, work: Path) -> tuple[Path, di
     try:
         with redis_server() as redis_url:
             push(redis_url, "rollout-path", rollouts(steps))
-            config = trainer_config(model, teacher.address, redis_url, work, steps)
+            config = trainer_config(model, teacher.address, redis_url, work, steps, divergence)
             threading.setprofile(profiler)  # the trainer's I/O thread starts inside run()
             sys.setprofile(profiler)
             try:
@@ -211,12 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--warmup-steps", type=int, default=1, help="steps run before the one measured")
     parser.add_argument("--model", type=Path, default=None, help="a model directory (default: a new tiny model)")
+    parser.add_argument("--divergence", default="rkl_sampled", help="loss.divergence (default: the config's)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     parser.add_argument("--functions", action="store_true", help="list each file's functions")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="opd-rollout-path-") as tmp:
-        root, files = measure(args.model, args.warmup_steps, Path(tmp))
-    print(f"student_trainer files one training step runs (step {args.warmup_steps + 1}; start-up, imports aside):")
+        root, files = measure(args.model, args.warmup_steps, Path(tmp), args.divergence)
+    step = args.warmup_steps + 1
+    print(f"student_trainer files one training step runs (step {step}, {args.divergence}; start-up, imports aside):")
     print(f"  {'file':<36} {'functions':>9} {'calls':>7}")
     for path, functions in files.items():
         print(f"  {path:<36} {len(functions):>9} {sum(functions.values()):>7}")
@@ -225,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"      {name} ({calls or 'on the stack'})")
     print(f"files: {len(files)}  functions: {sum(len(f) for f in files.values())}  package: {root}")
     if args.json is not None:
-        args.json.write_text(json.dumps({"step": args.warmup_steps + 1, "root": str(root), "files": files}, indent=1))
+        result = {"step": step, "divergence": args.divergence, "root": str(root), "files": files}
+        args.json.write_text(json.dumps(result, indent=1))
     return 0
 
 
