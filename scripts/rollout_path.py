@@ -47,6 +47,8 @@ class PathProfiler:
         self.active = False
         self.done = False
         self.calls: collections.Counter[tuple[str, str]] = collections.Counter()
+        # hops: (caller file, callee file) -> calls, where the callee's nearest caller in the package is another file
+        self.hops: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def __call__(self, frame, event: str, arg: Any) -> None:
         if event != "call" or self.done:
@@ -65,7 +67,20 @@ class PathProfiler:
             return
         if _under_import(frame):
             return
-        self.calls[(code.co_filename[len(self.root) :], code.co_qualname)] += 1
+        path = code.co_filename[len(self.root) :]
+        self.calls[(path, code.co_qualname)] += 1
+        caller = self._caller_file(frame.f_back)
+        if caller is not None and caller != path:
+            self.hops[(caller, path)] += 1
+
+    def _caller_file(self, frame) -> str | None:
+        """The file of the nearest function of the package below `frame` on the stack (through torch, asyncio)."""
+        while frame is not None:
+            code = frame.f_code
+            if code.co_filename.startswith(self.root) and code.co_name != "<module>":
+                return code.co_filename[len(self.root) :]
+            frame = frame.f_back
+        return None
 
     def _add_stack(self, frame) -> None:
         """The functions already running when the window opens (the training loop): counted with 0 calls."""
@@ -81,6 +96,15 @@ class PathProfiler:
         for (path, name), calls in sorted(self.calls.items()):
             out[path][name] = calls
         return dict(sorted(out.items()))
+
+    def edges(self) -> dict[str, int]:
+        """The "caller -> callee" file pairs crossed in the window, with the calls that crossed each."""
+        return {f"{a} -> {b}": n for (a, b), n in sorted(self.hops.items())}
+
+    def back_and_forth(self) -> list[str]:
+        """File pairs crossed both ways ("a <-> b"): a calls into b and b calls back into a."""
+        pairs = {(a, b) for a, b in self.hops if (b, a) in self.hops and a < b}
+        return [f"{a} <-> {b}" for a, b in sorted(pairs)]
 
 
 def _under_import(frame) -> bool:
@@ -175,8 +199,8 @@ def trainer_config(model: Path, teacher: str, redis_url: str, run_dir: Path, ste
 
 def measure(
     model: Path | None, warmup_steps: int, work: Path, divergence: str = "rkl_sampled"
-) -> tuple[Path, dict[str, dict[str, int]]]:
-    """Run `warmup_steps` + 1 steps of `opd train`'s loop; the package root and the last step's files."""
+) -> tuple[Path, PathProfiler]:
+    """Run `warmup_steps` + 1 steps of `opd train`'s loop; the package root and the profiler of the last step."""
     from opd.redis_server import redis_server
 
     if model is None:
@@ -207,7 +231,7 @@ def measure(
         teacher.stop()
     if code != 0 or not profiler.done:
         raise RuntimeError(f"the training run did not finish its {steps} steps (exit {code})")
-    return root, profiler.files()
+    return root, profiler
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,9 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--divergence", default="rkl_sampled", help="loss.divergence (default: the config's)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     parser.add_argument("--functions", action="store_true", help="list each file's functions")
+    parser.add_argument("--hops", action="store_true", help="list the file pairs a call crossed, with their calls")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="opd-rollout-path-") as tmp:
-        root, files = measure(args.model, args.warmup_steps, Path(tmp), args.divergence)
+        root, profiler = measure(args.model, args.warmup_steps, Path(tmp), args.divergence)
+    files, edges, both_ways = profiler.files(), profiler.edges(), profiler.back_and_forth()
     step = args.warmup_steps + 1
     print(f"student_trainer files one training step runs (step {step}, {args.divergence}; start-up, imports aside):")
     print(f"  {'file':<36} {'functions':>9} {'calls':>7}")
@@ -228,9 +254,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.functions:
             for name, calls in functions.items():
                 print(f"      {name} ({calls or 'on the stack'})")
+    if args.hops:
+        print("hops between files (caller -> callee: calls):")
+        for edge, calls in edges.items():
+            print(f"  {edge}: {calls}")
     print(f"files: {len(files)}  functions: {sum(len(f) for f in files.values())}  package: {root}")
+    print(f"hops: {len(edges)} file pairs crossed, {sum(edges.values())} crossing calls; both ways: {len(both_ways)}")
+    for pair in both_ways:
+        print(f"  {pair}")
     if args.json is not None:
-        result = {"step": step, "divergence": args.divergence, "root": str(root), "files": files}
+        result = {
+            "step": step,
+            "divergence": args.divergence,
+            "root": str(root),
+            "files": files,
+            "hops": edges,
+            "both_ways": both_ways,
+        }
         args.json.write_text(json.dumps(result, indent=1))
     return 0
 

@@ -50,3 +50,6 @@ def test_the_tool_finds_the_step_core_and_leaves_start_up_out(tiny_model_dir, tm
     started = {name for functions in files.values() for name in functions}
     assert "Trainer.__init__" not in started and "TrainerRuntime.start" not in started  # start-up left out
     assert f"files: {len(files)} " in proc.stdout
+    # the hops: the step hands its batch to the step runner and its effects to the settlement (calls crossing files)
+    assert result["hops"]["trainer.py -> step.py"] >= 1 and result["hops"]["trainer.py -> settlement.py"] >= 1
+    assert all(" <-> " in pair for pair in result["both_ways"])
