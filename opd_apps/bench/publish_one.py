@@ -72,7 +72,8 @@ async def _serve(spec: dict, root, base_id: str) -> dict:
     one, many = SampleParams(max_tokens=1, top_k=1), SampleParams(max_tokens=spec["gen_tokens"], top_k=1)
     load = backend.load_adapter if base_id else backend.load_policy
     try:
-        # Version 1 warms the worker up (an hf LoRA worker wraps its base in peft on its first adapter); then
+        # Version 1 warms the worker up (an hf LoRA worker keeps a copy of its base's target weights on its first
+        # adapter, which it merges into them from then on); then
         # versions 2, 3, ... are timed, the best of `reloads` reported (a version's turnaround is one sample).
         await load(publish_weights(root, spec["model"], spec["out"], 1, 3, True, 0.0, base_id), 1)
         await backend.generate(prompt, one, "warm-up")
