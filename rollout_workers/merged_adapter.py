@@ -110,10 +110,13 @@ class MergedAdapter:
             weight = module.weight
             # float32 arithmetic whatever the serving dtype (bf16 on GPU): one rounding to it at the end
             a_RI, b_OR = a_RI.to(weight.device, torch.float32), b_OR.to(weight.device, torch.float32)
+            # B @ A first, then one pass that reads W0 and writes W: addmm(W0, B, A) into W copies W0 into W and
+            # has the GEMM read and write it again (twice the memory traffic; the delta fits in cache)
+            delta_OI = b_OR @ a_RI
             if weight.dtype == torch.float32:
-                torch.addmm(w0, b_OR, a_RI, alpha=adapter.scale, out=weight)
+                torch.add(w0, delta_OI, alpha=adapter.scale, out=weight)
             else:
-                weight.copy_(torch.addmm(w0.float(), b_OR, a_RI, alpha=adapter.scale))
+                weight.copy_(torch.add(w0.float(), delta_OI, alpha=adapter.scale))
         self._unmerge(set(self.base) - set(modules))
 
     @torch.no_grad()
