@@ -8,7 +8,8 @@ passed on every call so a model's shipped sampling defaults (top_k=50,
 repetition penalties) never silently change the distribution. Requests and
 reloads serialise on one lock; the work runs in a thread so the event loop
 stays free for Redis. A LoRA student's adapter is merged into the weights
-(`merged_adapter`), not served through peft's wrapper.
+(`merged_adapter`), or with `engine.hf_lora: peft` served through peft's
+wrapper (`peft_adapter`).
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from rollout_workers.engine import BackendError, Generation, GenerationBackend, SampleParams
 
 if TYPE_CHECKING:
     from rollout_workers.config import RolloutConfig
     from rollout_workers.merged_adapter import MergedAdapter
+    from rollout_workers.peft_adapter import PeftAdapter
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +44,12 @@ class HFBackend(GenerationBackend):
     name = "hf"
 
     def __init__(self, model: Any, tokenizer: Any, max_model_len: int, policy_version: int = 0) -> None:
-        self.model, self.tokenizer, self.max_model_len = model, tokenizer, max_model_len
+        self.model: Any = model  # a transformers causal LM (or, with hf_lora peft, its peft wrapper)
+        self.tokenizer, self.max_model_len = tokenizer, max_model_len
         self.policy_version = policy_version
         self._lock = asyncio.Lock()
-        self._merged: MergedAdapter | None = None  # a LoRA student's adapter, merged into the weights
+        self.hf_lora: Literal["merged", "peft"] = "merged"  # how a LoRA student's adapter is served
+        self._adapter: MergedAdapter | PeftAdapter | None = None  # the serving adapter, once there is one
 
     @classmethod
     def from_config(cls, config: RolloutConfig) -> HFBackend:
@@ -55,7 +59,7 @@ class HFBackend(GenerationBackend):
         model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_dir())
         backend = cls(model, tokenizer, config.engine.max_model_len, config.policy_version)
-        backend.base_dir = config.model
+        backend.base_dir, backend.hf_lora = config.model, config.engine.hf_lora
         return backend
 
     def _generation_config(self, params: SampleParams) -> Any:
@@ -112,21 +116,25 @@ class HFBackend(GenerationBackend):
         finish = "stop" if ids and ids[-1] in stop_ids else "length"
         return Generation(ids, logprobs, finish, version)
 
-    def _load_adapter_sync(self, adapter_dir: Path) -> None:
-        """Merged into the weights in place (`merged_adapter`): generation runs at the base model's speed, for
-        a copy of the target modules' base weights kept from the first adapter on."""
+    def _load_adapter_sync(self, adapter_dir: Path, version: int) -> None:
+        """`hf_lora` merged (default): the adapter merged into the weights in place (`merged_adapter`), so
+        generation runs at the base model's speed, for a copy of the target modules' base weights kept from the
+        first adapter on and a merge of every target weight per version. peft: served through peft's wrapper
+        (`peft_adapter`), a faster swap but slower generation."""
         from rollout_workers.merged_adapter import MergedAdapter
+        from rollout_workers.peft_adapter import PeftAdapter
 
-        if self._merged is None:
-            self._merged = MergedAdapter(self.model)
+        if self._adapter is None:
+            self._adapter = MergedAdapter(self.model) if self.hf_lora == "merged" else PeftAdapter(self.model)
         try:
-            self._merged.load(adapter_dir)
+            self._adapter.load(adapter_dir, version)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise BackendError(f"adapter in {str(adapter_dir)!r} does not fit the model: {exc}") from exc
+        self.model = self._adapter.model
 
     async def load_adapter(self, adapter_dir: Path, version: int) -> None:
         async with self._lock:
-            await asyncio.to_thread(self._load_adapter_sync, adapter_dir)
+            await asyncio.to_thread(self._load_adapter_sync, adapter_dir, version)
             self.policy_version = version
         log.info("hf: serving LoRA adapter v%d from %s", version, adapter_dir)
 
@@ -146,7 +154,7 @@ class HFBackend(GenerationBackend):
                 f"{unexpected[:5]}, missing {missing[:5]}"
             )
         self.model.load_state_dict(state, strict=False)
-        self._merged = None  # new full weights are the base from now on
+        self._adapter = None  # new full weights are the base from now on
 
     async def load_policy(self, weights_dir: Path, version: int) -> None:
         async with self._lock:

@@ -132,6 +132,39 @@ async def test_hf_worker_serves_the_adapter_merged_into_its_weights_and_refuses_
     await redis.aclose()
 
 
+async def test_hf_worker_with_hf_lora_peft_serves_the_adapter_through_peft(
+    tiny_model_dir: Path, lora_run, lora_merged_dir: Path, tmp_path: Path
+) -> None:
+    """`engine.hf_lora: peft`: the same policy through peft's wrapper; later versions of the same shape are
+    copied into the serving adapter in place, a damaged one is refused whole, another rank replaces it."""
+    from peft import PeftModel
+
+    from rollout_workers.engine import BackendError
+
+    out, _ = lora_run
+    adapter = out / "weights" / "v00000002"
+    config = rollout_config(tiny_model_dir, "redis://127.0.0.1:1/0", "unused", engine={"hf_lora": "peft"})
+    backend = HFBackend.from_config(config)
+    prompt = backend.tokenizer.encode("What is 12 + 30?")
+    base_greedy = (await backend.generate(prompt, GREEDY, "b")).token_ids
+    await backend.load_adapter(adapter, 2)
+    assert isinstance(backend.model, PeftModel)
+    greedy = await backend.generate(prompt, GREEDY, "g")
+    assert greedy.token_ids != base_greedy
+    assert greedy.token_ids == greedy_ids(lora_merged_dir, prompt, len(greedy.token_ids))
+    sampled = await backend.generate(prompt, SAMPLED, "s")
+    # W x + s B (A x) against the merged W + s BA: float32 roundings, well inside 1e-4 on log-probs of a few nats
+    np.testing.assert_allclose(sampled.logprobs, rescore(lora_merged_dir, prompt, sampled.token_ids), atol=1e-4)
+    await backend.load_adapter(_edited_adapter(adapter, tmp_path / "v3", lambda k, t: t * 0 if "lora_B" in k else t), 3)
+    with pytest.raises(BackendError, match="does not fit"):
+        await backend.load_adapter(_edited_adapter(adapter, tmp_path / "v4", _damage_one), 4)
+    assert backend.policy_version == 3 and list(backend.model.peft_config) == ["v2"]
+    assert (await backend.generate(prompt, GREEDY, "g3")).token_ids == base_greedy
+    rank2 = _edited_adapter(adapter, tmp_path / "v6", lambda k, t: t[:2] if "lora_A" in k else t[:, :2], rank=2)
+    await backend.load_adapter(rank2, 6)
+    assert list(backend.model.peft_config) == ["v6"] and backend.model.peft_config["v6"].to_dict()["r"] == 2
+
+
 def test_vllm_worker_serves_each_adapter_as_a_lora_request_equal_to_the_merged_model(
     tiny_model_dir: Path, lora_run, lora_merged_dir: Path, tmp_path: Path
 ) -> None:
