@@ -103,6 +103,11 @@ class MergedAdapter:
 
     @torch.no_grad()
     def _merge(self, adapter: Adapter, modules: dict[str, nn.Linear]) -> None:
+        # one float32 buffer for every module's delta: no allocation per module (a fresh mapping, page faults
+        # and all, wherever large blocks are mmapped, as in a process that also trains)
+        largest = max((m.weight.numel() for m in modules.values()), default=0)
+        device = next((m.weight.device for m in modules.values()), torch.device("cpu"))
+        buffer = torch.empty(largest, dtype=torch.float32, device=device)
         for name, module in modules.items():
             w0 = self.base.get(name)
             if w0 is None:
@@ -113,7 +118,7 @@ class MergedAdapter:
             a_RI, b_OR = a_RI.to(weight.device, torch.float32), b_OR.to(weight.device, torch.float32)
             # (scale * B) @ A, then one pass that reads W0 and writes W: the scale on the small factor, not on the
             # weight-sized delta (an add with alpha took 3x a plain add on this CPU)
-            delta_OI = (b_OR * adapter.scale) @ a_RI
+            delta_OI = torch.mm(b_OR * adapter.scale, a_RI, out=buffer[: weight.numel()].view(weight.shape))
             if weight.dtype == torch.float32:
                 torch.add(w0, delta_OI, out=weight)
             else:
