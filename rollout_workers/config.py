@@ -66,6 +66,12 @@ class RolloutEngineConfig(ConfigModel):
     )
     device: str = Field(default="auto", description="hf backend device: auto, cpu, cuda, cuda:N")
     max_model_len: int = Field(default=4096, ge=16, description="longest prompt + response in tokens")
+    hf_lora: Literal["merged", "peft"] = Field(
+        default="merged",
+        description="hf backend, LoRA students: merged = each adapter merged into the weights (base generation "
+        "speed; keeps a copy of the target modules' base weights and recomputes them per version); peft = "
+        "served through peft's wrapper (a faster swap, slower generation)",
+    )
     vllm: RolloutVllmConfig = Field(default_factory=RolloutVllmConfig)
 
 

@@ -7,7 +7,9 @@ same quantity vLLM's `processed_logprobs` gives. A fresh GenerationConfig is
 passed on every call so a model's shipped sampling defaults (top_k=50,
 repetition penalties) never silently change the distribution. Requests and
 reloads serialise on one lock; the work runs in a thread so the event loop
-stays free for Redis.
+stays free for Redis. A LoRA student's adapter is merged into the weights
+(`merged_adapter`), or with `engine.hf_lora: peft` served through peft's
+wrapper (`peft_adapter`).
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from rollout_workers.engine import BackendError, Generation, GenerationBackend, SampleParams
 
 if TYPE_CHECKING:
     from rollout_workers.config import RolloutConfig
+    from rollout_workers.merged_adapter import MergedAdapter
+    from rollout_workers.peft_adapter import PeftAdapter
 
 log = logging.getLogger(__name__)
 
@@ -36,59 +40,16 @@ def _device_and_dtype(device: str, dtype: str) -> tuple[Any, Any]:
     return dev, getattr(torch, dtype)
 
 
-def _adapter_parameters(model: Any, adapter_name: str) -> dict[str, Any]:
-    """The adapter's tensors, keyed as peft's adapter file names them (the adapter name dropped)."""
-    suffix = f".{adapter_name}."
-    return {
-        name.replace(suffix, "."): param
-        for name, param in model.named_parameters()
-        if suffix in name and ("lora_A" in name or "lora_B" in name)
-    }
-
-
-def _same_shape(active: Any, adapter_dir: Path) -> bool:
-    """Whether the adapter in `adapter_dir` has the serving one's rank, scaling and target modules."""
-    import json
-
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    targets = config.get("target_modules")
-    return (
-        config.get("r") == active.r
-        and config.get("lora_alpha") == active.lora_alpha
-        and bool(config.get("use_rslora")) == bool(active.use_rslora)
-        and not config.get("rank_pattern")
-        and not config.get("alpha_pattern")
-        and not active.rank_pattern
-        and not active.alpha_pattern
-        and sorted(targets if isinstance(targets, list) else [targets]) == sorted(active.target_modules)
-    )
-
-
-def _copy_adapter(params: dict[str, Any], adapter_dir: Path) -> None:
-    """Copy the adapter file's tensors into `params` in place, after checking that names and shapes all match."""
-    import torch
-    from safetensors.torch import load_file
-
-    state = load_file(adapter_dir / "adapter_model.safetensors")
-    if state.keys() != params.keys():
-        raise ValueError(f"adapter tensors differ: {sorted(state.keys() ^ params.keys())[:4]}")
-    wrong = [k for k, v in state.items() if v.shape != params[k].shape]
-    if wrong:
-        raise ValueError(f"adapter tensors of another shape: {wrong[:4]}")
-    with torch.no_grad():
-        for key, value in state.items():
-            params[key].copy_(value)
-
-
 class HFBackend(GenerationBackend):
     name = "hf"
 
     def __init__(self, model: Any, tokenizer: Any, max_model_len: int, policy_version: int = 0) -> None:
-        self.model, self.tokenizer, self.max_model_len = model, tokenizer, max_model_len
+        self.model: Any = model  # a transformers causal LM (or, with hf_lora peft, its peft wrapper)
+        self.tokenizer, self.max_model_len = tokenizer, max_model_len
         self.policy_version = policy_version
         self._lock = asyncio.Lock()
-        self._adapter_name = ""  # the serving LoRA adapter's name in peft
-        self._adapter_params: dict[str, Any] = {}  # its tensors, by adapter-file key
+        self.hf_lora: Literal["merged", "peft"] = "merged"  # how a LoRA student's adapter is served
+        self._adapter: MergedAdapter | PeftAdapter | None = None  # the serving adapter, once there is one
 
     @classmethod
     def from_config(cls, config: RolloutConfig) -> HFBackend:
@@ -98,7 +59,7 @@ class HFBackend(GenerationBackend):
         model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_dir())
         backend = cls(model, tokenizer, config.engine.max_model_len, config.policy_version)
-        backend.base_dir = config.model
+        backend.base_dir, backend.hf_lora = config.model, config.engine.hf_lora
         return backend
 
     def _generation_config(self, params: SampleParams) -> Any:
@@ -156,28 +117,20 @@ class HFBackend(GenerationBackend):
         return Generation(ids, logprobs, finish, version)
 
     def _load_adapter_sync(self, adapter_dir: Path, version: int) -> None:
-        """peft: the first adapter wraps the base (no copy of it). A later one of the same shape (rank, alpha,
-        target modules: every version of one run) is copied into the serving adapter's tensors in place, checked
-        whole before the first copy so a bad file leaves the old adapter serving; peft's `load_adapter` (a new
-        LoRA layer built in every target module, made active, the old one deleted) is only the fallback for an
-        adapter of another shape."""
-        from peft import PeftModel
+        """`hf_lora` merged (default): the adapter merged into the weights in place (`merged_adapter`), so
+        generation runs at the base model's speed, for a copy of the target modules' base weights kept from the
+        first adapter on and a merge of every target weight per version. peft: served through peft's wrapper
+        (`peft_adapter`), a faster swap but slower generation."""
+        from rollout_workers.merged_adapter import MergedAdapter
+        from rollout_workers.peft_adapter import PeftAdapter
 
-        name = f"v{version}"
+        if self._adapter is None:
+            self._adapter = MergedAdapter(self.model) if self.hf_lora == "merged" else PeftAdapter(self.model)
         try:
-            if not isinstance(self.model, PeftModel):
-                self.model = PeftModel.from_pretrained(self.model, str(adapter_dir), adapter_name=name).eval()
-            elif _same_shape(self.model.peft_config[self._adapter_name], adapter_dir):
-                _copy_adapter(self._adapter_params, adapter_dir)
-                return
-            else:
-                self.model.load_adapter(str(adapter_dir), adapter_name=name)
-                self.model.set_adapter(name)
-                self.model.delete_adapter(self._adapter_name)
-                self.model.eval()
+            self._adapter.load(adapter_dir, version)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise BackendError(f"adapter in {str(adapter_dir)!r} does not fit the model: {exc}") from exc
-        self._adapter_name, self._adapter_params = name, _adapter_parameters(self.model, name)
+        self.model = self._adapter.model
 
     async def load_adapter(self, adapter_dir: Path, version: int) -> None:
         async with self._lock:
@@ -201,6 +154,7 @@ class HFBackend(GenerationBackend):
                 f"{unexpected[:5]}, missing {missing[:5]}"
             )
         self.model.load_state_dict(state, strict=False)
+        self._adapter = None  # new full weights are the base from now on
 
     async def load_policy(self, weights_dir: Path, version: int) -> None:
         async with self._lock:

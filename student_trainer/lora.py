@@ -75,15 +75,63 @@ def adapter_state_dict(root: nn.Module) -> dict[str, Tensor]:
     """The trainable (adapter) parameters, unsharded on CPU (collective: every rank gathers them in the same
     order), keyed as `root.lm.state_dict()` names them. Only these few are visited: torch's
     `get_model_state_dict` resolves the names of every parameter, the frozen base's included, which cost more
-    than the gather itself on the demo's student."""
+    than the gather itself on the demo's student. FSDP2's shards (`Shard(0)` on one mesh) are gathered in one
+    collective (`_gather_flat`), none on a one-process mesh; any other layout one `full_tensor` each."""
     from torch.distributed.tensor import DTensor
 
+    named = [(_state_dict_key(n), p) for n, p in root.named_parameters() if p.requires_grad]
+    sharded = [p for _, p in named if isinstance(p, DTensor)]
+    gathered: dict[int, Tensor] = {}
+    if sharded and _flat_gatherable(sharded):
+        gathered = {id(p): full for p, full in zip(sharded, _gather_flat(sharded), strict=True)}
     state = {}
-    for name, param in root.named_parameters():
-        if param.requires_grad:
+    for key, param in named:
+        if id(param) in gathered:
+            full = gathered[id(param)]
+        else:
             full = param.full_tensor() if isinstance(param, DTensor) else param
-            state[_state_dict_key(name)] = full.detach().to("cpu", copy=True)
+        state[key] = full.detach().to("cpu", copy=True)
     return state
+
+
+def _flat_gatherable(params: list[Any]) -> bool:
+    """Whether every DTensor is row-sharded (`Shard(0)`, FSDP2's default) on one 1-D mesh, in one dtype."""
+    from torch.distributed.tensor import Shard
+
+    mesh, dtype = params[0].device_mesh, params[0].dtype
+    return mesh.ndim == 1 and all(
+        p.device_mesh == mesh and p.dtype == dtype and tuple(p.placements) == (Shard(0),) and p.dim() >= 1
+        for p in params
+    )
+
+
+def _gather_flat(params: list[Any]) -> list[Tensor]:
+    """The full tensors of row-sharded DTensors, in one all-gather: each rank packs its shards, every shard
+    padded to ceil(rows / world) rows (torch.chunk's split, which `Shard(0)` uses: rank k holds rows
+    [k*c, min((k+1)*c, rows)), the last ranks possibly none), into one flat buffer; the gathered buffers are cut
+    back into tensors. On a one-process mesh the local shard is the full tensor: no collective."""
+    import torch.distributed as dist
+
+    mesh = params[0].device_mesh
+    world = mesh.size()
+    if world == 1:
+        return [p.to_local() for p in params]
+    locals_ = [p.to_local() for p in params]
+    chunk_rows = [-(-p.shape[0] // world) for p in params]
+    sizes = [c * (p.numel() // p.shape[0] if p.shape[0] else 0) for c, p in zip(chunk_rows, params, strict=True)]
+    packed = torch.zeros(sum(sizes), dtype=params[0].dtype, device=locals_[0].device)
+    offset = 0
+    for local, size in zip(locals_, sizes, strict=True):
+        packed[offset : offset + local.numel()] = local.reshape(-1)
+        offset += size
+    parts = [torch.empty_like(packed) for _ in range(world)]
+    dist.all_gather(parts, packed, group=mesh.get_group())
+    fulls, offset = [], 0
+    for param, rows, size in zip(params, chunk_rows, sizes, strict=True):
+        pieces = [part[offset : offset + size].view(rows, *param.shape[1:]) for part in parts]
+        fulls.append(torch.cat(pieces)[: param.shape[0]])
+        offset += size
+    return fulls
 
 
 def _state_dict_key(name: str) -> str:

@@ -10,7 +10,9 @@ bytes per version, seconds from the end of the step to the worker's first token 
 load + one token, each part too; the best of `--reloads` versions), worker generation tokens/s (greedy,
 `--gen-tokens`), trainer peak RSS and step time; then the full/LoRA ratios. `--repeats` runs the whole set again,
 interleaved (full, LoRA, full, LoRA, ...), and reports medians. No Redis: the announcement itself (one small
-message) is not timed. The vLLM engine runs eager (no compilation) for both kinds.
+message) is not timed. The vLLM engine runs eager (no compilation) for both kinds. The hf worker merges the
+adapter into its weights (`engine.hf_lora: merged`); `--hf-lora merged peft` adds a LoRA run served through
+peft's wrapper.
 
     opd bench publish                                  # a random 4-layer student (hidden 256)
     opd bench publish --model /models/student          # e.g. the demo's student
@@ -45,6 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reloads", type=int, default=3, help="versions published and loaded (the fastest is reported)")
     p.add_argument("--backends", nargs="+", choices=["hf", "vllm"], default=["hf", "vllm"], help="worker backends")
     p.add_argument("--repeats", type=int, default=1, help="interleaved repeats of the whole set (medians reported)")
+    p.add_argument(
+        "--hf-lora",
+        nargs="+",
+        choices=["merged", "peft"],
+        default=["merged"],
+        help="how the hf worker serves the adapter (`engine.hf_lora`); both: a LoRA run of each",
+    )
     p.add_argument("--timeout-s", type=float, default=1800, help="limit per kind of student")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="opd-bench-publish-") as tmp:
@@ -52,15 +61,24 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[tuple[str, str], list[dict]] = {}
         for repeat in range(args.repeats):
             for backend in args.backends:
-                for kind, rank in (("full", 0), ("lora", args.lora_rank)):
+                for kind, rank, hf_lora in _kinds(backend, args):
                     out = Path(tmp) / f"{backend}-{kind}-{repeat}"
                     spec = {**vars(args), "model": str(model), "rank": rank, "backend": backend, "out": str(out)}
+                    spec["hf_lora"] = hf_lora
                     result = _run_isolated(spec, args.timeout_s)
                     runs.setdefault((backend, kind), []).append(result)
                     print(f"{backend} {kind} #{repeat}: {json.dumps(result)}", flush=True)
     for backend in args.backends:
-        _report(backend, {kind: _median(runs[(backend, kind)]) for kind in ("full", "lora")}, args, model)
+        kinds = [kind for kind, _, _ in _kinds(backend, args)]
+        _report(backend, {kind: _median(runs[(backend, kind)]) for kind in kinds}, args, model)
     return 0 if all(r.get("status") == "ok" for rs in runs.values() for r in rs) else 1
+
+
+def _kinds(backend: str, args: argparse.Namespace) -> list[tuple[str, int, str]]:
+    """(kind, LoRA rank, hf_lora) of each run: full weights, then LoRA (hf: once per `--hf-lora` mode)."""
+    modes = args.hf_lora if backend == "hf" else ["merged"]
+    lora = [("lora" if mode == "merged" else f"lora-{mode}", args.lora_rank, mode) for mode in modes]
+    return [("full", 0, "merged"), *lora]
 
 
 def _model(name: str | None, tmp: Path) -> Path:
@@ -88,8 +106,10 @@ def _run_isolated(spec: dict, timeout_s: float) -> dict:
     return run_isolated(["opd_apps.bench.publish_one", json.dumps(spec)], timeout_s)
 
 
-def _report(backend: str, results: dict, args: argparse.Namespace, model: str | Path) -> None:
-    full, lora = results["full"], results["lora"]
+def _report(backend: str, results: dict[str, dict], args: argparse.Namespace, model: str | Path) -> None:
+    """One table: full weights, then each LoRA kind, and full / LoRA for each."""
+    full = results["full"]
+    loras = [kind for kind in results if kind != "full"]
     print(
         f"\n{backend} worker; student {model}; LoRA rank {args.lora_rank} on all linear projections; "
         f"medians of {args.repeats}; load average {os.getloadavg()}"
@@ -103,14 +123,23 @@ def _report(backend: str, results: dict, args: argparse.Namespace, model: str | 
         ("worker generation (tokens/s)", "gen_tokens_per_s", "{:.1f}"),
         ("trainer peak RSS (MiB)", "peak_rss_mib", "{:.0f}"),
         ("trainer step (s)", "step_s", "{:.3f}"),
+        ("worker start (s)", "backend_start_s", "{:.1f}"),
     )
-    print(f"| {'measure':40} | {'full':>14} | {'LoRA':>14} | {'full / LoRA':>11} |")
+    failed = [f"{kind}: {r.get('status')}" for kind, r in results.items() if r.get("status") != "ok"]
+    if failed:
+        print("; ".join(failed))
+        return
+    header = " | ".join(f"{k:>14} | {'full / ' + k:>16}" for k in loras)
+    print(f"| {'measure':40} | {'full':>14} | {header} |")
     for label, key, fmt in rows:
-        if full.get("status") != "ok" or lora.get("status") != "ok":
-            print(f"full: {full.get('status')}; LoRA: {lora.get('status')}")
-            break
-        ratio = full[key] / lora[key] if lora[key] else float("inf")
-        print(f"| {label:40} | {fmt.format(full[key]):>14} | {fmt.format(lora[key]):>14} | {ratio:>11.2f} |")
+        if any(key not in r for r in results.values()):
+            continue
+        cells = []
+        for kind in loras:
+            value = results[kind][key]
+            ratio = full[key] / value if value else float("inf")
+            cells.append(f"{fmt.format(value):>14} | {ratio:>16.2f}")
+        print(f"| {label:40} | {fmt.format(full[key]):>14} | {' | '.join(cells)} |")
 
 
 if __name__ == "__main__":

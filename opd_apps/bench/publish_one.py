@@ -67,12 +67,15 @@ async def _serve(spec: dict, root, base_id: str) -> dict:
     from rollout_workers.engine import SampleParams
     from student_trainer.publish import publish_weights
 
-    backend = _backend(spec, bool(base_id))
+    start = time.perf_counter()
+    backend = await _backend(spec, bool(base_id))
+    backend_start_s = time.perf_counter() - start
     prompt = list(range(1, 17))
     one, many = SampleParams(max_tokens=1, top_k=1), SampleParams(max_tokens=spec["gen_tokens"], top_k=1)
     load = backend.load_adapter if base_id else backend.load_policy
     try:
-        # Version 1 warms the worker up (an hf LoRA worker wraps its base in peft on its first adapter); then
+        # Version 1 warms the worker up (an hf LoRA worker keeps a copy of its base's target weights on its first
+        # adapter, which it merges into them from then on); then
         # versions 2, 3, ... are timed, the best of `reloads` reported (a version's turnaround is one sample).
         await load(publish_weights(root, spec["model"], spec["out"], 1, 3, True, 0.0, base_id), 1)
         await backend.generate(prompt, one, "warm-up")
@@ -103,28 +106,25 @@ async def _serve(spec: dict, root, base_id: str) -> dict:
         "load_s": load_s,
         "first_token_s": first_token_s,
         "gen_tokens_per_s": tokens / min(gen_s),
+        "backend_start_s": backend_start_s,
     }
 
 
-def _backend(spec: dict, lora: bool):
-    """The worker's backend on the student's base, as `opd rollout` builds it; vLLM eager (no compilation: its
-    CPU build compiles for minutes, and turns compilation off with LoRA anyway), LoRA enabled only for a LoRA
-    student."""
+async def _backend(spec: dict, lora: bool):
+    """The worker's backend on the student's base, as `opd rollout` builds it (`create_backend`: on the CPU build,
+    vLLM's KV cache is `kv_cache_gib`, 1 GiB, not vLLM's default of most of the machine's memory); vLLM eager (no
+    compilation: its CPU build compiles for minutes, and turns compilation off with LoRA anyway), LoRA enabled
+    only for a LoRA student."""
     from rollout_workers.config import RolloutConfig
+    from rollout_workers.engine import create_backend
 
     engine: dict = {"dtype": "float32", "max_model_len": 512, "device": "cpu"}
+    engine["hf_lora"] = spec.get("hf_lora", "merged")
     if spec["backend"] == "vllm":
         engine["vllm"] = {"max_num_seqs": 4, "enforce_eager": True, "kv_cache_gib": 1}
         engine["vllm"]["max_lora_rank"] = spec["rank"] if lora else 0
     data = {"model": spec["model"], "backend": spec["backend"], "engine": engine, "sampling": {"max_tokens": 256}}
-    config = RolloutConfig.model_validate(data)
-    if spec["backend"] == "vllm":
-        from rollout_workers.engine_vllm import VLLMBackend
-
-        return VLLMBackend.from_config(config)
-    from rollout_workers.engine_hf import HFBackend
-
-    return HFBackend.from_config(config)
+    return await create_backend(RolloutConfig.model_validate(data))
 
 
 if __name__ == "__main__":

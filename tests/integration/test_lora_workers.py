@@ -1,5 +1,6 @@
-"""Rollout workers serve a published LoRA adapter on their base (no base reload) and refuse an adapter
-of another base; what they sample equals a transformers forward of the base with that adapter merged."""
+"""Rollout workers serve a published LoRA adapter on their base (no base reload; the hf worker merges it into
+its weights, vLLM serves it as a LoRARequest) and refuse an adapter of another base; what they sample equals a
+transformers forward of the base with that adapter merged by peft."""
 
 from __future__ import annotations
 
@@ -23,12 +24,13 @@ GREEDY = SampleParams(max_tokens=16, top_k=1)  # top-k 1: the argmax every step,
 SAMPLED = SampleParams(max_tokens=16, temperature=1.0, seed=5)
 
 
-def _edited_adapter(adapter: Path, target: Path, edit, rank: int | None = None) -> Path:
-    """A copy of `adapter` with every tensor passed through `edit(key, tensor)` (and its config's rank set)."""
+def _edited_adapter(adapter: Path, target: Path, edit, rank: int | None = None, drop: str = "") -> Path:
+    """A copy of `adapter` with every tensor passed through `edit(key, tensor)` (and its config's rank set; the
+    tensors whose key contains `drop`, if set, left out)."""
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(adapter, target)
-    state = load_file(adapter / "adapter_model.safetensors")
+    state = {k: v for k, v in load_file(adapter / "adapter_model.safetensors").items() if not drop or drop not in k}
     save_file({k: edit(k, v).contiguous() for k, v in state.items()}, target / "adapter_model.safetensors")
     if rank is not None:
         config = json.loads((target / "adapter_config.json").read_text())
@@ -53,49 +55,114 @@ def greedy_ids(model_dir: Path, prompt: list[int], n: int) -> list[int]:
     return ids[len(prompt) :]
 
 
-async def test_hf_worker_serves_the_adapter_as_the_merged_model_and_refuses_another_base(
+def peft_merged(base_dir: Path, adapter: Path, target: Path) -> Path:
+    """The base with `adapter` merged by peft (merge_and_unload), saved to `target`: the reference forward."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().save_pretrained(target)
+    return target
+
+
+def weights(backend: HFBackend) -> dict:
+    return {k: v.detach().clone() for k, v in backend.model.state_dict().items()}
+
+
+async def test_hf_worker_serves_the_adapter_merged_into_its_weights_and_refuses_another_base(
     tiny_model_dir: Path, lora_run, lora_merged_dir: Path, redis_url: str, namespace: str, tmp_path: Path
 ) -> None:
+    import torch
+    from peft import PeftModel
+
     out, result = lora_run
     adapter = out / "weights" / "v00000002"
     backend = HFBackend.from_config(rollout_config(tiny_model_dir, redis_url, namespace))
+    base = weights(backend)
     prompt = backend.tokenizer.encode("What is 12 + 30?")
     base_greedy = (await backend.generate(prompt, GREEDY, "b")).token_ids
     redis, keys = connect(RedisConfig(url=redis_url)), StreamKeys(namespace)
     watcher = PolicyWatcher(redis, keys, backend)
-    other = PolicyAnnouncement(1, str(adapter), kind="lora", base_id="sha256:" + "0" * 64)
-    await announce_policy(redis, keys, other)
-    assert not await watcher.check_once() and backend.policy_version == 0  # another base's adapter: refused
-    await announce_policy(redis, keys, PolicyAnnouncement(2, str(adapter), 2, kind="lora", base_id=result["base_id"]))
-    assert await watcher.check_once() and backend.policy_version == 2
+
+    async def announce(version: int, path: Path, base_id: str = result["base_id"]) -> bool:
+        await announce_policy(
+            redis, keys, PolicyAnnouncement(version, str(path), version, kind="lora", base_id=base_id)
+        )
+        return await watcher.check_once()
+
+    assert not await announce(1, adapter, "sha256:" + "0" * 64) and backend.policy_version == 0  # another base's
+    assert await announce(2, adapter) and backend.policy_version == 2
+    assert not isinstance(backend.model, PeftModel)  # merged into the plain model's weights, no peft wrapper
     greedy = await backend.generate(prompt, GREEDY, "g")
     assert greedy.policy_version == 2 and greedy.token_ids != base_greedy
     assert greedy.token_ids == greedy_ids(lora_merged_dir, prompt, len(greedy.token_ids))
     sampled = await backend.generate(prompt, SAMPLED, "s")
-    # The worker's incremental (KV-cached) float32 forward against a whole-sequence forward of the merged weights
-    # (W + BA summed once, vs W x + B (A x)): both float32 roundings, well inside 1e-4 on log-probs of a few nats.
+    # The worker's incremental (KV-cached) float32 forward of W0 + s*BA (one fused addmm) against a whole-sequence
+    # forward of peft's merge of the same adapter (BA, scaled, then added): float32 roundings of the weights and
+    # of the forward, well inside 1e-4 on log-probs of a few nats.
     np.testing.assert_allclose(sampled.logprobs, rescore(lora_merged_dir, prompt, sampled.token_ids), atol=1e-4)
     assert np.abs(sampled.logprobs - rescore(tiny_model_dir, prompt, sampled.token_ids)).max() > 1e-3
-    # Later versions of the same shape are copied into the serving adapter in place (no new peft layers): one
-    # with B = 0 serves the base, a damaged one is refused whole (no tensor copied), then v2's own again.
+    v2_weights = weights(backend)
+    # A new version replaces the previous delta, it does not add to it: B = 0 gives back the base weights exactly
+    # (W0 + s*0*A is W0 in any rounding); a damaged adapter is refused whole and B = 0 keeps serving.
     zero_b = _edited_adapter(adapter, tmp_path / "v3", lambda k, t: t * 0 if "lora_B" in k else t)
-    for version, path in ((3, zero_b), (4, _edited_adapter(adapter, tmp_path / "v4", _damage_one))):
-        await announce_policy(
-            redis, keys, PolicyAnnouncement(version, str(path), version, kind="lora", base_id=result["base_id"])
-        )
-        await watcher.check_once()
+    assert await announce(3, zero_b) and backend.policy_version == 3
+    assert not await announce(4, _edited_adapter(adapter, tmp_path / "v4", _damage_one))
+    assert backend.policy_version == 3
+    for key, value in weights(backend).items():
+        torch.testing.assert_close(value, base[key], rtol=0, atol=0, msg=key)
+    assert (await backend.generate(prompt, GREEDY, "g3")).token_ids == base_greedy
+    # v2's adapter again: bit for bit v2's weights (each version computed from the kept W0, no accumulated error)
+    assert await announce(5, shutil.copytree(adapter, tmp_path / "v5")) and backend.policy_version == 5
+    for key, value in weights(backend).items():
+        torch.testing.assert_close(value, v2_weights[key], rtol=0, atol=0, msg=key)
+    # An adapter of another rank merges the same way; one that no longer targets a module gives it W0 back.
+    rank2 = _edited_adapter(adapter, tmp_path / "v6", lambda k, t: t[:2] if "lora_A" in k else t[:, :2], rank=2)
+    assert await announce(6, rank2) and backend.policy_version == 6
+    expected = peft_merged(tiny_model_dir, rank2, tmp_path / "v6-merged")
+    sampled6 = await backend.generate(prompt, SAMPLED, "s6")
+    np.testing.assert_allclose(sampled6.logprobs, rescore(expected, prompt, sampled6.token_ids), atol=1e-4)
+    q_proj = "model.layers.0.self_attn.q_proj"
+    fewer = _edited_adapter(adapter, tmp_path / "v7", lambda k, t: t, drop=f"{q_proj}.")
+    assert await announce(7, fewer) and backend.policy_version == 7
+    now = weights(backend)
+    torch.testing.assert_close(now[f"{q_proj}.weight"], base[f"{q_proj}.weight"], rtol=0, atol=0)
+    for key in ("model.layers.0.self_attn.k_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        torch.testing.assert_close(now[key], v2_weights[key], rtol=0, atol=0)
+    await redis.aclose()
+
+
+async def test_hf_worker_with_hf_lora_peft_serves_the_adapter_through_peft(
+    tiny_model_dir: Path, lora_run, lora_merged_dir: Path, tmp_path: Path
+) -> None:
+    """`engine.hf_lora: peft`: the same policy through peft's wrapper; later versions of the same shape are
+    copied into the serving adapter in place, a damaged one is refused whole, another rank replaces it."""
+    from peft import PeftModel
+
+    from rollout_workers.engine import BackendError
+
+    out, _ = lora_run
+    adapter = out / "weights" / "v00000002"
+    config = rollout_config(tiny_model_dir, "redis://127.0.0.1:1/0", "unused", engine={"hf_lora": "peft"})
+    backend = HFBackend.from_config(config)
+    prompt = backend.tokenizer.encode("What is 12 + 30?")
+    base_greedy = (await backend.generate(prompt, GREEDY, "b")).token_ids
+    await backend.load_adapter(adapter, 2)
+    assert isinstance(backend.model, PeftModel)
+    greedy = await backend.generate(prompt, GREEDY, "g")
+    assert greedy.token_ids != base_greedy
+    assert greedy.token_ids == greedy_ids(lora_merged_dir, prompt, len(greedy.token_ids))
+    sampled = await backend.generate(prompt, SAMPLED, "s")
+    # W x + s B (A x) against the merged W + s BA: float32 roundings, well inside 1e-4 on log-probs of a few nats
+    np.testing.assert_allclose(sampled.logprobs, rescore(lora_merged_dir, prompt, sampled.token_ids), atol=1e-4)
+    await backend.load_adapter(_edited_adapter(adapter, tmp_path / "v3", lambda k, t: t * 0 if "lora_B" in k else t), 3)
+    with pytest.raises(BackendError, match="does not fit"):
+        await backend.load_adapter(_edited_adapter(adapter, tmp_path / "v4", _damage_one), 4)
     assert backend.policy_version == 3 and list(backend.model.peft_config) == ["v2"]
     assert (await backend.generate(prompt, GREEDY, "g3")).token_ids == base_greedy
-    v5 = shutil.copytree(adapter, tmp_path / "v5")
-    await announce_policy(redis, keys, PolicyAnnouncement(5, str(v5), 5, kind="lora", base_id=result["base_id"]))
-    assert await watcher.check_once() and backend.policy_version == 5
-    assert (await backend.generate(prompt, GREEDY, "g5")).token_ids == greedy.token_ids
-    # An adapter of another rank does not fit in place: peft builds it beside the old one, which is then evicted.
     rank2 = _edited_adapter(adapter, tmp_path / "v6", lambda k, t: t[:2] if "lora_A" in k else t[:, :2], rank=2)
-    await announce_policy(redis, keys, PolicyAnnouncement(6, str(rank2), 6, kind="lora", base_id=result["base_id"]))
-    assert await watcher.check_once() and backend.policy_version == 6
+    await backend.load_adapter(rank2, 6)
     assert list(backend.model.peft_config) == ["v6"] and backend.model.peft_config["v6"].to_dict()["r"] == 2
-    await redis.aclose()
 
 
 def test_vllm_worker_serves_each_adapter_as_a_lora_request_equal_to_the_merged_model(
