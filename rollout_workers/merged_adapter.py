@@ -42,7 +42,10 @@ def read_adapter(adapter_dir: Path) -> Adapter:
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     unsupported = [key for key in _UNSUPPORTED if config.get(key)]
     if unsupported or config.get("lora_bias") or config.get("bias", "none") != "none":
-        raise ValueError(f"adapter settings the merged hf worker does not serve: {unsupported or ['bias']}")
+        raise ValueError(
+            f"adapter settings the merged hf worker does not serve: {unsupported or ['bias']}; "
+            "serve this adapter through peft's wrapper instead (--engine-hf-lora peft)"
+        )
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
     scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
     halves: dict[str, dict[str, Tensor]] = {}
