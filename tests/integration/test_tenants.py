@@ -486,12 +486,28 @@ def test_bench_tenants_quick_prints_both_schedulers_and_consistent_figures(tmp_p
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    # one run: the median capacity ratio is that run's C new / C old (each printed to 0.1, the ratio to 0.01)
+    # one run: the summary's capacity ratio is that run's median of its adjacent windows' ratios (--quick: two
+    # pairs, so their mean; each printed to 0.01), and each C is that run's C
     m = re.search(
-        r"new scheduler ([\d.]+) req/s, today's behaviour .* ([\d.]+) req/s; new/old within a run ([\d.]+)", out
+        r"new scheduler ([\d.]+) req/s, today's behaviour .* ([\d.]+) req/s; new/old of adjacent windows ([\d.]+)", out
     )
+    assert m, out
     c_new, c_old, ratio = (float(x) for x in m.groups())
-    assert ratio == pytest.approx(c_new / c_old, abs=0.005 + 1.01 * (c_new / c_old) * (0.05 / c_new + 0.05 / c_old))
+    pairs = re.search(r"^  capacity at \d+ in flight, pairs new/old ([\d.]+) ([\d.]+) \(median ([\d.]+),", out, re.M)
+    assert pairs, out
+    first, second, median = (float(x) for x in pairs.groups())
+    assert median == pytest.approx((first + second) / 2, abs=0.0051) and ratio == median
+    runs_c = dict(re.findall(r"^  (new|old): C ([\d.]+) req/s", out, re.M))
+    assert (float(runs_c["new"]), float(runs_c["old"])) == (c_new, c_old)
+    # the counts beside it: batches of at least one 64-token request and at most the batch bound, CPU per request
+    counts = re.findall(
+        r"(new|old): (\d+) batches of (\d+) tokens \(mean\), (\d+) express, (\d+) parks, "
+        r"teacher CPU ([\d.]+) ms/request",
+        out,
+    )
+    assert {c[0] for c in counts} == {"new", "old"}, out
+    for _, batches, tokens, _, _, cpu_ms in counts:
+        assert int(batches) > 0 and 64 <= int(tokens) <= 16384 and float(cpu_ms) > 0
     solo = {
         sched: float(v) for sched, v in re.findall(r"^  (new|old): C [\d.]+ req/s .* solo p50 ([\d.]+) ms", out, re.M)
     }
