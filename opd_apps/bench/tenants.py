@@ -1,7 +1,8 @@
 """`opd bench tenants`: four students sharing one teacher pinned to one core — flood, saturation, weights.
 
-The teacher (`hf` backend) runs as its own process pinned to one CPU core
-(`sched_setaffinity` + one torch/OpenMP thread), with a tokens file naming
+The teacher (`--backend hf`, the default, or `vllm`: vLLM's CPU build, its
+engine-core process on the same core) runs as its own process pinned to one
+CPU core (`sched_setaffinity` + one torch/OpenMP thread), with a tokens file naming
 four students; the load generator runs on the other cores, one gRPC channel
 per student, raw `Score` calls without client retries, so every status the
 teacher answers is counted as answered.
@@ -79,6 +80,12 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="opd bench tenants", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--model", help="HF model directory, `embedded` or `tiny` (a random tiny model; the default)")
+    p.add_argument(
+        "--backend",
+        choices=("hf", "vllm"),
+        default="hf",
+        help="the teachers' engine (vllm: the CPU build, one engine per teacher, its engine core on the same core)",
+    )
     p.add_argument("--seq-len", type=int, help="tokens per request in the capacity, solo and flood phases (128)")
     p.add_argument("--phase-s", type=float, help="seconds of the solo, flood and saturation phases (30)")
     p.add_argument("--capacity-s", type=float, help="seconds of each capacity measurement, per teacher and level (10)")
@@ -144,22 +151,23 @@ def _model_dir(name: str) -> str:
 
 
 class PinnedTeacher:
-    """`opd teacher --backend hf` as a child process on one core, one thread, auth on."""
+    """`opd teacher` (`--backend`: hf, or vllm's CPU build) as a child process on one core, one thread, auth on."""
 
     def __init__(self, args: argparse.Namespace, model_dir: str, tokens_file: Path, extra: Sequence[str] = ()) -> None:
         self.grpc_port, self.ops_port = free_port(), free_port()
         self.tokens_file = tokens_file
         max_len = int(max(SHARE_LENGTHS) * args.seq_len) + 8
-        cmd = [sys.executable, "-m", "opd", "teacher", "--model", model_dir, "--backend", "hf"]
+        cmd = [sys.executable, "-m", "opd", "teacher", "--model", model_dir, "--backend", args.backend]
         cmd += ["--grpc-host", "127.0.0.1", "--grpc-port", str(self.grpc_port), "--log-level", "WARNING"]
         cmd += ["--ops-host", "127.0.0.1", "--ops-port", str(self.ops_port), "--auth-tokens-file", str(tokens_file)]
         cmd += ["--engine-max-model-len", str(max_len), "--engine-max-top-k", str(max(args.top_k, 1))]
         cmd += ["--scheduler-max-queued-requests", str(args.max_queued_requests), *args.teacher_arg, *extra]
         self.command = cmd
         core = args.core
-        self.proc = subprocess.Popen(
-            cmd, env={**os.environ, **ONE_THREAD_ENV}, preexec_fn=lambda: os.sched_setaffinity(0, {core})
-        )
+        env = {**os.environ, **ONE_THREAD_ENV}
+        if args.backend == "vllm":  # its engine-core process binds its OpenMP threads itself: to the same core
+            env |= {"VLLM_CPU_OMP_THREADS_BIND": str(core), "VLLM_CPU_KVCACHE_SPACE": "1"}
+        self.proc = subprocess.Popen(cmd, env=env, preexec_fn=lambda: os.sched_setaffinity(0, {core}))
         self.address = f"127.0.0.1:{self.grpc_port}"
         self.ops_url = f"http://127.0.0.1:{self.ops_port}"
 
@@ -184,9 +192,19 @@ class PinnedTeacher:
         staged.replace(self.tokens_file)
 
     def cpu_s(self) -> float:
-        """CPU seconds (user + system, all threads) the teacher process has used so far (Linux /proc)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14, 15
+        """CPU seconds (user + system, all threads) the teacher process and its live descendants (vLLM's engine
+        core) have used so far (Linux /proc)."""
+        stats: dict[int, list[str]] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):  # a process that ended meanwhile
+                    stats[int(entry.name)] = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        tree, grew = {self.proc.pid}, True
+        while grew:  # fields after the name: state, ppid, ...; utime and stime are fields 14 and 15
+            found = {pid for pid, f in stats.items() if int(f[1]) in tree} - tree
+            tree, grew = tree | found, bool(found)
+        ticks = sum(int(stats[pid][11]) + int(stats[pid][12]) for pid in tree if pid in stats)
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         stop_process(self.proc, grace_s=15)
@@ -372,7 +390,7 @@ def format_summary(args: argparse.Namespace, runs: list[dict]) -> str:
     lines = [
         "",
         f"median of {len(runs)} run(s) (load average at each run's start: {loads}); "
-        f"{args.seq_len}-token requests, top-k {args.top_k}",
+        f"{args.seq_len}-token requests, top-k {args.top_k}, {args.backend} backend",
         f"capacity C: new scheduler {c_new:.1f} req/s, today's behaviour (--no-scheduler-express-lane) "
         f"{c_old:.1f} req/s; new/old of adjacent windows {ratio:.2f} (median of the runs' median pair ratios; "
         f"all {len(pairs)} pairs {pairs[0]:.2f}-{pairs[-1]:.2f}, quartiles "
