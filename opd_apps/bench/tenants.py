@@ -72,7 +72,8 @@ SHARE_LENGTHS = (0.5, 1.0, 1.5, 2.0)  # (b), (c): each student's sequence length
 CAPACITY_IN_FLIGHT = (8, 32, 128)  # requests kept in flight while capacity is measured
 CAPACITY_WARMUP_S = 0.5  # before each capacity window: the four students' requests in flight, the batches full
 WEIGHTS = (2.0, 1.0, 1.0, 1.0)  # (c)
-SCHEDULERS = {"new": [], "old": ["--no-scheduler-express-lane"]}  # today's behaviour: one fair queue
+# today's behaviour: one fair queue (and on vllm up to max_inflight_batches batches in the engine, not a token bound)
+SCHEDULERS = {"new": [], "old": ["--no-scheduler-express-lane", "--scheduler-bulk-engine-steps=0"]}
 
 
 def _args(argv: Sequence[str] | None) -> argparse.Namespace:
