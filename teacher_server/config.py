@@ -56,7 +56,7 @@ class SchedulerConfig(ConfigModel):
         description="batches running in the engine at once (0 = the backend's choice: hf 1 on CPU, 2 on CUDA; vllm 4)",
     )
     bulk_engine_steps: float = Field(
-        default=2.0,
+        default=1.5,
         ge=0,
         description="vllm: bulk work handed to the engine at once, in engine steps (vLLM's max_num_batched_tokens "
         "tokens each), replacing max_inflight_batches; the rest waits in opd's fair queue, where weights and caps "

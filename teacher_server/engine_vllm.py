@@ -16,9 +16,9 @@ decides which requests enter the engine and when (fair share by weighted
 tokens, team caps); vLLM then packs every request it holds into its engine
 steps (at most `max_num_batched_tokens` per step, `step_tokens` here), first
 come first served. opd hands bulk work over request by request and keeps at
-most `scheduler.bulk_engine_steps` (2) steps' worth of tokens of it inside
-vLLM, refilling as each request is answered: enough that the next step is
-always full, little enough that opd's fair queue, not vLLM's arrival order,
+most `scheduler.bulk_engine_steps` (1.5) steps' worth of tokens of it
+inside vLLM, refilling as each request is answered: enough that the next
+step is (about) full, little enough that opd's fair queue, not vLLM's arrival order,
 decides whose work runs. The engine runs with `scheduling_policy="priority"`:
 the requests of opd's express lane (a client within its share, nothing
 queued) are submitted with priority -1, at once and beside each other
