@@ -15,9 +15,9 @@ On an engine that batches requests itself (`TeacherEngine.step_tokens`
 set: vllm), bulk work is instead handed over request by request, at most
 `bulk_engine_steps` engine steps' worth of tokens at once (plus one request),
 and each request frees its room when it is answered: the engine's next step
-is always full, and everything beyond about two steps waits here, where the
-fair queue (weights, caps) decides its order, instead of inside the engine
-in arrival order. `max_inflight_batches` does not apply there.
+is (about) full, and everything beyond that bound waits here, where the fair
+queue (weights, caps) decides its order, instead of inside the engine in
+arrival order. `max_inflight_batches` does not apply there.
 
 Latency isolation (`express_lane`): while the clients together offer more
 tokens/s than the engine delivers (measured), a request whose client has
