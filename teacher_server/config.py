@@ -55,6 +55,13 @@ class SchedulerConfig(ConfigModel):
         ge=0,
         description="batches running in the engine at once (0 = the backend's choice: hf 1 on CPU, 2 on CUDA; vllm 4)",
     )
+    bulk_engine_steps: float = Field(
+        default=1.5,
+        ge=0,
+        description="vllm: bulk work handed to the engine at once, in engine steps (vLLM's max_num_batched_tokens "
+        "tokens each), replacing max_inflight_batches; the rest waits in opd's fair queue, where weights and caps "
+        "decide its order (0 = up to max_inflight_batches batches, as before; hf: unused)",
+    )
     max_queued_requests: int = Field(
         default=4096, ge=1, description="queue bound; beyond it requests get RESOURCE_EXHAUSTED with a retry hint"
     )

@@ -78,6 +78,13 @@ class TeacherEngine(abc.ABC):
     info: TeacherInfo  # what the Info RPC answers; a backend fills it when its model is loaded
     eos_token_ids: tuple[int, ...] = ()  # where Generate stops when the request names no stop tokens
     preferred_inflight_batches: int = 1  # batches worth running at once (scheduler.max_inflight_batches = 0)
+    # Tokens the engine schedules per step when it batches concurrent requests itself (vllm: its scheduler's
+    # max_num_batched_tokens); None when a batch runs as one unit (hf). With a value, the scheduler hands bulk
+    # work over request by request and keeps at most `scheduler.bulk_engine_steps` steps of it in the engine.
+    step_tokens: int | None = None
+    # Whether express batches may run beside each other (vllm: they are only requests with priority); hf runs
+    # them on one thread, so there the next one waits for the previous one anyway.
+    concurrent_express: bool = False
 
     @abc.abstractmethod
     async def score_batch(self, works: list[ScoreWork]) -> list[ScoreResult | Exception]:

@@ -80,12 +80,17 @@ class HFEngine(TeacherEngine):
             initializer=self._gate.mark_bulk_thread,
         )
         # Preemption points: before every module of the decoder (layers, and their attention and MLP parts) and
-        # before every lm-head chunk. A hook costs about a microsecond when no express batch runs.
-        for module in [*self._decoder.modules(), self._lm_head]:
-            module.register_forward_pre_hook(self._preemption_point)
+        # before every lm-head chunk. A hook costs a few microseconds when no express batch runs (2% of a
+        # one-request forward of the tiny test model, nothing measurable from 8 requests on). Without the
+        # express lane there is no express batch to give way to: no hooks, as before the lane existed.
+        if config.scheduler.express_lane:
+            for module in [*self._decoder.modules(), self._lm_head]:
+                module.register_forward_pre_hook(self._preemption_point)
         self._express = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-express")
         # Hand the GIL over within 0.5 ms rather than 5: the express thread should not wait out a bulk thread's
-        # Python stretch between its own (GIL-free) torch kernels.
+        # Python stretch between its own (GIL-free) torch kernels. Kept with the lane off too: a forward beside a
+        # busy Python thread (the event loop's part) ran 1.4-1.6x faster at 0.5 ms than at 5 ms (tiny model, one
+        # core, batches of 8 and 64), so the short interval does not cost the bulk work.
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         self._express_stream = torch.cuda.Stream(priority=-1) if self._device.type == "cuda" else None
         fingerprint, eos = tokenizer_facts(config.tokenizer, path)

@@ -13,15 +13,18 @@ request of exactly the advertised length is scoreable.
 
 How opd's batching and vLLM's continuous batching interact: opd's scheduler
 decides which requests enter the engine and when (fair share by weighted
-tokens, team caps, up to `max_inflight_batches` batches handed over at once);
-vLLM then packs every request it holds into its engine steps (at most
-`max_num_batched_tokens` per step), first come first served. So opd bounds
-how much work waits inside vLLM, and vLLM keeps the device full across opd's
-batch boundaries. The engine runs with `scheduling_policy="priority"`: the
-requests of opd's express lane (a client within its share, nothing queued)
-are submitted with priority -1 and are scheduled at vLLM's next step ahead
-of the bulk requests still waiting inside vLLM; bulk requests all have
-priority 0, which is first come first served as before.
+tokens, team caps); vLLM then packs every request it holds into its engine
+steps (at most `max_num_batched_tokens` per step, `step_tokens` here), first
+come first served. opd hands bulk work over request by request and keeps at
+most `scheduler.bulk_engine_steps` (1.5) steps' worth of tokens of it
+inside vLLM, refilling as each request is answered: enough that the next
+step is (about) full, little enough that opd's fair queue, not vLLM's arrival order,
+decides whose work runs. The engine runs with `scheduling_policy="priority"`:
+the requests of opd's express lane (a client within its share, nothing
+queued) are submitted with priority -1, at once and beside each other
+(`concurrent_express`), and are scheduled at vLLM's next step ahead of the
+bulk requests waiting inside vLLM (at most about one step of them); bulk
+requests all have priority 0, first come first served among themselves.
 
 Limits, stated honestly: prompt log-probs are temperature-1 (vLLM does not
 apply temperature to them), so a teacher temperature != 1 is refused by
@@ -102,6 +105,8 @@ class VLLMEngine(TeacherEngine):
         args.max_model_len = _engine_max_model_len(args, eng.max_model_len)  # pyright: ignore[reportAttributeAccessIssue]
         self._engine = AsyncLLM.from_engine_args(args)
         model_config = self._engine.model_config
+        self.step_tokens = int(self._engine.vllm_config.scheduler_config.max_num_batched_tokens)
+        self.concurrent_express = True
         fingerprint, eos = tokenizer_facts(config.tokenizer, path)
         self._vocab = int(model_config.get_vocab_size())
         self.eos_token_ids = eos
@@ -116,7 +121,13 @@ class VLLMEngine(TeacherEngine):
             supports_temperature=False,
             dtype=str(model_config.dtype).removeprefix("torch."),
         )
-        log.info("vllm engine ready: %s, vocab %d, dtype %s", path, self._vocab, self.info.dtype)
+        log.info(
+            "vllm engine ready: %s, vocab %d, dtype %s, %d tokens per engine step",
+            path,
+            self._vocab,
+            self.info.dtype,
+            self.step_tokens,
+        )
 
     async def score_batch(self, works: list[ScoreWork], priority: int = 0) -> list[ScoreResult | Exception]:
         results = await asyncio.gather(*(self._score_one(w, priority) for w in works), return_exceptions=True)

@@ -11,6 +11,14 @@ passed before it reached the engine. A team's weight and caps are read at each
 of its requests (`policy_of`), so an edited tokens file takes effect without a
 restart.
 
+On an engine that batches requests itself (`TeacherEngine.step_tokens`
+set: vllm), bulk work is instead handed over request by request, at most
+`bulk_engine_steps` engine steps' worth of tokens at once (plus one request),
+and each request frees its room when it is answered: the engine's next step
+is (about) full, and everything beyond that bound waits here, where the fair
+queue (weights, caps) decides its order, instead of inside the engine in
+arrival order. `max_inflight_batches` does not apply there.
+
 Latency isolation (`express_lane`): while the clients together offer more
 tokens/s than the engine delivers (measured), a request whose client has
 (about) nothing in the fair queue and offers at most `express_max_share`
@@ -56,6 +64,15 @@ class _Pending:
     deadline: float | None = None  # time.monotonic() value
 
 
+def _resolve(pending: _Pending, result: ScoreResult | Exception) -> None:
+    if pending.future.done():  # its caller went away
+        return
+    if isinstance(result, Exception):
+        pending.future.set_exception(result)
+    else:
+        pending.future.set_result(result)
+
+
 class FairScheduler:
     """Queue + batcher in front of one engine. Create and use it on the server's event loop."""
 
@@ -89,6 +106,12 @@ class FairScheduler:
         self._express_held: dict[str, int] = collections.defaultdict(int)  # express-queued tokens per client
         self._express_wakeup = asyncio.Event()
         self._yields_seen = YieldStats()  # the engine's totals last exported to the metrics
+        # engines that batch requests themselves (vllm): bulk work in the engine bounded by tokens, released per
+        # request as it is answered, so the fair queue (not the engine's arrival order) decides what runs next
+        steps, step_tokens = config.bulk_engine_steps, engine.step_tokens
+        self._bulk_budget = math.ceil(steps * step_tokens) if steps and step_tokens else None
+        self._bulk_in_engine = 0  # tokens of bulk requests handed to the engine and not yet answered
+        self._room = asyncio.Event()
 
     # -- intake ---------------------------------------------------------------------------
 
@@ -238,22 +261,32 @@ class FairScheduler:
     async def _run(self) -> None:
         while True:
             await self._wakeup.wait()
-            await self._slots.acquire()
-            bulk_tokens = self._queued_tokens - self._express_tokens
-            if self._cfg.batch_wait_ms and bulk_tokens < self._cfg.max_batch_tokens and self._inflight:
-                await asyncio.sleep(self._cfg.batch_wait_ms / 1000)
-            batch = self._take_batch()
+            if self._bulk_budget is not None:
+                while self._bulk_in_engine >= self._bulk_budget:
+                    self._room.clear()
+                    await self._room.wait()
+                room = self._bulk_budget - self._bulk_in_engine
+            else:
+                await self._slots.acquire()
+                bulk_tokens = self._queued_tokens - self._express_tokens
+                if self._cfg.batch_wait_ms and bulk_tokens < self._cfg.max_batch_tokens and self._inflight:
+                    await asyncio.sleep(self._cfg.batch_wait_ms / 1000)
+                room = self._cfg.max_batch_tokens
+            batch = self._take_batch(min(room, self._cfg.max_batch_tokens))
             if not self._bulk_queued:
                 self._wakeup.clear()
             if not batch:
-                self._slots.release()
+                if self._bulk_budget is None:
+                    self._slots.release()
                 continue
+            self._bulk_in_engine += sum(p.work.num_tokens for p in batch)
             task = asyncio.create_task(self._run_batch(batch))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
     async def _run_express(self) -> None:
-        """One express batch at a time, each as soon as there is work: what arrived meanwhile goes next."""
+        """Each express batch as soon as there is work; on an engine without `concurrent_express` one at a time
+        (what arrived meanwhile goes next), else without waiting for the previous one."""
         while True:
             await self._express_wakeup.wait()
             batch = self._take_express()
@@ -263,7 +296,8 @@ class FairScheduler:
                 task = asyncio.create_task(self._run_batch(batch, express=True))
                 self._inflight.add(task)
                 task.add_done_callback(self._inflight.discard)
-                await asyncio.wait([task])
+                if not self._engine.concurrent_express:
+                    await asyncio.wait([task])
 
     def _take_express(self) -> list[_Pending]:
         batch: list[_Pending] = []
@@ -296,14 +330,15 @@ class FairScheduler:
         self._metrics.queue_wait.labels(item.client).observe(now - item.enqueued_at)
         return True
 
-    def _take_batch(self) -> list[_Pending]:
+    def _take_batch(self, max_tokens: int) -> list[_Pending]:
+        """The next bulk batch in fair order: up to `max_tokens` tokens (at least one request)."""
         batch: list[_Pending] = []
         tokens = 0
         now = time.monotonic()
         while self._bulk_queued and len(batch) < self._cfg.max_batch_requests:
             client = min((c for c, q in self._queues.items() if q), key=self._vtime.__getitem__)
             head = self._queues[client][0]
-            if batch and tokens + head.work.num_tokens > self._cfg.max_batch_tokens:
+            if batch and tokens + head.work.num_tokens > max_tokens:
                 break
             self._unqueue(self._queues[client].popleft())
             if self._dispatchable(head, now):
@@ -326,8 +361,14 @@ class FairScheduler:
         self._metrics.batch_requests.observe(len(batch))
         self._metrics.batch_tokens.observe(num_tokens)
         try:
-            works = [p.work for p in batch]
-            results = await (self._engine.score_batch_express(works) if express else self._engine.score_batch(works))
+            if self._bulk_budget is not None:  # request by request: each frees its room in the engine when answered
+                await asyncio.gather(*(self._run_one(p, express) for p in batch))
+                results = None
+            else:
+                works = [p.work for p in batch]
+                results = await (
+                    self._engine.score_batch_express(works) if express else self._engine.score_batch(works)
+                )
         except Exception as exc:  # the engine failed: every request in the batch gets the error
             log.exception("engine failed on a batch of %d requests", len(batch))
             results = [EngineFailed(f"teacher engine error: {exc}")] * len(batch)
@@ -338,15 +379,24 @@ class FairScheduler:
             self._metrics.inflight_batches.dec()
             self._running_requests -= len(batch)
             self._export_yields()
-            if not express:
+            if not express and self._bulk_budget is None:
                 self._slots.release()
-        for pending, result in zip(batch, results, strict=True):
-            if pending.future.done():
-                continue
-            if isinstance(result, Exception):
-                pending.future.set_exception(result)
-            else:
-                pending.future.set_result(result)
+        for pending, result in zip(batch, results or (), strict=False):
+            _resolve(pending, result)
+
+    async def _run_one(self, pending: _Pending, express: bool) -> None:
+        """One request of a batch on an engine that batches requests itself; answered as soon as it is scored."""
+        try:
+            run = self._engine.score_batch_express if express else self._engine.score_batch
+            [result] = await run([pending.work])
+        except Exception as exc:
+            log.exception("engine failed on a request of %d tokens", pending.work.num_tokens)
+            result = EngineFailed(f"teacher engine error: {exc}")
+        finally:
+            if not express:
+                self._bulk_in_engine -= pending.work.num_tokens
+                self._room.set()
+        _resolve(pending, result)
 
     # -- helpers --------------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ class Tally:
     ok_latency_s: list[float] = field(default_factory=list)
     retry_hints_s: list[float] = field(default_factory=list)
     ok_positions: int = 0
+    ok_at_s: list[float] = field(default_factory=list)  # time.monotonic() of each answer
 
     @property
     def ok(self) -> int:
@@ -47,6 +48,17 @@ class Tally:
 
     def p50_ms(self) -> float:
         return float(np.median(self.ok_latency_s) * 1000) if self.ok_latency_s else float("nan")
+
+
+def completion_rate(times_s: list[float]) -> float:
+    """Answers per second from their completion times: the least-squares slope of the running count against
+    time. A batching server answers in lumps (a batch's requests at once); a count over a fixed window is off by
+    up to one lump (64 requests in a window of 2-4 batches: +/-30%), while the slope of the staircase is the lump
+    size over the lump spacing whatever the window's phase. nan with fewer than two distinct times."""
+    t_N = np.sort(np.asarray(times_s, dtype=np.float64))
+    if len(t_N) < 2 or t_N[-1] <= t_N[0]:
+        return float("nan")
+    return float(np.polyfit(t_N - t_N[0], np.arange(1, len(t_N) + 1), 1)[0])
 
 
 class Tenant:
@@ -74,6 +86,7 @@ class Tenant:
             tally.retry_hints_s += hint
             return
         tally.codes["OK"] += 1
+        tally.ok_at_s.append(time.monotonic())
         tally.ok_latency_s.append(time.perf_counter() - started)
         tally.ok_positions += self.positions
 
@@ -105,17 +118,22 @@ class Tenant:
 
 def read_client_metrics(ops_url: str) -> dict[str, Any]:
     """Teacher counters from `/metrics`: per client scored positions, requests by (rpc, code), express-lane
-    requests and weight; the times bulk batches parked for express ones (`bulk_yields`)."""
+    requests and weight; the times bulk batches parked for express ones (`bulk_yields`); engine batches run
+    (`batches`, express ones included) and the tokens in them (`batch_tokens`)."""
     text = httpx.get(f"{ops_url}/metrics", timeout=30).text
     scored: dict[str, float] = defaultdict(float)
     requests: dict[str, dict[tuple[str, str], float]] = defaultdict(lambda: defaultdict(float))
     weights: dict[str, float] = {}
     express: dict[str, float] = defaultdict(float)
-    yields = 0.0
+    yields = batches = batch_tokens = 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == "opd_teacher_bulk_yields_total":
                 yields += sample.value
+            elif sample.name == "opd_teacher_batch_size_tokens_count":
+                batches += sample.value
+            elif sample.name == "opd_teacher_batch_size_tokens_sum":
+                batch_tokens += sample.value
             elif sample.name == "opd_teacher_scored_tokens_total":
                 scored[sample.labels["client"]] += sample.value
             elif sample.name == "opd_teacher_client_weight":
@@ -131,6 +149,8 @@ def read_client_metrics(ops_url: str) -> dict[str, Any]:
         "weights": weights,
         "express": dict(express),
         "bulk_yields": yields,
+        "batches": batches,
+        "batch_tokens": batch_tokens,
     }
 
 
@@ -142,11 +162,10 @@ def metrics_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, An
         for c, counts in after["requests"].items()
     }
     express = {c: v - before.get("express", {}).get(c, 0.0) for c, v in after.get("express", {}).items()}
-    yields = after.get("bulk_yields", 0.0) - before.get("bulk_yields", 0.0)
     return {
         "scored": scored,
         "requests": requests,
         "weights": after.get("weights", {}),
         "express": express,
-        "bulk_yields": yields,
+        **{k: after.get(k, 0.0) - before.get(k, 0.0) for k in ("bulk_yields", "batches", "batch_tokens")},
     }

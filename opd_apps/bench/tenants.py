@@ -1,7 +1,8 @@
 """`opd bench tenants`: four students sharing one teacher pinned to one core — flood, saturation, weights.
 
-The teacher (`hf` backend) runs as its own process pinned to one CPU core
-(`sched_setaffinity` + one torch/OpenMP thread), with a tokens file naming
+The teacher (`--backend hf`, the default, or `vllm`: vLLM's CPU build, its
+engine-core process on the same core) runs as its own process pinned to one
+CPU core (`sched_setaffinity` + one torch/OpenMP thread), with a tokens file naming
 four students; the load generator runs on the other cores, one gRPC channel
 per student, raw `Score` calls without client retries, so every status the
 teacher answers is counted as answered.
@@ -26,8 +27,16 @@ teacher answers is counted as answered.
 Steps 0-2 run twice per run, on two teachers running side by side on the
 same core: the current scheduler and today's behaviour
 (`--no-scheduler-express-lane`: one fair queue). Capacity is measured in
-alternating windows (per level: A, B, B, A, each half of `--capacity-s`), so
-that load from other jobs on the machine hits both alike; solo and flood run
+alternating windows (per level: A B B A A B ..., `--capacity-windows` per
+teacher, together `--capacity-s`), so that load from other jobs on the
+machine hits both alike; each adjacent pair (A B or B A) gives one ratio
+new / old, and the run's capacity ratio is the median of the pairs' ratios
+at the level where the two teachers together answered the most (its spread
+printed beside it). Beside it, per teacher, the counts that say why one
+does less work per second: engine batches and their mean tokens, express
+dispatches and bulk parks (teacher `/metrics`), the teacher's CPU time per
+answered request and the share of its core it got (`/proc`: other jobs
+take the rest). Solo and flood run
 on one teacher, then the other (the order alternates between runs); steps
 3-4 on the current one. `--runs` runs (3) and the median of each figure; the
 ratios (capacity new / old, p50 / solo) are taken within a run, which
@@ -48,21 +57,23 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import httpx
 
 from opd.processes import ONE_THREAD_ENV, free_port, stop_process
-from opd_apps.bench.tenant_load import Tally, Tenant, metrics_delta, read_client_metrics
+from opd_apps.bench.tenant_load import Tally, Tenant, completion_rate, metrics_delta, read_client_metrics
 
-FULL = {"model": "tiny", "seq_len": 128, "phase_s": 30.0, "capacity_s": 10.0, "runs": 3}
-QUICK = {"model": "tiny", "seq_len": 64, "phase_s": 5.0, "capacity_s": 2.0, "runs": 1}
+FULL = {"model": "tiny", "seq_len": 128, "phase_s": 30.0, "capacity_s": 10.0, "capacity_windows": 6, "runs": 3}
+QUICK = {"model": "tiny", "seq_len": 64, "phase_s": 5.0, "capacity_s": 2.0, "capacity_windows": 2, "runs": 1}
 TENANTS = ("student-a", "student-b", "student-c", "student-d")  # student-d floods in (a)
 SHARE_LENGTHS = (0.5, 1.0, 1.5, 2.0)  # (b), (c): each student's sequence length, in units of --seq-len
 CAPACITY_IN_FLIGHT = (8, 32, 128)  # requests kept in flight while capacity is measured
+CAPACITY_WARMUP_S = 0.5  # before each capacity window: the four students' requests in flight, the batches full
 WEIGHTS = (2.0, 1.0, 1.0, 1.0)  # (c)
-SCHEDULERS = {"new": [], "old": ["--no-scheduler-express-lane"]}  # today's behaviour: one fair queue
+# today's behaviour: one fair queue (and on vllm up to max_inflight_batches batches in the engine, not a token bound)
+SCHEDULERS = {"new": [], "old": ["--no-scheduler-express-lane", "--scheduler-bulk-engine-steps=0"]}
 
 
 def _args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -70,9 +81,21 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="opd bench tenants", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--model", help="HF model directory, `embedded` or `tiny` (a random tiny model; the default)")
+    p.add_argument(
+        "--backend",
+        choices=("hf", "vllm"),
+        default="hf",
+        help="the teachers' engine (vllm: the CPU build, one engine per teacher, its engine core on the same core)",
+    )
     p.add_argument("--seq-len", type=int, help="tokens per request in the capacity, solo and flood phases (128)")
     p.add_argument("--phase-s", type=float, help="seconds of the solo, flood and saturation phases (30)")
-    p.add_argument("--capacity-s", type=float, help="seconds of each capacity measurement (10)")
+    p.add_argument("--capacity-s", type=float, help="seconds of each capacity measurement, per teacher and level (10)")
+    p.add_argument(
+        "--capacity-windows",
+        type=int,
+        help="windows each --capacity-s is cut into, alternating A B B A between the teachers; each adjacent "
+        "pair gives one ratio new/old (6)",
+    )
     p.add_argument("--load", type=float, default=0.3, help="share of capacity the three well-behaved students use")
     p.add_argument("--flood-factor", type=float, default=10.0, help="the flooder's rate, in units of R")
     p.add_argument("--top-k", type=int, default=20, help="top-k of every request")
@@ -111,6 +134,8 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--load is a share of capacity in (0, 1) (got {args.load})")
     if args.phase_s <= 0 or args.capacity_s <= 0 or args.flood_factor <= 1 or args.outstanding < 1 or args.runs < 1:
         p.error("--phase-s and --capacity-s must be > 0, --flood-factor > 1, --outstanding and --runs >= 1")
+    if args.capacity_windows < 1:
+        p.error(f"--capacity-windows must be >= 1 (got {args.capacity_windows})")
     if args.core not in os.sched_getaffinity(0):
         p.error(f"--core {args.core} is not one of this process's CPUs {sorted(os.sched_getaffinity(0))}")
     return args
@@ -127,22 +152,23 @@ def _model_dir(name: str) -> str:
 
 
 class PinnedTeacher:
-    """`opd teacher --backend hf` as a child process on one core, one thread, auth on."""
+    """`opd teacher` (`--backend`: hf, or vllm's CPU build) as a child process on one core, one thread, auth on."""
 
     def __init__(self, args: argparse.Namespace, model_dir: str, tokens_file: Path, extra: Sequence[str] = ()) -> None:
         self.grpc_port, self.ops_port = free_port(), free_port()
         self.tokens_file = tokens_file
         max_len = int(max(SHARE_LENGTHS) * args.seq_len) + 8
-        cmd = [sys.executable, "-m", "opd", "teacher", "--model", model_dir, "--backend", "hf"]
+        cmd = [sys.executable, "-m", "opd", "teacher", "--model", model_dir, "--backend", args.backend]
         cmd += ["--grpc-host", "127.0.0.1", "--grpc-port", str(self.grpc_port), "--log-level", "WARNING"]
         cmd += ["--ops-host", "127.0.0.1", "--ops-port", str(self.ops_port), "--auth-tokens-file", str(tokens_file)]
         cmd += ["--engine-max-model-len", str(max_len), "--engine-max-top-k", str(max(args.top_k, 1))]
         cmd += ["--scheduler-max-queued-requests", str(args.max_queued_requests), *args.teacher_arg, *extra]
         self.command = cmd
         core = args.core
-        self.proc = subprocess.Popen(
-            cmd, env={**os.environ, **ONE_THREAD_ENV}, preexec_fn=lambda: os.sched_setaffinity(0, {core})
-        )
+        env = {**os.environ, **ONE_THREAD_ENV}
+        if args.backend == "vllm":  # its engine-core process binds its OpenMP threads itself: to the same core
+            env |= {"VLLM_CPU_OMP_THREADS_BIND": str(core), "VLLM_CPU_KVCACHE_SPACE": "1"}
+        self.proc = subprocess.Popen(cmd, env=env, preexec_fn=lambda: os.sched_setaffinity(0, {core}))
         self.address = f"127.0.0.1:{self.grpc_port}"
         self.ops_url = f"http://127.0.0.1:{self.ops_port}"
 
@@ -165,6 +191,21 @@ class PinnedTeacher:
         staged = self.tokens_file.with_suffix(".new")
         staged.write_text("".join(lines))
         staged.replace(self.tokens_file)
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system, all threads) the teacher process and its live descendants (vLLM's engine
+        core) have used so far (Linux /proc)."""
+        stats: dict[int, list[str]] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):  # a process that ended meanwhile
+                    stats[int(entry.name)] = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        tree, grew = {self.proc.pid}, True
+        while grew:  # fields after the name: state, ppid, ...; utime and stime are fields 14 and 15
+            found = {pid for pid, f in stats.items() if int(f[1]) in tree} - tree
+            tree, grew = tree | found, bool(found)
+        ticks = sum(int(stats[pid][11]) + int(stats[pid][12]) for pid in tree if pid in stats)
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         stop_process(self.proc, grace_s=15)
@@ -190,13 +231,17 @@ async def _saturated(
     args: argparse.Namespace,
     ops_url: str,
     weights: dict[str, float] | None = None,
+    warmup_s: float = 1.0,
+    cpu_s: Callable[[], float] | None = None,
 ):
     """`tenants` keep `outstanding` requests in flight; per-client metrics over a `window_s` window after a
-    warm-up second and, with `weights`, once the teacher's /metrics show it applies them (it re-reads an
-    edited tokens file on its own schedule, later on a loaded machine). Returns (metrics delta, tallies)."""
+    `warmup_s` warm-up and, with `weights`, once the teacher's /metrics show it applies them (it re-reads an
+    edited tokens file on its own schedule, later on a loaded machine). Returns (metrics delta, tallies); the
+    delta also holds the window's measured length (`window_s`) and, with `cpu_s`, the teacher's CPU seconds
+    in it (`cpu_s`)."""
     stop = asyncio.Event()
     runs = [asyncio.create_task(t.saturate(n, stop, args.timeout_s)) for t, n in zip(tenants, outstanding, strict=True)]
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(warmup_s)
     before = await asyncio.to_thread(read_client_metrics, ops_url)
     deadline = time.monotonic() + 60
     while weights and any(before["weights"].get(n) != w for n, w in weights.items()):
@@ -204,11 +249,17 @@ async def _saturated(
             raise RuntimeError(f"the teacher did not apply weights {weights} within 60 s: {before['weights']}")
         await asyncio.sleep(0.2)
         before = await asyncio.to_thread(read_client_metrics, ops_url)
+    started, cpu_started = time.monotonic(), cpu_s() if cpu_s else 0.0
     await asyncio.sleep(window_s)
     after = await asyncio.to_thread(read_client_metrics, ops_url)
+    ended = time.monotonic()
+    delta = metrics_delta(before, after) | {"window_s": ended - started}
+    if cpu_s:
+        delta["cpu_s"] = cpu_s() - cpu_started
     stop.set()
     tallies = await asyncio.gather(*runs)
-    return metrics_delta(before, after), tallies
+    delta["rate"] = completion_rate([t for tally in tallies for t in tally.ok_at_s if started <= t <= ended])
+    return delta, tallies
 
 
 def _verdict(ok: bool) -> str:
@@ -271,12 +322,25 @@ def format_run(args: argparse.Namespace, out: dict, run: int) -> str:
             + f", flooder refused {rows[TENANTS[3]]['exhausted']:.0f}"
             + _express_note(one)
         )
+    cap = out["capacity"]
+    ratios = sorted(cap["pair_ratios"])
+    lines.append(
+        f"  capacity at {cap['pair_level']} in flight, pairs new/old "
+        + " ".join(f"{r:.2f}" for r in cap["pair_ratios"])
+        + f" (median {_median(ratios):.2f}, range {ratios[0]:.2f}-{ratios[-1]:.2f}); "
+        + "; ".join(
+            f"{name}: {cap[name]['batches']:.0f} batches of {cap[name]['batch_tokens']:.0f} tokens (mean), "
+            f"{cap[name]['express']:.0f} express, {cap[name]['parks']:.0f} parks, "
+            f"teacher CPU {cap[name]['cpu_ms_per_request']:.2f} ms/request, {cap[name]['core_share']:.0%} of its core"
+            for name in ("new", "old")
+        )
+    )
     lines.append(
         "  shares (b) "
         + " ".join(f"{v:.1%}" for v in share_rows(out["new"], "share").values())
         + ", (c) 2:1:1:1 "
         + " ".join(f"{v:.1%}" for v in share_rows(out["new"], "weighted").values())
-        + f"; capacity new/old {out['new']['capacity'] / out['old']['capacity']:.2f}"
+        + f"; C new/old {out['new']['capacity'] / out['old']['capacity']:.2f}"
     )
     return "\n".join(lines)
 
@@ -320,14 +384,20 @@ def format_summary(args: argparse.Namespace, runs: list[dict]) -> str:
     """The medians over the runs: capacity new vs old, the flood table, the saturation and weighted shares."""
     c_new = _median([r["new"]["capacity"] for r in runs])
     c_old = _median([r["old"]["capacity"] for r in runs])
-    ratio = _median([r["new"]["capacity"] / r["old"]["capacity"] for r in runs])
+    ratio = _median([_median(r["capacity"]["pair_ratios"]) for r in runs])
+    pairs = sorted(x for r in runs for x in r["capacity"]["pair_ratios"])
+    cpu = {s: _median([r["capacity"][s]["cpu_ms_per_request"] for r in runs]) for s in ("new", "old")}
     loads = ", ".join(f"{r['load_average']:.1f}" for r in runs)
     lines = [
         "",
         f"median of {len(runs)} run(s) (load average at each run's start: {loads}); "
-        f"{args.seq_len}-token requests, top-k {args.top_k}",
+        f"{args.seq_len}-token requests, top-k {args.top_k}, {args.backend} backend",
         f"capacity C: new scheduler {c_new:.1f} req/s, today's behaviour (--no-scheduler-express-lane) "
-        f"{c_old:.1f} req/s; new/old within a run {ratio:.2f} (target >= 0.90)  {_verdict(ratio >= 0.9)}",
+        f"{c_old:.1f} req/s; new/old of adjacent windows {ratio:.2f} (median of the runs' median pair ratios; "
+        f"all {len(pairs)} pairs {pairs[0]:.2f}-{pairs[-1]:.2f}, quartiles "
+        f"{pairs[len(pairs) // 4]:.2f}-{pairs[(3 * len(pairs)) // 4]:.2f}) (target >= 0.90)  {_verdict(ratio >= 0.9)}",
+        f"teacher CPU per answered request at that level: new {cpu['new']:.2f} ms, old {cpu['old']:.2f} ms "
+        f"(old/new {cpu['old'] / cpu['new']:.2f}: the work per request, whatever share of the core other jobs took)",
         "",
         *_flood_table(args, runs),
         "",
@@ -346,22 +416,58 @@ def _open_tenants(args: argparse.Namespace, teacher: PinnedTeacher, tokens: dict
 
 
 async def _capacity(args: argparse.Namespace, teachers: dict[str, PinnedTeacher], tenants: dict[str, list[Tenant]]):
-    """Step 0 on both teachers, interleaved: per in-flight level, windows of capacity_s / 2 in the order
-    A B B A (A: the run's first teacher), so that machine load that drifts during the level hits both alike.
-    Returns {name: (C, in-flight level of C)}."""
+    """Step 0 on both teachers, interleaved: per in-flight level, `--capacity-windows` windows per teacher of
+    capacity_s / windows each, in the order A B B A A B B A ... (A: the run's first teacher), so that machine
+    load that drifts hits both alike; the i-th windows of the two teachers are adjacent (a pair: A B or B A).
+    Returns {in_flight: {name: [metrics delta of each window, in order]}}."""
     first, second = list(teachers)
-    best = {name: (0.0, 0) for name in teachers}
+    order = ([first, second, second, first] * args.capacity_windows)[: 2 * args.capacity_windows]
+    levels: dict[int, dict[str, list[dict]]] = {}
     for in_flight in CAPACITY_IN_FLIGHT:  # spread over the four channels, as the load of (a) is
-        answered = dict.fromkeys(teachers, 0.0)
-        for name in (first, second, second, first):
+        levels[in_flight] = {name: [] for name in teachers}
+        for name in order:
             delta, _ = await _saturated(
-                tenants[name], [in_flight // 4] * 4, args.capacity_s / 2, args, teachers[name].ops_url
+                tenants[name],
+                [in_flight // 4] * 4,
+                args.capacity_s / args.capacity_windows,
+                args,
+                teachers[name].ops_url,
+                warmup_s=CAPACITY_WARMUP_S,
+                cpu_s=teachers[name].cpu_s,
             )
-            answered[name] += sum(delta["requests"].get(t, {}).get(("Score", "OK"), 0.0) for t in TENANTS)
-        for name, total in answered.items():
-            if total / args.capacity_s > best[name][0]:
-                best[name] = (total / args.capacity_s, in_flight)
-    return best
+            levels[in_flight][name].append(delta)
+    return levels
+
+
+def _answered_in(delta: dict) -> float:
+    return sum(delta["requests"].get(t, {}).get(("Score", "OK"), 0.0) for t in TENANTS)
+
+
+def capacity_figures(levels: dict[int, dict[str, list[dict]]]) -> dict:
+    """From `_capacity`'s windows: each teacher's C (the best over the levels of the median window's answered
+    requests/s, `completion_rate`) and level; the
+    level where the two together answered the most, and there each pair's ratio new/old (requests/s), and per
+    teacher the counts that explain a gap: engine batches, mean tokens per batch, express dispatches, bulk parks,
+    the teacher's CPU milliseconds per answered request and the share of its core it got (CPU s / wall s)."""
+    rate = {level: {n: _median([w["rate"] for w in ws]) for n, ws in by.items()} for level, by in levels.items()}
+    out: dict = {"pair_level": max(rate, key=lambda level: sum(rate[level].values()))}
+    for name in ("new", "old"):
+        best = max(rate, key=lambda level, name=name: rate[level][name])
+        out[name] = {"capacity": rate[best][name], "capacity_at": best}
+    by = levels[out["pair_level"]]
+    out["pair_ratios"] = [a["rate"] / b["rate"] for a, b in zip(by["new"], by["old"], strict=True)]
+    for name, ws in by.items():
+        answered, batches = sum(map(_answered_in, ws)), sum(w["batches"] for w in ws)
+        cpu, wall = sum(w.get("cpu_s", 0.0) for w in ws), sum(w["window_s"] for w in ws)
+        out[name] |= {
+            "batches": batches,
+            "batch_tokens": sum(w["batch_tokens"] for w in ws) / max(batches, 1.0),
+            "express": sum(sum(w["express"].values()) for w in ws),
+            "parks": sum(w["bulk_yields"] for w in ws),
+            "cpu_ms_per_request": 1000 * cpu / max(answered, 1.0),
+            "core_share": cpu / wall,
+        }
+    return out
 
 
 async def _solo_flood(args: argparse.Namespace, teacher: PinnedTeacher, tenants: list[Tenant], rate: float) -> dict:
@@ -389,8 +495,10 @@ async def _capacity_solo_flood(
         for group in tenants.values():
             for t in group:  # warm-up: connections, first forward passes
                 await t.open_loop(20.0, 0.25, args.timeout_s)
-        for name, (capacity, at) in (await _capacity(args, teachers, tenants)).items():
-            out[name] = {"capacity": capacity, "capacity_at": at}
+        figures = capacity_figures(await _capacity(args, teachers, tenants))
+        out["capacity"] = figures
+        for name in teachers:
+            out[name] = dict(figures[name])
         for name, teacher in teachers.items():
             out[name] |= await _solo_flood(args, teacher, tenants[name], args.load * out[name]["capacity"] / 3)
     finally:

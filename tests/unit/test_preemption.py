@@ -69,3 +69,29 @@ def test_an_express_batch_that_fails_still_releases_the_gate():
         raise RuntimeError("engine error")
     _bulk_thread(gate, passed).join(timeout=30)
     assert passed.is_set() and gate.snapshot().yields == 0
+
+
+@pytest.mark.parametrize("express_lane", [True, False])
+def test_the_hf_engine_has_preemption_points_only_with_the_express_lane(tiny_model_dir, express_lane):
+    """With the lane off nothing can preempt a batch: no pre-hooks (today's behaviour, no cost); on, one before
+    every decoder module and the lm-head. The log-probs are the same either way."""
+    import asyncio
+
+    import numpy as np
+
+    from teacher_server.engine import ScoreWork
+    from teacher_server.engine_hf import HFEngine
+    from tests.fixtures.teacher import teacher_config
+
+    engine = HFEngine(teacher_config(tiny_model_dir, "hf", scheduler={"express_lane": express_lane}))
+    modules = [*engine._decoder.modules(), engine._lm_head]
+    hooked = [m for m in modules if m._forward_pre_hooks]
+    assert len(hooked) == (len(modules) if express_lane else 0)
+    work = ScoreWork(np.arange(2, 34, dtype=np.int32), score_from=1, top_k=5)
+    (result,) = asyncio.run(engine.score_batch([work]))
+    plain = HFEngine(teacher_config(tiny_model_dir, "hf", scheduler={"express_lane": not express_lane}))
+    (other,) = asyncio.run(plain.score_batch([work]))
+    assert not isinstance(result, Exception) and not isinstance(other, Exception)
+    np.testing.assert_array_equal(result.token_logprobs, other.token_logprobs)  # hooks return None: same math
+    asyncio.run(engine.close())
+    asyncio.run(plain.close())
