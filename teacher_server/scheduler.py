@@ -279,7 +279,8 @@ class FairScheduler:
                 if self._bulk_budget is None:
                     self._slots.release()
                 continue
-            self._bulk_in_engine += sum(p.work.num_tokens for p in batch)
+            if self._bulk_budget is not None:
+                self._bulk_in_engine += sum(p.work.num_tokens for p in batch)
             task = asyncio.create_task(self._run_batch(batch))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
@@ -381,8 +382,9 @@ class FairScheduler:
             self._export_yields()
             if not express and self._bulk_budget is None:
                 self._slots.release()
-        for pending, result in zip(batch, results or (), strict=False):
-            _resolve(pending, result)
+        if results is not None:  # whole-batch engines; per-request ones were answered in `_run_one`
+            for pending, result in zip(batch, results, strict=True):
+                _resolve(pending, result)
 
     async def _run_one(self, pending: _Pending, express: bool) -> None:
         """One request of a batch on an engine that batches requests itself; answered as soon as it is scored."""
