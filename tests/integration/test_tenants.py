@@ -84,6 +84,19 @@ async def fair_queue_start(server, students, seen):
         seen = snap
 
 
+async def token_window(server, students, lengths, arrived, window_tokens):
+    """The (start, end) snapshots of a window: from `fair_queue_start` until `window_tokens` more tokens have been
+    dispatched (each student's requests are of the one length given for it in `lengths`)."""
+
+    def dispatched_tokens(snap) -> int:
+        return sum(snap["dispatched"].get(c, 0) * n for c, n in zip(students, lengths, strict=True))
+
+    start = await fair_queue_start(server, students, arrived)
+    first = dispatched_tokens(start)
+    end = await poll(server, lambda s: dispatched_tokens(s) >= first + window_tokens)
+    return start, end
+
+
 def share_tolerance(
     lengths: list[int],
     dispatched: float,
@@ -140,15 +153,7 @@ def test_four_saturating_students_each_get_a_quarter_of_the_scored_tokens(tiny_m
             # Window start: every request has reached the scheduler (queued + dispatched = all sent), and the
             # fair queue alone has served everyone since.
             arrived = await poll(server, lambda s: s["depth"]["all"] + sum(s["dispatched"].values()) >= sum(backlogs))
-            start = await fair_queue_start(server, STUDENTS, arrived)
-            first = sum(start["dispatched"].get(c, 0) * n for c, n in zip(STUDENTS, lengths, strict=True))
-            end = await poll(
-                server,
-                lambda s: (
-                    sum(s["dispatched"].get(c, 0) * n for c, n in zip(STUDENTS, lengths, strict=True))
-                    >= first + window_tokens
-                ),
-            )
+            start, end = await token_window(server, STUDENTS, lengths, arrived, window_tokens)
             assert end["express"] == start["express"], (start, end)  # backlogged students never go express
             return start, end
         finally:
@@ -221,15 +226,7 @@ def test_on_vllm_students_keeping_requests_in_flight_get_a_quarter_each_of_the_s
         ]
         try:
             arrived = await poll(server, lambda s: all(s["dispatched"].get(c, 0) >= outstanding for c in STUDENTS))
-            start = await fair_queue_start(server, STUDENTS, arrived)
-            first = sum(start["dispatched"].get(c, 0) * n for c, n in zip(STUDENTS, lengths, strict=True))
-            end = await poll(
-                server,
-                lambda s: (
-                    sum(s["dispatched"].get(c, 0) * n for c, n in zip(STUDENTS, lengths, strict=True))
-                    >= first + window_tokens
-                ),
-            )
+            start, end = await token_window(server, STUDENTS, lengths, arrived, window_tokens)
             return start, end
         finally:
             stop.set()
