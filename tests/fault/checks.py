@@ -17,10 +17,12 @@ RUN_TIMEOUT_S = 420  # the rest of a tiny run after a fault; a hang is what fail
 STOP_GRACE_S = 30  # SIGTERM -> exit for the teacher and workers at the end (drain graces are 5-10 s)
 
 
-def wait_step(pipeline: Pipeline, trainer: PipelineProcess, step: int, timeout_s: float = RUN_TIMEOUT_S) -> int:
+def wait_step(
+    pipeline: Pipeline, trainer: PipelineProcess, step: int, timeout_s: float = RUN_TIMEOUT_S, poll_s: float = 0.2
+) -> int:
     """Wait until steps.jsonl shows `step` trained; returns the last step seen."""
     ckpt = pipeline.checkpoint_dir
-    wait_for(lambda: last_step(ckpt) >= step or not trainer.alive(), timeout_s, f"step {step}")
+    wait_for(lambda: last_step(ckpt) >= step or not trainer.alive(), timeout_s, f"step {step}", poll_s=poll_s)
     assert trainer.alive(), f"the trainer exited before step {step}\n{pipeline.tails()}"
     return last_step(ckpt)
 

@@ -13,6 +13,7 @@ lost, or still in flight.
 from __future__ import annotations
 
 import shutil
+import signal
 import time
 
 import pytest
@@ -21,23 +22,35 @@ from opd.processes import free_port
 from tests.fault.checks import RUN_TIMEOUT_S, finish, wait_step
 from tests.fault.conftest import start_teacher, teacher_ready
 from tests.fixtures.faults import wait_for
-from tests.fixtures.run_audit import audit_lines
+from tests.fixtures.run_audit import audit_lines, first_step_after, last_step
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def test_teacher_kill9_and_restart(pipeline):
+    pipeline.run.max_steps = 10  # steps left to meet the outage with, whatever step the kill lands after
     teacher = start_teacher(pipeline, free_port())
     pipeline.worker().start()
     trainer = pipeline.trainer(teacher.address).start()
-    at_step = wait_step(pipeline, trainer, 2)
-    fault_at = time.time()
-    teacher.kill9()
+    wait_step(pipeline, trainer, 2, poll_s=0.01)
+    # A tiny step takes tens of ms: left running, the trainer could train the rest of the run from rollouts and
+    # prefetched scores (depth 1) before the kill lands, and meet no outage (seen in CI). Frozen across the kill,
+    # it resumes with a dead teacher and steps that need it.
+    trainer.signal(signal.SIGSTOP)
+    try:
+        at_step = last_step(pipeline.checkpoint_dir)
+        fault_at = time.time()
+        teacher.kill9()
+    finally:
+        trainer.signal(signal.SIGCONT)
+    assert at_step + 2 < pipeline.run.max_steps, f"the kill landed after step {at_step}: no step is left to need it"
     teacher.start()  # same port, same model
     wait_for(lambda: teacher_ready(teacher.address), 180, "the restarted teacher to serve")
     back_at = time.time()
     assert trainer.alive(), f"the trainer died with the teacher\n{pipeline.tails()}"
     finish(pipeline, trainer, "teacher_kill9", fault_at, back_at, killed_after_step=at_step)
+    # the teacher is dead from the kill until `back_at`: the steps past the prefetched one waited for it
+    assert first_step_after(pipeline.checkpoint_dir, back_at) is not None, "no step needed the restarted teacher"
 
 
 # always: what the issue asks of the test; everysec: what deploy/redis/redis.conf ships (compose and Kubernetes)

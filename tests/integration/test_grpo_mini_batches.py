@@ -19,11 +19,6 @@ lr. The warm-up makes the LR of step 1 differ from that of step 2, so the schedu
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -48,6 +43,7 @@ from tests.fixtures.mini_batch_step import (
     student,
 )
 from tests.fixtures.rollout import make_rollout
+from tests.fixtures.torchrun import run_torchrun
 from tests.fixtures.trainer_runtime import jsonl, pending_rollouts, push_rollouts, trainer_config
 
 pytestmark = pytest.mark.timeout(300)
@@ -247,16 +243,8 @@ def test_two_ranks_update_as_one_rank_on_the_same_mini_batches(tiny_model_dir, t
     batch's parameters equal one process's on those unions (loss.reduction=step: the cut into micro-batches
     and ranks does not change a mini-batch's step; float64, same bound as above)."""
     model_dir = str(tiny_model_dir)
-    torchrun = Path(sys.executable).with_name("torchrun")
     out = tmp_path / "two.pt"
-    result = subprocess.run(
-        [str(torchrun), "--nproc-per-node", "2", "-m", "tests.fixtures.mini_batch_step", model_dir, str(out)],
-        capture_output=True,
-        text=True,
-        timeout=280,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_torchrun(2, "tests.fixtures.mini_batch_step", model_dir, str(out), log_dir=tmp_path / "ranks", timeout_s=280)
     two = torch.load(out, weights_only=False)["state"]
     groups = rewarded_groups(model_dir)
     config = grpo_config(model_dir, 2, micro_batch_sequences=0, reduction="step")

@@ -3,13 +3,12 @@ equal the unsharded ones exactly, on one process (no collective) and on three (u
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.fixtures.torchrun import run_torchrun
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -19,16 +18,9 @@ def test_the_adapter_gathered_in_one_collective_equals_the_unsharded_adapter(
     nproc: int, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "gathered.pt"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    result = subprocess.run(
-        [str(torchrun), "--nproc-per-node", str(nproc), "-m", "tests.fixtures.adapter_gather", str(tiny_model_dir)]
-        + [str(out)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    run_torchrun(
+        nproc, "tests.fixtures.adapter_gather", str(tiny_model_dir), str(out), log_dir=tmp_path / "ranks", timeout_s=240
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     saved = torch.load(out, weights_only=False)
     assert saved["world"] == nproc and saved["flat"]
     before, gathered = saved["before"], saved["gathered"]

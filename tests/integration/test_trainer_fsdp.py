@@ -37,13 +37,12 @@ Why the tolerances are what they are (float32, unit roundoff u = 2^-24 ~ 6e-8):
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.fixtures.torchrun import run_torchrun
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -53,24 +52,15 @@ STEP_ROUNDINGS = 16.0  # >= the ~10 float32 roundings of AdamW's update (3.)
 
 
 def _run(nproc: int, model_dir: Path, out: Path, *options: str) -> dict:
-    torchrun = Path(sys.executable).with_name("torchrun")
-    result = subprocess.run(
-        [
-            str(torchrun),
-            "--nproc-per-node",
-            str(nproc),
-            "-m",
-            "tests.fixtures.fsdp_step",
-            str(model_dir),
-            str(out),
-            *options,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    run_torchrun(
+        nproc,
+        "tests.fixtures.fsdp_step",
+        str(model_dir),
+        str(out),
+        *options,
+        log_dir=out.with_name(out.name + ".ranks"),
+        timeout_s=240,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(out, weights_only=False)
 
 

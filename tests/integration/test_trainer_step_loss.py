@@ -14,16 +14,13 @@ denominator off by one micro-batch moves gradients by >= 1e-3 of their scale.
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from tests.fixtures.split_step import make_runner, step_gradients, synthetic_groups
+from tests.fixtures.torchrun import run_torchrun
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -75,26 +72,17 @@ def test_a_rollout_longer_than_the_context_is_left_out_and_counted_not_fatal(tin
 @pytest.mark.slow
 @pytest.mark.parametrize("normalization", ["token_mean", "sequence_mean"])
 def test_a_group_split_across_two_ranks_gives_the_unsplit_one_rank_step(tiny_model_dir, tmp_path, normalization):
-    torchrun = Path(sys.executable).with_name("torchrun")
     out = tmp_path / "two.pt"
-    result = subprocess.run(
-        [
-            str(torchrun),
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "tests.fixtures.split_step",
-            str(tiny_model_dir),
-            str(out),
-            str(SPLIT),
-            normalization,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    run_torchrun(
+        2,
+        "tests.fixtures.split_step",
+        str(tiny_model_dir),
+        str(out),
+        str(SPLIT),
+        normalization,
+        log_dir=tmp_path / "ranks",
+        timeout_s=240,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     two = torch.load(out, weights_only=False)
     assert min(two["micro_batches"]) >= 2  # both ranks got parts of the cut group
     want_stats, want_grads, _ = step_gradients(str(tiny_model_dir), UNSPLIT, normalization)

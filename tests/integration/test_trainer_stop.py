@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from opd.loop_thread import LoopThread
 from tests.fixtures import pipeline
 from tests.fixtures.fake_worker import rollout
+from tests.fixtures.torchrun import torchrun_argv, torchrun_env
 from tests.fixtures.trainer_runtime import jsonl, pending_rollouts, push_rollouts, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -121,13 +121,12 @@ def test_sigterm_to_one_rank_stops_every_rank_with_one_final_checkpoint(
 ):
     push_rollouts(io, redis_url, namespace, [rollout(f"g{i}", f"{i + 1}-0") for i in range(4)])
     args = _args(tiny_model_dir, hf_teacher.address, redis_url, namespace, tmp_path, groups_per_step=2)
-    torchrun = Path(sys.executable).with_name("torchrun")
     proc = subprocess.Popen(
-        [str(torchrun), "--nproc-per-node", "2", "-m", "student_trainer", *args[args.index("train") + 1 :]],
+        torchrun_argv(2, "student_trainer", *args[args.index("train") + 1 :]),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+        env=torchrun_env(PYTHONUNBUFFERED="1"),
     )
     try:
         output = _starved(proc)
