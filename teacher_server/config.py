@@ -44,6 +44,13 @@ class TeacherEngineConfig(ConfigModel):
         ge=16,
         description="hf backend: positions per lm-head chunk (bounds the [rows, vocab] logits held at once)",
     )
+    hf_preempt_rows: int = Field(
+        default=1024,
+        ge=0,
+        description="hf backend on CPU with the express lane: a bulk batch's linear layers run on at most this many "
+        "positions between preemption points, so an express batch shares the core for at most one such piece "
+        "(0 = whole layers)",
+    )
     vllm: VllmConfig = Field(default_factory=VllmConfig)
 
 
