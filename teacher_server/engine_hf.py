@@ -13,7 +13,9 @@ every module of the decoder and the lm-head has a forward pre-hook at which a
 bulk thread parks while an express batch runs, so a light request's small
 batch has the cores to itself after at most one module of the bulk batch
 instead of waiting for the bulk batch to end, and the bulk batch then goes on
-where it stopped. All threads run at the normal OS priority. On CUDA the
+where it stopped. On a CPU a bulk batch's linear layers run in pieces of
+`hf_preempt_rows` positions with a preemption point between them, so that
+"one module" is at most one such piece. All threads run at the normal OS priority. On CUDA the
 express kernels also go to a high-priority stream, which the GPU schedules
 ahead of the bulk stream's pending work.
 
