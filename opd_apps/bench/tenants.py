@@ -127,6 +127,14 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="extra `opd teacher` flag, e.g. --teacher-arg=--scheduler-max-batch-requests=8 (repeatable)",
     )
     p.add_argument(
+        "--new-teacher-arg",
+        action="append",
+        default=[],
+        metavar="FLAG=VALUE",
+        help="extra `opd teacher` flag for the new scheduler's teacher only, to compare a setting against today's "
+        "behaviour in the same run, e.g. --new-teacher-arg=--engine-vllm-max-num-batched-tokens=512 (repeatable)",
+    )
+    p.add_argument(
         "--max-queued-requests",
         type=int,
         default=384,
@@ -591,7 +599,8 @@ def _one_run(
     teachers: dict[str, PinnedTeacher] = {}
     try:
         for name in order:
-            teachers[name] = PinnedTeacher(args, model_dir, tmp / f"tokens-{name}.yaml", SCHEDULERS[name])
+            extra = SCHEDULERS[name] + (args.new_teacher_arg if name == "new" else [])
+            teachers[name] = PinnedTeacher(args, model_dir, tmp / f"tokens-{name}.yaml", extra)
             teachers[name].write_tokens(tokens)
         for name, teacher in teachers.items():
             teacher.wait_ready()
