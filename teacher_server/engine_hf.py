@@ -138,7 +138,8 @@ class HFEngine(TeacherEngine):
         arithmetic per row; express threads and small inputs take the plain path)."""
         for module in [*self._decoder.modules(), self._lm_head]:
             if type(module) is torch.nn.Linear:
-                module.forward = functools.partial(self._linear_in_pieces, module, piece_rows)
+                pieced = functools.partial(self._linear_in_pieces, module, piece_rows)
+                module.forward = pieced  # pyright: ignore[reportAttributeAccessIssue]  # names its input x_NI
 
     def _linear_in_pieces(self, module: torch.nn.Linear, piece_rows: int, x_NI: torch.Tensor) -> torch.Tensor:
         rows = x_NI.numel() // x_NI.shape[-1]
