@@ -6,7 +6,7 @@ of `opd/`; this module sets the teacher's defaults and renamed keys.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -15,6 +15,23 @@ from opd.config import ConfigModel, Port
 from opd.ops_app import OpsConfig
 from opd.tls import CertFiles, check_cert_options
 from opd.vllm_config import VllmConfig
+
+
+class TeacherVllmConfig(VllmConfig):
+    max_num_batched_tokens: int | None = Field(
+        default=None,
+        ge=16,
+        description="vllm: tokens per engine step (vLLM's chunked-prefill budget; the CPU build's default is 2048). "
+        "Smaller steps let an express request in sooner beside bulk work, at some throughput (RELIABILITY.md); "
+        "None = vLLM's default",
+    )
+
+    def engine_args(self) -> dict[str, Any]:
+        """`VllmConfig`'s, plus the step size when set."""
+        args = super().engine_args()
+        if args.get("max_num_batched_tokens") is None:
+            args.pop("max_num_batched_tokens", None)
+        return args
 
 
 class TeacherEngineConfig(ConfigModel):
@@ -44,7 +61,14 @@ class TeacherEngineConfig(ConfigModel):
         ge=16,
         description="hf backend: positions per lm-head chunk (bounds the [rows, vocab] logits held at once)",
     )
-    vllm: VllmConfig = Field(default_factory=VllmConfig)
+    hf_preempt_rows: int = Field(
+        default=1024,
+        ge=0,
+        description="hf backend on CPU with the express lane: a bulk batch's linear layers run on at most this many "
+        "positions between preemption points, so an express batch shares the core for at most one such piece "
+        "(0 = whole layers)",
+    )
+    vllm: TeacherVllmConfig = Field(default_factory=TeacherVllmConfig)
 
 
 class SchedulerConfig(ConfigModel):

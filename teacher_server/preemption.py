@@ -49,6 +49,9 @@ class ExpressGate:
         """Make the calling thread a bulk thread (its checkpoints may park); an executor initializer."""
         self._local.bulk = True
 
+    def on_bulk_thread(self) -> bool:
+        return getattr(self._local, "bulk", False)
+
     @contextlib.contextmanager
     def express(self) -> Iterator[None]:
         """Hold the gate while an express batch runs: bulk threads park at their next checkpoint."""

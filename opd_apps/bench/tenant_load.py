@@ -61,11 +61,24 @@ def completion_rate(times_s: list[float]) -> float:
     return float(np.polyfit(t_N - t_N[0], np.arange(1, len(t_N) + 1), 1)[0])
 
 
+@dataclass(frozen=True)
+class TenantSpec:
+    """What a `Tenant` is built from, so that another process can build it (picklable)."""
+
+    address: str
+    name: str
+    token: str
+    seq_len: int
+    top_k: int
+    vocab_size: int
+
+
 class Tenant:
     """One student: its own channel (own connection) and bearer token; sends one fixed sequence."""
 
     def __init__(self, address: str, name: str, token: str, seq_len: int, top_k: int, vocab_size: int) -> None:
         self.name = name
+        self.spec = TenantSpec(address, name, token, seq_len, top_k, vocab_size)
         self._channel = grpc.aio.insecure_channel(address)
         self._stub = pb_grpc.TeacherStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),)
@@ -75,6 +88,10 @@ class Tenant:
 
     async def close(self) -> None:
         await self._channel.close()
+
+    async def connect(self, timeout_s: float = 30.0) -> None:
+        """Open the connection now, so that the first timed request does not pay for it."""
+        await asyncio.wait_for(self._channel.channel_ready(), timeout_s)
 
     async def _one(self, tally: Tally, timeout_s: float) -> None:
         started = time.perf_counter()
@@ -116,6 +133,25 @@ class Tenant:
         return tally
 
 
+def open_loop_process(
+    spec: TenantSpec, rate_per_s: float, duration_s: float, timeout_s: float, start_at: float
+) -> Tally:
+    """`Tenant.open_loop` in this (worker) process, on its own event loop and channel, its first request at
+    `start_at` (`time.monotonic()`, the same clock in every process). Run in a separate process per student,
+    as separate teams would be: a light student's replies then never wait in one event loop behind another
+    student's."""
+
+    async def run() -> Tally:
+        tenant = Tenant(spec.address, spec.name, spec.token, spec.seq_len, spec.top_k, spec.vocab_size)
+        try:
+            await tenant.connect()
+            return await tenant.open_loop(rate_per_s, duration_s, timeout_s, offset_s=start_at - time.monotonic())
+        finally:
+            await tenant.close()
+
+    return asyncio.run(run())
+
+
 def read_client_metrics(ops_url: str) -> dict[str, Any]:
     """Teacher counters from `/metrics`: per client scored positions, requests by (rpc, code), express-lane
     requests and weight; the times bulk batches parked for express ones (`bulk_yields`); engine batches run
@@ -125,6 +161,9 @@ def read_client_metrics(ops_url: str) -> dict[str, Any]:
     requests: dict[str, dict[tuple[str, str], float]] = defaultdict(lambda: defaultdict(float))
     weights: dict[str, float] = {}
     express: dict[str, float] = defaultdict(float)
+    score_s: dict[str, float] = defaultdict(float)
+    score_n: dict[str, float] = defaultdict(float)
+    score_le: dict[str, dict[float, float]] = defaultdict(lambda: defaultdict(float))
     yields = batches = batch_tokens = 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -140,6 +179,12 @@ def read_client_metrics(ops_url: str) -> dict[str, Any]:
                 weights[sample.labels["client"]] = sample.value
             elif sample.name == "opd_teacher_express_requests_total":
                 express[sample.labels["client"]] += sample.value
+            elif sample.name == "opd_teacher_request_latency_seconds_sum" and sample.labels["rpc"] == "Score":
+                score_s[sample.labels["client"]] += sample.value
+            elif sample.name == "opd_teacher_request_latency_seconds_bucket" and sample.labels["rpc"] == "Score":
+                score_le[sample.labels["client"]][float(sample.labels["le"])] += sample.value
+            elif sample.name == "opd_teacher_request_latency_seconds_count" and sample.labels["rpc"] == "Score":
+                score_n[sample.labels["client"]] += sample.value
             elif sample.name == "opd_teacher_requests_total":
                 labels = sample.labels
                 requests[labels["client"]][(labels["rpc"], labels["code"])] += sample.value
@@ -148,10 +193,31 @@ def read_client_metrics(ops_url: str) -> dict[str, Any]:
         "requests": {c: dict(v) for c, v in requests.items()},
         "weights": weights,
         "express": dict(express),
+        "score_s": dict(score_s),
+        "score_n": dict(score_n),
+        "score_le": {c: dict(v) for c, v in score_le.items()},
         "bulk_yields": yields,
         "batches": batches,
         "batch_tokens": batch_tokens,
     }
+
+
+def histogram_p50_ms(cumulative: dict[float, float]) -> float:
+    """The median of a Prometheus histogram's cumulative bucket counts ({upper bound s: count}), interpolated
+    linearly inside its bucket as `histogram_quantile` does, in ms; nan when empty."""
+    bounds = sorted(cumulative)
+    total = cumulative.get(float("inf"), 0.0)
+    if not total:
+        return float("nan")
+    below, lower = 0.0, 0.0
+    for bound in bounds:
+        count = cumulative[bound]
+        if count >= total / 2:
+            if bound == float("inf"):
+                return lower * 1000
+            return 1000 * (lower + (bound - lower) * (total / 2 - below) / max(count - below, 1e-9))
+        below, lower = count, bound
+    return float("nan")
 
 
 def metrics_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -162,7 +228,15 @@ def metrics_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, An
         for c, counts in after["requests"].items()
     }
     express = {c: v - before.get("express", {}).get(c, 0.0) for c, v in after.get("express", {}).items()}
+    server = {
+        k: {c: v - before.get(k, {}).get(c, 0.0) for c, v in after.get(k, {}).items()} for k in ("score_s", "score_n")
+    }
+    server["score_le"] = {
+        c: {le: n - before.get("score_le", {}).get(c, {}).get(le, 0.0) for le, n in counts.items()}
+        for c, counts in after.get("score_le", {}).items()
+    }
     return {
+        **server,
         "scored": scored,
         "requests": requests,
         "weights": after.get("weights", {}),

@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import multiprocessing
 import os
 import secrets
 import statistics
@@ -58,12 +59,21 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 
 import httpx
 
 from opd.processes import ONE_THREAD_ENV, free_port, stop_process
-from opd_apps.bench.tenant_load import Tally, Tenant, completion_rate, metrics_delta, read_client_metrics
+from opd_apps.bench.tenant_load import (
+    Tally,
+    Tenant,
+    completion_rate,
+    histogram_p50_ms,
+    metrics_delta,
+    open_loop_process,
+    read_client_metrics,
+)
 
 FULL = {"model": "tiny", "seq_len": 128, "phase_s": 30.0, "capacity_s": 10.0, "capacity_windows": 6, "runs": 3}
 QUICK = {"model": "tiny", "seq_len": 64, "phase_s": 5.0, "capacity_s": 2.0, "capacity_windows": 2, "runs": 1}
@@ -117,10 +127,26 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="extra `opd teacher` flag, e.g. --teacher-arg=--scheduler-max-batch-requests=8 (repeatable)",
     )
     p.add_argument(
+        "--new-teacher-arg",
+        action="append",
+        default=[],
+        metavar="FLAG=VALUE",
+        help="extra `opd teacher` flag for the new scheduler's teacher only, to compare a setting against today's "
+        "behaviour in the same run, e.g. --new-teacher-arg=--engine-vllm-max-num-batched-tokens=512 (repeatable)",
+    )
+    p.add_argument(
         "--max-queued-requests",
         type=int,
         default=384,
         help="the teacher's queue bound (scheduler.max_queued_requests); small so the flood reaches it in seconds",
+    )
+    p.add_argument(
+        "--students-in",
+        choices=("processes", "one-loop"),
+        default="processes",
+        help="solo and flood: each student's load generator in a process of its own, as separate teams are "
+        "(processes), or all four on this process's one event loop (one-loop: the layout before 2026-12-08, where "
+        "a light student's replies waited behind the flooder's in one loop)",
     )
     p.add_argument("--runs", type=int, help="runs to take the median of (3; 1 with --quick)")
     p.add_argument("--quick", action="store_true", help="smoke-run sizes: tiny model, 64 tokens, 5 s phases, 1 run")
@@ -307,6 +333,19 @@ def _express_note(one: dict) -> str:
     return f"; express {express / max(answered, 1.0):.0%} of a/b/c's answers, bulk batches parked {parked:.0f}x"
 
 
+def _server_note(one: dict) -> str:
+    """The teacher's own Score p50 (its latency histogram) for student-a solo and a/b/c in the flood, beside the
+    client's: what the load generator and the network add."""
+    if "solo_metrics" not in one:
+        return ""
+
+    def pair(tally: Tally, metrics: dict, name: str) -> str:
+        return f"{tally.p50_ms():.1f}/{histogram_p50_ms(metrics['score_le'].get(name, {})):.1f}"
+
+    light = " ".join(pair(t, one["flood_metrics"], n) for t, n in zip(one["flood"], TENANTS[:3], strict=False))
+    return f"; p50 ms client/server: solo {pair(one['solo'], one['solo_metrics'], TENANTS[0])}, flood {light}"
+
+
 def format_run(args: argparse.Namespace, out: dict, run: int) -> str:
     """A few lines per run, so that each run's figures are on record beside the medians."""
     lines = [f"run {run + 1} (load average {out['load_average']:.1f}):"]
@@ -321,6 +360,7 @@ def format_run(args: argparse.Namespace, out: dict, run: int) -> str:
             + "/".join(f"{r['per_solo']:.2f}" for r in well)
             + f", flooder refused {rows[TENANTS[3]]['exhausted']:.0f}"
             + _express_note(one)
+            + _server_note(one)
         )
     cap = out["capacity"]
     ratios = sorted(cap["pair_ratios"])
@@ -470,21 +510,40 @@ def capacity_figures(levels: dict[int, dict[str, list[dict]]]) -> dict:
     return out
 
 
-async def _solo_flood(args: argparse.Namespace, teacher: PinnedTeacher, tenants: list[Tenant], rate: float) -> dict:
-    """Steps 1-2 on one teacher: solo p50 at `rate`, then the flood table."""
-    out: dict = {"rate": rate, "solo": await tenants[0].open_loop(rate, args.phase_s, args.timeout_s)}
+async def _open_loops(
+    args: argparse.Namespace, tenants: list[Tenant], rates: list[float], offsets: list[float], pool: Executor | None
+) -> list[Tally]:
+    """`tenants[i]` at `rates[i]` from `offsets[i]` s on, for `--phase-s`: on this event loop, or (`pool`) each in a
+    worker process of its own on its own channel, all starting together a moment from now."""
+    if pool is None:
+        plan = zip(tenants, rates, offsets, strict=True)
+        return list(await asyncio.gather(*(t.open_loop(r, args.phase_s, args.timeout_s, o) for t, r, o in plan)))
+    start_at = time.monotonic() + 2.0  # each worker connects first
+    futures = [
+        asyncio.wrap_future(pool.submit(open_loop_process, t.spec, r, args.phase_s, args.timeout_s, start_at + o))
+        for t, r, o in zip(tenants, rates, offsets, strict=True)
+    ]
+    return list(await asyncio.gather(*futures))
+
+
+async def _solo_flood(
+    args: argparse.Namespace, teacher: PinnedTeacher, tenants: list[Tenant], rate: float, pool: Executor | None
+) -> dict:
+    """Steps 1-2 on one teacher: solo p50 at `rate`, then the flood table (with the teacher's own Score latency
+    per student, to tell the teacher's part from the load generator's)."""
     before = await asyncio.to_thread(read_client_metrics, teacher.ops_url)
+    out: dict = {"rate": rate, "solo": (await _open_loops(args, tenants[:1], [rate], [0.0], pool))[0]}
+    between = await asyncio.to_thread(read_client_metrics, teacher.ops_url)
+    out["solo_metrics"] = metrics_delta(before, between)
     rates = [rate] * 3 + [args.flood_factor * rate]
     offsets = [i / (4 * rate) for i in range(4)]  # spread over one period: no lockstep arrivals
-    out["flood"] = await asyncio.gather(
-        *(t.open_loop(r, args.phase_s, args.timeout_s, o) for t, r, o in zip(tenants, rates, offsets, strict=True))
-    )
-    out["flood_metrics"] = metrics_delta(before, await asyncio.to_thread(read_client_metrics, teacher.ops_url))
+    out["flood"] = await _open_loops(args, tenants, rates, offsets, pool)
+    out["flood_metrics"] = metrics_delta(between, await asyncio.to_thread(read_client_metrics, teacher.ops_url))
     return out
 
 
 async def _capacity_solo_flood(
-    args: argparse.Namespace, teachers: dict[str, PinnedTeacher], tokens: dict[str, str]
+    args: argparse.Namespace, teachers: dict[str, PinnedTeacher], tokens: dict[str, str], pool: Executor | None
 ) -> dict[str, dict]:
     """Steps 0-2 on both teachers (both running, the idle one waiting): capacity interleaved, then solo and
     flood on each in turn, each at its own R = load x C / 3."""
@@ -500,7 +559,8 @@ async def _capacity_solo_flood(
         for name in teachers:
             out[name] = dict(figures[name])
         for name, teacher in teachers.items():
-            out[name] |= await _solo_flood(args, teacher, tenants[name], args.load * out[name]["capacity"] / 3)
+            rate = args.load * out[name]["capacity"] / 3
+            out[name] |= await _solo_flood(args, teacher, tenants[name], rate, pool)
     finally:
         for group in tenants.values():
             for t in group:
@@ -530,19 +590,22 @@ async def _shares(args: argparse.Namespace, teacher: PinnedTeacher, tokens: dict
     return out
 
 
-def _one_run(args: argparse.Namespace, model_dir: str, tokens: dict[str, str], tmp: Path, run: int) -> dict:
+def _one_run(
+    args: argparse.Namespace, model_dir: str, tokens: dict[str, str], tmp: Path, run: int, pool: Executor | None
+) -> dict:
     """Both teachers at once (each phase loads one; the order alternates between runs); the shares on the new one."""
     out: dict = {"load_average": os.getloadavg()[0]}
     order = ("new", "old") if run % 2 == 0 else ("old", "new")
     teachers: dict[str, PinnedTeacher] = {}
     try:
         for name in order:
-            teachers[name] = PinnedTeacher(args, model_dir, tmp / f"tokens-{name}.yaml", SCHEDULERS[name])
+            extra = SCHEDULERS[name] + (args.new_teacher_arg if name == "new" else [])
+            teachers[name] = PinnedTeacher(args, model_dir, tmp / f"tokens-{name}.yaml", extra)
             teachers[name].write_tokens(tokens)
         for name, teacher in teachers.items():
             teacher.wait_ready()
             print(f"run {run + 1}, {name} scheduler: {' '.join(teacher.command[2:])} (core {args.core}, 1 thread)")
-        out |= asyncio.run(_capacity_solo_flood(args, teachers, tokens))
+        out |= asyncio.run(_capacity_solo_flood(args, teachers, tokens, pool))
         out["new"] |= asyncio.run(_shares(args, teachers["new"], tokens))
     finally:
         for teacher in teachers.values():
@@ -558,10 +621,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if others:  # the load generator never competes with the teacher for its core
         os.sched_setaffinity(0, others)
     runs = []
-    with tempfile.TemporaryDirectory(prefix="opd-bench-tenants-") as tmp:
-        for run in range(args.runs):
-            runs.append(_one_run(args, model_dir, tokens, Path(tmp), run))
-            print(format_run(args, runs[-1], run), flush=True)
+    pool = None
+    if args.students_in == "processes":  # spawned (not forked: this process runs gRPC), on the cores above
+        pool = ProcessPoolExecutor(len(TENANTS), mp_context=multiprocessing.get_context("spawn"))
+        list(pool.map(abs, range(4 * len(TENANTS))))  # start the workers before anything is timed
+    try:
+        with tempfile.TemporaryDirectory(prefix="opd-bench-tenants-") as tmp:
+            for run in range(args.runs):
+                runs.append(_one_run(args, model_dir, tokens, Path(tmp), run, pool))
+                print(format_run(args, runs[-1], run), flush=True)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     print(format_summary(args, runs))
     return 0
 

@@ -95,3 +95,39 @@ def test_the_hf_engine_has_preemption_points_only_with_the_express_lane(tiny_mod
     np.testing.assert_array_equal(result.token_logprobs, other.token_logprobs)  # hooks return None: same math
     asyncio.run(engine.close())
     asyncio.run(plain.close())
+
+
+def test_the_hf_engine_runs_a_bulk_batchs_linear_layers_in_preemptible_pieces(tiny_model_dir):
+    """On CPU with the lane on, a bulk batch's linear layers on more than `hf_preempt_rows` positions run in
+    pieces with a preemption point between them (more checkpoints than whole layers), same log-probs; express
+    batches take the plain path."""
+    import asyncio
+
+    import numpy as np
+
+    from teacher_server.engine import ScoreWork
+    from teacher_server.engine_hf import HFEngine
+    from tests.fixtures.teacher import teacher_config
+
+    works = [ScoreWork(np.arange(2 + i, 34 + i, dtype=np.int32), score_from=1, top_k=5) for i in range(4)]
+    checkpoints: dict[str, int] = {}
+    results = {}
+    for name, rows, express in (("pieces", 16, False), ("whole", 0, False), ("express", 16, True)):
+        cfg = teacher_config(tiny_model_dir, "hf", engine={"hf_preempt_rows": rows, "device": "cpu"})
+        engine = HFEngine(cfg)
+        gate_checkpoint, count = engine._gate.checkpoint, [0]
+
+        def counted(gate_checkpoint=gate_checkpoint, count=count) -> None:
+            count[0] += 1
+            gate_checkpoint()
+
+        engine._gate.checkpoint = counted
+        run = engine.score_batch_express if express else engine.score_batch
+        results[name] = asyncio.run(run(works))
+        checkpoints[name] = count[0]
+        asyncio.run(engine.close())
+    assert checkpoints["pieces"] > checkpoints["whole"] == checkpoints["express"] > 0, checkpoints
+    for piece, whole in zip(results["pieces"], results["whole"], strict=True):
+        assert not isinstance(piece, Exception) and not isinstance(whole, Exception)
+        np.testing.assert_allclose(piece.token_logprobs, whole.token_logprobs, atol=1e-5)
+        np.testing.assert_allclose(piece.topk_logprobs, whole.topk_logprobs, atol=1e-5)
