@@ -12,6 +12,7 @@ teacher or decide what the numbers mean (`bench_tenants.py` does).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import zlib
 from collections import Counter, defaultdict
@@ -142,7 +143,7 @@ def open_loop_process(
     student's."""
 
     async def run() -> Tally:
-        tenant = Tenant(spec.address, spec.name, spec.token, spec.seq_len, spec.top_k, spec.vocab_size)
+        tenant = Tenant(**dataclasses.asdict(spec))
         try:
             await tenant.connect()
             return await tenant.open_loop(rate_per_s, duration_s, timeout_s, offset_s=start_at - time.monotonic())
@@ -155,14 +156,13 @@ def open_loop_process(
 def read_client_metrics(ops_url: str) -> dict[str, Any]:
     """Teacher counters from `/metrics`: per client scored positions, requests by (rpc, code), express-lane
     requests and weight; the times bulk batches parked for express ones (`bulk_yields`); engine batches run
-    (`batches`, express ones included) and the tokens in them (`batch_tokens`)."""
+    (`batches`, express ones included) and the tokens in them (`batch_tokens`); per client the teacher's own
+    Score latency histogram (`score_le`: cumulative count per bucket bound, s)."""
     text = httpx.get(f"{ops_url}/metrics", timeout=30).text
     scored: dict[str, float] = defaultdict(float)
     requests: dict[str, dict[tuple[str, str], float]] = defaultdict(lambda: defaultdict(float))
     weights: dict[str, float] = {}
     express: dict[str, float] = defaultdict(float)
-    score_s: dict[str, float] = defaultdict(float)
-    score_n: dict[str, float] = defaultdict(float)
     score_le: dict[str, dict[float, float]] = defaultdict(lambda: defaultdict(float))
     yields = batches = batch_tokens = 0.0
     for family in text_string_to_metric_families(text):
@@ -179,12 +179,8 @@ def read_client_metrics(ops_url: str) -> dict[str, Any]:
                 weights[sample.labels["client"]] = sample.value
             elif sample.name == "opd_teacher_express_requests_total":
                 express[sample.labels["client"]] += sample.value
-            elif sample.name == "opd_teacher_request_latency_seconds_sum" and sample.labels["rpc"] == "Score":
-                score_s[sample.labels["client"]] += sample.value
             elif sample.name == "opd_teacher_request_latency_seconds_bucket" and sample.labels["rpc"] == "Score":
                 score_le[sample.labels["client"]][float(sample.labels["le"])] += sample.value
-            elif sample.name == "opd_teacher_request_latency_seconds_count" and sample.labels["rpc"] == "Score":
-                score_n[sample.labels["client"]] += sample.value
             elif sample.name == "opd_teacher_requests_total":
                 labels = sample.labels
                 requests[labels["client"]][(labels["rpc"], labels["code"])] += sample.value
@@ -193,8 +189,6 @@ def read_client_metrics(ops_url: str) -> dict[str, Any]:
         "requests": {c: dict(v) for c, v in requests.items()},
         "weights": weights,
         "express": dict(express),
-        "score_s": dict(score_s),
-        "score_n": dict(score_n),
         "score_le": {c: dict(v) for c, v in score_le.items()},
         "bulk_yields": yields,
         "batches": batches,
@@ -228,15 +222,12 @@ def metrics_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, An
         for c, counts in after["requests"].items()
     }
     express = {c: v - before.get("express", {}).get(c, 0.0) for c, v in after.get("express", {}).items()}
-    server = {
-        k: {c: v - before.get(k, {}).get(c, 0.0) for c, v in after.get(k, {}).items()} for k in ("score_s", "score_n")
-    }
-    server["score_le"] = {
+    score_le = {
         c: {le: n - before.get("score_le", {}).get(c, {}).get(le, 0.0) for le, n in counts.items()}
         for c, counts in after.get("score_le", {}).items()
     }
     return {
-        **server,
+        "score_le": score_le,
         "scored": scored,
         "requests": requests,
         "weights": after.get("weights", {}),
